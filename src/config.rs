@@ -1,0 +1,609 @@
+//! Configuration: the validated runtime types, loaded from the TOML file.
+//!
+//! `file.rs` holds the file as written; [`Config::parse`] checks it as a whole and turns it
+//! into these types, collecting every problem with the file, line and key it concerns, so
+//! a user fixes the file in one pass rather than one error per run.
+
+mod file;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use toml::Spanned;
+
+use crate::secret::SecretSource;
+
+/// Admin listener address when `[admin] listen` is not set. Loopback, so that nothing outside
+/// the pod reaches it unless the user says so.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+/// `connect_timeout` when not set: time to open the TCP connection to an upstream.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `response_header_timeout` when not set: from sending the request to the response headers.
+pub const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// `[upstream.token] timeout` when not set: one whole token request, connect to last byte.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// `[upstream.token] default_lifetime` when not set: the lifetime assumed for a token whose
+/// response has no `expires_in` and which is not a JWT with an `exp` claim. Short on purpose:
+/// refreshing too early costs one request, holding a dead token costs the app its calls.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from, for messages.
+    pub path: PathBuf,
+    /// `[admin]`
+    pub admin: Admin,
+    /// `[[upstream]]`, in file order.
+    pub upstreams: Vec<Upstream>,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub listen: SocketAddr,
+}
+
+/// One `[[upstream]]`: a local listener and where its requests go.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The configured name, used in logs, metrics and error bodies.
+    pub name: String,
+    /// The local address the app sends plain HTTP to.
+    pub listen: SocketAddr,
+    /// Scheme, authority and base path of the upstream (no query).
+    pub url: Uri,
+    /// See [`DEFAULT_CONNECT_TIMEOUT`].
+    pub connect_timeout: Duration,
+    /// See [`DEFAULT_RESPONSE_HEADER_TIMEOUT`].
+    pub response_header_timeout: Duration,
+    /// How tokens for this upstream are obtained.
+    pub token: TokenSettings,
+    /// Trust anchors for the upstream and its token endpoint.
+    pub tls: TlsSettings,
+}
+
+/// `[upstream.token]`. Upstreams with equal settings (and equal TLS settings) share one token
+/// source, hence `Eq + Hash`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenSettings {
+    /// The token endpoint.
+    pub url: Uri,
+    /// The OAuth2 `client_id`.
+    pub client_id: String,
+    /// Where the client secret is read from, at each token request.
+    pub client_secret: SecretSource,
+    /// How the client authenticates.
+    pub auth: ClientAuth,
+    /// `scope` form field.
+    pub scope: Option<String>,
+    /// `audience` form field (Auth0 requires it).
+    pub audience: Option<String>,
+    /// `resource` form field (RFC 8707).
+    pub resource: Option<String>,
+    /// Extra form fields, sent as given.
+    pub params: BTreeMap<String, String>,
+    /// See [`DEFAULT_TOKEN_TIMEOUT`].
+    pub timeout: Duration,
+    /// See [`DEFAULT_TOKEN_LIFETIME`].
+    pub default_lifetime: Duration,
+}
+
+/// Client authentication at the token endpoint (RFC 6749 §2.3). An enum so that
+/// `private_key_jwt`, mTLS and others can join it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientAuth {
+    /// `client_secret_basic`: HTTP Basic with the form-urlencoded id and secret (§2.3.1).
+    Basic,
+    /// `client_secret_post`: `client_id` and `client_secret` in the form body (§2.3.1).
+    Post,
+}
+
+impl fmt::Display for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Basic => "basic",
+            Self::Post => "post",
+        })
+    }
+}
+
+/// `[upstream.tls]`
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsSettings {
+    /// The built-in trust anchors.
+    pub roots: Roots,
+    /// Extra trust anchors (PEM), added to `roots`.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Which built-in trust anchors to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Roots {
+    /// Mozilla's root program, compiled into bearerd: works in an image with no CA bundle.
+    #[default]
+    Webpki,
+    /// The operating system's store, for corporate CAs installed there.
+    Native,
+    /// None: only `ca_file` is trusted.
+    None,
+}
+
+/// A config that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file was read and has problems; each is listed.
+    #[error("{}", Problems { path, problems })]
+    Invalid {
+        /// The path given.
+        path: PathBuf,
+        /// Every problem found, in file order.
+        problems: Vec<Problem>,
+    },
+}
+
+/// One problem in the config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// Dotted key path, like `upstream[0].token.url`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Renders problems one per line as `file:line:column: key: message`.
+struct Problems<'a> {
+    path: &'a Path,
+    problems: &'a [Problem],
+}
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(
+                f,
+                "{}:{}:{}: {}: {}",
+                self.path.display(),
+                p.line,
+                p.column,
+                p.key,
+                p.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path`. Relative file paths in it are taken relative
+    /// to the directory of `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut validator = Validator {
+            text,
+            base_dir: path.parent().unwrap_or(Path::new("")),
+            problems: Vec::new(),
+        };
+        let config = validator.file(path);
+        match config {
+            Some(config) if validator.problems.is_empty() => Ok(config),
+            _ => {
+                validator.problems.sort_by_key(|p| (p.line, p.column));
+                Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    problems: validator.problems,
+                })
+            }
+        }
+    }
+}
+
+/// Walks the raw file, collecting problems as it goes.
+struct Validator<'a> {
+    text: &'a str,
+    base_dir: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn file(&mut self, path: &Path) -> Option<Config> {
+        let raw = self.deserialize()?;
+        let admin_listen = match raw.admin.as_ref().and_then(|a| a.get_ref().listen.as_ref()) {
+            Some(listen) => self.socket_addr(listen, "admin.listen"),
+            #[allow(clippy::expect_used)] // a constant that a unit test parses
+            None => Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid default")),
+        };
+        if raw.upstream.is_empty() {
+            self.problem(0..0, "upstream", "no [[upstream]] is configured");
+        }
+        let upstreams: Vec<Option<Upstream>> = raw
+            .upstream
+            .iter()
+            .enumerate()
+            .map(|(i, u)| self.upstream(&format!("upstream[{i}]"), u.get_ref()))
+            .collect();
+        self.check_unique(&raw, admin_listen);
+        Some(Config {
+            path: path.to_owned(),
+            admin: Admin {
+                listen: admin_listen?,
+            },
+            upstreams: upstreams.into_iter().collect::<Option<_>>()?,
+        })
+    }
+
+    /// Serde's pass: syntax, types, unknown and missing keys. It stops at the first problem.
+    fn deserialize(&mut self) -> Option<file::File> {
+        let deserializer = match toml::Deserializer::parse(self.text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(e.span().unwrap_or(0..0), "(syntax)", e.message());
+                return None;
+            }
+        };
+        match serde_path_to_error::deserialize::<_, file::File>(deserializer) {
+            Ok(file) => Some(file),
+            Err(e) => {
+                let key = e.path().to_string();
+                let key = if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                };
+                let inner = e.into_inner();
+                self.problem(inner.span().unwrap_or(0..0), key, inner.message());
+                None
+            }
+        }
+    }
+
+    fn upstream(&mut self, key: &str, raw: &file::Upstream) -> Option<Upstream> {
+        let name = raw.name.get_ref();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            self.problem(
+                raw.name.span(),
+                format!("{key}.name"),
+                format!("{name:?} is not a valid name: use letters, digits, '-', '_' and '.'"),
+            );
+        }
+        let listen = self.socket_addr(&raw.listen, &format!("{key}.listen"));
+        let url = self.http_url(&raw.url, &format!("{key}.url"));
+        if let Some(url) = &url {
+            if url.query().is_some() {
+                self.problem(
+                    raw.url.span(),
+                    format!("{key}.url"),
+                    "must not have a query: the app's query is passed through",
+                );
+            }
+        }
+        let connect_timeout = self.duration(
+            raw.connect_timeout.as_ref(),
+            &format!("{key}.connect_timeout"),
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let response_header_timeout = self.duration(
+            raw.response_header_timeout.as_ref(),
+            &format!("{key}.response_header_timeout"),
+            DEFAULT_RESPONSE_HEADER_TIMEOUT,
+        );
+        let token = self.token(&format!("{key}.token"), &raw.token);
+        let tls = match &raw.tls {
+            None => TlsSettings {
+                roots: Roots::default(),
+                ca_file: None,
+            },
+            Some(spanned) => {
+                let tls = spanned.get_ref();
+                let settings = TlsSettings {
+                    roots: match tls.roots {
+                        None | Some(file::Roots::Webpki) => Roots::Webpki,
+                        Some(file::Roots::Native) => Roots::Native,
+                        Some(file::Roots::None) => Roots::None,
+                    },
+                    ca_file: tls
+                        .ca_file
+                        .as_ref()
+                        .map(|p| self.base_dir.join(p.get_ref())),
+                };
+                if settings.roots == Roots::None && settings.ca_file.is_none() {
+                    self.problem(
+                        spanned.span(),
+                        format!("{key}.tls.ca_file"),
+                        "roots = \"none\" needs a ca_file, or nothing would be trusted",
+                    );
+                }
+                settings
+            }
+        };
+        Some(Upstream {
+            name: name.clone(),
+            listen: listen?,
+            url: url?,
+            connect_timeout,
+            response_header_timeout,
+            token: token?,
+            tls,
+        })
+    }
+
+    fn token(&mut self, key: &str, spanned: &Spanned<file::Token>) -> Option<TokenSettings> {
+        let raw = spanned.get_ref();
+        let url = self.http_url(&raw.url, &format!("{key}.url"));
+        if raw.client_id.get_ref().is_empty() {
+            self.problem(raw.client_id.span(), format!("{key}.client_id"), "is empty");
+        }
+        let sources: Vec<(SecretSource, Range<usize>)> = [
+            raw.client_secret_file.as_ref().map(|p| {
+                (
+                    SecretSource::File(self.base_dir.join(p.get_ref())),
+                    p.span(),
+                )
+            }),
+            raw.client_secret_env
+                .as_ref()
+                .map(|v| (SecretSource::Env(v.get_ref().clone()), v.span())),
+            raw.client_secret.as_ref().map(|s| {
+                (
+                    SecretSource::Inline(crate::secret::Secret::new(s.get_ref().as_str())),
+                    s.span(),
+                )
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let client_secret = match <[_; 1]>::try_from(sources) {
+            Ok([(source, _)]) => Some(source),
+            Err(sources) if sources.is_empty() => {
+                self.problem(
+                    spanned.span(),
+                    format!("{key}.client_secret_file"),
+                    "no client secret: set one of client_secret_file, client_secret_env or client_secret",
+                );
+                None
+            }
+            Err(sources) => {
+                self.problem(
+                    sources[1].1.clone(),
+                    format!("{key}.client_secret"),
+                    "more than one client secret source: set only one of client_secret_file, client_secret_env or client_secret",
+                );
+                None
+            }
+        };
+        let params = raw
+            .params
+            .as_ref()
+            .map(|p| p.get_ref().clone())
+            .unwrap_or_default();
+        for name in params.keys() {
+            if RESERVED_FORM_FIELDS.contains(&name.as_str()) {
+                self.problem(
+                    raw.params.as_ref().map_or(0..0, Spanned::span),
+                    format!("{key}.params.{name}"),
+                    format!("{name} is set by bearerd; use the dedicated key instead"),
+                );
+            }
+        }
+        let optional = |v: &Option<Spanned<String>>| v.as_ref().map(|s| s.get_ref().clone());
+        Some(TokenSettings {
+            url: url?,
+            client_id: raw.client_id.get_ref().clone(),
+            client_secret: client_secret?,
+            auth: match raw.auth {
+                None | Some(file::ClientAuth::Basic) => ClientAuth::Basic,
+                Some(file::ClientAuth::Post) => ClientAuth::Post,
+            },
+            scope: optional(&raw.scope),
+            audience: optional(&raw.audience),
+            resource: optional(&raw.resource),
+            params,
+            timeout: self.duration(
+                raw.timeout.as_ref(),
+                &format!("{key}.timeout"),
+                DEFAULT_TOKEN_TIMEOUT,
+            ),
+            default_lifetime: self.duration(
+                raw.default_lifetime.as_ref(),
+                &format!("{key}.default_lifetime"),
+                DEFAULT_TOKEN_LIFETIME,
+            ),
+        })
+    }
+
+    /// Two listeners on one address would fail at bind time with a vaguer message; names
+    /// must be unique because metrics and logs tell upstreams apart by them.
+    fn check_unique(&mut self, raw: &file::File, admin: Option<SocketAddr>) {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
+        if let Some(admin) = admin {
+            addrs.insert(admin, "[admin]".into());
+        }
+        for (i, upstream) in raw.upstream.iter().enumerate() {
+            let upstream = upstream.get_ref();
+            let name = upstream.name.get_ref().as_str();
+            if let Some(first) = names.insert(name, i) {
+                self.problem(
+                    upstream.name.span(),
+                    format!("upstream[{i}].name"),
+                    format!("{name:?} is already the name of upstream[{first}]"),
+                );
+            }
+            // Port 0 asks the OS for a free port, so it never collides (tests use it).
+            if let Ok(addr) = upstream.listen.get_ref().parse::<SocketAddr>() {
+                if addr.port() != 0 {
+                    if let Some(owner) = addrs.insert(addr, format!("upstream {name:?}")) {
+                        self.problem(
+                            upstream.listen.span(),
+                            format!("upstream[{i}].listen"),
+                            format!("{addr} is already the listen address of {owner}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, value: &Spanned<String>, key: &str) -> Option<SocketAddr> {
+        match value.get_ref().parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.problem(
+                    value.span(),
+                    key,
+                    format!(
+                        "{:?} is not an IP address and port such as \"127.0.0.1:8081\"",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn http_url(&mut self, value: &Spanned<String>, key: &str) -> Option<Uri> {
+        let text = value.get_ref();
+        let uri: Uri = match text.parse() {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.problem(value.span(), key, format!("{text:?} is not a URL: {e}"));
+                return None;
+            }
+        };
+        match uri.scheme_str() {
+            Some("http" | "https") if uri.authority().is_some() => Some(uri),
+            Some("http" | "https") => {
+                self.problem(value.span(), key, format!("{text:?} has no host"));
+                None
+            }
+            Some(other) => {
+                self.problem(
+                    value.span(),
+                    key,
+                    format!("{text:?}: scheme {other:?} is not http or https"),
+                );
+                None
+            }
+            None => {
+                self.problem(
+                    value.span(),
+                    key,
+                    format!("{text:?} is not an absolute http or https URL"),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(value) = value else {
+            return default;
+        };
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.problem(value.span(), key, "must be longer than zero");
+                default
+            }
+            Err(e) => {
+                self.problem(
+                    value.span(),
+                    key,
+                    format!(
+                        "{:?} is not a duration such as \"10s\" or \"2m\": {e}",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn problem(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = line_and_column(self.text, span.start);
+        self.problems.push(Problem {
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Form fields bearerd sets itself; `params` may not override them.
+const RESERVED_FORM_FIELDS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "scope",
+    "audience",
+    "resource",
+];
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_admin_listen_parses() {
+        assert!(DEFAULT_ADMIN_LISTEN.parse::<SocketAddr>().is_ok());
+    }
+
+    #[test]
+    fn line_and_column_count_from_one() {
+        let text = "a = 1\nbé = 2\n";
+        assert_eq!(line_and_column(text, 0), (1, 1));
+        assert_eq!(line_and_column(text, 6), (2, 1));
+        assert_eq!(line_and_column(text, text.find('=').unwrap()), (1, 3));
+        assert_eq!(line_and_column(text, text.rfind('=').unwrap()), (2, 4));
+        assert_eq!(line_and_column(text, 1000), (3, 1));
+    }
+}

@@ -1,0 +1,117 @@
+//! The config file as written: raw serde structs that mirror the TOML one to one.
+//!
+//! Every struct denies unknown keys, and every value the validator may complain about is
+//! `Spanned`, so an error can name the line it stands on. Turning these into the runtime
+//! types of [`crate::config`] is the validator's job, not serde's.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// `[admin]`
+    #[serde(default)]
+    pub admin: Option<Spanned<Admin>>,
+    /// `[[upstream]]`, one per local listener.
+    #[serde(default)]
+    pub upstream: Vec<Spanned<Upstream>>,
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Address of the admin listener (metrics, probes).
+    pub listen: Option<Spanned<String>>,
+}
+
+/// `[[upstream]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Name used in logs, metrics and error bodies.
+    pub name: Spanned<String>,
+    /// Local address the app sends plain HTTP to.
+    pub listen: Spanned<String>,
+    /// Where requests go: scheme, host, optional port and base path.
+    pub url: Spanned<String>,
+    /// Time allowed to open the TCP connection to the upstream.
+    pub connect_timeout: Option<Spanned<String>>,
+    /// Time allowed from sending a request until the upstream's response headers arrive.
+    pub response_header_timeout: Option<Spanned<String>>,
+    /// `[upstream.token]`
+    pub token: Spanned<Token>,
+    /// `[upstream.tls]`
+    #[serde(default)]
+    pub tls: Option<Spanned<Tls>>,
+}
+
+/// `[upstream.token]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Token {
+    /// The token endpoint.
+    pub url: Spanned<String>,
+    /// The OAuth2 client identifier.
+    pub client_id: Spanned<String>,
+    /// Path of a file holding the client secret.
+    pub client_secret_file: Option<Spanned<PathBuf>>,
+    /// Name of an environment variable holding the client secret.
+    pub client_secret_env: Option<Spanned<String>>,
+    /// The client secret itself.
+    pub client_secret: Option<Spanned<String>>,
+    /// How the client authenticates to the token endpoint.
+    #[serde(default)]
+    pub auth: Option<ClientAuth>,
+    /// `scope` form field.
+    pub scope: Option<Spanned<String>>,
+    /// `audience` form field.
+    pub audience: Option<Spanned<String>>,
+    /// `resource` form field (RFC 8707).
+    pub resource: Option<Spanned<String>>,
+    /// Extra form fields.
+    #[serde(default)]
+    pub params: Option<Spanned<BTreeMap<String, String>>>,
+    /// Time allowed for one whole token request.
+    pub timeout: Option<Spanned<String>>,
+    /// Lifetime assumed when the response says nothing of it.
+    pub default_lifetime: Option<Spanned<String>>,
+}
+
+/// `auth = "basic" | "post"`; serde names the allowed values in its error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// `client_secret_basic`.
+    Basic,
+    /// `client_secret_post`.
+    Post,
+}
+
+/// `[upstream.tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Which built-in trust anchors to use.
+    #[serde(default)]
+    pub roots: Option<Roots>,
+    /// PEM file of extra trust anchors.
+    pub ca_file: Option<Spanned<PathBuf>>,
+}
+
+/// `roots = "webpki" | "native" | "none"`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Roots {
+    /// Mozilla's root program, compiled in (webpki-roots).
+    Webpki,
+    /// The operating system's store (rustls-native-certs).
+    Native,
+    /// Only `ca_file`.
+    None,
+}

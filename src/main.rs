@@ -1,0 +1,113 @@
+//! The `bearerd` command: parse the command line, set up logging, load the config, and run
+//! until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// OAuth2 client-credentials sidecar: forwards local plain-HTTP requests to their upstream
+/// with `Authorization: Bearer <token>`, keeping the token fresh.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The TOML config file.
+    #[arg(long, env = "BEARERD_CONFIG", value_name = "FILE")]
+    config: PathBuf,
+
+    /// Validate the config, read every secret and CA file, print what would run, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let config = match bearerd::config::Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(2);
+        }
+    };
+
+    if cli.check {
+        return match bearerd::check::check(&config) {
+            Ok(description) => {
+                print!("{description}");
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for problem in problems {
+                    eprintln!("{problem}");
+                }
+                ExitCode::from(1)
+            }
+        };
+    }
+
+    // One thread: a sidecar usually gets one core or less, and the work per request is small.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let (first_signal, second_signal) = (shutdown_signal(), shutdown_signal());
+        tokio::select! {
+            result = bearerd::run(&config, first_signal) => match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(%error, "cannot start");
+                    ExitCode::FAILURE
+                }
+            },
+            // A second signal while draining: the operator wants out now.
+            () = async { second_signal.await; second_signal_after_first().await } => {
+                tracing::warn!("second signal: exiting without waiting");
+                ExitCode::from(130)
+            }
+        }
+    })
+}
+
+/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops bearerd");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The next signal after the one `shutdown_signal` already saw.
+async fn second_signal_after_first() {
+    shutdown_signal().await;
+}

@@ -1,0 +1,74 @@
+//! Forwarding one request: token first, then rewrite, send, and stream the answer back.
+
+use http::header::{AUTHORIZATION, EXPECT, HOST};
+use http::{Request, Response, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+
+use super::error::ProxyError;
+use super::rewrite::strip_hop_by_hop;
+use super::{ResponseBody, Upstream};
+
+/// Forwards `request` to `upstream`, answering with the upstream's response or an error JSON.
+pub async fn forward(upstream: &Upstream, request: Request<Incoming>) -> Response<ResponseBody> {
+    match try_forward(upstream, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            if !matches!(error, ProxyError::TokenUnavailable(_)) {
+                tracing::warn!(
+                    upstream = %upstream.name,
+                    error = error.code(),
+                    detail = ?error,
+                    "request failed"
+                );
+            }
+            error.into_response(&upstream.name)
+        }
+    }
+}
+
+async fn try_forward(
+    upstream: &Upstream,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    // The token comes first: without one the request never leaves bearerd.
+    let token = upstream
+        .token
+        .token()
+        .await
+        .map_err(ProxyError::TokenUnavailable)?;
+
+    let (mut parts, body) = request.into_parts();
+    parts.uri = upstream
+        .target
+        .uri_for(&parts.uri)
+        .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    strip_hop_by_hop(&mut parts.headers);
+    // The client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI, i.e. the upstream.
+    parts.headers.remove(HOST);
+    // hyper already answered `100 Continue` to the app when the body was first read.
+    parts.headers.remove(EXPECT);
+    // Whatever the app sent is replaced: the upstream sees bearerd's token only.
+    parts
+        .headers
+        .insert(AUTHORIZATION, token.authorization().clone());
+    // The client picks HTTP/1.1 or HTTP/2 by ALPN; the app's version does not constrain it.
+    parts.version = Version::HTTP_11;
+
+    let sent = upstream.client.request(Request::from_parts(parts, body));
+    let response = tokio::time::timeout(upstream.response_header_timeout, sent)
+        .await
+        .map_err(|_| {
+            ProxyError::UpstreamTimeout(format!(
+                "no response headers from {} within {}",
+                upstream.target.authority(),
+                humantime::format_duration(upstream.response_header_timeout)
+            ))
+        })?
+        .map_err(|e| ProxyError::from_client(&e))?;
+
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    Ok(Response::from_parts(parts, Either::Left(body)))
+}

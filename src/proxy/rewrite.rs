@@ -1,0 +1,175 @@
+//! Rewriting an app's request for the upstream: the target URI and the hop-by-hop headers.
+
+use http::header::{HeaderName, CONNECTION};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Uri};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and so are never
+/// forwarded. `Proxy-Authorization` carries credentials meant for a proxy, which must not
+/// travel further. `Trailer` and `Proxy-Authenticate` were hop-by-hop in RFC 2616 and are
+/// still treated so by common proxies.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+];
+
+/// Removes the hop-by-hop headers, including every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Collect first: the names are borrowed from the map they are removed from.
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Where an upstream's requests go: its scheme, authority and base path.
+#[derive(Debug, Clone)]
+pub struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    /// The configured path without its trailing `/`: `""` or `/v2`.
+    base_path: String,
+}
+
+/// The app's request target cannot be forwarded.
+#[derive(Debug, thiserror::Error)]
+#[error("request target cannot be forwarded: {0}")]
+pub struct BadTarget(String);
+
+impl Target {
+    /// The target of an upstream `url`, which config validation has made absolute.
+    pub fn new(url: &Uri) -> Result<Self, BadTarget> {
+        let (Some(scheme), Some(authority)) = (url.scheme(), url.authority()) else {
+            return Err(BadTarget(format!("{url} is not absolute")));
+        };
+        Ok(Self {
+            scheme: scheme.clone(),
+            authority: authority.clone(),
+            base_path: url.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The authority, for messages.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The upstream URI for an app's request target: the app's path and query joined onto
+    /// the base path. Only the path and query of an absolute-form target are used, so an app
+    /// cannot send bearerd's token elsewhere.
+    pub fn uri_for(&self, app: &Uri) -> Result<Uri, BadTarget> {
+        let app_path = app.path_and_query().map_or("/", PathAndQuery::as_str);
+        if !app_path.starts_with('/') {
+            // `*` (OPTIONS *) is about the proxy itself, not a resource upstream.
+            return Err(BadTarget(format!("{app_path:?} is not a path")));
+        }
+        let path_and_query = if self.base_path.is_empty() {
+            PathAndQuery::try_from(app_path)
+        } else {
+            PathAndQuery::try_from(format!("{}{app_path}", self.base_path))
+        }
+        .map_err(|e| BadTarget(e.to_string()))?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| BadTarget(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn target(url: &str) -> Target {
+        Target::new(&url.parse().unwrap()).unwrap()
+    }
+
+    fn joined(url: &str, app: &str) -> String {
+        target(url)
+            .uri_for(&app.parse().unwrap())
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn joins_path_and_query_onto_the_base_path() {
+        assert_eq!(
+            joined("https://api.example.com/v2", "/users?id=1&x=%20"),
+            "https://api.example.com/v2/users?id=1&x=%20"
+        );
+        assert_eq!(
+            joined("https://api.example.com/v2/", "/users"),
+            "https://api.example.com/v2/users"
+        );
+        assert_eq!(
+            joined("https://api.example.com", "/"),
+            "https://api.example.com/"
+        );
+        assert_eq!(
+            joined("http://127.0.0.1:8080/", "/a/b"),
+            "http://127.0.0.1:8080/a/b"
+        );
+        assert_eq!(
+            joined("https://api.example.com/v2", "/"),
+            "https://api.example.com/v2/"
+        );
+    }
+
+    #[test]
+    fn absolute_form_keeps_only_path_and_query() {
+        assert_eq!(
+            joined(
+                "https://api.example.com/v2",
+                "http://evil.example/steal?q=1"
+            ),
+            "https://api.example.com/v2/steal?q=1"
+        );
+    }
+
+    #[test]
+    fn asterisk_form_is_refused() {
+        assert!(target("https://api.example.com")
+            .uri_for(&"*".parse().unwrap())
+            .is_err());
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, X-Session-Hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-session-hop", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("proxy-connection", "keep-alive"),
+            ("trailer", "x-checksum"),
+            ("content-type", "application/json"),
+            ("x-request-id", "42"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-request-id"]);
+    }
+}

@@ -1,0 +1,60 @@
+//! Tokens: fetched by the client-credentials grant, parsed, refreshed ahead of expiry and
+//! handed to requests.
+//!
+//! In data-flow order:
+//! - [`fetch`]: one token request (RFC 6749 §4.4.2) and its outcome;
+//! - [`response`]: what the token endpoint answered, success (§5.1) or error (§5.2 and the
+//!   vendors' own shapes);
+//! - [`schedule`]: pure arithmetic of when to refresh and how long to back off;
+//! - [`source`]: the refresher task that keeps one token fresh, and the handle requests read
+//!   it through.
+
+pub mod fetch;
+pub mod response;
+pub mod schedule;
+pub mod source;
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+/// A token ready to be sent: the `Authorization` value is built once, when the token arrives,
+/// so that requests only clone it.
+#[derive(Clone)]
+pub struct Token {
+    /// `Bearer <access_token>`, marked sensitive so HTTP/2 never indexes it (RFC 7541 §7.1.3).
+    authorization: HeaderValue,
+    /// The lifetime the endpoint granted (or that was assumed).
+    pub lifetime: Duration,
+    /// When the token stops being used: its expiry minus a safety margin.
+    pub usable_until: Instant,
+    /// Wall-clock expiry, for metrics and `--check` output.
+    pub expires_at: SystemTime,
+    /// The scope the endpoint granted, if it said.
+    pub scope: Option<String>,
+}
+
+impl Token {
+    /// The `Authorization` header value to send upstream.
+    pub fn authorization(&self) -> &HeaderValue {
+        &self.authorization
+    }
+
+    /// Whether the token may still be sent at `now`.
+    pub fn is_usable_at(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("authorization", &"[redacted]")
+            .field("lifetime", &self.lifetime)
+            .field("usable_until", &self.usable_until)
+            .field("scope", &self.scope)
+            .finish()
+    }
+}

@@ -1,0 +1,393 @@
+//! What a token endpoint answers: parsed leniently, reported precisely.
+//!
+//! Success follows RFC 6749 §5.1 with the liberties real servers take (`token_type` in any
+//! case or absent, `expires_in` as a string or absent). Errors follow §5.2 where the server
+//! does, and otherwise the vendor shapes seen in the wild: `{"result","location","error"}`
+//! (USM Anywhere), a flat map of strings (Alternative Payments' 403),
+//! `{"error","message","status",...}` (IBM), or a body that is not JSON at all.
+//!
+//! Nothing here puts a token into an error message: success bodies are never quoted.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use http::StatusCode;
+use serde_json::{Map, Value};
+
+use crate::secret::Secret;
+
+/// Characters of a non-JSON error body quoted in messages.
+const EXCERPT_CHARS: usize = 200;
+
+/// A successful token response (RFC 6749 §5.1).
+#[derive(Debug)]
+pub struct Grant {
+    /// The access token.
+    pub access_token: Secret,
+    /// `expires_in`, when the response has it.
+    pub expires_in: Option<Duration>,
+    /// `scope`, when the response has it.
+    pub scope: Option<String>,
+}
+
+/// A 2xx response bearerd cannot use. The message never quotes the body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidResponse(pub String);
+
+/// Parses a 2xx body.
+pub fn parse_success(body: &[u8]) -> Result<Grant, InvalidResponse> {
+    let value: Value = serde_json::from_slice(body)
+        // serde_json's message names a position only, never the content.
+        .map_err(|e| InvalidResponse(format!("body is not JSON ({e})")))?;
+    let Value::Object(object) = value else {
+        return Err(InvalidResponse("body is not a JSON object".into()));
+    };
+    let access_token = match object.get("access_token") {
+        Some(Value::String(token)) if !token.is_empty() => Secret::new(token.as_str()),
+        Some(_) => {
+            return Err(InvalidResponse(
+                "access_token is not a non-empty string".into(),
+            ))
+        }
+        None => {
+            // Some servers answer 200 with an error object; say what it said.
+            let said = describe_json_error(&object)
+                .map(|e| format!("; the body says {e}"))
+                .unwrap_or_default();
+            return Err(InvalidResponse(format!("no access_token{said}")));
+        }
+    };
+    match object.get("token_type") {
+        // §5.1 makes it required, yet some servers leave it out; bearer is what they mean.
+        None | Some(Value::Null) => {}
+        // §5.1: the value is case insensitive.
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(Value::String(other)) => {
+            return Err(InvalidResponse(format!(
+                "token_type {other:?} is not supported: bearerd sends Bearer tokens only"
+            )))
+        }
+        Some(_) => return Err(InvalidResponse("token_type is not a string".into())),
+    }
+    let expires_in = match object.get("expires_in") {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(parse_expires_in(value)?),
+    };
+    let scope = match object.get("scope") {
+        Some(Value::String(scope)) => Some(scope.clone()),
+        _ => None,
+    };
+    Ok(Grant {
+        access_token,
+        expires_in,
+        scope,
+    })
+}
+
+/// `expires_in` as a JSON number or a numeric string, in whole seconds, above zero.
+fn parse_expires_in(value: &Value) -> Result<Duration, InvalidResponse> {
+    let seconds = match value {
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        }),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    match seconds {
+        Some(0) => Err(InvalidResponse("expires_in is 0".into())),
+        Some(seconds) => Ok(Duration::from_secs(seconds)),
+        None => Err(InvalidResponse(
+            "expires_in is not a positive number of seconds".into(),
+        )),
+    }
+}
+
+/// Time left until the `exp` claim of a JWT access token, if the token is a JWT with one.
+///
+/// The claims are read, not verified: bearerd only needs to know when to refresh, and the
+/// upstream is the one that verifies the token.
+pub fn jwt_lifetime(token: &str, now: SystemTime) -> Option<Result<Duration, InvalidResponse>> {
+    let mut parts = token.split('.');
+    let (Some(_header), Some(payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let payload = payload.trim_end_matches('=');
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_f64()?;
+    let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs_f64();
+    if exp <= now {
+        return Some(Err(InvalidResponse(
+            "the token's JWT exp claim is already past".into(),
+        )));
+    }
+    Some(Ok(Duration::from_secs((exp - now) as u64)))
+}
+
+/// A non-2xx answer from the token endpoint, reduced to what a person needs to act on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The error code (`error` in RFC 6749 §5.2), when there is one.
+    pub error: Option<String>,
+    /// The explanation: `error_description`, the vendor's message, or an excerpt of the body.
+    pub description: Option<String>,
+}
+
+impl fmt::Display for EndpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "status {}", self.status)?;
+        if let Some(error) = &self.error {
+            write!(f, ", error {error:?}")?;
+        }
+        if let Some(description) = &self.description {
+            write!(f, ": {description}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads an error body. `secret` is scrubbed from anything quoted, in case the server echoes
+/// the request back.
+pub fn parse_error(status: StatusCode, body: &[u8], secret: Option<&Secret>) -> EndpointError {
+    // Scrub before anything is cut or quoted, so that no part of the secret survives.
+    let mut text = String::from_utf8_lossy(body).into_owned();
+    if let Some(secret) = secret.filter(|s| !s.expose().is_empty()) {
+        text = text.replace(secret.expose(), "[redacted]");
+    }
+    let (error, description) = match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(object)) => error_fields(&object),
+        _ => (None, excerpt(&text)),
+    };
+    EndpointError {
+        status,
+        error,
+        description,
+    }
+}
+
+/// The error code and explanation out of a JSON error object, whatever its shape.
+fn error_fields(object: &Map<String, Value>) -> (Option<String>, Option<String>) {
+    let text = |key: &str| match object.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    };
+    // RFC 6749 §5.2; IBM adds `message`; USM Anywhere uses `result` and `location`.
+    let error = text("error");
+    let mut details: Vec<String> = ["error_description", "message", "result"]
+        .into_iter()
+        .filter_map(text)
+        .collect();
+    if let Some(location) = text("location") {
+        details.push(format!("at {location}"));
+    }
+    if error.is_some() || !details.is_empty() {
+        return (error, (!details.is_empty()).then(|| details.join("; ")));
+    }
+    // Another shape, such as a flat map of strings: quote it compactly.
+    let flat = object
+        .iter()
+        .map(|(key, value)| match value {
+            Value::String(s) => format!("{key}: {s}"),
+            other => format!("{key}: {other}"),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    (None, truncate(&flat))
+}
+
+/// `error: description` out of an error-shaped object, for a 200 that carries one.
+fn describe_json_error(object: &Map<String, Value>) -> Option<String> {
+    match error_fields(object) {
+        (Some(error), Some(description)) => Some(format!("{error:?}: {description}")),
+        (Some(error), None) => Some(format!("{error:?}")),
+        _ => None,
+    }
+}
+
+/// The start of a body, on one line, for a person to recognise (an HTML error page, say).
+fn excerpt(text: &str) -> Option<String> {
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.is_empty() {
+        return Some("(empty body)".into());
+    }
+    truncate(&format!("body: {one_line}"))
+}
+
+fn truncate(text: &str) -> Option<String> {
+    if text.is_empty() {
+        return None;
+    }
+    let cleaned: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(EXCERPT_CHARS)
+        .collect();
+    if text.chars().count() > EXCERPT_CHARS {
+        Some(format!("{cleaned}…"))
+    } else {
+        Some(cleaned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(claims: &str) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64(claims))
+    }
+
+    #[test]
+    fn success_per_rfc() {
+        let grant = parse_success(
+            br#"{"access_token":"abc","token_type":"Bearer","expires_in":3600,"scope":"read write"}"#,
+        )
+        .unwrap();
+        assert_eq!(grant.access_token.expose(), "abc");
+        assert_eq!(grant.expires_in, Some(Duration::from_secs(3600)));
+        assert_eq!(grant.scope.as_deref(), Some("read write"));
+    }
+
+    #[test]
+    fn token_type_any_case_or_absent() {
+        for body in [
+            r#"{"access_token":"a","token_type":"bearer","expires_in":899}"#,
+            r#"{"access_token":"a","token_type":"BEARER","expires_in":899}"#,
+            r#"{"access_token":"a","expires_in":899}"#,
+        ] {
+            assert!(parse_success(body.as_bytes()).is_ok(), "{body}");
+        }
+        let err = parse_success(br#"{"access_token":"a","token_type":"mac"}"#).unwrap_err();
+        assert!(err.0.contains("\"mac\""), "{err}");
+    }
+
+    #[test]
+    fn expires_in_number_or_string() {
+        let parse = |v: &str| {
+            parse_success(format!(r#"{{"access_token":"a","expires_in":{v}}}"#).as_bytes())
+                .map(|g| g.expires_in)
+        };
+        assert_eq!(parse("86400"), Ok(Some(Duration::from_secs(86400))));
+        assert_eq!(parse(r#""3600""#), Ok(Some(Duration::from_secs(3600))));
+        assert_eq!(parse("59.9"), Ok(Some(Duration::from_secs(59))));
+        assert_eq!(parse("null"), Ok(None));
+        assert!(parse("0").is_err());
+        assert!(parse("-5").is_err());
+        assert!(parse(r#""soon""#).is_err());
+    }
+
+    #[test]
+    fn missing_token_quotes_the_error_not_the_body() {
+        let err =
+            parse_success(br#"{"error":"invalid_scope","error_description":"bad"}"#).unwrap_err();
+        assert_eq!(
+            err.0,
+            r#"no access_token; the body says "invalid_scope": bad"#
+        );
+        let err = parse_success(b"access_token=s3cr3t&token_type=bearer").unwrap_err();
+        assert!(!err.0.contains("s3cr3t"), "{err}");
+    }
+
+    #[test]
+    fn jwt_exp_gives_the_lifetime() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let token = jwt(r#"{"sub":"app","exp":1003600}"#);
+        assert_eq!(
+            jwt_lifetime(&token, now),
+            Some(Ok(Duration::from_secs(3600)))
+        );
+        assert!(matches!(
+            jwt_lifetime(&jwt(r#"{"exp":999999}"#), now),
+            Some(Err(_))
+        ));
+        assert_eq!(jwt_lifetime(&jwt(r#"{"sub":"no exp"}"#), now), None);
+        assert_eq!(jwt_lifetime("opaque-token", now), None);
+        assert_eq!(jwt_lifetime("a.%%%.c", now), None);
+    }
+
+    #[test]
+    fn rfc_error_shape() {
+        let e = parse_error(
+            StatusCode::UNAUTHORIZED,
+            br#"{"error":"invalid_client","error_description":"Client authentication failed"}"#,
+            None,
+        );
+        assert_eq!(e.error.as_deref(), Some("invalid_client"));
+        assert_eq!(
+            e.to_string(),
+            r#"status 401 Unauthorized, error "invalid_client": Client authentication failed"#
+        );
+    }
+
+    #[test]
+    fn vendor_error_shapes() {
+        // USM Anywhere
+        let e = parse_error(
+            StatusCode::UNAUTHORIZED,
+            br#"{"result":"Unauthorized","location":"/api/2.0/oauth/token","error":"Bad credentials"}"#,
+            None,
+        );
+        assert_eq!(e.error.as_deref(), Some("Bad credentials"));
+        assert_eq!(
+            e.description.as_deref(),
+            Some("Unauthorized; at /api/2.0/oauth/token")
+        );
+        // Alternative Payments 403: a flat string map.
+        let e = parse_error(
+            StatusCode::FORBIDDEN,
+            br#"{"code":"forbidden","detail":"Invalid credentials"}"#,
+            None,
+        );
+        assert_eq!(e.error, None);
+        assert_eq!(
+            e.description.as_deref(),
+            Some("code: forbidden; detail: Invalid credentials")
+        );
+        // IBM Watson Work
+        let e = parse_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            br#"{"error":"server_error","message":"Try later","status":"500","path":"/oauth/token"}"#,
+            None,
+        );
+        assert_eq!(e.error.as_deref(), Some("server_error"));
+        assert_eq!(e.description.as_deref(), Some("Try later"));
+    }
+
+    #[test]
+    fn non_json_error_is_excerpted_and_scrubbed() {
+        let body = format!(
+            "<html>\n<body>Bad gateway for pw=hunter2 {}</body>",
+            "x".repeat(500)
+        );
+        let e = parse_error(
+            StatusCode::BAD_GATEWAY,
+            body.as_bytes(),
+            Some(&Secret::new("hunter2")),
+        );
+        let description = e.description.unwrap();
+        assert!(
+            description.starts_with("body: <html> <body>Bad gateway"),
+            "{description}"
+        );
+        assert!(description.contains("[redacted]"));
+        assert!(!description.contains("hunter2"));
+        assert!(description.chars().count() <= EXCERPT_CHARS + 1);
+        assert_eq!(
+            parse_error(StatusCode::BAD_GATEWAY, b"", None)
+                .description
+                .as_deref(),
+            Some("(empty body)")
+        );
+    }
+}
