@@ -273,12 +273,7 @@ impl Validator<'_> {
         match serde_path_to_error::deserialize::<_, file::File>(deserializer) {
             Ok(file) => Some(file),
             Err(e) => {
-                let key = e.path().to_string();
-                let key = if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                };
+                let key = key_path(e.path());
                 let inner = e.into_inner();
                 self.problem(inner.span().unwrap_or(0..0), key, inner.message());
                 None
@@ -499,8 +494,12 @@ impl Validator<'_> {
         let text = value.get_ref();
         let uri: Uri = match text.parse() {
             Ok(uri) => uri,
-            Err(e) => {
-                self.problem(value.span(), key, format!("{text:?} is not a URL: {e}"));
+            Err(_) => {
+                self.problem(
+                    value.span(),
+                    key,
+                    format!("{text:?} is not an absolute http or https URL"),
+                );
                 return None;
             }
         };
@@ -578,6 +577,32 @@ const RESERVED_FORM_FIELDS: &[&str] = &[
     "audience",
     "resource",
 ];
+
+/// `upstream[0].token.url` out of serde's path, without the segments `Spanned` adds.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut key = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                if name.starts_with("$__serde_spanned") {
+                    continue;
+                }
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(name);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    if key.is_empty() {
+        "(top level)".into()
+    } else {
+        key
+    }
+}
 
 /// 1-based line and column (in characters) of a byte offset.
 fn line_and_column(text: &str, offset: usize) -> (usize, usize) {

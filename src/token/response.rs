@@ -183,10 +183,16 @@ fn error_fields(object: &Map<String, Value>) -> (Option<String>, Option<String>)
     };
     // RFC 6749 §5.2; IBM adds `message`; USM Anywhere uses `result` and `location`.
     let error = text("error");
-    let mut details: Vec<String> = ["error_description", "message", "result"]
+    let mut details: Vec<String> = Vec::new();
+    for detail in ["error_description", "message", "result"]
         .into_iter()
         .filter_map(text)
-        .collect();
+    {
+        // IBM's `message` often restates `error_description`; say it once.
+        if !details.iter().any(|d| detail.contains(d.as_str())) {
+            details.push(detail);
+        }
+    }
     if let Some(location) = text("location") {
         details.push(format!("at {location}"));
     }

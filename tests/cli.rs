@@ -1,0 +1,401 @@
+//! The `bearerd` binary as a user runs it: flags, `--check`, exit codes, signals, and
+//! streaming 100 MiB each way without its memory growing with the size.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_pass_by_value
+)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use support::{echo, serve, token_endpoint, token_ok};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bearerd");
+/// Bound on waits for the child process, so a broken build fails instead of hanging.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn bearerd(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("BEARERD_CONFIG")
+        .output()
+        .unwrap()
+}
+
+fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("bearerd.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn help_and_version() {
+    let help = bearerd(&["--help"]);
+    assert!(help.status.success());
+    let text = String::from_utf8(help.stdout).unwrap();
+    assert!(
+        text.contains("--config <FILE>") && text.contains("--check"),
+        "{text}"
+    );
+    assert!(text.contains("BEARERD_CONFIG"), "{text}");
+
+    let version = bearerd(&["--version"]);
+    assert!(version.status.success());
+    assert_eq!(
+        String::from_utf8(version.stdout).unwrap().trim(),
+        format!("bearerd {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+const CHECK_CONFIG: &str = r#"
+[[upstream]]
+name = "payments"
+listen = "127.0.0.1:8081"
+url = "https://api.example.com/v2"
+[upstream.token]
+url = "https://auth.example.com/oauth/token"
+client_id = "abc"
+client_secret_file = "secret"
+audience = "https://api.example.com"
+"#;
+
+#[test]
+fn check_describes_what_would_run_without_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), "do-not-print-me\n").unwrap();
+    let path = write_config(dir.path(), CHECK_CONFIG);
+    // The config path may come from the environment.
+    let output = Command::new(BIN)
+        .arg("--check")
+        .env("BEARERD_CONFIG", &path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("upstream payments: listen 127.0.0.1:8081 -> https://api.example.com/v2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "token: POST https://auth.example.com/oauth/token as client \"abc\", auth basic"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("audience \"https://api.example.com\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("do-not-print-me") && !stderr.contains("do-not-print-me"));
+}
+
+#[test]
+fn check_reports_a_missing_secret_by_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), CHECK_CONFIG);
+    let output = bearerd(&["--config", &path, "--check"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let secret_path = dir.path().join("secret");
+    assert!(
+        stderr.contains(&format!(
+            "upstream payments: cannot read client secret file {}",
+            secret_path.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn invalid_config_exits_2_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &CHECK_CONFIG.replace("audience", "audiense"));
+    let output = bearerd(&["--config", &path, "--check"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.starts_with(&format!(
+            "{path}:10:1: upstream[0].token.audiense: unknown field `audiense`"
+        )),
+        "{stderr}"
+    );
+}
+
+/// A running `bearerd` child, killed by its PID if the test ends early.
+struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(config_path: &str) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["--config", config_path])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let keep = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, lines, log }
+    }
+
+    /// The address bearerd logged for `upstream` ("listening ... listen=ADDR").
+    fn listen_addr(&self, upstream: &str) -> SocketAddr {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| {
+                    panic!("no listening line; log: {:?}", self.log.lock().unwrap())
+                });
+            if line.contains("listening") && line.contains(&format!("upstream={upstream}")) {
+                let addr = line
+                    .split("listen=")
+                    .nth(1)
+                    .unwrap()
+                    .split_whitespace()
+                    .next()
+                    .unwrap();
+                return addr.parse().unwrap();
+            }
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Peak resident memory (VmHWM) in KiB, from /proc.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "bearerd did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn daemon_config(upstream: &str, token_url: &str) -> String {
+    support::config(
+        "api",
+        upstream,
+        token_url,
+        "client_id = \"app\"\nclient_secret = \"pw\"\n",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let (arrived_tx, arrived_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let hold = Arc::clone(&release);
+    let upstream = serve(move |request| {
+        let arrived_tx = arrived_tx.clone();
+        let hold = Arc::clone(&hold);
+        async move {
+            let _ = arrived_tx.send(());
+            hold.notified().await;
+            echo(request).await
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &daemon_config(&upstream.url(""), &endpoint.url("/token")),
+    );
+    let mut daemon = Daemon::start(&path);
+    let addr = daemon.listen_addr("api");
+
+    let in_flight = tokio::spawn(support::get_owned(format!("http://{addr}/slow")));
+    let mut arrived_rx = arrived_rx;
+    arrived_rx.recv().await.unwrap();
+    daemon.signal("TERM");
+
+    // The listener closes first: new connections are refused while the old request drains.
+    let deadline = Instant::now() + PATIENCE;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "listener still open after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    release.notify_one();
+    let answer = in_flight.await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.echo().header("authorization"), Some("Bearer tok"));
+    let status = daemon.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "log: {:?}",
+        daemon.log.lock().unwrap()
+    );
+}
+
+/// A body of `remaining` bytes made on the fly, 64 KiB at a time, never held whole.
+struct Generated {
+    remaining: u64,
+    chunk: Bytes,
+}
+
+impl Generated {
+    fn new(size: u64) -> Self {
+        Self {
+            remaining: size,
+            chunk: Bytes::from(vec![b'x'; 64 * 1024]),
+        }
+    }
+}
+
+impl Body for Generated {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(self.chunk.len() as u64);
+        self.remaining -= n;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n as usize)))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Counts a body's bytes as they pass, keeping none of them.
+async fn count_bytes<B: Body<Data = Bytes> + Unpin>(mut body: B) -> u64
+where
+    B::Error: std::fmt::Debug,
+{
+    let mut total = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            total += data.len() as u64;
+        }
+    }
+    total
+}
+
+const HUNDRED_MIB: u64 = 100 * 1024 * 1024;
+/// Far above bearerd's working set (a few MiB) and far below the 100 MiB it must not hold.
+const STREAMING_RSS_LIMIT_KIB: u64 = 40 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_100_mib_each_way_without_buffering() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let upstream = serve(|request: Request<hyper::body::Incoming>| async move {
+        let body = if request.method() == http::Method::POST {
+            let received = count_bytes(request.into_body()).await;
+            support::full(received.to_string())
+        } else {
+            Generated::new(HUNDRED_MIB).boxed()
+        };
+        Response::new(body)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &daemon_config(&upstream.url(""), &endpoint.url("/token")),
+    );
+    let daemon = Daemon::start(&path);
+    let addr = daemon.listen_addr("api");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Generated>();
+
+    let upload = client
+        .request(
+            Request::post(format!("http://{addr}/upload"))
+                .body(Generated::new(HUNDRED_MIB))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), StatusCode::OK);
+    let received = upload.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(received, HUNDRED_MIB.to_string());
+
+    let download = client
+        .request(
+            Request::get(format!("http://{addr}/download"))
+                .body(Generated::new(0))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(download.status(), StatusCode::OK);
+    assert_eq!(count_bytes(download.into_body()).await, HUNDRED_MIB);
+
+    let peak = daemon.peak_rss_kib();
+    assert!(
+        peak < STREAMING_RSS_LIMIT_KIB,
+        "bearerd peaked at {peak} KiB while streaming 2 × 100 MiB"
+    );
+}

@@ -1,0 +1,268 @@
+//! Config loading: the example file, and each kind of mistake with the message a user sees.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_pass_by_value
+)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use bearerd::config::{ClientAuth, Config, ConfigError, Roots};
+use bearerd::secret::SecretSource;
+
+#[test]
+fn example_config_loads_with_every_key() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9464");
+    let [upstream] = config.upstreams.as_slice() else {
+        panic!("one upstream expected")
+    };
+    assert_eq!(upstream.name, "payments");
+    assert_eq!(upstream.listen.to_string(), "127.0.0.1:8081");
+    assert_eq!(upstream.url, "https://api.example.com/v2");
+    assert_eq!(upstream.connect_timeout, Duration::from_secs(5));
+    assert_eq!(upstream.response_header_timeout, Duration::from_secs(30));
+    let token = &upstream.token;
+    assert_eq!(token.url, "https://auth.example.com/oauth/token");
+    assert_eq!(token.client_id, "abc");
+    assert_eq!(
+        token.client_secret,
+        SecretSource::File("/var/run/secrets/payments/client_secret".into())
+    );
+    assert_eq!(token.auth, ClientAuth::Basic);
+    assert_eq!(token.scope.as_deref(), Some("read write"));
+    assert_eq!(token.audience.as_deref(), Some("https://api.example.com"));
+    assert_eq!(token.resource.as_deref(), Some("https://api.example.com"));
+    assert_eq!(token.params["organization"], "org_123");
+    assert_eq!(token.timeout, Duration::from_secs(10));
+    assert_eq!(token.default_lifetime, Duration::from_secs(300));
+    assert_eq!(upstream.tls.roots, Roots::Webpki);
+    assert_eq!(
+        upstream.tls.ca_file.as_deref(),
+        Some(Path::new("/etc/bearerd/ca.pem"))
+    );
+}
+
+const VALID: &str = r#"[[upstream]]
+name = "payments"
+listen = "127.0.0.1:8081"
+url = "https://api.example.com/v2"
+
+[upstream.token]
+url = "https://auth.example.com/oauth/token"
+client_id = "abc"
+client_secret_env = "PAYMENTS_SECRET"
+"#;
+
+/// The problems reported for `text`, as printed.
+fn errors(text: &str) -> String {
+    match Config::parse(Path::new("/etc/bearerd/bearerd.toml"), text) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(error @ ConfigError::Invalid { .. }) => error.to_string(),
+        Err(other) => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn minimal_config_gets_the_defaults() {
+    let config = Config::parse(Path::new("/etc/bearerd/bearerd.toml"), VALID).unwrap();
+    assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9464");
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.token.auth, ClientAuth::Basic);
+    assert_eq!(
+        upstream.token.client_secret,
+        SecretSource::Env("PAYMENTS_SECRET".into())
+    );
+    assert_eq!(
+        upstream.connect_timeout,
+        bearerd::config::DEFAULT_CONNECT_TIMEOUT
+    );
+    assert_eq!(upstream.tls.roots, Roots::Webpki);
+    assert_eq!(upstream.tls.ca_file, None);
+}
+
+#[test]
+fn relative_paths_are_taken_from_the_config_directory() {
+    let text = VALID.replace(
+        "client_secret_env = \"PAYMENTS_SECRET\"",
+        "client_secret_file = \"secrets/payments\"\n[upstream.tls]\nca_file = \"ca.pem\"",
+    );
+    let config = Config::parse(Path::new("/etc/bearerd/bearerd.toml"), &text).unwrap();
+    let upstream = &config.upstreams[0];
+    assert_eq!(
+        upstream.token.client_secret,
+        SecretSource::File("/etc/bearerd/secrets/payments".into())
+    );
+    assert_eq!(
+        upstream.tls.ca_file.as_deref(),
+        Some(Path::new("/etc/bearerd/ca.pem"))
+    );
+}
+
+#[test]
+fn unknown_key() {
+    let text = VALID.replace("client_id", "scopes = \"x\"\nclient_id");
+    assert!(
+        errors(&text).starts_with(
+            "/etc/bearerd/bearerd.toml:8:1: upstream[0].token.scopes: unknown field `scopes`, expected one of"
+        ),
+        "{}",
+        errors(&text)
+    );
+    let text = format!("{VALID}[upstream.tsl]\nca_file = \"x\"\n");
+    assert!(
+        errors(&text)
+            .starts_with("/etc/bearerd/bearerd.toml:10:11: upstream[0].tsl: unknown field `tsl`"),
+        "{}",
+        errors(&text)
+    );
+}
+
+#[test]
+fn missing_required_key() {
+    let text = VALID.replace("url = \"https://api.example.com/v2\"\n", "");
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:1:1: upstream[0]: missing field `url`"
+    );
+}
+
+#[test]
+fn secret_sources_two_or_none() {
+    let text = VALID.replace(
+        "client_secret_env = \"PAYMENTS_SECRET\"",
+        "client_secret_env = \"PAYMENTS_SECRET\"\nclient_secret = \"inline\"",
+    );
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:10:17: upstream[0].token.client_secret: more than one client secret source: set only one of client_secret_file, client_secret_env or client_secret"
+    );
+    let text = VALID.replace("client_secret_env = \"PAYMENTS_SECRET\"\n", "");
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:6:1: upstream[0].token.client_secret_file: no client secret: set one of client_secret_file, client_secret_env or client_secret"
+    );
+}
+
+#[test]
+fn two_upstreams_on_one_address() {
+    let second = VALID.replace("\"payments\"", "\"orders\"");
+    let text = format!("{VALID}\n{second}");
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:13:10: upstream[1].listen: 127.0.0.1:8081 is already the listen address of upstream \"payments\""
+    );
+    let text = format!("[admin]\nlisten = \"127.0.0.1:8081\"\n{VALID}");
+    assert!(
+        errors(&text).contains(
+            "upstream[0].listen: 127.0.0.1:8081 is already the listen address of [admin]"
+        ),
+        "{}",
+        errors(&text)
+    );
+}
+
+#[test]
+fn duplicate_names() {
+    let second = VALID.replace("8081", "8082");
+    let text = format!("{VALID}\n{second}");
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:12:8: upstream[1].name: \"payments\" is already the name of upstream[0]"
+    );
+}
+
+#[test]
+fn non_http_urls() {
+    let text = VALID.replace("https://api.example.com/v2", "ftp://api.example.com/v2");
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:4:7: upstream[0].url: \"ftp://api.example.com/v2\": scheme \"ftp\" is not http or https"
+    );
+    let text = VALID.replace(
+        "https://auth.example.com/oauth/token",
+        "auth.example.com/oauth/token",
+    );
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:7:7: upstream[0].token.url: \"auth.example.com/oauth/token\" is not an absolute http or https URL"
+    );
+    let text = VALID.replace(
+        "https://api.example.com/v2",
+        "https://api.example.com/v2?key=1",
+    );
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:4:7: upstream[0].url: must not have a query: the app's query is passed through"
+    );
+}
+
+#[test]
+fn bad_values() {
+    let text = VALID.replace("127.0.0.1:8081", "localhost").replace(
+        "client_id = \"abc\"",
+        "client_id = \"abc\"\ntimeout = \"ten seconds\"",
+    );
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:3:10: upstream[0].listen: \"localhost\" is not an IP address and port such as \"127.0.0.1:8081\"\n\
+         /etc/bearerd/bearerd.toml:9:11: upstream[0].token.timeout: \"ten seconds\" is not a duration such as \"10s\" or \"2m\": expected number at 0"
+    );
+    let text = VALID.replace("client_id = \"abc\"", "client_id = \"abc\"\nauth = \"jwt\"");
+    assert!(
+        errors(&text).starts_with(
+            "/etc/bearerd/bearerd.toml:9:8: upstream[0].token.auth: unknown variant `jwt`, expected `basic` or `post`"
+        ),
+        "{}",
+        errors(&text)
+    );
+    let text = VALID.replace(
+        "client_id = \"abc\"",
+        "client_id = \"abc\"\nparams = { grant_type = \"password\" }",
+    );
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:9:10: upstream[0].token.params.grant_type: grant_type is set by bearerd; use the dedicated key instead"
+    );
+    let text = VALID.replace("name = \"payments\"", "name = \"pay ments\"");
+    assert!(errors(&text).contains("upstream[0].name: \"pay ments\" is not a valid name"));
+}
+
+#[test]
+fn syntax_error_and_empty_file() {
+    assert_eq!(
+        errors("[[upstream]\nname = 1\n"),
+        "/etc/bearerd/bearerd.toml:1:12: (syntax): unclosed array table, expected `]`"
+    );
+    assert_eq!(
+        errors(""),
+        "/etc/bearerd/bearerd.toml:1:1: upstream: no [[upstream]] is configured"
+    );
+}
+
+#[test]
+fn wrong_type_names_the_key() {
+    let text = VALID.replace("client_id = \"abc\"", "client_id = 42");
+    assert!(
+        errors(&text).starts_with(
+            "/etc/bearerd/bearerd.toml:8:13: upstream[0].token.client_id: invalid type: integer `42`, expected a string"
+        ),
+        "{}",
+        errors(&text)
+    );
+}
+
+#[test]
+fn missing_file_names_it() {
+    let error = Config::load(Path::new("/nonexistent/bearerd.toml")).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("cannot read config file /nonexistent/bearerd.toml: "),
+        "{error}"
+    );
+}

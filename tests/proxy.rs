@@ -1,0 +1,354 @@
+//! The proxy end to end, in-process: what reaches the upstream, what comes back to the app,
+//! and how each failure is answered.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_pass_by_value
+)]
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use support::{echo, get, send, serve, token_endpoint, token_ok, Sidecar, TestCa};
+
+const SECRET_LINE: &str = "client_id = \"app\"\nclient_secret = \"pw\"\n";
+
+#[tokio::test]
+async fn forwards_with_the_token_replacing_the_apps_authorization() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok-1", 3600) }).await;
+    let upstream = serve(echo).await;
+    let sidecar = Sidecar::start(&support::config(
+        "api",
+        &upstream.url("/v2/"),
+        &endpoint.url("/token"),
+        SECRET_LINE,
+    ))
+    .await;
+
+    let request = Request::post(sidecar.url("api", "/users/7?fields=a,b&x=%2F"))
+        .header("authorization", "Bearer the-apps-own")
+        .header("host", "localhost:1234")
+        .header("x-request-id", "abc")
+        .body(Full::new(Bytes::from_static(b"{\"name\":\"x\"}")))
+        .unwrap();
+    let echoed = send(request).await.echo();
+    assert_eq!(echoed.method, "POST");
+    assert_eq!(echoed.uri, "/v2/users/7?fields=a,b&x=%2F");
+    assert_eq!(echoed.headers["authorization"], ["Bearer tok-1"]);
+    assert_eq!(
+        echoed.header("host"),
+        Some(upstream.addr.to_string().as_str())
+    );
+    assert_eq!(echoed.header("x-request-id"), Some("abc"));
+    assert_eq!(echoed.body_bytes, 12);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_dropped_both_ways() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let upstream = serve(|request| async move {
+        let mut response = echo(request).await;
+        let headers = response.headers_mut();
+        headers.insert("connection", "x-upstream-hop".parse().unwrap());
+        headers.insert("x-upstream-hop", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("proxy-authenticate", "Basic".parse().unwrap());
+        headers.insert("x-end-to-end", "kept".parse().unwrap());
+        response
+    })
+    .await;
+    let sidecar = Sidecar::start(&support::config(
+        "api",
+        &upstream.url(""),
+        &endpoint.url("/token"),
+        SECRET_LINE,
+    ))
+    .await;
+    let request = Request::get(sidecar.url("api", "/"))
+        .header("connection", "keep-alive, x-app-hop")
+        .header("x-app-hop", "secret-ish")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("upgrade", "websocket")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-end-to-end", "kept")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = send(request).await;
+    for name in ["x-upstream-hop", "keep-alive", "proxy-authenticate"] {
+        assert!(!answer.headers.contains_key(name), "{name} reached the app");
+    }
+    assert_eq!(answer.headers["x-end-to-end"], "kept");
+    let echoed = answer.echo();
+    for name in [
+        "x-app-hop",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+    ] {
+        assert!(echoed.header(name).is_none(), "{name} reached the upstream");
+    }
+    assert_eq!(echoed.header("x-end-to-end"), Some("kept"));
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn redirects_are_passed_back_not_followed() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let followed = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&followed);
+    let upstream = serve(move |request: Request<hyper::body::Incoming>| {
+        let counter = Arc::clone(&counter);
+        async move {
+            if request.uri().path() == "/elsewhere" {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            Response::builder()
+                .status(StatusCode::FOUND)
+                .header("location", "/elsewhere")
+                .body(support::full(""))
+                .unwrap()
+        }
+    })
+    .await;
+    let sidecar = Sidecar::start(&support::config(
+        "api",
+        &upstream.url(""),
+        &endpoint.url("/token"),
+        SECRET_LINE,
+    ))
+    .await;
+    let answer = get(&sidecar.url("api", "/start")).await;
+    assert_eq!(answer.status, StatusCode::FOUND);
+    assert_eq!(answer.headers["location"], "/elsewhere");
+    assert_eq!(followed.load(Ordering::SeqCst), 0);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn token_endpoint_down_gives_503_and_nothing_reaches_the_upstream() {
+    // A port that was free a moment ago: connecting to it is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&reached);
+    let upstream = serve(move |request| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        echo(request)
+    })
+    .await;
+    let sidecar = Sidecar::start(&support::config(
+        "api",
+        &upstream.url(""),
+        &format!("http://{closed}/token"),
+        SECRET_LINE,
+    ))
+    .await;
+    let answer = get(&sidecar.url("api", "/x")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    let retry_after: u64 = answer.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+    let body = answer.json();
+    assert_eq!(body["error"], "token_unavailable");
+    assert_eq!(body["upstream"], "api");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("cannot reach the token endpoint: "),
+        "{detail}"
+    );
+    assert!(detail.contains("onnection refused"), "{detail}");
+    assert_eq!(reached.load(Ordering::SeqCst), 0);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_unreachable_gives_502() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let sidecar = Sidecar::start(&support::config(
+        "api",
+        &format!("http://{closed}"),
+        &endpoint.url("/token"),
+        SECRET_LINE,
+    ))
+    .await;
+    let answer = get(&sidecar.url("api", "/x")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    let body = answer.json();
+    assert_eq!(body["error"], "upstream_unreachable");
+    assert_eq!(body["upstream"], "api");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("onnection refused"),
+        "{body}"
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_too_slow_gives_504() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    // Never answers: the only way out is bearerd's response header timeout.
+    let upstream = serve(|_| std::future::pending()).await;
+    let config = support::config(
+        "api",
+        &upstream.url(""),
+        &endpoint.url("/token"),
+        SECRET_LINE,
+    )
+    .replace(
+        "[upstream.token]",
+        "response_header_timeout = \"300ms\"\n\n[upstream.token]",
+    );
+    let sidecar = Sidecar::start(&config).await;
+    let answer = get(&sidecar.url("api", "/slow")).await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    let body = answer.json();
+    assert_eq!(body["error"], "upstream_timeout");
+    assert_eq!(
+        body["detail"],
+        format!("no response headers from {} within 300ms", upstream.addr)
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_tls_failure_gives_502() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    // A TLS server whose CA bearerd is not told about.
+    let upstream = support::serve_tls(echo, &TestCa::new()).await;
+    let sidecar = Sidecar::start(&support::config(
+        "api",
+        &upstream.https_url(""),
+        &endpoint.url("/token"),
+        SECRET_LINE,
+    ))
+    .await;
+    let answer = get(&sidecar.url("api", "/x")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    let body = answer.json();
+    assert_eq!(body["error"], "upstream_unreachable");
+    assert!(
+        body["detail"].as_str().unwrap().contains("certificate"),
+        "{body}"
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn tls_upstream_and_token_endpoint_behind_a_test_ca() {
+    let ca = TestCa::new();
+    let endpoint =
+        support::token_endpoint_tls(|_, _| async { token_ok("tls-tok", 3600) }, &ca).await;
+    let upstream = support::serve_tls(echo, &ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.ca_pem).unwrap();
+    let config = format!(
+        "{}\n[upstream.tls]\nroots = \"none\"\nca_file = \"ca.pem\"\n",
+        support::config(
+            "api",
+            &upstream.https_url("/base"),
+            &endpoint.server.https_url("/oauth/token"),
+            SECRET_LINE,
+        )
+    );
+    let sidecar = Sidecar::start_in(dir, &config).await;
+    let echoed = get(&sidecar.url("api", "/x")).await.echo();
+    assert_eq!(echoed.header("authorization"), Some("Bearer tls-tok"));
+    assert_eq!(echoed.uri, format!("https://{}/base/x", upstream.addr));
+    // The test server offers h2 by ALPN, and bearerd takes it.
+    assert_eq!(echoed.version, "HTTP/2.0");
+    assert_eq!(endpoint.count(), 1);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn rotated_secret_file_is_used_at_the_next_token_request() {
+    // Short-lived tokens, so that the refresher fetches again within about a second.
+    let endpoint = token_endpoint(|n, _| async move { token_ok(&format!("tok-{n}"), 2) }).await;
+    let upstream = serve(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), "first-secret\n").unwrap();
+    let sidecar = Sidecar::start_in(
+        dir,
+        &support::config(
+            "api",
+            &upstream.url(""),
+            &endpoint.url("/token"),
+            "client_id = \"app\"\nclient_secret_file = \"secret\"\n",
+        ),
+    )
+    .await;
+    endpoint.wait_for_requests(1).await;
+    std::fs::write(sidecar.file("secret"), "second-secret\n").unwrap();
+    endpoint.wait_for_requests(2).await;
+
+    let secrets: Vec<String> = endpoint
+        .requests()
+        .iter()
+        .take(2)
+        .map(|r| r.basic().unwrap().1)
+        .collect();
+    assert_eq!(secrets, ["first-secret", "second-secret"]);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn upstreams_with_the_same_token_settings_share_one_token() {
+    let endpoint = token_endpoint(|n, _| async move { token_ok(&format!("tok-{n}"), 3600) }).await;
+    let upstream = serve(echo).await;
+    let token = format!("url = \"{}\"\n{SECRET_LINE}", endpoint.url("/token"));
+    let config = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+[[upstream]]
+name = "a"
+listen = "127.0.0.1:0"
+url = "{u}"
+[upstream.token]
+{token}
+[[upstream]]
+name = "b"
+listen = "127.0.0.1:0"
+url = "{u}/other"
+[upstream.token]
+{token}
+[[upstream]]
+name = "c"
+listen = "127.0.0.1:0"
+url = "{u}"
+[upstream.token]
+{token}scope = "different"
+"#,
+        u = upstream.url("")
+    );
+    let sidecar = Sidecar::start(&config).await;
+    let a = get(&sidecar.url("a", "/")).await.echo();
+    let b = get(&sidecar.url("b", "/")).await.echo();
+    let c = get(&sidecar.url("c", "/")).await.echo();
+    assert_eq!(a.header("authorization"), b.header("authorization"));
+    assert_ne!(a.header("authorization"), c.header("authorization"));
+    assert_eq!(endpoint.count(), 2);
+    sidecar.stop().await;
+}
