@@ -39,6 +39,8 @@ pub struct Config {
     pub path: PathBuf,
     /// `[admin]`
     pub admin: Admin,
+    /// `[log]`
+    pub log: Log,
     /// `[[upstream]]`, in file order.
     pub upstreams: Vec<Upstream>,
 }
@@ -49,6 +51,30 @@ pub struct Admin {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub listen: SocketAddr,
 }
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    /// Filter directives (`info`, `warn,bearerd=debug`); `RUST_LOG`, when set, wins.
+    pub level: String,
+    /// Line format.
+    pub format: LogFormat,
+    /// One line per proxied request: method, path without query, status, duration.
+    pub access: bool,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `[log] level` when not set.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// One `[[upstream]]`: a local listener and where its requests go.
 #[derive(Debug, Clone)]
@@ -242,6 +268,7 @@ impl Validator<'_> {
             #[allow(clippy::expect_used)] // a constant that a unit test parses
             None => Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid default")),
         };
+        let log = self.log(raw.log.as_ref());
         if raw.upstream.is_empty() {
             self.problem(0..0, "upstream", "no [[upstream]] is configured");
         }
@@ -257,6 +284,7 @@ impl Validator<'_> {
             admin: Admin {
                 listen: admin_listen?,
             },
+            log,
             upstreams: upstreams.into_iter().collect::<Option<_>>()?,
         })
     }
@@ -278,6 +306,30 @@ impl Validator<'_> {
                 self.problem(inner.span().unwrap_or(0..0), key, inner.message());
                 None
             }
+        }
+    }
+
+    fn log(&mut self, raw: Option<&file::Log>) -> Log {
+        let level = match raw.and_then(|l| l.level.as_ref()) {
+            Some(level) => {
+                if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level.get_ref()) {
+                    self.problem(
+                        level.span(),
+                        "log.level",
+                        format!("{:?} is not a level or filter: {e}", level.get_ref()),
+                    );
+                }
+                level.get_ref().clone()
+            }
+            None => DEFAULT_LOG_LEVEL.to_owned(),
+        };
+        Log {
+            level,
+            format: match raw.and_then(|l| l.format) {
+                None | Some(file::LogFormat::Text) => LogFormat::Text,
+                Some(file::LogFormat::Json) => LogFormat::Json,
+            },
+            access: raw.and_then(|l| l.access).unwrap_or(false),
         }
     }
 

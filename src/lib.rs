@@ -11,13 +11,16 @@
 //! - [`token`]: fetch (`fetch`, `response`), refresh timing (`schedule`), and the refresher
 //!   task with the handle requests read tokens through (`source`);
 //! - [`proxy`]: the local listeners, request rewriting and forwarding, error answers;
+//! - [`metrics`] and [`admin`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`;
 //! - [`check`]: what `bearerd --check` prints.
 //!
 //! [`start`] wires them together and returns a [`Running`] sidecar; tests start one
 //! in-process on port 0 and read its addresses from it.
 
+pub mod admin;
 pub mod check;
 pub mod config;
+pub mod metrics;
 pub mod proxy;
 pub mod secret;
 pub mod tls;
@@ -61,6 +64,17 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The admin listener could not be bound.
+    #[error("[admin]: cannot listen on {addr}: {source}")]
+    AdminBind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Metrics could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     /// An upstream URL cannot be used as a target.
     #[error("upstream {upstream:?}: {source}")]
     Target {
@@ -73,6 +87,8 @@ pub enum StartError {
 
 /// A started sidecar.
 pub struct Running {
+    admin_addr: SocketAddr,
+    metrics: Arc<metrics::Metrics>,
     listeners: Vec<(String, SocketAddr)>,
     sources: Vec<(String, Handle)>,
     stop_listeners: CancellationToken,
@@ -82,6 +98,16 @@ pub struct Running {
 }
 
 impl Running {
+    /// The address the admin listener is bound to.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
+    }
+
     /// The address an upstream's listener is bound to (useful with port 0).
     pub fn local_addr(&self, upstream: &str) -> Option<SocketAddr> {
         self.listeners
@@ -98,8 +124,9 @@ impl Running {
             .map(|(_, handle)| handle)
     }
 
-    /// Stops accepting, lets in-flight requests finish (within the grace period), then stops
-    /// the token refreshers. Returns when all of it is done.
+    /// Turns `/readyz` to 503 and stops accepting, lets in-flight requests finish (within the
+    /// grace period), then stops the token refreshers and the admin listener. Returns when all
+    /// of it is done.
     pub async fn shutdown(self) {
         self.stop_listeners.cancel();
         self.listener_tasks.close();
@@ -118,16 +145,18 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let source_tasks = TaskTracker::new();
     let stop_listeners = CancellationToken::new();
     let listener_tasks = TaskTracker::new();
+    let metrics = Arc::new(metrics::Metrics::new()?);
+    let mut admin = admin::Admin::new(Arc::clone(&metrics), stop_listeners.clone());
 
     // One source per distinct token settings: upstreams that would fetch the same token
     // share it. TLS settings are part of the key, as they decide which endpoint is trusted.
     type Key<'a> = (&'a TokenSettings, &'a TlsSettings);
-    let mut names: HashMap<Key, Vec<&str>> = HashMap::new();
+    let mut sharing: HashMap<Key, Vec<(&str, Arc<metrics::UpstreamMetrics>)>> = HashMap::new();
     for upstream in &config.upstreams {
-        names
+        sharing
             .entry((&upstream.token, &upstream.tls))
             .or_default()
-            .push(&upstream.name);
+            .push((&upstream.name, Arc::new(metrics.upstream(&upstream.name))));
     }
     let mut handles: HashMap<Key, Handle> = HashMap::new();
 
@@ -139,15 +168,29 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             source,
         })?;
         let key = (&upstream.token, &upstream.tls);
+        let sharers = sharing.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let upstream_metrics = sharers
+            .iter()
+            .find(|(name, _)| *name == upstream.name)
+            .map_or_else(
+                || Arc::new(metrics.upstream(&upstream.name)),
+                |(_, m)| Arc::clone(m),
+            );
         let handle = match handles.get(&key) {
             Some(handle) => handle.clone(),
             None => {
-                let label = names.get(&key).map(|n| n.join(",")).unwrap_or_default();
+                let label = sharers
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let observers = sharers.iter().map(|(_, m)| Arc::clone(m)).collect();
                 let fetcher = token::fetch::Fetcher::new(upstream.token.clone(), tls.clone());
                 let handle = source::spawn(
                     label,
                     Arc::new(fetcher),
                     RefreshPolicy::default(),
+                    observers,
                     &source_tasks,
                     stop_sources.clone(),
                 );
@@ -175,12 +218,19 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             source,
         })?;
         tracing::info!(upstream = %upstream.name, listen = %addr, url = %upstream.url, "listening");
+        admin.watch(
+            &upstream.name,
+            handle.clone(),
+            Arc::clone(&upstream_metrics),
+        );
         let forwarding = Arc::new(proxy::Upstream {
             name: upstream.name.as_str().into(),
             target,
             token: handle.clone(),
             client,
             response_header_timeout: upstream.response_header_timeout,
+            metrics: upstream_metrics,
+            access_log: config.log.access,
         });
         listener_tasks.spawn(proxy::serve(
             listener,
@@ -191,7 +241,30 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         listeners.push((upstream.name.clone(), addr));
         sources.push((upstream.name.clone(), handle));
     }
+
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| StartError::AdminBind {
+            addr: config.admin.listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::AdminBind {
+            addr: config.admin.listen,
+            source,
+        })?;
+    tracing::info!(listen = %admin_addr, "admin listening");
+    // The admin listener outlives the proxy listeners: probes and scrapes see the drain.
+    source_tasks.spawn(admin::serve(
+        admin_listener,
+        Arc::new(admin),
+        stop_sources.clone(),
+    ));
+
     Ok(Running {
+        admin_addr,
+        metrics,
         listeners,
         sources,
         stop_listeners,

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use bearerd::config::LogFormat;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -23,15 +24,6 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never in a collected log.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-
     let config = match bearerd::config::Config::load(&cli.config) {
         Ok(config) => config,
         Err(error) => {
@@ -39,6 +31,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logging(&config.log);
 
     if cli.check {
         return match bearerd::check::check(&config) {
@@ -83,6 +76,23 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` when set, else by `[log] level`.
+fn init_logging(log: &bearerd::config::Log) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new(bearerd::config::DEFAULT_LOG_LEVEL));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+        // Colour codes only for a person at a terminal, never in a collected log.
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 /// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).

@@ -18,6 +18,9 @@ fn example_config_loads_with_every_key() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9464");
+    assert_eq!(config.log.level, "info");
+    assert_eq!(config.log.format, bearerd::config::LogFormat::Text);
+    assert!(!config.log.access);
     let [upstream] = config.upstreams.as_slice() else {
         panic!("one upstream expected")
     };

@@ -352,3 +352,66 @@ url = "{u}"
     assert_eq!(endpoint.count(), 2);
     sidecar.stop().await;
 }
+
+/// The value of a metric series in a scrape, if present.
+fn metric(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_start_herd_of_1000_causes_one_token_request() {
+    const HERD: usize = 1000;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::clone(&release);
+    // The token endpoint holds its answer until the whole herd is waiting inside bearerd.
+    let endpoint = token_endpoint(move |_, _| {
+        let gate = Arc::clone(&gate);
+        async move {
+            gate.notified().await;
+            token_ok("herd-token", 3600)
+        }
+    })
+    .await;
+    let upstream = serve(echo).await;
+    let sidecar = Sidecar::start(&support::config(
+        "api",
+        &upstream.url(""),
+        &endpoint.url("/token"),
+        SECRET_LINE,
+    ))
+    .await;
+    let url = sidecar.url("api", "/herd");
+    let herd: Vec<_> = (0..HERD)
+        .map(|_| tokio::spawn(support::get_owned(url.clone())))
+        .collect();
+
+    // Wait for the signal that all of them are in: bearerd's in-flight gauge.
+    let in_flight = r#"bearerd_requests_in_flight{upstream="api"}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let scrape = sidecar.running().metrics().render().unwrap();
+        if metric(&scrape, in_flight) == Some(HERD as f64) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "herd never all in flight: {:?}",
+            metric(&scrape, in_flight)
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(endpoint.count(), 1);
+    release.notify_one();
+
+    for request in herd {
+        let answer = request.await.unwrap();
+        assert_eq!(
+            answer.echo().header("authorization"),
+            Some("Bearer herd-token")
+        );
+    }
+    assert_eq!(endpoint.count(), 1);
+    sidecar.stop().await;
+}

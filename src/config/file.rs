@@ -17,6 +17,9 @@ pub struct File {
     /// `[admin]`
     #[serde(default)]
     pub admin: Option<Spanned<Admin>>,
+    /// `[log]`
+    #[serde(default)]
+    pub log: Option<Log>,
     /// `[[upstream]]`, one per local listener.
     #[serde(default)]
     pub upstream: Vec<Spanned<Upstream>>,
@@ -28,6 +31,30 @@ pub struct File {
 pub struct Admin {
     /// Address of the admin listener (metrics, probes).
     pub listen: Option<Spanned<String>>,
+}
+
+/// `[log]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// Level or filter directives, as `RUST_LOG` takes them.
+    pub level: Option<Spanned<String>>,
+    /// Line format.
+    #[serde(default)]
+    pub format: Option<LogFormat>,
+    /// One line per proxied request.
+    #[serde(default)]
+    pub access: Option<bool>,
+}
+
+/// `format = "text" | "json"`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[[upstream]]`

@@ -65,7 +65,8 @@ impl ProxyError {
         }
     }
 
-    fn detail(&self) -> &str {
+    /// What went wrong, for the JSON body and the log; never holds a secret.
+    pub fn detail(&self) -> &str {
         match self {
             Self::TokenUnavailable(unavailable) => &unavailable.detail,
             Self::BadRequest(detail)

@@ -4,6 +4,7 @@ use http::header::{AUTHORIZATION, EXPECT, HOST};
 use http::{Request, Response, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use super::error::ProxyError;
 use super::rewrite::strip_hop_by_hop;
@@ -11,20 +12,44 @@ use super::{ResponseBody, Upstream};
 
 /// Forwards `request` to `upstream`, answering with the upstream's response or an error JSON.
 pub async fn forward(upstream: &Upstream, request: Request<Incoming>) -> Response<ResponseBody> {
-    match try_forward(upstream, request).await {
+    let started = Instant::now();
+    let _in_flight = upstream.metrics.request_started();
+    // Kept for the access log only; the query is never logged (it may hold credentials).
+    let logged = upstream
+        .access_log
+        .then(|| (request.method().clone(), request.uri().path().to_owned()));
+    let response = match try_forward(upstream, request).await {
         Ok(response) => response,
         Err(error) => {
-            if !matches!(error, ProxyError::TokenUnavailable(_)) {
+            if let ProxyError::TokenUnavailable(_) = error {
+                upstream.metrics.token_unavailable();
+            } else {
                 tracing::warn!(
                     upstream = %upstream.name,
                     error = error.code(),
-                    detail = ?error,
+                    detail = error.detail(),
                     "request failed"
                 );
             }
             error.into_response(&upstream.name)
         }
+    };
+    let elapsed = started.elapsed();
+    upstream
+        .metrics
+        .request_answered(response.status(), elapsed);
+    if let Some((method, path)) = logged {
+        tracing::info!(
+            target: "bearerd::access",
+            upstream = %upstream.name,
+            method = %method,
+            path = %path,
+            status = response.status().as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
     }
+    response
 }
 
 async fn try_forward(

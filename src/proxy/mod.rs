@@ -30,7 +30,7 @@ pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 
 /// Wait after a failed `accept` (such as running out of file descriptors) before the next, so
 /// that the loop does not spin while the condition lasts.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+pub(crate) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Everything needed to forward one upstream's requests.
 pub struct Upstream {
@@ -44,6 +44,10 @@ pub struct Upstream {
     pub client: HttpsClient<Incoming>,
     /// From sending a request to the upstream's response headers.
     pub response_header_timeout: Duration,
+    /// This upstream's metric series.
+    pub metrics: Arc<crate::metrics::UpstreamMetrics>,
+    /// Whether to log one line per request.
+    pub access_log: bool,
 }
 
 /// Accepts app connections on `listener` until `shutdown`, then waits up to `grace` for the

@@ -54,6 +54,14 @@ pub enum FetchError {
 }
 
 impl FetchError {
+    /// What the endpoint answered, when it answered with an error status.
+    pub fn endpoint(&self) -> Option<&EndpointError> {
+        match self {
+            Self::Rejected(error, _) | Self::ServerError(error, _) => Some(error),
+            _ => None,
+        }
+    }
+
     /// The wait the endpoint asked for with `Retry-After` (on 429 and 503).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

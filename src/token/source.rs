@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use super::fetch::{Fetch, FetchError};
 use super::{schedule, Token};
+use crate::metrics::{FetchOutcome, UpstreamMetrics};
 
 /// What a source is doing now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,11 +153,13 @@ impl Default for RefreshPolicy {
 }
 
 /// Starts the refresher for `fetcher` on `tasks`; it fetches at once and runs until
-/// `shutdown` is cancelled. `label` names the source in logs (its upstreams' names).
+/// `shutdown` is cancelled. `label` names the source in logs (its upstreams' names), and each
+/// fetch is counted in the metrics of every upstream in `observers`.
 pub fn spawn(
     label: String,
     fetcher: Arc<dyn Fetch>,
     policy: RefreshPolicy,
+    observers: Vec<Arc<UpstreamMetrics>>,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Handle {
@@ -171,6 +174,7 @@ pub fn spawn(
         label,
         fetcher,
         policy,
+        observers,
         publish,
     };
     tasks.spawn(refresher.run(shutdown));
@@ -181,6 +185,7 @@ struct Refresher {
     label: String,
     fetcher: Arc<dyn Fetch>,
     policy: RefreshPolicy,
+    observers: Vec<Arc<UpstreamMetrics>>,
     publish: watch::Sender<State>,
 }
 
@@ -205,11 +210,14 @@ impl Refresher {
     /// Publishes the outcome of a fetch and returns how long to wait before the next.
     fn record(&self, outcome: Result<Token, FetchError>, started: Instant) -> Duration {
         let elapsed = started.elapsed();
+        for observer in &self.observers {
+            observer.fetch_finished(outcome.as_ref().map(|_| ()), elapsed);
+        }
         match outcome {
             Ok(token) => {
                 let delay = schedule::refresh_delay(token.lifetime, fastrand::f64());
                 tracing::info!(
-                    source = %self.label,
+                    upstream = %self.label,
                     outcome = "success",
                     duration_ms = elapsed.as_millis() as u64,
                     expires_in = token.lifetime.as_secs(),
@@ -237,10 +245,14 @@ impl Refresher {
                     error.retry_after(),
                 );
                 let holding = self.publish.borrow().usable_token(Instant::now()).is_some();
+                let endpoint = error.endpoint();
                 tracing::warn!(
-                    source = %self.label,
-                    outcome = "failure",
+                    upstream = %self.label,
+                    outcome = FetchOutcome::of(&error).map_or("secret_error", FetchOutcome::label),
                     duration_ms = elapsed.as_millis() as u64,
+                    status = endpoint.map(|e| e.status.as_u16()),
+                    endpoint_error = endpoint.and_then(|e| e.error.as_deref()),
+                    endpoint_error_description = endpoint.and_then(|e| e.description.as_deref()),
                     failures,
                     retry_in_ms = delay.as_millis() as u64,
                     still_holding_valid_token = holding,
@@ -312,6 +324,7 @@ mod tests {
             "test".into(),
             fetcher,
             RefreshPolicy::default(),
+            Vec::new(),
             &tasks,
             shutdown.clone(),
         );

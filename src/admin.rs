@@ -1,0 +1,190 @@
+//! The admin listener: `/metrics` for Prometheus, `/healthz` and `/readyz` for Kubernetes.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, UpstreamMetrics};
+use crate::token::source::Handle;
+
+/// The content type of the Prometheus text exposition format.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What the admin endpoints report on.
+pub struct Admin {
+    metrics: Arc<Metrics>,
+    upstreams: Vec<Watched>,
+    /// Cancelled when shutdown begins: `/readyz` turns 503 at once.
+    draining: CancellationToken,
+}
+
+/// One upstream as the admin endpoints see it.
+struct Watched {
+    name: String,
+    token: Handle,
+    metrics: Arc<UpstreamMetrics>,
+}
+
+impl Admin {
+    /// An admin over `metrics` and the upstreams' token sources.
+    pub fn new(metrics: Arc<Metrics>, draining: CancellationToken) -> Self {
+        Self {
+            metrics,
+            upstreams: Vec::new(),
+            draining,
+        }
+    }
+
+    /// Adds an upstream to report on.
+    pub fn watch(&mut self, name: &str, token: Handle, metrics: Arc<UpstreamMetrics>) {
+        self.upstreams.push(Watched {
+            name: name.to_owned(),
+            token,
+            metrics,
+        });
+    }
+
+    /// Answers one admin request. Public so tests can drive it without a socket.
+    pub fn answer(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+        let readable = *method == Method::GET || *method == Method::HEAD;
+        match path {
+            "/metrics" | "/healthz" | "/readyz" if !readable => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
+            }
+            "/metrics" => self.metrics_page(),
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => self.readiness(),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /healthz or /readyz\n",
+            ),
+        }
+    }
+
+    fn metrics_page(&self) -> Response<Full<Bytes>> {
+        // Validity changes with time alone, so it is read at the moment of the scrape.
+        let now = Instant::now();
+        for upstream in &self.upstreams {
+            let state = upstream.token.state();
+            let token = state.token.as_ref();
+            upstream.metrics.token_state(
+                token.map(|t| t.expires_at),
+                state.usable_token(now).is_some(),
+            );
+        }
+        match self.metrics.render() {
+            Ok(body) => {
+                let mut response = Response::new(Full::new(Bytes::from(body)));
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+                response
+            }
+            Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{error}\n")),
+        }
+    }
+
+    /// 200 when every upstream holds a usable token and bearerd is not shutting down.
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        if self.draining.is_cancelled() {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"ready": false, "reason": "shutting down"}),
+            );
+        }
+        let now = Instant::now();
+        let not_ready: Vec<serde_json::Value> = self
+            .upstreams
+            .iter()
+            .filter_map(|upstream| {
+                let state = upstream.token.state();
+                if state.usable_token(now).is_some() {
+                    return None;
+                }
+                let detail = state.last_error.as_deref().map_or_else(
+                    || {
+                        if state.token.is_some() {
+                            "token expired".to_owned()
+                        } else {
+                            "no token yet".to_owned()
+                        }
+                    },
+                    ToOwned::to_owned,
+                );
+                Some(serde_json::json!({"upstream": upstream.name, "detail": detail}))
+            })
+            .collect();
+        if not_ready.is_empty() {
+            json(StatusCode::OK, &serde_json::json!({"ready": true}))
+        } else {
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"ready": false, "upstreams": not_ready}),
+            )
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Serves `admin` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    let connections = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new());
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(crate::proxy::ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let admin = Arc::clone(&admin);
+        let service = service_fn(move |request: Request<Incoming>| {
+            let response = admin.answer(request.method(), request.uri().path());
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        });
+        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    // Scrapes and probes are quick; do not hold shutdown for a stuck one.
+    tokio::select! {
+        () = connections.shutdown() => {}
+        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+    }
+}
