@@ -17,6 +17,7 @@ use http::Uri;
 use toml::Spanned;
 
 use crate::secret::SecretSource;
+use crate::token::schedule;
 
 /// Admin listener address when `[admin] listen` is not set. Loopback, so that nothing outside
 /// the pod reaches it unless the user says so.
@@ -119,6 +120,10 @@ pub struct TokenSettings {
     pub timeout: Duration,
     /// See [`DEFAULT_TOKEN_LIFETIME`].
     pub default_lifetime: Duration,
+    /// First wait after a failed token request; see [`schedule::backoff`].
+    pub backoff_base: Duration,
+    /// Longest wait between failed token requests.
+    pub backoff_cap: Duration,
 }
 
 /// Client authentication at the token endpoint (RFC 6749 §2.3). An enum so that
@@ -466,6 +471,29 @@ impl Validator<'_> {
                 );
             }
         }
+        let backoff_base = self.duration(
+            raw.backoff_base.as_ref(),
+            &format!("{key}.backoff_base"),
+            schedule::DEFAULT_BACKOFF_BASE,
+        );
+        let backoff_cap = self.duration(
+            raw.backoff_cap.as_ref(),
+            &format!("{key}.backoff_cap"),
+            schedule::DEFAULT_BACKOFF_CAP,
+        );
+        if backoff_cap < backoff_base {
+            self.problem(
+                raw.backoff_cap
+                    .as_ref()
+                    .or(raw.backoff_base.as_ref())
+                    .map_or(0..0, Spanned::span),
+                format!("{key}.backoff_cap"),
+                format!(
+                    "is shorter than backoff_base ({})",
+                    humantime::format_duration(backoff_base)
+                ),
+            );
+        }
         let optional = |v: &Option<Spanned<String>>| v.as_ref().map(|s| s.get_ref().clone());
         Some(TokenSettings {
             url: url?,
@@ -489,6 +517,8 @@ impl Validator<'_> {
                 &format!("{key}.default_lifetime"),
                 DEFAULT_TOKEN_LIFETIME,
             ),
+            backoff_base,
+            backoff_cap,
         })
     }
 

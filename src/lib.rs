@@ -189,7 +189,10 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
                 let handle = source::spawn(
                     label,
                     Arc::new(fetcher),
-                    RefreshPolicy::default(),
+                    RefreshPolicy {
+                        backoff_base: upstream.token.backoff_base,
+                        backoff_cap: upstream.token.backoff_cap,
+                    },
                     observers,
                     &source_tasks,
                     stop_sources.clone(),

@@ -10,12 +10,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -23,11 +21,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
+use support::daemon::{Daemon, BIN, PATIENCE};
 use support::{echo, serve, token_endpoint, token_ok};
-
-const BIN: &str = env!("CARGO_BIN_EXE_bearerd");
-/// Bound on waits for the child process, so a broken build fails instead of hanging.
-const PATIENCE: Duration = Duration::from_secs(30);
 
 fn bearerd(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
@@ -135,102 +130,6 @@ fn invalid_config_exits_2_naming_file_line_and_key() {
         )),
         "{stderr}"
     );
-}
-
-/// A running `bearerd` child, killed by its PID if the test ends early.
-struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn start(config_path: &str) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["--config", config_path])
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let keep = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                keep.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        Self { child, lines, log }
-    }
-
-    /// The address bearerd logged for `upstream` ("listening ... listen=ADDR").
-    fn listen_addr(&self, upstream: &str) -> SocketAddr {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| {
-                    panic!("no listening line; log: {:?}", self.log.lock().unwrap())
-                });
-            if line.contains("listening") && line.contains(&format!("upstream={upstream}")) {
-                let addr = line
-                    .split("listen=")
-                    .nth(1)
-                    .unwrap()
-                    .split_whitespace()
-                    .next()
-                    .unwrap();
-                return addr.parse().unwrap();
-            }
-        }
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    /// Peak resident memory (VmHWM) in KiB, from /proc.
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.pid()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "bearerd did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 fn daemon_config(upstream: &str, token_url: &str) -> String {

@@ -43,6 +43,8 @@ fn example_config_loads_with_every_key() {
     assert_eq!(token.params["organization"], "org_123");
     assert_eq!(token.timeout, Duration::from_secs(10));
     assert_eq!(token.default_lifetime, Duration::from_secs(300));
+    assert_eq!(token.backoff_base, Duration::from_secs(1));
+    assert_eq!(token.backoff_cap, Duration::from_secs(60));
     assert_eq!(upstream.tls.roots, Roots::Webpki);
     assert_eq!(
         upstream.tls.ca_file.as_deref(),

@@ -108,6 +108,10 @@ pub struct Token {
     pub timeout: Option<Spanned<String>>,
     /// Lifetime assumed when the response says nothing of it.
     pub default_lifetime: Option<Spanned<String>>,
+    /// First wait after a failed token request.
+    pub backoff_base: Option<Spanned<String>>,
+    /// Longest wait between failed token requests.
+    pub backoff_cap: Option<Spanned<String>>,
 }
 
 /// `auth = "basic" | "post"`; serde names the allowed values in its error.

@@ -265,6 +265,8 @@ mod tests {
             params: BTreeMap::from([("organization".into(), "org_1".into())]),
             timeout: Duration::from_secs(1),
             default_lifetime: Duration::from_secs(300),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
         }
     }
 

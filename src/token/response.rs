@@ -162,7 +162,11 @@ pub fn parse_error(status: StatusCode, body: &[u8], secret: Option<&Secret>) -> 
     // Scrub before anything is cut or quoted, so that no part of the secret survives.
     let mut text = String::from_utf8_lossy(body).into_owned();
     if let Some(secret) = secret.filter(|s| !s.expose().is_empty()) {
-        text = text.replace(secret.expose(), "[redacted]");
+        // As sent in a `post` body, too: form-urlencoded.
+        let encoded: String = form_urlencoded::byte_serialize(secret.expose().as_bytes()).collect();
+        text = text
+            .replace(secret.expose(), "[redacted]")
+            .replace(&encoded, "[redacted]");
     }
     let (error, description) = match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(object)) => error_fields(&object),
@@ -373,7 +377,7 @@ mod tests {
     #[test]
     fn non_json_error_is_excerpted_and_scrubbed() {
         let body = format!(
-            "<html>\n<body>Bad gateway for pw=hunter2 {}</body>",
+            "<html>\n<body>Bad gateway for pw=hunter2 or h%40ck {}</body>",
             "x".repeat(500)
         );
         let e = parse_error(
@@ -388,6 +392,12 @@ mod tests {
         );
         assert!(description.contains("[redacted]"));
         assert!(!description.contains("hunter2"));
+        let e = parse_error(
+            StatusCode::BAD_GATEWAY,
+            body.as_bytes(),
+            Some(&Secret::new("h@ck")),
+        );
+        assert!(!e.description.unwrap().contains("h%40ck"));
         assert!(description.chars().count() <= EXCERPT_CHARS + 1);
         assert_eq!(
             parse_error(StatusCode::BAD_GATEWAY, b"", None)

@@ -18,6 +18,8 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+pub mod daemon;
+
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};

@@ -1,0 +1,295 @@
+//! The admin listener after a scripted scenario: each metric's value and labels, and the
+//! health and readiness probes, including readiness turning 503 as soon as shutdown begins.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_pass_by_value
+)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::StatusCode;
+use support::{echo, get, json, serve, token_endpoint, token_ok, Sidecar};
+
+/// The value of a series in a scrape, if present.
+fn metric(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Two upstreams: `good` gets a token, `bad`'s endpoint rejects the client. A long backoff
+/// keeps `bad` at exactly one attempt while the test runs.
+async fn scenario() -> (
+    Sidecar,
+    support::TokenEndpoint,
+    support::TokenEndpoint,
+    support::Server,
+) {
+    let good = token_endpoint(|_, _| async { token_ok("good-token", 3600) }).await;
+    let bad = token_endpoint(|_, _| async {
+        json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "invalid_client", "error_description": "Client authentication failed"}),
+        )
+    })
+    .await;
+    let upstream = serve(echo).await;
+    let config = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[upstream]]
+name = "good"
+listen = "127.0.0.1:0"
+url = "{upstream}"
+[upstream.token]
+url = "{good}"
+client_id = "app"
+client_secret = "pw"
+
+[[upstream]]
+name = "bad"
+listen = "127.0.0.1:0"
+url = "{upstream}"
+[upstream.token]
+url = "{bad}"
+client_id = "app"
+client_secret = "wrong"
+backoff_base = "1h"
+backoff_cap = "1h"
+"#,
+        upstream = upstream.url(""),
+        good = good.url("/token"),
+        bad = bad.url("/token"),
+    );
+    let sidecar = Sidecar::start(&config).await;
+    (sidecar, good, bad, upstream)
+}
+
+#[tokio::test]
+async fn metrics_after_a_scripted_scenario() {
+    let (sidecar, good, bad, _upstream) = scenario().await;
+    for _ in 0..3 {
+        assert_eq!(
+            get(&sidecar.url("good", "/ok")).await.status,
+            StatusCode::OK
+        );
+    }
+    for _ in 0..2 {
+        let answer = get(&sidecar.url("bad", "/no")).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let admin = sidecar.running().admin_addr();
+    let answer = get(&format!("http://{admin}/metrics")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        answer.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let scrape = String::from_utf8(answer.body.to_vec()).unwrap();
+    let value = |series: &str| {
+        metric(&scrape, series).unwrap_or_else(|| panic!("{series} missing from:\n{scrape}"))
+    };
+
+    assert_eq!(
+        value(r#"bearerd_token_fetch_total{outcome="success",upstream="good"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"bearerd_token_fetch_total{outcome="rejected",upstream="good"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(r#"bearerd_token_fetch_total{outcome="rejected",upstream="bad"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"bearerd_token_fetch_total{outcome="success",upstream="bad"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(r#"bearerd_token_fetch_duration_seconds_count{upstream="good"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"bearerd_token_fetch_duration_seconds_count{upstream="bad"}"#),
+        1.0
+    );
+
+    assert_eq!(value(r#"bearerd_token_valid{upstream="good"}"#), 1.0);
+    assert_eq!(value(r#"bearerd_token_valid{upstream="bad"}"#), 0.0);
+    let expiry = value(r#"bearerd_token_expiry_timestamp_seconds{upstream="good"}"#);
+    assert!((expiry - (now() + 3600.0)).abs() < 60.0, "{expiry}");
+    assert_eq!(
+        value(r#"bearerd_token_expiry_timestamp_seconds{upstream="bad"}"#),
+        0.0
+    );
+    let last = value(r#"bearerd_token_last_success_timestamp_seconds{upstream="good"}"#);
+    assert!((now() - last).abs() < 60.0, "{last}");
+    assert_eq!(
+        value(r#"bearerd_token_last_success_timestamp_seconds{upstream="bad"}"#),
+        0.0
+    );
+
+    assert_eq!(
+        value(r#"bearerd_requests_total{code="200",upstream="good"}"#),
+        3.0
+    );
+    assert_eq!(
+        value(r#"bearerd_requests_total{code="503",upstream="bad"}"#),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &scrape,
+            r#"bearerd_requests_total{code="503",upstream="good"}"#
+        ),
+        None
+    );
+    assert_eq!(
+        value(r#"bearerd_token_unavailable_total{upstream="bad"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"bearerd_token_unavailable_total{upstream="good"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(r#"bearerd_request_duration_seconds_count{upstream="good"}"#),
+        3.0
+    );
+    assert_eq!(
+        value(r#"bearerd_request_duration_seconds_count{upstream="bad"}"#),
+        2.0
+    );
+    assert_eq!(value(r#"bearerd_requests_in_flight{upstream="good"}"#), 0.0);
+    assert_eq!(
+        value(r#"bearerd_token_secret_errors_total{upstream="good"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(&format!(
+            r#"bearerd_build_info{{version="{}"}}"#,
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
+    assert!(value("process_resident_memory_bytes") > 0.0);
+    assert!(value("process_open_fds") > 0.0);
+    assert!(scrape.contains("process_cpu_seconds_total"));
+
+    // No label carries a path or a token.
+    for leaked in ["/ok", "/no", "good-token", "pw", "wrong"] {
+        assert!(
+            !scrape.contains(&format!("\"{leaked}\"")),
+            "{leaked} appears as a label value"
+        );
+    }
+    assert_eq!(good.count(), 1);
+    assert_eq!(bad.count(), 1);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn probes() {
+    let (sidecar, _good, _bad, _upstream) = scenario().await;
+    // Readiness reflects the first fetches: wait until both have an outcome.
+    for name in ["good", "bad"] {
+        get(&sidecar.url(name, "/")).await;
+    }
+    let admin = sidecar.running().admin_addr();
+    let health = get(&format!("http://{admin}/healthz")).await;
+    assert_eq!(health.status, StatusCode::OK);
+
+    let ready = get(&format!("http://{admin}/readyz")).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        ready.json(),
+        serde_json::json!({
+            "ready": false,
+            "upstreams": [{
+                "upstream": "bad",
+                "detail": "token endpoint rejected the request: status 401 Unauthorized, error \"invalid_client\": Client authentication failed"
+            }]
+        })
+    );
+
+    assert_eq!(
+        get(&format!("http://{admin}/nope")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let post = support::send(
+        http::Request::post(format!("http://{admin}/metrics"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_503_at_once_on_shutdown() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let hold = Arc::clone(&release);
+    let upstream = serve(move |request| {
+        let arrived_tx = arrived_tx.clone();
+        let hold = Arc::clone(&hold);
+        async move {
+            let _ = arrived_tx.send(());
+            hold.notified().await;
+            echo(request).await
+        }
+    })
+    .await;
+    let mut sidecar = Sidecar::start(&support::config(
+        "api",
+        &upstream.url(""),
+        &endpoint.url("/token"),
+        "client_id = \"app\"\nclient_secret = \"pw\"\n",
+    ))
+    .await;
+    let admin = sidecar.running().admin_addr();
+    let in_flight = tokio::spawn(support::get_owned(sidecar.url("api", "/slow")));
+    arrived.recv().await.unwrap();
+    let ready = get(&format!("http://{admin}/readyz")).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.json(), serde_json::json!({"ready": true}));
+
+    // Shutdown begins while the request is held upstream.
+    let running = sidecar.running.take().unwrap();
+    let shutdown = tokio::spawn(running.shutdown());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ready = get(&format!("http://{admin}/readyz")).await;
+        if ready.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(
+                ready.json(),
+                serde_json::json!({"ready": false, "reason": "shutting down"})
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    assert!(!in_flight.is_finished());
+    release.notify_one();
+    assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
+    shutdown.await.unwrap();
+}
