@@ -111,16 +111,7 @@ impl Admin {
                 if state.usable_token(now).is_some() {
                     return None;
                 }
-                let detail = state.last_error.as_deref().map_or_else(
-                    || {
-                        if state.token.is_some() {
-                            "token expired".to_owned()
-                        } else {
-                            "no token yet".to_owned()
-                        }
-                    },
-                    ToOwned::to_owned,
-                );
+                let detail = state.why_unusable();
                 Some(serde_json::json!({"upstream": upstream.name, "detail": detail}))
             })
             .collect();

@@ -90,6 +90,9 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// See [`DEFAULT_RESPONSE_HEADER_TIMEOUT`].
     pub response_header_timeout: Duration,
+    /// When the upstream answers 401 to a token, fetch a new one and replay the request once
+    /// (if its body was kept). Default on.
+    pub retry_on_401: bool,
     /// How tokens for this upstream are obtained.
     pub token: TokenSettings,
     /// Trust anchors for the upstream and its token endpoint.
@@ -407,6 +410,7 @@ impl Validator<'_> {
             url: url?,
             connect_timeout,
             response_header_timeout,
+            retry_on_401: raw.retry_on_401.unwrap_or(true),
             token: token?,
             tls,
         })

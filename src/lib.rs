@@ -234,6 +234,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             response_header_timeout: upstream.response_header_timeout,
             metrics: upstream_metrics,
             access_log: config.log.access,
+            retry_on_401: upstream.retry_on_401,
         });
         listener_tasks.spawn(proxy::serve(
             listener,

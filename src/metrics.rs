@@ -37,6 +37,7 @@ pub struct Metrics {
     request_duration_seconds: HistogramVec,
     requests_in_flight: IntGaugeVec,
     token_unavailable_total: IntCounterVec,
+    upstream_unauthorized_retries_total: IntCounterVec,
 }
 
 /// How a token fetch ended, as the `outcome` label says it.
@@ -170,6 +171,13 @@ impl Metrics {
             ),
             &["upstream"],
         )?;
+        let upstream_unauthorized_retries_total = IntCounterVec::new(
+            Opts::new(
+                "bearerd_upstream_unauthorized_retries_total",
+                "Requests sent again with a new token after the upstream answered 401.",
+            ),
+            &["upstream"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "bearerd_build_info",
@@ -191,6 +199,7 @@ impl Metrics {
         registry.register(Box::new(request_duration_seconds.clone()))?;
         registry.register(Box::new(requests_in_flight.clone()))?;
         registry.register(Box::new(token_unavailable_total.clone()))?;
+        registry.register(Box::new(upstream_unauthorized_retries_total.clone()))?;
         registry.register(Box::new(build_info))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -209,6 +218,7 @@ impl Metrics {
             request_duration_seconds,
             requests_in_flight,
             token_unavailable_total,
+            upstream_unauthorized_retries_total,
         })
     }
 
@@ -227,6 +237,9 @@ impl Metrics {
             request_duration: self.request_duration_seconds.with_label_values(&[name]),
             in_flight: self.requests_in_flight.with_label_values(&[name]),
             token_unavailable: self.token_unavailable_total.with_label_values(&[name]),
+            unauthorized_retries: self
+                .upstream_unauthorized_retries_total
+                .with_label_values(&[name]),
             token_fetch: FetchOutcome::ALL
                 .map(|o| self.token_fetch_total.with_label_values(&[name, o.label()])),
             token_fetch_duration: self.token_fetch_duration_seconds.with_label_values(&[name]),
@@ -262,6 +275,7 @@ pub struct UpstreamMetrics {
     request_duration: Histogram,
     in_flight: IntGauge,
     token_unavailable: IntCounter,
+    unauthorized_retries: IntCounter,
     token_fetch: [IntCounter; 6],
     token_fetch_duration: Histogram,
     token_secret_errors: IntCounter,
@@ -298,6 +312,11 @@ impl UpstreamMetrics {
     /// A request was answered 503 for want of a token.
     pub fn token_unavailable(&self) {
         self.token_unavailable.inc();
+    }
+
+    /// A request was sent again with a new token after a 401.
+    pub fn unauthorized_retry(&self) {
+        self.unauthorized_retries.inc();
     }
 
     /// A token fetch ended.

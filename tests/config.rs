@@ -29,6 +29,7 @@ fn example_config_loads_with_every_key() {
     assert_eq!(upstream.url, "https://api.example.com/v2");
     assert_eq!(upstream.connect_timeout, Duration::from_secs(5));
     assert_eq!(upstream.response_header_timeout, Duration::from_secs(30));
+    assert!(upstream.retry_on_401);
     let token = &upstream.token;
     assert_eq!(token.url, "https://auth.example.com/oauth/token");
     assert_eq!(token.client_id, "abc");

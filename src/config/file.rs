@@ -71,6 +71,9 @@ pub struct Upstream {
     pub connect_timeout: Option<Spanned<String>>,
     /// Time allowed from sending a request until the upstream's response headers arrive.
     pub response_header_timeout: Option<Spanned<String>>,
+    /// Replay a request once with a new token when the upstream answers 401.
+    #[serde(default)]
+    pub retry_on_401: Option<bool>,
     /// `[upstream.token]`
     pub token: Spanned<Token>,
     /// `[upstream.tls]`

@@ -1,14 +1,24 @@
-//! Forwarding one request: token first, then rewrite, send, and stream the answer back.
+//! Forwarding one request: token first, then rewrite, send, and stream the answer back;
+//! once more with a new token if the upstream answers 401 and the request can be replayed.
 
+use bytes::Bytes;
 use http::header::{AUTHORIZATION, EXPECT, HOST};
-use http::{Request, Response, Version};
-use http_body_util::Either;
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Version};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::error::ProxyError;
 use super::rewrite::strip_hop_by_hop;
-use super::{ResponseBody, Upstream};
+use super::{RequestBody, ResponseBody, Upstream};
+use crate::token::Token;
+
+/// Request bodies up to this size (by `Content-Length`) are kept, so that a request the
+/// upstream answers 401 can be sent again with a new token. Larger or chunked bodies are
+/// streamed and their 401 passed back.
+pub const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
 /// Forwards `request` to `upstream`, answering with the upstream's response or an error JSON.
 pub async fn forward(upstream: &Upstream, request: Request<Incoming>) -> Response<ResponseBody> {
@@ -73,15 +83,87 @@ async fn try_forward(
     parts.headers.remove(HOST);
     // hyper already answered `100 Continue` to the app when the body was first read.
     parts.headers.remove(EXPECT);
+    // The client picks HTTP/1.1 or HTTP/2 by ALPN; the app's version does not constrain it.
+    parts.version = Version::HTTP_11;
+
+    let body = if upstream.retry_on_401 {
+        keep_if_small(body).await?
+    } else {
+        Err(body)
+    };
+    let kept = match body {
+        Ok(kept) => kept,
+        Err(streamed) => {
+            let response = send(upstream, parts, &token, Either::Left(streamed)).await?;
+            if upstream.retry_on_401 && response.status() == StatusCode::UNAUTHORIZED {
+                // Too large to replay, but the next requests should get a new token.
+                upstream.token.reject(&token);
+            }
+            return Ok(to_app(response));
+        }
+    };
+
+    // The body is kept, so the request can be sent again if the upstream rejects the token.
+    let first = send(upstream, copy(&parts), &token, full(&kept)).await?;
+    if first.status() != StatusCode::UNAUTHORIZED {
+        return Ok(to_app(first));
+    }
+    match upstream.token.replacement_for(&token).await {
+        Ok(replacement) => {
+            upstream.metrics.unauthorized_retry();
+            drop(first);
+            let second = send(upstream, parts, &replacement, full(&kept)).await?;
+            Ok(to_app(second))
+        }
+        // No new token: the upstream's own 401 is the truest answer.
+        Err(_) => Ok(to_app(first)),
+    }
+}
+
+/// The whole body when it is empty or at most [`REPLAY_BODY_LIMIT`] long by its declared
+/// length; otherwise the body untouched, to be streamed.
+async fn keep_if_small(body: Incoming) -> Result<Result<Bytes, Incoming>, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(Ok(Bytes::new()));
+    }
+    match body.size_hint().exact() {
+        Some(length) if length <= REPLAY_BODY_LIMIT => {
+            let collected = body.collect().await.map_err(|e| {
+                ProxyError::BadRequest(format!("cannot read the request body: {e}"))
+            })?;
+            Ok(Ok(collected.to_bytes()))
+        }
+        _ => Ok(Err(body)),
+    }
+}
+
+fn full(bytes: &Bytes) -> RequestBody {
+    Either::Right(Full::new(bytes.clone()))
+}
+
+/// A copy of the request head, for a request that may be sent twice.
+fn copy(parts: &Parts) -> Parts {
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
+}
+
+/// Sends the request with `token`, bounded by the response header timeout.
+async fn send(
+    upstream: &Upstream,
+    mut parts: Parts,
+    token: &Token,
+    body: RequestBody,
+) -> Result<Response<Incoming>, ProxyError> {
     // Whatever the app sent is replaced: the upstream sees bearerd's token only.
     parts
         .headers
         .insert(AUTHORIZATION, token.authorization().clone());
-    // The client picks HTTP/1.1 or HTTP/2 by ALPN; the app's version does not constrain it.
-    parts.version = Version::HTTP_11;
-
     let sent = upstream.client.request(Request::from_parts(parts, body));
-    let response = tokio::time::timeout(upstream.response_header_timeout, sent)
+    tokio::time::timeout(upstream.response_header_timeout, sent)
         .await
         .map_err(|_| {
             ProxyError::UpstreamTimeout(format!(
@@ -90,10 +172,13 @@ async fn try_forward(
                 humantime::format_duration(upstream.response_header_timeout)
             ))
         })?
-        .map_err(|e| ProxyError::from_client(&e))?;
+        .map_err(|e| ProxyError::from_client(&e))
+}
 
+/// The upstream's response as the app gets it: hop-by-hop headers dropped, body streamed.
+fn to_app(response: Response<Incoming>) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(parts, Either::Left(body)))
+    Response::from_parts(parts, Either::Left(body))
 }

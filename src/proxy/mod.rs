@@ -27,6 +27,8 @@ use crate::token::source::Handle;
 
 /// Body of an answer to the app: the upstream's, streamed, or bearerd's own error JSON.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+/// Body of a request to the upstream: the app's, streamed, or kept whole for a replay.
+pub type RequestBody = Either<Incoming, Full<Bytes>>;
 
 /// Wait after a failed `accept` (such as running out of file descriptors) before the next, so
 /// that the loop does not spin while the condition lasts.
@@ -41,13 +43,15 @@ pub struct Upstream {
     /// The token source this upstream reads.
     pub token: Handle,
     /// The pooled client towards the upstream.
-    pub client: HttpsClient<Incoming>,
+    pub client: HttpsClient<RequestBody>,
     /// From sending a request to the upstream's response headers.
     pub response_header_timeout: Duration,
     /// This upstream's metric series.
     pub metrics: Arc<crate::metrics::UpstreamMetrics>,
     /// Whether to log one line per request.
     pub access_log: bool,
+    /// Whether to replay a request the upstream answers 401, with a new token.
+    pub retry_on_401: bool,
 }
 
 /// Accepts app connections on `listener` until `shutdown`, then waits up to `grace` for the

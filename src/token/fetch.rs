@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
-use http::{HeaderValue, Request};
+use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::Instant;
 
@@ -97,10 +97,14 @@ impl Fetcher {
                 .await
                 .map_err(|e| FetchError::Connect(error_chain(&e)))?;
             let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(parse_retry_after);
+            // RFC 9110 §10.2.3: Retry-After means "come back later" on 429 and 503.
+            let retry_after = matches!(
+                status,
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+            )
+            .then(|| response.headers().get(RETRY_AFTER))
+            .flatten()
+            .and_then(parse_retry_after);
             let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
@@ -157,6 +161,7 @@ impl Fetcher {
             usable_until: Instant::now() + schedule::usable_for(lifetime),
             expires_at: now + lifetime,
             scope: grant.scope,
+            generation: 0,
         })
     }
 }

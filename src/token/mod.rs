@@ -34,6 +34,9 @@ pub struct Token {
     pub expires_at: SystemTime,
     /// The scope the endpoint granted, if it said.
     pub scope: Option<String>,
+    /// Which token of its source this is: 1 for the first, then counting up. Set by the
+    /// refresher when it publishes the token; an upstream's 401 names the token by it.
+    pub generation: u64,
 }
 
 impl Token {
@@ -55,6 +58,7 @@ impl fmt::Debug for Token {
             .field("lifetime", &self.lifetime)
             .field("usable_until", &self.usable_until)
             .field("scope", &self.scope)
+            .field("generation", &self.generation)
             .finish()
     }
 }

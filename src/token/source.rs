@@ -6,6 +6,11 @@
 //! `tokio::sync::watch` channel: requests read the current token with a brief borrow (no lock
 //! held across an await), and a request that finds no token waits for the fetch under way
 //! rather than starting one.
+//!
+//! When an upstream answers 401 to a token, the request reports it with
+//! [`Handle::replacement_for`]: the refresher fetches a new token at once, but only once per
+//! rejected token, however many requests report it, so a misbehaving upstream cannot turn
+//! into a storm of token requests.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -51,12 +56,24 @@ pub struct State {
     pub last_success: Option<SystemTime>,
     /// Failed fetches since the last success.
     pub failures: u32,
+    /// The newest token generation whose rejection by an upstream the refresher has acted on
+    /// (0 for none).
+    pub rejection_handled: u64,
 }
 
 impl State {
     /// The token if it may still be sent at `now`.
     pub fn usable_token(&self, now: Instant) -> Option<&Arc<Token>> {
         self.token.as_ref().filter(|t| t.is_usable_at(now))
+    }
+
+    /// Why no usable token is held, for the app and for readiness.
+    pub fn why_unusable(&self) -> String {
+        match (&self.last_error, &self.token) {
+            (Some(error), _) => error.to_string(),
+            (None, Some(_)) => "token expired".to_owned(),
+            (None, None) => "no token yet".to_owned(),
+        }
     }
 }
 
@@ -73,6 +90,8 @@ pub struct Unavailable {
 #[derive(Clone)]
 pub struct Handle {
     state: watch::Receiver<State>,
+    /// The newest generation an upstream rejected; the refresher watches it.
+    rejections: watch::Sender<u64>,
 }
 
 impl Handle {
@@ -87,42 +106,54 @@ impl Handle {
         if let Some(token) = self.state.borrow().usable_token(Instant::now()) {
             return Ok(Arc::clone(token));
         }
+        self.wait_for(|state, now| match state.usable_token(now) {
+            Some(token) => Some(Ok(Arc::clone(token))),
+            // Wait for its outcome: the fetch is bounded by the token timeout.
+            None if state.phase == Phase::Fetching => None,
+            None => Some(Err(unavailable(state, now))),
+        })
+        .await
+    }
+
+    /// A token newer than `rejected`, which an upstream has just answered 401 to.
+    ///
+    /// The first report of a token makes the refresher fetch a new one at once; later reports
+    /// of the same token wait for that fetch. If it fails, or a newer token was rejected too,
+    /// the answer is `Err` and the caller passes the upstream's 401 on.
+    pub async fn replacement_for(&self, rejected: &Token) -> Result<Arc<Token>, Unavailable> {
+        self.reject(rejected);
+        let generation = rejected.generation;
+        self.wait_for(|state, now| match state.usable_token(now) {
+            Some(token) if token.generation > generation => Some(Ok(Arc::clone(token))),
+            _ if state.rejection_handled >= generation && state.phase != Phase::Fetching => {
+                Some(Err(unavailable(state, now)))
+            }
+            _ => None,
+        })
+        .await
+    }
+
+    /// Reports that an upstream answered 401 to `rejected`, without waiting for a new token.
+    pub fn reject(&self, rejected: &Token) {
+        let generation = rejected.generation;
+        self.rejections.send_if_modified(|newest| {
+            let newer = generation > *newest;
+            if newer {
+                *newest = generation;
+            }
+            newer
+        });
+    }
+
+    /// Waits until `decide` returns an answer for the current state.
+    async fn wait_for(
+        &self,
+        decide: impl Fn(&State, Instant) -> Option<Result<Arc<Token>, Unavailable>>,
+    ) -> Result<Arc<Token>, Unavailable> {
         let mut state = self.state.clone();
         loop {
-            {
-                let current = state.borrow_and_update();
-                let now = Instant::now();
-                if let Some(token) = current.usable_token(now) {
-                    return Ok(Arc::clone(token));
-                }
-                let why = || {
-                    current.last_error.as_deref().map_or_else(
-                        || {
-                            if current.token.is_some() {
-                                "token expired".to_owned()
-                            } else {
-                                "no token yet".to_owned()
-                            }
-                        },
-                        ToOwned::to_owned,
-                    )
-                };
-                match current.phase {
-                    // Wait for its outcome below: the fetch is bounded by the token timeout.
-                    Phase::Fetching => {}
-                    Phase::Scheduled { next } | Phase::BackingOff { next } => {
-                        return Err(Unavailable {
-                            detail: why(),
-                            retry_after: next.saturating_duration_since(now),
-                        });
-                    }
-                    Phase::Stopped => {
-                        return Err(Unavailable {
-                            detail: "bearerd is shutting down".into(),
-                            retry_after: Duration::from_secs(1),
-                        });
-                    }
-                }
+            if let Some(answer) = decide(&state.borrow_and_update(), Instant::now()) {
+                return answer;
             }
             if state.changed().await.is_err() {
                 return Err(Unavailable {
@@ -131,6 +162,23 @@ impl Handle {
                 });
             }
         }
+    }
+}
+
+fn unavailable(state: &State, now: Instant) -> Unavailable {
+    match state.phase {
+        Phase::Scheduled { next } | Phase::BackingOff { next } => Unavailable {
+            detail: state.why_unusable(),
+            retry_after: next.saturating_duration_since(now),
+        },
+        Phase::Fetching => Unavailable {
+            detail: state.why_unusable(),
+            retry_after: Duration::from_secs(1),
+        },
+        Phase::Stopped => Unavailable {
+            detail: "bearerd is shutting down".into(),
+            retry_after: Duration::from_secs(1),
+        },
     }
 }
 
@@ -169,16 +217,19 @@ pub fn spawn(
         last_error: None,
         last_success: None,
         failures: 0,
+        rejection_handled: 0,
     });
+    let (rejections, rejected) = watch::channel(0);
     let refresher = Refresher {
         label,
         fetcher,
         policy,
         observers,
         publish,
+        generations: 0,
     };
-    tasks.spawn(refresher.run(shutdown));
-    Handle { state }
+    tasks.spawn(refresher.run(rejected, shutdown));
+    Handle { state, rejections }
 }
 
 struct Refresher {
@@ -187,10 +238,12 @@ struct Refresher {
     policy: RefreshPolicy,
     observers: Vec<Arc<UpstreamMetrics>>,
     publish: watch::Sender<State>,
+    /// Tokens published so far.
+    generations: u64,
 }
 
 impl Refresher {
-    async fn run(self, shutdown: CancellationToken) {
+    async fn run(mut self, mut rejected: watch::Receiver<u64>, shutdown: CancellationToken) {
         loop {
             self.publish.send_modify(|s| s.phase = Phase::Fetching);
             let started = Instant::now();
@@ -199,22 +252,57 @@ impl Refresher {
                 () = shutdown.cancelled() => break,
             };
             let delay = self.record(outcome, started);
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = shutdown.cancelled() => break,
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = &mut sleep => break,
+                    () = shutdown.cancelled() => {
+                        self.publish.send_modify(|s| s.phase = Phase::Stopped);
+                        return;
+                    }
+                    Ok(()) = rejected.changed() => {
+                        if self.take_rejection(*rejected.borrow_and_update()) {
+                            break;
+                        }
+                    }
+                }
             }
         }
         self.publish.send_modify(|s| s.phase = Phase::Stopped);
     }
 
+    /// Whether a rejection of `generation` calls for a fetch now: only when it names the token
+    /// held (not one already replaced) and has not been acted on. Acting on it is recorded in
+    /// the same update that starts the fetch, so waiters see both together.
+    fn take_rejection(&self, generation: u64) -> bool {
+        let state = self.publish.borrow();
+        let holds_rejected = state
+            .token
+            .as_ref()
+            .is_some_and(|t| t.generation == generation);
+        let fresh = generation > state.rejection_handled;
+        drop(state);
+        if holds_rejected && fresh {
+            tracing::info!(upstream = %self.label, "upstream rejected the token: fetching a new one");
+            self.publish
+                .send_modify(|s| s.rejection_handled = generation);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Publishes the outcome of a fetch and returns how long to wait before the next.
-    fn record(&self, outcome: Result<Token, FetchError>, started: Instant) -> Duration {
+    fn record(&mut self, outcome: Result<Token, FetchError>, started: Instant) -> Duration {
         let elapsed = started.elapsed();
         for observer in &self.observers {
             observer.fetch_finished(outcome.as_ref().map(|_| ()), elapsed);
         }
         match outcome {
-            Ok(token) => {
+            Ok(mut token) => {
+                self.generations += 1;
+                token.generation = self.generations;
                 let delay = schedule::refresh_delay(token.lifetime, fastrand::f64());
                 tracing::info!(
                     upstream = %self.label,
@@ -309,6 +397,7 @@ mod tests {
                         usable_until: Instant::now() + schedule::usable_for(lifetime),
                         expires_at: SystemTime::now() + lifetime,
                         scope: None,
+                        generation: 0,
                     }),
                     Some(Err(why)) => Err(FetchError::Connect(why.into())),
                     None => std::future::pending().await,
@@ -428,5 +517,48 @@ mod tests {
         tasks.close();
         tasks.wait().await;
         assert_eq!(handle.state().phase, Phase::Stopped);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_401s_for_one_token_cause_one_fetch() {
+        let hour = Duration::from_secs(3600);
+        let fetcher = Scripted::new([Ok(hour), Ok(hour)]);
+        let (handle, _shutdown, _tasks) = start(Arc::clone(&fetcher));
+        let rejected = handle.token().await.unwrap();
+        assert_eq!(rejected.generation, 1);
+        let reports: Vec<_> = (0..100)
+            .map(|_| {
+                let handle = handle.clone();
+                let rejected = Arc::clone(&rejected);
+                tokio::spawn(async move { handle.replacement_for(&rejected).await })
+            })
+            .collect();
+        for report in reports {
+            let replacement = report.await.unwrap().unwrap();
+            assert_eq!(replacement.generation, 2);
+            assert_eq!(replacement.authorization(), "Bearer t1");
+        }
+        assert_eq!(fetcher.calls.load(Ordering::SeqCst), 2);
+
+        // A late report of the replaced token gets the new one without another fetch.
+        let late = handle.replacement_for(&rejected).await.unwrap();
+        assert_eq!(late.generation, 2);
+        assert_eq!(fetcher.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_replacement_is_reported_once_and_not_retried_in_a_loop() {
+        let hour = Duration::from_secs(3600);
+        let fetcher = Scripted::new([Ok(hour), Err("down")]);
+        let (handle, _shutdown, _tasks) = start(Arc::clone(&fetcher));
+        let rejected = handle.token().await.unwrap();
+        let error = handle.replacement_for(&rejected).await.unwrap_err();
+        assert_eq!(error.detail, "cannot reach the token endpoint: down");
+        assert_eq!(fetcher.calls.load(Ordering::SeqCst), 2);
+        // Reported again: the refresher already acted on this token; no new fetch.
+        assert!(handle.replacement_for(&rejected).await.is_err());
+        assert_eq!(fetcher.calls.load(Ordering::SeqCst), 2);
+        // The rejected token stays in use meanwhile: the 401 may not have been its fault.
+        assert_eq!(handle.token().await.unwrap().generation, 1);
     }
 }
