@@ -1,6 +1,6 @@
 //! The admin listener: `/metrics` for Prometheus, `/healthz` and `/readyz` for Kubernetes.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -23,35 +23,42 @@ const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// What the admin endpoints report on.
 pub struct Admin {
     metrics: Arc<Metrics>,
-    upstreams: Vec<Watched>,
+    /// Replaced whole on reload; read by probes and scrapes, never held across an await.
+    upstreams: Mutex<Vec<Watched>>,
     /// Cancelled when shutdown begins: `/readyz` turns 503 at once.
     draining: CancellationToken,
 }
 
 /// One upstream as the admin endpoints see it.
-struct Watched {
-    name: String,
-    token: Handle,
-    metrics: Arc<UpstreamMetrics>,
+pub struct Watched {
+    /// The upstream's name.
+    pub name: String,
+    /// Its token source.
+    pub token: Handle,
+    /// Its metric series.
+    pub metrics: Arc<UpstreamMetrics>,
 }
 
 impl Admin {
-    /// An admin over `metrics` and the upstreams' token sources.
+    /// An admin over `metrics`, with no upstream yet.
     pub fn new(metrics: Arc<Metrics>, draining: CancellationToken) -> Self {
         Self {
             metrics,
-            upstreams: Vec::new(),
+            upstreams: Mutex::new(Vec::new()),
             draining,
         }
     }
 
-    /// Adds an upstream to report on.
-    pub fn watch(&mut self, name: &str, token: Handle, metrics: Arc<UpstreamMetrics>) {
-        self.upstreams.push(Watched {
-            name: name.to_owned(),
-            token,
-            metrics,
-        });
+    /// Sets the upstreams to report on.
+    pub fn watch(&self, upstreams: Vec<Watched>) {
+        *self.upstreams() = upstreams;
+    }
+
+    fn upstreams(&self) -> std::sync::MutexGuard<'_, Vec<Watched>> {
+        // A panic while holding this lock cannot leave the list half-written: take it anyway.
+        self.upstreams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Answers one admin request. Public so tests can drive it without a socket.
@@ -74,7 +81,7 @@ impl Admin {
     fn metrics_page(&self) -> Response<Full<Bytes>> {
         // Validity changes with time alone, so it is read at the moment of the scrape.
         let now = Instant::now();
-        for upstream in &self.upstreams {
+        for upstream in self.upstreams().iter() {
             let state = upstream.token.state();
             let token = state.token.as_ref();
             upstream.metrics.token_state(
@@ -104,7 +111,7 @@ impl Admin {
         }
         let now = Instant::now();
         let not_ready: Vec<serde_json::Value> = self
-            .upstreams
+            .upstreams()
             .iter()
             .filter_map(|upstream| {
                 let state = upstream.token.state();

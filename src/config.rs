@@ -42,15 +42,26 @@ pub struct Config {
     pub admin: Admin,
     /// `[log]`
     pub log: Log,
+    /// `[server]`
+    pub server: Server,
     /// `[[upstream]]`, in file order.
     pub upstreams: Vec<Upstream>,
 }
 
 /// `[admin]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub listen: SocketAddr,
+}
+
+/// `[server]`: app connections and shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Server {
+    /// See [`DEFAULT_SHUTDOWN_GRACE`].
+    pub shutdown_grace: Duration,
+    /// Limits on each listener's connections.
+    pub limits: crate::proxy::connection::Limits,
 }
 
 /// `[log]`
@@ -74,11 +85,27 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[server] shutdown_grace` when not set: how long in-flight requests may take to finish
+/// after SIGTERM, below the 30 s Kubernetes waits before SIGKILL.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// `[server] header_read_timeout` when not set: from a request head's first byte to its end.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// `[server] idle_timeout` when not set: how long a kept-alive app connection may wait for
+/// its next request.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `[server] max_header_bytes` when not set; larger request heads are answered 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The smallest `max_header_bytes` allowed (hyper's minimum read buffer).
+pub const MIN_MAX_HEADER_BYTES: usize = 8192;
+/// `[server] max_connections` when not set: app connections per listener; more are
+/// answered 503 and closed.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
 /// `[log] level` when not set.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// One `[[upstream]]`: a local listener and where its requests go.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     /// The configured name, used in logs, metrics and error bodies.
     pub name: String,
@@ -277,6 +304,7 @@ impl Validator<'_> {
             None => Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid default")),
         };
         let log = self.log(raw.log.as_ref());
+        let server = self.server(raw.server.as_ref());
         if raw.upstream.is_empty() {
             self.problem(0..0, "upstream", "no [[upstream]] is configured");
         }
@@ -293,6 +321,7 @@ impl Validator<'_> {
                 listen: admin_listen?,
             },
             log,
+            server,
             upstreams: upstreams.into_iter().collect::<Option<_>>()?,
         })
     }
@@ -313,6 +342,77 @@ impl Validator<'_> {
                 let inner = e.into_inner();
                 self.problem(inner.span().unwrap_or(0..0), key, inner.message());
                 None
+            }
+        }
+    }
+
+    fn server(&mut self, raw: Option<&file::Server>) -> Server {
+        let duration =
+            |v: &mut Self,
+             pick: fn(&file::Server) -> Option<&Spanned<String>>,
+             key: &str,
+             default| { v.duration(raw.and_then(pick), key, default) };
+        let shutdown_grace = duration(
+            self,
+            |s| s.shutdown_grace.as_ref(),
+            "server.shutdown_grace",
+            DEFAULT_SHUTDOWN_GRACE,
+        );
+        let header_read_timeout = duration(
+            self,
+            |s| s.header_read_timeout.as_ref(),
+            "server.header_read_timeout",
+            DEFAULT_HEADER_READ_TIMEOUT,
+        );
+        let idle_timeout = duration(
+            self,
+            |s| s.idle_timeout.as_ref(),
+            "server.idle_timeout",
+            DEFAULT_IDLE_TIMEOUT,
+        );
+        let max_header_bytes = self.count(
+            raw.and_then(|s| s.max_header_bytes.as_ref()),
+            "server.max_header_bytes",
+            DEFAULT_MAX_HEADER_BYTES,
+            MIN_MAX_HEADER_BYTES,
+        );
+        let max_connections = self.count(
+            raw.and_then(|s| s.max_connections.as_ref()),
+            "server.max_connections",
+            DEFAULT_MAX_CONNECTIONS,
+            1,
+        );
+        Server {
+            shutdown_grace,
+            limits: crate::proxy::connection::Limits {
+                header_read_timeout,
+                idle_timeout,
+                max_header_bytes,
+                max_connections,
+            },
+        }
+    }
+
+    /// A whole number of at least `min`.
+    fn count(
+        &mut self,
+        value: Option<&Spanned<i64>>,
+        key: &str,
+        default: usize,
+        min: usize,
+    ) -> usize {
+        let Some(value) = value else {
+            return default;
+        };
+        match usize::try_from(*value.get_ref()) {
+            Ok(n) if n >= min => n,
+            _ => {
+                self.problem(
+                    value.span(),
+                    key,
+                    format!("must be a whole number of at least {min}"),
+                );
+                default
             }
         }
     }

@@ -1,10 +1,10 @@
 //! The `bearerd` command: parse the command line, set up logging, load the config, and run
 //! until SIGTERM or SIGINT.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use bearerd::config::LogFormat;
+use bearerd::config::{Config, LogFormat};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -24,7 +24,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match bearerd::config::Config::load(&cli.config) {
+    let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("{error}");
@@ -59,23 +59,84 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
-        let (first_signal, second_signal) = (shutdown_signal(), shutdown_signal());
+    runtime.block_on(serve(&cli.config, config))
+}
+
+/// Runs until SIGTERM or SIGINT, reloading the config on SIGHUP.
+async fn serve(path: &Path, config: Config) -> ExitCode {
+    let mut running = match bearerd::start(&config).await {
+        Ok(running) => running,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let mut hangups = hangup_signals();
+    loop {
         tokio::select! {
-            result = bearerd::run(&config, first_signal) => match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!(%error, "cannot start");
-                    ExitCode::FAILURE
-                }
-            },
-            // A second signal while draining: the operator wants out now.
-            () = async { second_signal.await; second_signal_after_first().await } => {
-                tracing::warn!("second signal: exiting without waiting");
-                ExitCode::from(130)
+            () = &mut stop => break,
+            Some(()) = hangups.recv() => reload(path, &mut running).await,
+        }
+    }
+    tracing::info!("shutting down: no new connections, letting requests in flight finish");
+    tokio::select! {
+        () = running.shutdown() => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        // A second signal while draining: the operator wants out now.
+        () = shutdown_signal() => {
+            tracing::warn!("second signal: exiting without waiting");
+            ExitCode::from(130)
+        }
+    }
+}
+
+/// Re-reads the config; on any problem the running config stays, and the problem is logged.
+async fn reload(path: &Path, running: &mut bearerd::Running) {
+    tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
+    match Config::load(path) {
+        Ok(config) => {
+            if let Err(error) = running.reload(&config).await {
+                tracing::error!(%error, "reload failed; the running config stays");
             }
         }
-    })
+        Err(error) => {
+            for line in error.to_string().lines() {
+                tracing::error!(
+                    problem = line,
+                    "reload refused: invalid config; the running config stays"
+                );
+            }
+        }
+    }
+}
+
+/// SIGHUP, as a stream of `()`; never yields where there is no such signal.
+fn hangup_signals() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        // A reload already pending covers this one too.
+                        let _ = tx.try_send(());
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP; reload needs a restart");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 /// Logs go to stderr, filtered by `RUST_LOG` when set, else by `[log] level`.
@@ -117,9 +178,4 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// The next signal after the one `shutdown_signal` already saw.
-async fn second_signal_after_first() {
-    shutdown_signal().await;
 }

@@ -254,6 +254,40 @@ impl Metrics {
         }
     }
 
+    /// Stops exporting the series of an upstream that a reload removed.
+    pub fn forget(&self, upstream: &UpstreamMetrics) {
+        let name = upstream.name.as_str();
+        for outcome in FetchOutcome::ALL {
+            let _ = self
+                .token_fetch_total
+                .remove_label_values(&[name, outcome.label()]);
+        }
+        for (slot, status) in upstream.by_status.iter().zip(100u16..) {
+            if slot.get().is_some() {
+                let _ = self
+                    .requests_total
+                    .remove_label_values(&[name, &status.to_string()]);
+            }
+        }
+        let _ = self
+            .token_fetch_duration_seconds
+            .remove_label_values(&[name]);
+        let _ = self
+            .token_expiry_timestamp_seconds
+            .remove_label_values(&[name]);
+        let _ = self
+            .token_last_success_timestamp_seconds
+            .remove_label_values(&[name]);
+        let _ = self.token_valid.remove_label_values(&[name]);
+        let _ = self.token_secret_errors_total.remove_label_values(&[name]);
+        let _ = self.request_duration_seconds.remove_label_values(&[name]);
+        let _ = self.requests_in_flight.remove_label_values(&[name]);
+        let _ = self.token_unavailable_total.remove_label_values(&[name]);
+        let _ = self
+            .upstream_unauthorized_retries_total
+            .remove_label_values(&[name]);
+    }
+
     /// The registry in the text exposition format (version 0.0.4).
     pub fn render(&self) -> Result<String, MetricsError> {
         let mut out = Vec::new();

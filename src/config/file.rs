@@ -20,6 +20,9 @@ pub struct File {
     /// `[log]`
     #[serde(default)]
     pub log: Option<Log>,
+    /// `[server]`
+    #[serde(default)]
+    pub server: Option<Server>,
     /// `[[upstream]]`, one per local listener.
     #[serde(default)]
     pub upstream: Vec<Spanned<Upstream>>,
@@ -31,6 +34,22 @@ pub struct File {
 pub struct Admin {
     /// Address of the admin listener (metrics, probes).
     pub listen: Option<Spanned<String>>,
+}
+
+/// `[server]`: limits on app connections and shutdown.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Time in-flight requests get to finish after SIGTERM.
+    pub shutdown_grace: Option<Spanned<String>>,
+    /// Time a client may take to send a request head.
+    pub header_read_timeout: Option<Spanned<String>>,
+    /// Time a kept-alive connection may wait for its next request.
+    pub idle_timeout: Option<Spanned<String>>,
+    /// Largest request head, in bytes.
+    pub max_header_bytes: Option<Spanned<i64>>,
+    /// Connections each listener holds at once.
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 /// `[log]`

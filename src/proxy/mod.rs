@@ -1,11 +1,13 @@
 //! The proxy: one local listener per upstream, forwarding each request with a token.
 //!
 //! In data-flow order:
-//! - [`serve`] (here): accept app connections (HTTP/1.1) and drain them on shutdown;
+//! - [`serve`] (here): accept app connections (HTTP/1.1) within the [`connection`] limits,
+//!   and drain them on shutdown;
 //! - [`forward`]: take a token, rewrite the request ([`rewrite`]), send it through the pooled
 //!   client, stream the answer back;
 //! - [`error`]: failures to statuses and JSON bodies.
 
+pub mod connection;
 pub mod error;
 pub mod forward;
 pub mod rewrite;
@@ -19,11 +21,14 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::tls::HttpsClient;
 use crate::token::source::Handle;
+use connection::{Activity, Limits, Tracked, Watched};
 
 /// Body of an answer to the app: the upstream's, streamed, or bearerd's own error JSON.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
@@ -55,40 +60,76 @@ pub struct Upstream {
 }
 
 /// Accepts app connections on `listener` until `shutdown`, then waits up to `grace` for the
-/// requests in flight to finish.
+/// requests in flight to finish. Each request is forwarded with the upstream settings current
+/// when it arrives, so a reload takes effect on kept-alive connections too.
 pub async fn serve(
     listener: TcpListener,
-    upstream: Arc<Upstream>,
+    upstream: watch::Receiver<Arc<Upstream>>,
+    limits: Limits,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
+    let name = Arc::clone(&upstream.borrow().name);
     let connections = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new());
+    http.timer(TokioTimer::new())
+        // The header and idle timers are kept by `connection::Activity`.
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => stream,
                 Err(error) => {
-                    tracing::warn!(upstream = %upstream.name, %error, "accept failed");
+                    tracing::warn!(upstream = %name, %error, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             },
             () = shutdown.cancelled() => break,
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(upstream = %name, max_connections = limits.max_connections, "connection refused: listener full");
+            tokio::spawn(refuse(stream, Arc::clone(&name)));
+            continue;
+        };
         // Small requests and answers go out at once rather than waiting on Nagle.
         let _ = stream.set_nodelay(true);
-        let name = Arc::clone(&upstream.name);
-        let for_service = Arc::clone(&upstream);
+        let activity = Activity::new();
+        let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
+        let current = upstream.clone();
+        let requests = Arc::clone(&activity);
         let service = service_fn(move |request| {
-            let upstream = Arc::clone(&for_service);
-            async move { Ok::<_, std::convert::Infallible>(forward::forward(&upstream, request).await) }
+            let upstream = Arc::clone(&current.borrow());
+            let guard = requests.request_started();
+            async move {
+                let response = forward::forward(&upstream, request).await;
+                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
+            }
         });
-        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        let connection = connections.watch(http.serve_connection(io, service));
+        let name = Arc::clone(&name);
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(upstream = %name, %error, "app connection ended with an error");
+            let _slot = slot;
+            tokio::pin!(connection);
+            loop {
+                let wait = match activity.check(&limits) {
+                    Ok(wait) => wait,
+                    Err(expired) => {
+                        tracing::debug!(upstream = %name, ?expired, "closing app connection");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    ended = &mut connection => {
+                        if let Err(error) = ended {
+                            tracing::debug!(upstream = %name, %error, "app connection ended with an error");
+                        }
+                        return;
+                    }
+                    () = tokio::time::sleep(wait) => {}
+                }
             }
         });
     }
@@ -97,7 +138,14 @@ pub async fn serve(
     tokio::select! {
         () = connections.shutdown() => {}
         () = tokio::time::sleep(grace) => {
-            tracing::warn!(upstream = %upstream.name, "shutdown grace period over; closing connections still open");
+            tracing::warn!(upstream = %name, "shutdown grace period over; closing connections still open");
         }
     }
+}
+
+/// Answers a connection over the limit with 503 and closes it, without waiting long.
+async fn refuse(mut stream: tokio::net::TcpStream, name: Arc<str>) {
+    let answer = connection::over_capacity_response(&name);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await;
+    let _ = stream.shutdown().await;
 }

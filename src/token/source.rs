@@ -12,7 +12,7 @@
 //! rejected token, however many requests report it, so a misbehaving upstream cannot turn
 //! into a storm of token requests.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -200,14 +200,26 @@ impl Default for RefreshPolicy {
     }
 }
 
+/// The upstreams a source serves: their names, for logs, and their metric series, in which
+/// each fetch is counted. Shared with the sidecar, which changes it when a reload moves
+/// upstreams onto or off an existing source.
+#[derive(Default)]
+pub struct Observers {
+    /// The upstreams' names, joined by commas.
+    pub label: String,
+    /// The upstreams' metric series.
+    pub metrics: Vec<Arc<UpstreamMetrics>>,
+}
+
+/// [`Observers`] as the refresher and the sidecar share them.
+pub type SharedObservers = Arc<RwLock<Observers>>;
+
 /// Starts the refresher for `fetcher` on `tasks`; it fetches at once and runs until
-/// `shutdown` is cancelled. `label` names the source in logs (its upstreams' names), and each
-/// fetch is counted in the metrics of every upstream in `observers`.
+/// `shutdown` is cancelled, reporting each fetch to `observers`.
 pub fn spawn(
-    label: String,
     fetcher: Arc<dyn Fetch>,
     policy: RefreshPolicy,
-    observers: Vec<Arc<UpstreamMetrics>>,
+    observers: SharedObservers,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Handle {
@@ -221,7 +233,6 @@ pub fn spawn(
     });
     let (rejections, rejected) = watch::channel(0);
     let refresher = Refresher {
-        label,
         fetcher,
         policy,
         observers,
@@ -233,10 +244,9 @@ pub fn spawn(
 }
 
 struct Refresher {
-    label: String,
     fetcher: Arc<dyn Fetch>,
     policy: RefreshPolicy,
-    observers: Vec<Arc<UpstreamMetrics>>,
+    observers: SharedObservers,
     publish: watch::Sender<State>,
     /// Tokens published so far.
     generations: u64,
@@ -284,7 +294,7 @@ impl Refresher {
         let fresh = generation > state.rejection_handled;
         drop(state);
         if holds_rejected && fresh {
-            tracing::info!(upstream = %self.label, "upstream rejected the token: fetching a new one");
+            tracing::info!(upstream = %self.label(), "upstream rejected the token: fetching a new one");
             self.publish
                 .send_modify(|s| s.rejection_handled = generation);
             true
@@ -293,19 +303,30 @@ impl Refresher {
         }
     }
 
+    /// The source's upstreams, for logs.
+    fn label(&self) -> String {
+        self.observers
+            .read()
+            .map(|o| o.label.clone())
+            .unwrap_or_default()
+    }
+
     /// Publishes the outcome of a fetch and returns how long to wait before the next.
     fn record(&mut self, outcome: Result<Token, FetchError>, started: Instant) -> Duration {
         let elapsed = started.elapsed();
-        for observer in &self.observers {
-            observer.fetch_finished(outcome.as_ref().map(|_| ()), elapsed);
+        if let Ok(observers) = self.observers.read() {
+            for metrics in &observers.metrics {
+                metrics.fetch_finished(outcome.as_ref().map(|_| ()), elapsed);
+            }
         }
+        let label = self.label();
         match outcome {
             Ok(mut token) => {
                 self.generations += 1;
                 token.generation = self.generations;
                 let delay = schedule::refresh_delay(token.lifetime, fastrand::f64());
                 tracing::info!(
-                    upstream = %self.label,
+                    upstream = %label,
                     outcome = "success",
                     duration_ms = elapsed.as_millis() as u64,
                     expires_in = token.lifetime.as_secs(),
@@ -335,7 +356,7 @@ impl Refresher {
                 let holding = self.publish.borrow().usable_token(Instant::now()).is_some();
                 let endpoint = error.endpoint();
                 tracing::warn!(
-                    upstream = %self.label,
+                    upstream = %label,
                     outcome = FetchOutcome::of(&error).map_or("secret_error", FetchOutcome::label),
                     duration_ms = elapsed.as_millis() as u64,
                     status = endpoint.map(|e| e.status.as_u16()),
@@ -410,10 +431,9 @@ mod tests {
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
         let handle = spawn(
-            "test".into(),
             fetcher,
             RefreshPolicy::default(),
-            Vec::new(),
+            SharedObservers::default(),
             &tasks,
             shutdown.clone(),
         );

@@ -52,14 +52,26 @@ impl Daemon {
     pub fn listen_addr(&self, upstream: &str) -> SocketAddr {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let line = self
+            // Search everything logged so far: the lines may come in any order.
+            let found = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|line| listening_addr(line, upstream));
+            if let Some(addr) = found {
+                return addr;
+            }
+            // Wait for the next line.
+            if self
                 .lines
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| {
-                    panic!("no listening line; log: {:?}", self.log.lock().unwrap())
-                });
-            if let Some(addr) = listening_addr(&line, upstream) {
-                return addr;
+                .is_err()
+            {
+                panic!(
+                    "no listening line for {upstream}; log: {:?}",
+                    self.log.lock().unwrap()
+                );
             }
         }
     }

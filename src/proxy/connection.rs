@@ -1,0 +1,295 @@
+//! Limits on app connections: how long a client may take to send a request head, how long a
+//! kept-alive connection may sit idle, and how many connections a listener holds at once.
+//!
+//! hyper's own header timer also runs while a kept-alive connection is idle, which would tie
+//! the two timeouts together; so both are kept here instead. The connection's IO notes when
+//! bytes of a new request head start to arrive, the service notes when a request starts and
+//! when its response body ends, and a watchdog beside the connection closes it when a limit
+//! is passed.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Limits of one listener's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// From the first byte of a request head to its end.
+    pub header_read_timeout: Duration,
+    /// From the end of a response (or the connection's opening) to the next request's first byte.
+    pub idle_timeout: Duration,
+    /// Largest request head accepted; a larger one is answered 431.
+    pub max_header_bytes: usize,
+    /// Connections held at once; more are answered 503 and closed.
+    pub max_connections: usize,
+}
+
+/// `Activity::head_started` when no request head is arriving.
+const NOT_STARTED: u64 = u64::MAX;
+
+/// What a connection is doing, shared by its IO, its service and its watchdog. Times are
+/// milliseconds since the connection opened.
+#[derive(Debug)]
+pub struct Activity {
+    opened: Instant,
+    /// Requests whose response has not ended.
+    open_requests: AtomicUsize,
+    /// When the connection last became idle.
+    idle_since: AtomicU64,
+    /// When the first byte of the next request head arrived, or [`NOT_STARTED`].
+    head_started: AtomicU64,
+}
+
+/// Why the watchdog closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    /// A request head took longer than `header_read_timeout`.
+    HeaderRead,
+    /// No request for `idle_timeout`.
+    Idle,
+}
+
+impl Activity {
+    /// A connection opened now: idle until its first request.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            opened: Instant::now(),
+            open_requests: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(NOT_STARTED),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// A request head has been read: the header timer stops until the response ends.
+    pub fn request_started(self: &Arc<Self>) -> RequestGuard {
+        self.open_requests.fetch_add(1, Ordering::AcqRel);
+        self.head_started.store(NOT_STARTED, Ordering::Release);
+        RequestGuard(Arc::clone(self))
+    }
+
+    fn bytes_read(&self) {
+        if self.open_requests.load(Ordering::Acquire) == 0
+            && self.head_started.load(Ordering::Acquire) == NOT_STARTED
+        {
+            self.head_started.store(self.now(), Ordering::Release);
+        }
+    }
+
+    /// Whether a limit has passed, and how long until it might next be worth asking.
+    pub fn check(&self, limits: &Limits) -> Result<Duration, Expired> {
+        let poll = tick(limits);
+        if self.open_requests.load(Ordering::Acquire) > 0 {
+            return Ok(poll);
+        }
+        let now = self.now();
+        let head_started = self.head_started.load(Ordering::Acquire);
+        let (since, limit, expired) = if head_started == NOT_STARTED {
+            let idle_since = self.idle_since.load(Ordering::Acquire);
+            (idle_since, limits.idle_timeout, Expired::Idle)
+        } else {
+            (
+                head_started,
+                limits.header_read_timeout,
+                Expired::HeaderRead,
+            )
+        };
+        let elapsed = Duration::from_millis(now.saturating_sub(since));
+        if elapsed >= limit {
+            Err(expired)
+        } else {
+            Ok(poll.min(limit - elapsed))
+        }
+    }
+}
+
+/// How often the watchdog looks: often enough to keep each limit within a quarter of itself.
+fn tick(limits: &Limits) -> Duration {
+    (limits.header_read_timeout.min(limits.idle_timeout) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// Held while a request is open; dropping it (when the response body ends) makes the
+/// connection idle again.
+#[derive(Debug)]
+pub struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        if activity.open_requests.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity.idle_since.store(activity.now(), Ordering::Release);
+        }
+    }
+}
+
+/// A response body that releases its request's guard when it ends.
+pub struct Tracked<B> {
+    inner: B,
+    guard: Option<RequestGuard>,
+}
+
+impl<B> Tracked<B> {
+    /// Tracks `inner` under `guard`.
+    pub fn new(inner: B, guard: RequestGuard) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The app connection's IO, noting when a new request head starts to arrive.
+pub struct Watched<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> Watched<T> {
+    /// Wraps `inner`, reporting to `activity`.
+    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+        Self { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The answer to a connection over `max_connections`, written before closing it.
+pub fn over_capacity_response(upstream: &str) -> Vec<u8> {
+    let body = serde_json::json!({
+        "error": "too_many_connections",
+        "upstream": upstream,
+        "detail": "bearerd holds its maximum number of connections on this listener",
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        header_read_timeout: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(300),
+        max_header_bytes: 8192,
+        max_connections: 1,
+    };
+
+    fn backdate(activity: &Activity, field: &AtomicU64, ms: u64) {
+        field.store(activity.now().saturating_sub(ms), Ordering::Release);
+    }
+
+    #[test]
+    fn idle_connection_expires_after_idle_timeout() {
+        assert!(Activity::new().check(&LIMITS).is_ok());
+        let opened_long_ago = Activity {
+            opened: Instant::now() - Duration::from_millis(400),
+            open_requests: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(NOT_STARTED),
+        };
+        assert_eq!(opened_long_ago.check(&LIMITS), Err(Expired::Idle));
+    }
+
+    #[test]
+    fn slow_head_expires_after_header_read_timeout_but_an_open_request_does_not() {
+        let activity = Arc::new(Activity {
+            opened: Instant::now() - Duration::from_millis(1000),
+            open_requests: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(990),
+            head_started: AtomicU64::new(NOT_STARTED),
+        });
+        activity.bytes_read();
+        assert!(activity.check(&LIMITS).is_ok());
+        backdate(&activity, &activity.head_started, 150);
+        assert_eq!(activity.check(&LIMITS), Err(Expired::HeaderRead));
+
+        let guard = activity.request_started();
+        assert!(activity.check(&LIMITS).is_ok(), "a request is open");
+        activity.bytes_read();
+        assert_eq!(activity.head_started.load(Ordering::Acquire), NOT_STARTED);
+        drop(guard);
+        assert!(activity.check(&LIMITS).is_ok(), "idle again, from now");
+    }
+}
