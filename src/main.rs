@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use bearerd::config::{Config, LogFormat};
 use clap::Parser;
+use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
 
 /// OAuth2 client-credentials sidecar: forwards local plain-HTTP requests to their upstream
@@ -64,6 +65,9 @@ fn main() -> ExitCode {
 
 /// Runs until SIGTERM or SIGINT, reloading the config on SIGHUP.
 async fn serve(path: &Path, config: Config) -> ExitCode {
+    // Listen for signals before anything starts, so that none finds bearerd deaf.
+    let mut stops = stop_signals();
+    let mut hangups = hangup_signals();
     let mut running = match bearerd::start(&config).await {
         Ok(running) => running,
         Err(error) => {
@@ -71,12 +75,9 @@ async fn serve(path: &Path, config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
-    let mut hangups = hangup_signals();
     loop {
         tokio::select! {
-            () = &mut stop => break,
+            _ = stops.recv() => break,
             Some(()) = hangups.recv() => reload(path, &mut running).await,
         }
     }
@@ -87,7 +88,7 @@ async fn serve(path: &Path, config: Config) -> ExitCode {
             ExitCode::SUCCESS
         }
         // A second signal while draining: the operator wants out now.
-        () = shutdown_signal() => {
+        Some(()) = stops.recv() => {
             tracing::warn!("second signal: exiting without waiting");
             ExitCode::from(130)
         }
@@ -114,31 +115,6 @@ async fn reload(path: &Path, running: &mut bearerd::Running) {
     }
 }
 
-/// SIGHUP, as a stream of `()`; never yields where there is no such signal.
-fn hangup_signals() -> tokio::sync::mpsc::Receiver<()> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::hangup()) {
-            Ok(mut hangup) => {
-                tokio::spawn(async move {
-                    while hangup.recv().await.is_some() {
-                        // A reload already pending covers this one too.
-                        let _ = tx.try_send(());
-                    }
-                });
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGHUP; reload needs a restart");
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    drop(tx);
-    rx
-}
-
 /// Logs go to stderr, filtered by `RUST_LOG` when set, else by `[log] level`.
 fn init_logging(log: &bearerd::config::Log) {
     let filter = EnvFilter::try_from_default_env()
@@ -156,26 +132,58 @@ fn init_logging(log: &bearerd::config::Log) {
     }
 }
 
-/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
+/// A stream with one `()` per signal of the given kinds, registered before this returns, so
+/// that no signal sent after it can be missed.
+#[cfg(unix)]
+fn signals(kinds: &[(tokio::signal::unix::SignalKind, &'static str)]) -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel(4);
+    for &(kind, name) in kinds {
+        match tokio::signal::unix::signal(kind) {
+            Ok(mut stream) => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while stream.recv().await.is_some() {
+                        // A full queue already holds a signal of this meaning.
+                        let _ = tx.try_send(());
+                    }
+                });
             }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops bearerd");
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            Err(error) => tracing::warn!(%error, signal = name, "cannot listen for this signal"),
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    rx
+}
+
+/// SIGTERM (Kubernetes) and SIGINT (Ctrl-C).
+#[cfg(unix)]
+fn stop_signals() -> mpsc::Receiver<()> {
+    use tokio::signal::unix::SignalKind;
+    signals(&[
+        (SignalKind::terminate(), "SIGTERM"),
+        (SignalKind::interrupt(), "SIGINT"),
+    ])
+}
+
+/// SIGHUP: reload the config.
+#[cfg(unix)]
+fn hangup_signals() -> mpsc::Receiver<()> {
+    signals(&[(tokio::signal::unix::SignalKind::hangup(), "SIGHUP")])
+}
+
+/// Ctrl-C only, where there are no Unix signals.
+#[cfg(not(unix))]
+fn stop_signals() -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            let _ = tx.try_send(());
+        }
+    });
+    rx
+}
+
+/// No reload signal where there are no Unix signals.
+#[cfg(not(unix))]
+fn hangup_signals() -> mpsc::Receiver<()> {
+    mpsc::channel(1).1
 }

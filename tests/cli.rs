@@ -298,3 +298,87 @@ async fn streams_100_mib_each_way_without_buffering() {
         "bearerd peaked at {peak} KiB while streaming 2 × 100 MiB"
     );
 }
+
+impl Daemon {
+    /// Waits until a logged line contains `text`.
+    fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.log.lock().unwrap().iter().any(|l| l.contains(text)) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in {:?}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_a_bad_config_keeps_the_running_one() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let upstream = serve(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &daemon_config(&upstream.url("/v1"), &endpoint.url("/token")),
+    );
+    let mut daemon = Daemon::start(&path);
+    let addr = daemon.listen_addr("api");
+    assert_eq!(
+        support::get(&format!("http://{addr}/x")).await.echo().uri,
+        "/v1/x"
+    );
+
+    write_config(
+        dir.path(),
+        &daemon_config(&upstream.url("/v2"), &endpoint.url("/token")),
+    );
+    daemon.signal("HUP");
+    daemon.wait_for_log("config reloaded");
+    assert_eq!(
+        support::get(&format!("http://{addr}/x")).await.echo().uri,
+        "/v2/x"
+    );
+
+    write_config(dir.path(), "[[upstream]]\nname = 1\n");
+    daemon.signal("HUP");
+    daemon.wait_for_log("reload refused: invalid config");
+    assert_eq!(
+        support::get(&format!("http://{addr}/x")).await.echo().uri,
+        "/v2/x"
+    );
+    assert_eq!(
+        endpoint.count(),
+        1,
+        "the unchanged token source kept its token"
+    );
+
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_exits_at_once() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // Never answers: the drain would last the whole grace period.
+    let upstream = serve(move |_| {
+        let _ = arrived_tx.send(());
+        std::future::pending()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &daemon_config(&upstream.url(""), &endpoint.url("/token")),
+    );
+    let mut daemon = Daemon::start(&path);
+    let addr = daemon.listen_addr("api");
+    let _in_flight = tokio::spawn(support::get_owned(format!("http://{addr}/hang")));
+    arrived.recv().await.unwrap();
+    daemon.signal("TERM");
+    daemon.wait_for_log("shutting down");
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit().code(), Some(130));
+}

@@ -71,6 +71,8 @@ pub async fn serve(
 ) {
     let name = Arc::clone(&upstream.borrow().name);
     let connections = GracefulShutdown::new();
+    // Cancelled when the grace period is over: connections still open are dropped.
+    let force_close = CancellationToken::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -110,6 +112,7 @@ pub async fn serve(
         });
         let connection = connections.watch(http.serve_connection(io, service));
         let name = Arc::clone(&name);
+        let force_close = force_close.clone();
         tokio::spawn(async move {
             let _slot = slot;
             tokio::pin!(connection);
@@ -129,6 +132,7 @@ pub async fn serve(
                         return;
                     }
                     () = tokio::time::sleep(wait) => {}
+                    () = force_close.cancelled() => return,
                 }
             }
         });
@@ -139,6 +143,7 @@ pub async fn serve(
         () = connections.shutdown() => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(upstream = %name, "shutdown grace period over; closing connections still open");
+            force_close.cancel();
         }
     }
 }

@@ -1,0 +1,216 @@
+//! Reloading the config in place: what changes, what keeps running, and what a bad config
+//! leaves alone.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_pass_by_value
+)]
+
+mod support;
+
+use std::sync::Arc;
+
+use http::StatusCode;
+use support::{echo, get, serve, token_endpoint, token_ok, Sidecar};
+
+fn upstream_block(name: &str, listen: &str, url: &str, token_url: &str) -> String {
+    format!(
+        r#"
+[[upstream]]
+name = "{name}"
+listen = "{listen}"
+url = "{url}"
+[upstream.token]
+url = "{token_url}"
+client_id = "app"
+client_secret = "pw"
+"#
+    )
+}
+
+fn with_admin(blocks: &[String]) -> String {
+    format!("[admin]\nlisten = \"127.0.0.1:0\"\n{}", blocks.concat())
+}
+
+fn load(sidecar: &Sidecar, text: &str) -> bearerd::config::Config {
+    let path = sidecar.file("bearerd.toml");
+    std::fs::write(&path, text).unwrap();
+    bearerd::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn reload_changes_routes_keeps_unchanged_tokens_and_adds_listeners() {
+    let endpoint = token_endpoint(|n, _| async move { token_ok(&format!("tok-{n}"), 3600) }).await;
+    let upstream = serve(echo).await;
+    let token_url = endpoint.url("/token");
+    let mut sidecar = Sidecar::start(&with_admin(&[upstream_block(
+        "a",
+        "127.0.0.1:0",
+        &upstream.url("/v1"),
+        &token_url,
+    )]))
+    .await;
+    let a = sidecar.running().local_addr("a").unwrap();
+    assert_eq!(get(&sidecar.url("a", "/x")).await.echo().uri, "/v1/x");
+
+    // a moves to /v2 (same token settings); b is added with the same token settings too.
+    let config = load(
+        &sidecar,
+        &with_admin(&[
+            upstream_block("a", "127.0.0.1:0", &upstream.url("/v2"), &token_url),
+            upstream_block("b", "127.0.0.1:0", &upstream.url("/b"), &token_url),
+        ]),
+    );
+    sidecar
+        .running
+        .as_mut()
+        .unwrap()
+        .reload(&config)
+        .await
+        .unwrap();
+
+    assert_eq!(sidecar.running().local_addr("a"), Some(a), "same listener");
+    let echoed = get(&sidecar.url("a", "/x")).await.echo();
+    assert_eq!(echoed.uri, "/v2/x");
+    assert_eq!(
+        echoed.header("authorization"),
+        Some("Bearer tok-0"),
+        "token kept"
+    );
+    let echoed = get(&sidecar.url("b", "/y")).await.echo();
+    assert_eq!(echoed.uri, "/b/y");
+    assert_eq!(
+        echoed.header("authorization"),
+        Some("Bearer tok-0"),
+        "token shared"
+    );
+    assert_eq!(endpoint.count(), 1);
+
+    // Changed token settings make a new source, and so a new token.
+    let config = load(
+        &sidecar,
+        &with_admin(&[
+            upstream_block("a", "127.0.0.1:0", &upstream.url("/v2"), &token_url).replace(
+                "client_secret = \"pw\"",
+                "client_secret = \"pw\"\nscope = \"more\"",
+            ),
+        ]),
+    );
+    sidecar
+        .running
+        .as_mut()
+        .unwrap()
+        .reload(&config)
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&sidecar.url("a", "/x"))
+            .await
+            .echo()
+            .header("authorization"),
+        Some("Bearer tok-1")
+    );
+    assert_eq!(sidecar.running().local_addr("b"), None, "b removed");
+    let scrape = sidecar.running().metrics().render().unwrap();
+    assert!(
+        !scrape.contains(r#"upstream="b""#),
+        "b's series are gone:\n{scrape}"
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn removed_listener_drains_its_request_in_flight() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let hold = Arc::clone(&release);
+    let upstream = serve(move |request| {
+        let arrived_tx = arrived_tx.clone();
+        let hold = Arc::clone(&hold);
+        async move {
+            let _ = arrived_tx.send(());
+            hold.notified().await;
+            echo(request).await
+        }
+    })
+    .await;
+    let token_url = endpoint.url("/token");
+    let keep = upstream_block("keep", "127.0.0.1:0", &upstream.url(""), &token_url);
+    let mut sidecar = Sidecar::start(&with_admin(&[
+        keep.clone(),
+        upstream_block("gone", "127.0.0.1:0", &upstream.url(""), &token_url),
+    ]))
+    .await;
+    let gone = sidecar.running().local_addr("gone").unwrap();
+    let in_flight = tokio::spawn(support::get_owned(format!("http://{gone}/slow")));
+    arrived.recv().await.unwrap();
+
+    let config = load(&sidecar, &with_admin(&[keep]));
+    sidecar
+        .running
+        .as_mut()
+        .unwrap()
+        .reload(&config)
+        .await
+        .unwrap();
+    // The listener closes at once; its request in flight carries on.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(gone).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "removed listener still accepts"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert!(!in_flight.is_finished());
+    release.notify_one();
+    assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_that_cannot_apply_keeps_the_running_config() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let upstream = serve(echo).await;
+    let token_url = endpoint.url("/token");
+    let block = upstream_block("a", "127.0.0.1:0", &upstream.url("/v1"), &token_url);
+    let mut sidecar = Sidecar::start(&with_admin(std::slice::from_ref(&block))).await;
+
+    // A missing CA file, and a listen address another socket holds.
+    let bad_ca = format!(
+        "{}\n[upstream.tls]\nca_file = \"missing.pem\"\n",
+        block.replace("/v1", "/v2")
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bad_listen = upstream_block(
+        "b",
+        &taken.local_addr().unwrap().to_string(),
+        &upstream.url("/b"),
+        &token_url,
+    );
+    for bad in [
+        with_admin(&[bad_ca]),
+        with_admin(&[block.replace("/v1", "/v2"), bad_listen]),
+    ] {
+        let config = load(&sidecar, &bad);
+        let error = sidecar
+            .running
+            .as_mut()
+            .unwrap()
+            .reload(&config)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("missing.pem")
+                || error.to_string().contains("cannot listen on"),
+            "{error}"
+        );
+        assert_eq!(get(&sidecar.url("a", "/x")).await.echo().uri, "/v1/x");
+        assert_eq!(sidecar.running().local_addr("b"), None);
+    }
+    assert_eq!(endpoint.count(), 1);
+    sidecar.stop().await;
+}
