@@ -9,8 +9,9 @@
 //!
 //! When an upstream answers 401 to a token, the request reports it with
 //! [`Handle::replacement_for`]: the refresher fetches a new token at once, but only once per
-//! rejected token, however many requests report it, so a misbehaving upstream cannot turn
-//! into a storm of token requests.
+//! rejected token however many requests report it, and at most once per
+//! [`REJECTION_REFETCH_INTERVAL`], so an upstream that answers 401 for reasons of its own
+//! cannot turn into a storm of token requests.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -23,6 +24,11 @@ use tokio_util::task::TaskTracker;
 use super::fetch::{Fetch, FetchError};
 use super::{schedule, Token};
 use crate::metrics::{FetchOutcome, UpstreamMetrics};
+
+/// Shortest time between two fetches caused by upstream 401s. A rejection sooner than this
+/// after the last one is answered from the token held (the request gets the upstream's 401),
+/// and the fetch waits for the interval to pass.
+pub const REJECTION_REFETCH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What a source is doing now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,6 +260,7 @@ struct Refresher {
 
 impl Refresher {
     async fn run(mut self, mut rejected: watch::Receiver<u64>, shutdown: CancellationToken) {
+        let mut last_rejection_fetch: Option<Instant> = None;
         loop {
             self.publish.send_modify(|s| s.phase = Phase::Fetching);
             let started = Instant::now();
@@ -272,8 +279,31 @@ impl Refresher {
                         return;
                     }
                     Ok(()) = rejected.changed() => {
-                        if self.take_rejection(*rejected.borrow_and_update()) {
+                        let generation = *rejected.borrow_and_update();
+                        if !self.is_news(generation) {
+                            continue;
+                        }
+                        let now = Instant::now();
+                        let allowed = last_rejection_fetch
+                            .map_or(now, |last| last + REJECTION_REFETCH_INTERVAL);
+                        if allowed <= now {
+                            tracing::info!(upstream = %self.label(), "upstream rejected the token: fetching a new one");
+                            // One update, so that waiters see the fetch coming.
+                            self.publish.send_modify(|s| {
+                                s.rejection_handled = generation;
+                                s.phase = Phase::Fetching;
+                            });
+                            last_rejection_fetch = Some(now);
                             break;
+                        }
+                        // Too soon after the last one: the waiting requests get the
+                        // upstream's 401, and the fetch happens when the interval has passed,
+                        // unless the schedule comes first.
+                        tracing::info!(upstream = %self.label(), "upstream rejected the token again soon: fetching a new one later");
+                        self.publish.send_modify(|s| s.rejection_handled = generation);
+                        if allowed < sleep.deadline() {
+                            sleep.as_mut().reset(allowed);
+                            last_rejection_fetch = Some(allowed);
                         }
                     }
                 }
@@ -282,25 +312,15 @@ impl Refresher {
         self.publish.send_modify(|s| s.phase = Phase::Stopped);
     }
 
-    /// Whether a rejection of `generation` calls for a fetch now: only when it names the token
-    /// held (not one already replaced) and has not been acted on. Acting on it is recorded in
-    /// the same update that starts the fetch, so waiters see both together.
-    fn take_rejection(&self, generation: u64) -> bool {
+    /// Whether a rejection of `generation` is news: it names the token held (not one already
+    /// replaced) and has not been acted on.
+    fn is_news(&self, generation: u64) -> bool {
         let state = self.publish.borrow();
         let holds_rejected = state
             .token
             .as_ref()
             .is_some_and(|t| t.generation == generation);
-        let fresh = generation > state.rejection_handled;
-        drop(state);
-        if holds_rejected && fresh {
-            tracing::info!(upstream = %self.label(), "upstream rejected the token: fetching a new one");
-            self.publish
-                .send_modify(|s| s.rejection_handled = generation);
-            true
-        } else {
-            false
-        }
+        holds_rejected && generation > state.rejection_handled
     }
 
     /// The source's upstreams, for logs.
@@ -580,5 +600,28 @@ mod tests {
         assert_eq!(fetcher.calls.load(Ordering::SeqCst), 2);
         // The rejected token stays in use meanwhile: the 401 may not have been its fault.
         assert_eq!(handle.token().await.unwrap().generation, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejections_in_quick_succession_fetch_at_most_once_per_interval() {
+        let hour = Duration::from_secs(3600);
+        let fetcher = Scripted::new([Ok(hour), Ok(hour), Ok(hour)]);
+        let (handle, _shutdown, _tasks) = start(Arc::clone(&fetcher));
+        let first = handle.token().await.unwrap();
+        let second = handle.replacement_for(&first).await.unwrap();
+        let replaced_at = Instant::now();
+        assert_eq!(second.generation, 2);
+
+        // The new token is rejected at once too: the request gets no replacement now...
+        assert!(handle.replacement_for(&second).await.is_err());
+        assert_eq!(fetcher.calls.load(Ordering::SeqCst), 2);
+        // ...and the fetch comes when the interval has passed.
+        let mut watch = handle.state.clone();
+        watch
+            .wait_for(|s| s.token.as_ref().is_some_and(|t| t.generation == 3))
+            .await
+            .unwrap();
+        assert!(replaced_at.elapsed() >= REJECTION_REFETCH_INTERVAL);
+        assert_eq!(fetcher.calls.load(Ordering::SeqCst), 3);
     }
 }
