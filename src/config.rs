@@ -689,6 +689,20 @@ impl Validator<'_> {
                 return None;
             }
         };
+        // `http::Uri` accepts any digits as a port and then reports none; say so here.
+        let port_text = uri
+            .authority()
+            .and_then(|a| a.as_str().rsplit_once(':'))
+            .map(|(_, port)| port)
+            .filter(|port| !port.contains(']'));
+        if port_text.is_some_and(|port| port.parse::<u16>().is_err()) {
+            self.problem(
+                value.span(),
+                key,
+                format!("{text:?}: the port is not a number from 0 to 65535"),
+            );
+            return None;
+        }
         match uri.scheme_str() {
             Some("http" | "https") if uri.authority().is_some() => Some(uri),
             Some("http" | "https") => {

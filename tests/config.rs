@@ -21,6 +21,14 @@ fn example_config_loads_with_every_key() {
     assert_eq!(config.log.level, "info");
     assert_eq!(config.log.format, bearerd::config::LogFormat::Text);
     assert!(!config.log.access);
+    assert_eq!(config.server.shutdown_grace, Duration::from_secs(20));
+    assert_eq!(
+        config.server.limits.header_read_timeout,
+        Duration::from_secs(10)
+    );
+    assert_eq!(config.server.limits.idle_timeout, Duration::from_secs(60));
+    assert_eq!(config.server.limits.max_header_bytes, 65536);
+    assert_eq!(config.server.limits.max_connections, 1024);
     let [upstream] = config.upstreams.as_slice() else {
         panic!("one upstream expected")
     };
@@ -233,6 +241,20 @@ fn bad_values() {
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:9:10: upstream[0].token.params.grant_type: grant_type is set by bearerd; use the dedicated key instead"
+    );
+    let text = VALID.replace(
+        "https://api.example.com/v2",
+        "https://api.example.com:128081/v2",
+    );
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:4:7: upstream[0].url: \"https://api.example.com:128081/v2\": the port is not a number from 0 to 65535"
+    );
+    let text = format!("[server]\nmax_header_bytes = 100\nmax_connections = 0\n{VALID}");
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:2:20: server.max_header_bytes: must be a whole number of at least 8192\n\
+         /etc/bearerd/bearerd.toml:3:19: server.max_connections: must be a whole number of at least 1"
     );
     let text = VALID.replace("name = \"payments\"", "name = \"pay ments\"");
     assert!(errors(&text).contains("upstream[0].name: \"pay ments\" is not a valid name"));
