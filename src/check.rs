@@ -1,5 +1,7 @@
-//! `bearerd --check`: validate everything that can be validated without sending a request,
-//! and describe what would run. Secrets are read to prove they can be, never printed.
+//! Checking a config by hand: `bearerd --check` validates everything that can be validated
+//! without sending a request and describes what would run; `bearerd --fetch-token UPSTREAM`
+//! performs one token request and describes its outcome. Secrets are read, never printed;
+//! the token only when asked.
 
 use std::collections::HashSet;
 use std::fmt::Write;
@@ -72,4 +74,64 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
     } else {
         Err(problems)
     }
+}
+
+/// Performs one token request for `upstream` and describes the outcome: token type, scope,
+/// lifetime and where it came from, expiry. The token itself only with `show_token`.
+pub async fn fetch_token(
+    config: &Config,
+    upstream: &str,
+    show_token: bool,
+) -> Result<String, String> {
+    let Some(found) = config.upstreams.iter().find(|u| u.name == upstream) else {
+        let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        return Err(format!(
+            "no upstream named {upstream:?}; the config has: {}",
+            names.join(", ")
+        ));
+    };
+    let tls =
+        crate::tls::client_config(&found.tls).map_err(|e| format!("upstream {upstream}: {e}"))?;
+    let fetcher = crate::token::fetch::Fetcher::new(found.token.clone(), tls);
+    let started = tokio::time::Instant::now();
+    let token = crate::token::fetch::Fetch::fetch(&fetcher)
+        .await
+        .map_err(|e| {
+            format!(
+                "upstream {upstream}: token request to {} failed: {e}",
+                found.token.url
+            )
+        })?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "upstream {upstream}: token request to {} succeeded in {} ms",
+        found.token.url,
+        started.elapsed().as_millis()
+    );
+    let _ = writeln!(out, "  token type: Bearer");
+    let _ = writeln!(
+        out,
+        "  scope: {}",
+        token
+            .scope
+            .as_deref()
+            .unwrap_or("(not stated by the endpoint)")
+    );
+    let _ = writeln!(
+        out,
+        "  lifetime: {} s (from {}), expires {}",
+        token.lifetime.as_secs(),
+        token.lifetime_source,
+        humantime::format_rfc3339_seconds(token.expires_at)
+    );
+    if show_token {
+        let header = token.authorization().to_str().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  access token: {}",
+            header.strip_prefix("Bearer ").unwrap_or(header)
+        );
+    }
+    Ok(out)
 }

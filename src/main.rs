@@ -21,6 +21,15 @@ struct Cli {
     /// Validate the config, read every secret and CA file, print what would run, and exit.
     #[arg(long)]
     check: bool,
+
+    /// Perform one token request for UPSTREAM, print the outcome (type, scope, expiry; not the
+    /// token), and exit.
+    #[arg(long, value_name = "UPSTREAM", conflicts_with = "check")]
+    fetch_token: Option<String>,
+
+    /// With --fetch-token: print the access token too.
+    #[arg(long, requires = "fetch_token")]
+    show_token: bool,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +69,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(upstream) = &cli.fetch_token {
+        return match runtime.block_on(bearerd::check::fetch_token(
+            &config,
+            upstream,
+            cli.show_token,
+        )) {
+            Ok(description) => {
+                print!("{description}");
+                ExitCode::SUCCESS
+            }
+            Err(problem) => {
+                eprintln!("{problem}");
+                ExitCode::from(1)
+            }
+        };
+    }
     runtime.block_on(serve(&cli.config, config))
 }
 

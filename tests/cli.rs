@@ -382,3 +382,91 @@ async fn second_signal_exits_at_once() {
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit().code(), Some(130));
 }
+
+/// Runs the binary off the async runtime, so in-process fixtures keep serving.
+async fn bearerd_async(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        bearerd(&args)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_token_reports_the_outcome_and_hides_the_token_unless_asked() {
+    let endpoint = token_endpoint(|_, request| async move {
+        if request.basic().is_some_and(|(_, secret)| secret == "pw") {
+            support::json(
+                StatusCode::OK,
+                serde_json::json!({"access_token": "secret-token-value", "token_type": "bearer", "expires_in": "3600", "scope": "read"}),
+            )
+        } else {
+            support::json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"error": "invalid_client", "error_description": "bad secret"}),
+            )
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &daemon_config("http://127.0.0.1:9/", &endpoint.url("/token")),
+    );
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--config".to_owned(),
+            path.clone(),
+            "--fetch-token".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        bearerd_async(args)
+    };
+
+    let output = run(&["api"]).await;
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("token type: Bearer"), "{stdout}");
+    assert!(stdout.contains("scope: read"), "{stdout}");
+    assert!(
+        stdout.contains("lifetime: 3600 s (from expires_in), expires "),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("secret-token-value"), "{stdout}");
+
+    let output = run(&["api", "--show-token"]).await;
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        stdout.contains("access token: secret-token-value"),
+        "{stdout}"
+    );
+
+    let output = run(&["nope"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("no upstream named \"nope\"; the config has: api"),
+        "{stderr}"
+    );
+    assert_eq!(endpoint.count(), 2);
+
+    let wrong = write_config(
+        dir.path(),
+        &daemon_config("http://127.0.0.1:9/", &endpoint.url("/token"))
+            .replace("\"pw\"", "\"wrong\""),
+    );
+    let output = bearerd_async(vec![
+        "--config".into(),
+        wrong,
+        "--fetch-token".into(),
+        "api".into(),
+    ])
+    .await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("status 401 Unauthorized, error \"invalid_client\": bad secret"),
+        "{stderr}"
+    );
+}

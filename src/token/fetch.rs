@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::Instant;
 
 use super::response::{self, EndpointError};
-use super::{schedule, Token};
+use super::{schedule, LifetimeSource, Token};
 use crate::config::{ClientAuth, TokenSettings};
 use crate::secret::{Secret, SecretError};
 use crate::tls::HttpsClient;
@@ -139,11 +139,11 @@ impl Fetcher {
         let invalid = |e: response::InvalidResponse| FetchError::InvalidResponse(e.0);
         let grant = response::parse_success(body).map_err(invalid)?;
         let now = SystemTime::now();
-        let lifetime = match grant.expires_in {
-            Some(lifetime) => lifetime,
+        let (lifetime, lifetime_source) = match grant.expires_in {
+            Some(lifetime) => (lifetime, LifetimeSource::ExpiresIn),
             None => match response::jwt_lifetime(grant.access_token.expose(), now) {
-                Some(lifetime) => lifetime.map_err(invalid)?,
-                None => self.settings.default_lifetime,
+                Some(lifetime) => (lifetime.map_err(invalid)?, LifetimeSource::JwtExp),
+                None => (self.settings.default_lifetime, LifetimeSource::Default),
             },
         };
         let mut authorization =
@@ -158,6 +158,7 @@ impl Fetcher {
         Ok(Token {
             authorization,
             lifetime,
+            lifetime_source,
             usable_until: Instant::now() + schedule::usable_for(lifetime),
             expires_at: now + lifetime,
             scope: grant.scope,

@@ -34,9 +34,32 @@ pub struct Token {
     pub expires_at: SystemTime,
     /// The scope the endpoint granted, if it said.
     pub scope: Option<String>,
+    /// Where `lifetime` came from.
+    pub lifetime_source: LifetimeSource,
     /// Which token of its source this is: 1 for the first, then counting up. Set by the
     /// refresher when it publishes the token; an upstream's 401 names the token by it.
     pub generation: u64,
+}
+
+/// Where a token's lifetime came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifetimeSource {
+    /// The response's `expires_in`.
+    ExpiresIn,
+    /// The `exp` claim of the JWT access token (the response had no `expires_in`).
+    JwtExp,
+    /// `default_lifetime` (no `expires_in`, and not a JWT with `exp`).
+    Default,
+}
+
+impl fmt::Display for LifetimeSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ExpiresIn => "expires_in",
+            Self::JwtExp => "the JWT exp claim",
+            Self::Default => "default_lifetime",
+        })
+    }
 }
 
 impl Token {
@@ -56,6 +79,7 @@ impl fmt::Debug for Token {
         f.debug_struct("Token")
             .field("authorization", &"[redacted]")
             .field("lifetime", &self.lifetime)
+            .field("lifetime_source", &self.lifetime_source)
             .field("usable_until", &self.usable_until)
             .field("scope", &self.scope)
             .field("generation", &self.generation)

@@ -350,6 +350,7 @@ impl Refresher {
                     outcome = "success",
                     duration_ms = elapsed.as_millis() as u64,
                     expires_in = token.lifetime.as_secs(),
+                    lifetime_from = %token.lifetime_source,
                     refresh_in = delay.as_secs(),
                     scope = token.scope.as_deref().unwrap_or(""),
                     "token fetched"
@@ -435,6 +436,7 @@ mod tests {
                         authorization: http::HeaderValue::try_from(format!("Bearer t{call}"))
                             .unwrap(),
                         lifetime,
+                        lifetime_source: crate::token::LifetimeSource::ExpiresIn,
                         usable_until: Instant::now() + schedule::usable_for(lifetime),
                         expires_at: SystemTime::now() + lifetime,
                         scope: None,
