@@ -124,7 +124,9 @@ pub fn jwt_lifetime(token: &str, now: SystemTime) -> Option<Result<Duration, Inv
     let claims: Value = serde_json::from_slice(&bytes).ok()?;
     let exp = claims.get("exp")?.as_f64()?;
     let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs_f64();
-    if exp <= now {
+    // Under a second left is as good as expired: a zero lifetime would mean fetching again
+    // at once, in a loop.
+    if exp < now + 1.0 {
         return Some(Err(InvalidResponse(
             "the token's JWT exp claim is already past".into(),
         )));
@@ -159,18 +161,23 @@ impl fmt::Display for EndpointError {
 /// Reads an error body. `secret` is scrubbed from anything quoted, in case the server echoes
 /// the request back.
 pub fn parse_error(status: StatusCode, body: &[u8], secret: Option<&Secret>) -> EndpointError {
-    // Scrub before anything is cut or quoted, so that no part of the secret survives.
-    let mut text = String::from_utf8_lossy(body).into_owned();
-    if let Some(secret) = secret.filter(|s| !s.expose().is_empty()) {
-        // As sent in a `post` body, too: form-urlencoded.
-        let encoded: String = form_urlencoded::byte_serialize(secret.expose().as_bytes()).collect();
-        text = text
-            .replace(secret.expose(), "[redacted]")
-            .replace(&encoded, "[redacted]");
-    }
+    let scrub = |text: String| match secret.filter(|s| !s.expose().is_empty()) {
+        // As sent, and as sent in a `post` body: form-urlencoded.
+        Some(secret) => {
+            let encoded: String =
+                form_urlencoded::byte_serialize(secret.expose().as_bytes()).collect();
+            text.replace(secret.expose(), "[redacted]")
+                .replace(&encoded, "[redacted]")
+        }
+        None => text,
+    };
+    // Scrubbed before parsing, and each piece again after: JSON escapes (`\/`, `\u0026`) and
+    // folded whitespace can hide the secret from one pass but not from the other. Always
+    // before anything is cut, so that no part of a secret survives.
+    let text = scrub(String::from_utf8_lossy(body).into_owned());
     let (error, description) = match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Object(object)) => error_fields(&object),
-        _ => (None, excerpt(&text)),
+        Ok(Value::Object(object)) => error_fields(&object, &scrub),
+        _ => (None, excerpt(&text, &scrub)),
     };
     EndpointError {
         status,
@@ -179,10 +186,14 @@ pub fn parse_error(status: StatusCode, body: &[u8], secret: Option<&Secret>) -> 
     }
 }
 
-/// The error code and explanation out of a JSON error object, whatever its shape.
-fn error_fields(object: &Map<String, Value>) -> (Option<String>, Option<String>) {
+/// The error code and explanation out of a JSON error object, whatever its shape, each piece
+/// passed through `scrub`.
+fn error_fields(
+    object: &Map<String, Value>,
+    scrub: &dyn Fn(String) -> String,
+) -> (Option<String>, Option<String>) {
     let text = |key: &str| match object.get(key) {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::String(s)) if !s.is_empty() => Some(scrub(s.clone())),
         _ => None,
     };
     // RFC 6749 §5.2; IBM adds `message`; USM Anywhere uses `result` and `location`.
@@ -206,9 +217,11 @@ fn error_fields(object: &Map<String, Value>) -> (Option<String>, Option<String>)
     // Another shape, such as a flat map of strings: quote it compactly.
     let flat = object
         .iter()
-        .map(|(key, value)| match value {
-            Value::String(s) => format!("{key}: {s}"),
-            other => format!("{key}: {other}"),
+        .map(|(key, value)| {
+            scrub(match value {
+                Value::String(s) => format!("{key}: {s}"),
+                other => format!("{key}: {other}"),
+            })
         })
         .collect::<Vec<_>>()
         .join("; ");
@@ -217,7 +230,7 @@ fn error_fields(object: &Map<String, Value>) -> (Option<String>, Option<String>)
 
 /// `error: description` out of an error-shaped object, for a 200 that carries one.
 fn describe_json_error(object: &Map<String, Value>) -> Option<String> {
-    match error_fields(object) {
+    match error_fields(object, &|text| text) {
         (Some(error), Some(description)) => Some(format!("{error:?}: {description}")),
         (Some(error), None) => Some(format!("{error:?}")),
         _ => None,
@@ -225,8 +238,8 @@ fn describe_json_error(object: &Map<String, Value>) -> Option<String> {
 }
 
 /// The start of a body, on one line, for a person to recognise (an HTML error page, say).
-fn excerpt(text: &str) -> Option<String> {
-    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+fn excerpt(text: &str, scrub: &dyn Fn(String) -> String) -> Option<String> {
+    let one_line = scrub(text.split_whitespace().collect::<Vec<_>>().join(" "));
     if one_line.is_empty() {
         return Some("(empty body)".into());
     }
