@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build test lint test-deps demo clean
+.PHONY: all build test lint test-deps interop demo clean
 
 all: build
 
@@ -13,6 +13,7 @@ build:
 test: lint test-deps
 	$(CARGO) test --all-targets --locked
 	$(CARGO) test --doc --locked
+	$(MAKE) --no-print-directory interop
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -22,9 +23,21 @@ lint:
 test-deps:
 	bash scripts/install-test-deps.sh
 
+## bearerd against a real Django OAuth Toolkit server (tests/interop.rs), in a Python
+## virtualenv under target/ that scripts/interop.sh makes or updates from PyPI.
+interop:
+	CARGO="$(CARGO)" bash scripts/interop.sh
+
 ## bearerd with a local demo token endpoint and echo upstream; prints the curl line to try.
 demo:
 	bash scripts/demo.sh
+
+## bearerd against nginx and the bare upstream with wrk, plus the cold-start herd (not part of
+## test; about 7 minutes; BENCH_SECONDS=3 BENCH_ROUNDS=1 for a quick look). docs/benchmarks.md.
+.PHONY: bench
+bench:
+	$(CARGO) build --release --bin bearerd
+	python3 scripts/bench/run.py
 
 clean:
 	$(CARGO) clean

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::Instant;
@@ -105,6 +105,14 @@ impl Fetcher {
             .then(|| response.headers().get(RETRY_AFTER))
             .flatten()
             .and_then(parse_retry_after);
+            // Redirects are not followed (the secret would go along); say where it pointed,
+            // as it usually names the right token URL (a missing trailing slash, say).
+            let location = status
+                .is_redirection()
+                .then(|| response.headers().get(LOCATION))
+                .flatten()
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
@@ -115,9 +123,9 @@ impl Fetcher {
                     ))
                 })?
                 .to_bytes();
-            Ok::<_, FetchError>((status, retry_after, body))
+            Ok::<_, FetchError>((status, retry_after, location, body))
         };
-        let (status, retry_after, body) = tokio::time::timeout(timeout, exchange)
+        let (status, retry_after, location, body) = tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| FetchError::Timeout(timeout))??;
         if status.is_success() {
@@ -128,6 +136,10 @@ impl Fetcher {
                 FetchError::ServerError(error, retry_after)
             } else if status.is_client_error() {
                 FetchError::Rejected(error, retry_after)
+            } else if let Some(location) = location {
+                FetchError::InvalidResponse(format!(
+                    "unexpected {error}, redirecting to {location:?}: set the token url to where it points"
+                ))
             } else {
                 FetchError::InvalidResponse(format!("unexpected {error}"))
             })
