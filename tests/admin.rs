@@ -10,18 +10,10 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::StatusCode;
 use support::{echo, get, json, serve, token_endpoint, token_ok, Sidecar};
-
-/// The value of a series in a scrape, if present.
-fn metric(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
 
 fn now() -> f64 {
     SystemTime::now()
@@ -102,7 +94,8 @@ async fn metrics_after_a_scripted_scenario() {
     );
     let scrape = String::from_utf8(answer.body.to_vec()).unwrap();
     let value = |series: &str| {
-        metric(&scrape, series).unwrap_or_else(|| panic!("{series} missing from:\n{scrape}"))
+        support::metric(&scrape, series)
+            .unwrap_or_else(|| panic!("{series} missing from:\n{scrape}"))
     };
 
     assert_eq!(
@@ -154,7 +147,7 @@ async fn metrics_after_a_scripted_scenario() {
         2.0
     );
     assert_eq!(
-        metric(
+        support::metric(
             &scrape,
             r#"bearerd_requests_total{code="503",upstream="good"}"#
         ),
@@ -245,19 +238,7 @@ async fn probes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_turns_503_at_once_on_shutdown() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let release = Arc::new(tokio::sync::Notify::new());
-    let hold = Arc::clone(&release);
-    let upstream = serve(move |request| {
-        let arrived_tx = arrived_tx.clone();
-        let hold = Arc::clone(&hold);
-        async move {
-            let _ = arrived_tx.send(());
-            hold.notified().await;
-            echo(request).await
-        }
-    })
-    .await;
+    let upstream = support::Holding::start().await;
     let mut sidecar = Sidecar::start(&support::config(
         "api",
         &upstream.url(""),
@@ -267,7 +248,7 @@ async fn readiness_turns_503_at_once_on_shutdown() {
     .await;
     let admin = sidecar.running().admin_addr();
     let in_flight = tokio::spawn(support::get_owned(sidecar.url("api", "/slow")));
-    arrived.recv().await.unwrap();
+    upstream.arrived().await;
     let ready = get(&format!("http://{admin}/readyz")).await;
     assert_eq!(ready.status, StatusCode::OK);
     assert_eq!(ready.json(), serde_json::json!({"ready": true}));
@@ -289,7 +270,7 @@ async fn readiness_turns_503_at_once_on_shutdown() {
         tokio::task::yield_now().await;
     }
     assert!(!in_flight.is_finished());
-    release.notify_one();
+    upstream.release();
     assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
     shutdown.await.unwrap();
 }

@@ -13,7 +13,6 @@ mod support;
 use std::path::Path;
 use std::pin::Pin;
 use std::process::Command;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -144,19 +143,7 @@ fn daemon_config(upstream: &str, token_url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
-    let (arrived_tx, arrived_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let release = Arc::new(tokio::sync::Notify::new());
-    let hold = Arc::clone(&release);
-    let upstream = serve(move |request| {
-        let arrived_tx = arrived_tx.clone();
-        let hold = Arc::clone(&hold);
-        async move {
-            let _ = arrived_tx.send(());
-            hold.notified().await;
-            echo(request).await
-        }
-    })
-    .await;
+    let upstream = support::Holding::start().await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         dir.path(),
@@ -166,8 +153,7 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     let addr = daemon.listen_addr("api");
 
     let in_flight = tokio::spawn(support::get_owned(format!("http://{addr}/slow")));
-    let mut arrived_rx = arrived_rx;
-    arrived_rx.recv().await.unwrap();
+    upstream.arrived().await;
     daemon.signal("TERM");
 
     // The listener closes first: new connections are refused while the old request drains.
@@ -179,7 +165,7 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    release.notify_one();
+    upstream.release();
     let answer = in_flight.await.unwrap();
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.echo().header("authorization"), Some("Bearer tok"));
@@ -361,13 +347,8 @@ async fn sighup_reloads_and_a_bad_config_keeps_the_running_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_signal_exits_at_once() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
-    // Never answers: the drain would last the whole grace period.
-    let upstream = serve(move |_| {
-        let _ = arrived_tx.send(());
-        std::future::pending()
-    })
-    .await;
+    // Never released: the drain would last the whole grace period.
+    let upstream = support::Holding::start().await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         dir.path(),
@@ -376,7 +357,7 @@ async fn second_signal_exits_at_once() {
     let mut daemon = Daemon::start(&path);
     let addr = daemon.listen_addr("api");
     let _in_flight = tokio::spawn(support::get_owned(format!("http://{addr}/hang")));
-    arrived.recv().await.unwrap();
+    upstream.arrived().await;
     daemon.signal("TERM");
     daemon.wait_for_log("shutting down");
     daemon.signal("TERM");

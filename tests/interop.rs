@@ -284,12 +284,6 @@ async fn bounded(test: impl std::future::Future<Output = ()>) {
         .expect("the test took too long");
 }
 
-fn metric(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// Requests go through with a token DOT issued to bearerd's client; one token request serves
 /// them all.
 async fn end_to_end(auth: &str) {
@@ -478,7 +472,7 @@ async fn revoked_token_is_replaced_and_the_request_replayed() {
 
         let scrape = sidecar.running().metrics().render().unwrap();
         assert_eq!(
-            metric(
+            support::metric(
                 &scrape,
                 r#"bearerd_upstream_unauthorized_retries_total{upstream="api"}"#
             ),

@@ -353,13 +353,6 @@ url = "{u}"
     sidecar.stop().await;
 }
 
-/// The value of a metric series in a scrape, if present.
-fn metric(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_start_herd_of_1000_causes_one_token_request() {
     const HERD: usize = 1000;
@@ -392,13 +385,13 @@ async fn cold_start_herd_of_1000_causes_one_token_request() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let scrape = sidecar.running().metrics().render().unwrap();
-        if metric(&scrape, in_flight) == Some(HERD as f64) {
+        if support::metric(&scrape, in_flight) == Some(HERD as f64) {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "herd never all in flight: {:?}",
-            metric(&scrape, in_flight)
+            support::metric(&scrape, in_flight)
         );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }

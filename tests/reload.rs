@@ -10,8 +10,6 @@
 
 mod support;
 
-use std::sync::Arc;
-
 use http::StatusCode;
 use support::{echo, get, serve, token_endpoint, token_ok, Sidecar};
 
@@ -124,19 +122,7 @@ async fn reload_changes_routes_keeps_unchanged_tokens_and_adds_listeners() {
 #[tokio::test]
 async fn removed_listener_drains_its_request_in_flight() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let release = Arc::new(tokio::sync::Notify::new());
-    let hold = Arc::clone(&release);
-    let upstream = serve(move |request| {
-        let arrived_tx = arrived_tx.clone();
-        let hold = Arc::clone(&hold);
-        async move {
-            let _ = arrived_tx.send(());
-            hold.notified().await;
-            echo(request).await
-        }
-    })
-    .await;
+    let upstream = support::Holding::start().await;
     let token_url = endpoint.url("/token");
     let keep = upstream_block("keep", "127.0.0.1:0", &upstream.url(""), &token_url);
     let mut sidecar = Sidecar::start(&with_admin(&[
@@ -146,7 +132,7 @@ async fn removed_listener_drains_its_request_in_flight() {
     .await;
     let gone = sidecar.running().local_addr("gone").unwrap();
     let in_flight = tokio::spawn(support::get_owned(format!("http://{gone}/slow")));
-    arrived.recv().await.unwrap();
+    upstream.arrived().await;
 
     let config = load(&sidecar, &with_admin(&[keep]));
     sidecar
@@ -166,7 +152,7 @@ async fn removed_listener_drains_its_request_in_flight() {
         tokio::task::yield_now().await;
     }
     assert!(!in_flight.is_finished());
-    release.notify_one();
+    upstream.release();
     assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
     sidecar.stop().await;
 }

@@ -53,12 +53,6 @@ fn config(upstream: &Server, token_url: &str, extra: &str) -> String {
     .replace("[upstream.token]", &format!("{extra}\n[upstream.token]"))
 }
 
-fn metric(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[tokio::test]
 async fn revoked_token_is_replaced_and_the_request_replayed() {
     let endpoint = token_endpoint(|n, _| async move { token_ok(&format!("tok-{n}"), 3600) }).await;
@@ -86,14 +80,14 @@ async fn revoked_token_is_replaced_and_the_request_replayed() {
 
     let scrape = sidecar.running().metrics().render().unwrap();
     assert_eq!(
-        metric(
+        support::metric(
             &scrape,
             r#"bearerd_upstream_unauthorized_retries_total{upstream="api"}"#
         ),
         Some(1.0)
     );
     assert_eq!(
-        metric(
+        support::metric(
             &scrape,
             r#"bearerd_requests_total{code="200",upstream="api"}"#
         ),

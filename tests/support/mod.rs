@@ -470,3 +470,54 @@ pub async fn get(url: &str) -> Answer {
 pub async fn get_owned(url: String) -> Answer {
     get(&url).await
 }
+
+/// The value of a series in a Prometheus scrape, if present.
+pub fn metric(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// An echo upstream that holds every request until released: a request "in flight".
+pub struct Holding {
+    pub server: Server,
+    arrived: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<()>>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl Holding {
+    pub async fn start() -> Self {
+        let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let hold = Arc::clone(&release);
+        let server = serve(move |request| {
+            let arrived_tx = arrived_tx.clone();
+            let hold = Arc::clone(&hold);
+            async move {
+                let _ = arrived_tx.send(());
+                hold.notified().await;
+                echo(request).await
+            }
+        })
+        .await;
+        Self {
+            server,
+            arrived: tokio::sync::Mutex::new(arrived),
+            release,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.server.url(path)
+    }
+
+    /// Waits until a request has reached the upstream.
+    pub async fn arrived(&self) {
+        self.arrived.lock().await.recv().await.unwrap();
+    }
+
+    /// Lets one held request (or the next to arrive) be answered.
+    pub fn release(&self) {
+        self.release.notify_one();
+    }
+}
