@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build test lint test-deps interop demo clean
+.PHONY: all build test lint test-deps check-deploy interop demo clean
 
 all: build
 
@@ -10,7 +10,7 @@ build:
 	$(CARGO) build --release --bin bearerd
 
 ## Formatting, lints, and every test. This is what CI runs (.ci/run).
-test: lint test-deps
+test: lint test-deps check-deploy
 	$(CARGO) test --all-targets --locked
 	$(CARGO) test --doc --locked
 	$(MAKE) --no-print-directory interop
@@ -23,6 +23,11 @@ lint:
 test-deps:
 	bash scripts/install-test-deps.sh
 
+## deploy/: kustomize builds validated against the Kubernetes schemas, promtool on the alerts
+## and their unit tests and on the dashboard's queries; tools into target/deploy-venv.
+check-deploy:
+	bash scripts/check-deploy.sh
+
 ## bearerd against a real Django OAuth Toolkit server (tests/interop.rs), in a Python
 ## virtualenv under target/ that scripts/interop.sh makes or updates from PyPI.
 interop:
@@ -33,7 +38,7 @@ demo:
 	bash scripts/demo.sh
 
 ## bearerd against nginx and the bare upstream with wrk, plus the cold-start herd (not part of
-## test; about 7 minutes; BENCH_SECONDS=3 BENCH_ROUNDS=1 for a quick look). docs/benchmarks.md.
+## test; about 5 minutes; BENCH_SECONDS=3 BENCH_ROUNDS=1 for a quick look). docs/benchmarks.md.
 .PHONY: bench
 bench:
 	$(CARGO) build --release --bin bearerd

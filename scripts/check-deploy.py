@@ -1,0 +1,382 @@
+"""Checks for deploy/, run by scripts/check-deploy.sh inside target/deploy-venv.
+
+  check-deploy.py manifests native|regular:VERSION[,VERSION...]:BUILT.yaml ...
+      Every object in BUILT.yaml (the output of `kubectl kustomize`) against the Kubernetes
+      JSON schemas of each VERSION (kubernetes-validate, offline, strict: an unknown field is
+      an error); the PodMonitor against the Prometheus Operator's CRD types. Then what
+      bearerd needs of its pod, with bearerd as a native sidecar or a regular container:
+      probes, ports, security context, resources, the config's admin and proxy addresses,
+      the Secret's mount, the grace period, the scrape settings.
+
+  check-deploy.py dashboard-rules DASHBOARD.json OUT.yml
+      Writes every PromQL expression of the Grafana dashboard as a recording rule, with the
+      dashboard's variables filled in, so that `promtool check rules OUT.yml` parses them.
+
+  check-deploy.py dockerfile Dockerfile
+      Parses it with BuildKit's parser (PyPI dockerfile) and checks its shape: a build stage,
+      a distroless runtime stage with a numeric non-root USER and a `--version` smoke test,
+      and that Cargo.toml needs no file the build stage does not copy.
+
+Prints one line per check; exits 1 at the end if any failed.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+
+import yaml
+
+failures = 0
+
+
+def check(ok, what):
+    """Prints `ok`/`FAIL` and what was checked; counts failures."""
+    global failures
+    print(("  ok    " if ok else "  FAIL  ") + what)
+    if not ok:
+        failures += 1
+    return ok
+
+
+def validate_schemas(docs, versions):
+    import kubernetes_validate.utils as kv
+
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PodMonitor":
+            validate_podmonitor(doc, name)
+            continue
+        for version in versions:
+            try:
+                kv.validate(doc, version, strict=True)
+                check(True, f"{name}: valid in Kubernetes {version} (strict)")
+            except kv.ValidationError as e:
+                path = ".".join(str(p) for p in e.path)
+                check(False, f"{name}: invalid in Kubernetes {version}: {path}: {e.message}")
+            except kv.SchemaNotFoundError as e:
+                check(False, f"{name}: no schema in Kubernetes {version}: {e.message}")
+
+
+def validate_podmonitor(doc, name):
+    """The Prometheus Operator's CRD types (pydantic) ignore unknown fields, so a field that
+    does not survive a round trip through them is reported as unknown."""
+    from cloudcoil.models.prometheus_operator.v1 import PodMonitor
+    from pydantic import ValidationError
+
+    try:
+        parsed = PodMonitor.model_validate(doc)
+    except ValidationError as e:
+        errors = "; ".join(
+            ".".join(str(p) for p in error["loc"]) + ": " + error["msg"] for error in e.errors()
+        )
+        check(False, f"{name}: invalid PodMonitor: {errors}")
+        return
+    back = parsed.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    unknown = sorted(unknown_fields(doc, back))
+    crd = "the Prometheus Operator 0.80.1 CRD"
+    if unknown:
+        check(False, f"{name}: fields unknown to {crd}: {', '.join(unknown)}")
+    else:
+        check(True, f"{name}: valid monitoring.coreos.com/v1 PodMonitor ({crd})")
+
+
+def unknown_fields(given, kept, path=""):
+    if isinstance(given, dict):
+        for key, value in given.items():
+            here = f"{path}.{key}" if path else key
+            if not isinstance(kept, dict) or key not in kept:
+                yield here
+            else:
+                yield from unknown_fields(value, kept[key], here)
+    elif isinstance(given, list) and isinstance(kept, list):
+        for i, (g, k) in enumerate(zip(given, kept)):
+            yield from unknown_fields(g, k, f"{path}[{i}]")
+
+
+def probe(container, kind):
+    get = (container.get(kind) or {}).get("httpGet") or {}
+    return get.get("path"), get.get("port")
+
+
+def check_pod(docs, sidecar):
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    if not check(len(deployments) == 1, "one Deployment"):
+        return
+    deployment = deployments[0]
+    template = deployment["spec"]["template"]
+    pod = template["spec"]
+    init = pod.get("initContainers") or []
+    regular = pod.get("containers") or []
+    every = init + regular
+
+    # Where bearerd runs.
+    in_init = [c for c in init if c["name"] == "bearerd"]
+    in_regular = [c for c in regular if c["name"] == "bearerd"]
+    if sidecar == "native":
+        check(
+            len(in_init) == 1 and not in_regular,
+            "bearerd is an init container (native sidecar)",
+        )
+        bearerd = in_init[0] if in_init else None
+        if bearerd:
+            check(bearerd.get("restartPolicy") == "Always", "bearerd: restartPolicy Always")
+    else:
+        check(
+            len(in_regular) == 1 and not in_init,
+            "bearerd is a regular container (clusters without native sidecars)",
+        )
+        bearerd = in_regular[0] if in_regular else None
+        if bearerd:
+            check("restartPolicy" not in bearerd, "bearerd: no container restartPolicy")
+    check(
+        any(c["name"] != "bearerd" for c in regular),
+        "an app container beside bearerd",
+    )
+    if not bearerd:
+        return
+
+    # Hardening, for every container.
+    security = pod.get("securityContext") or {}
+    check(security.get("runAsNonRoot") is True, "pod: runAsNonRoot")
+    check(
+        (security.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
+        "pod: seccomp RuntimeDefault",
+    )
+    for c in every:
+        sc = c.get("securityContext") or {}
+        check(
+            sc.get("allowPrivilegeEscalation") is False
+            and sc.get("readOnlyRootFilesystem") is True
+            and "ALL" in ((sc.get("capabilities") or {}).get("drop") or [])
+            and sc.get("privileged") in (None, False),
+            f"{c['name']}: no privilege escalation, read-only root, all capabilities dropped",
+        )
+        resources = c.get("resources") or {}
+        check(
+            all(
+                key in (resources.get(kind) or {})
+                for kind in ("requests", "limits")
+                for key in ("cpu", "memory")
+            ),
+            f"{c['name']}: cpu and memory requests and limits",
+        )
+
+    # Probes on the admin port.
+    ports = {p.get("name"): p.get("containerPort") for p in bearerd.get("ports") or []}
+    check(ports.get("admin") == 9464, "bearerd: container port admin = 9464")
+    check(probe(bearerd, "livenessProbe") == ("/healthz", "admin"), "bearerd: liveness /healthz")
+    check(probe(bearerd, "readinessProbe") == ("/readyz", "admin"), "bearerd: readiness /readyz")
+    check(probe(bearerd, "startupProbe") == ("/readyz", "admin"), "bearerd: startup /readyz")
+
+    # The config, from the ConfigMap mounted at /etc/bearerd.
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    mounts = {m["mountPath"]: volumes.get(m["name"], {}) for m in bearerd.get("volumeMounts") or []}
+    config_map = (mounts.get("/etc/bearerd") or {}).get("configMap", {}).get("name")
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    if not check(config_map in maps, f"bearerd: ConfigMap {config_map} mounted at /etc/bearerd"):
+        return
+    check(
+        bearerd.get("args") == ["--config", "/etc/bearerd/bearerd.toml"],
+        "bearerd: --config /etc/bearerd/bearerd.toml",
+    )
+    config = tomllib.loads(maps[config_map]["data"]["bearerd.toml"])
+    check(
+        config.get("admin", {}).get("listen") == "0.0.0.0:9464",
+        "config: [admin] listen = 0.0.0.0:9464 (probes and scrapes come to the pod IP)",
+    )
+    grace = config.get("server", {}).get("shutdown_grace", "20s")
+    grace_seconds = int(grace.removesuffix("s")) if grace.endswith("s") and grace[:-1].isdigit() else None
+    check(
+        grace_seconds is not None
+        and grace_seconds < pod.get("terminationGracePeriodSeconds", 30),
+        f"config: shutdown_grace {grace} < terminationGracePeriodSeconds "
+        f"{pod.get('terminationGracePeriodSeconds', 30)}",
+    )
+    for upstream in config.get("upstream", []):
+        name = upstream.get("name")
+        check(
+            upstream.get("listen", "").startswith("127.0.0.1:"),
+            f"config: upstream {name} listens on 127.0.0.1 only",
+        )
+        path = upstream.get("token", {}).get("client_secret_file", "")
+        directory, _, file = path.rpartition("/")
+        secret = (mounts.get(directory) or {}).get("secret")
+        items = [i["path"] for i in (secret or {}).get("items") or []]
+        check(
+            secret is not None and (not items or file in items),
+            f"config: upstream {name}: client_secret_file {path} is a mounted Secret's file",
+        )
+
+    # Scraping.
+    annotations = template["metadata"].get("annotations") or {}
+    check(
+        annotations.get("prometheus.io/scrape") == "true"
+        and annotations.get("prometheus.io/port") == "9464"
+        and annotations.get("prometheus.io/path") == "/metrics",
+        "pod: prometheus.io/scrape, port 9464, path /metrics annotations",
+    )
+    monitors = [d for d in docs if d["kind"] == "PodMonitor"]
+    if check(len(monitors) == 1, "one PodMonitor"):
+        spec = monitors[0]["spec"]
+        labels = template["metadata"].get("labels") or {}
+        selector = spec["selector"].get("matchLabels") or {}
+        check(
+            selector and all(labels.get(k) == v for k, v in selector.items()),
+            "PodMonitor: selects the pod's labels",
+        )
+        endpoints = spec.get("podMetricsEndpoints") or []
+        check(
+            len(endpoints) == 1
+            and endpoints[0].get("port") == "admin"
+            and endpoints[0].get("path", "/metrics") == "/metrics",
+            "PodMonitor: scrapes port admin, /metrics",
+        )
+        check(
+            any(
+                r.get("targetLabel") == "job" and r.get("replacement") == "bearerd"
+                for e in endpoints
+                for r in e.get("relabelings") or []
+            ),
+            'PodMonitor: sets job="bearerd", which the alerts and the dashboard select on',
+        )
+
+
+def manifests(args):
+    for spec in args.specs:
+        sidecar, versions, built = spec.split(":", 2)
+        if sidecar not in ("native", "regular"):
+            raise SystemExit(f"{spec}: expected native|regular:VERSION[,VERSION...]:FILE")
+        with open(built) as f:
+            docs = [d for d in yaml.safe_load_all(f) if d]
+        print(f"{built}: {len(docs)} objects: " + ", ".join(d["kind"] for d in docs))
+        validate_schemas(docs, versions.split(","))
+        check_pod(docs, sidecar)
+
+
+def dockerfile(args):
+    import dockerfile as parser
+
+    commands = parser.parse_file(args.dockerfile)
+    stages = []
+    for c in commands:
+        if c.cmd == "FROM":
+            stages.append([c])
+        elif stages:
+            stages[-1].append(c)
+    print(f"{args.dockerfile}: {len(commands)} instructions, {len(stages)} stages")
+    if not check(len(stages) == 2, "Dockerfile: two stages, build and runtime"):
+        return
+    build, runtime = stages
+
+    def has(stage, cmd, test):
+        return any(c.cmd == cmd and test(c) for c in stage)
+
+    check(
+        "build" in build[0].value
+        and has(build, "RUN", lambda c: "cargo build --release --locked --bin bearerd" in c.value[0]),
+        "Dockerfile: stage build runs cargo build --release --locked --bin bearerd",
+    )
+    image = runtime[0].value[0]
+    check(image.startswith("gcr.io/distroless/"), f"Dockerfile: runtime image {image} is distroless")
+    check(
+        has(runtime, "COPY", lambda c: "--from=build" in c.flags),
+        "Dockerfile: the runtime stage copies the binary from the build stage",
+    )
+    smoke = ["/usr/local/bin/bearerd", "--version"]
+    check(
+        has(runtime, "RUN", lambda c: c.json and list(c.value) == smoke),
+        f"Dockerfile: smoke test RUN {json.dumps(smoke)} (exec form: no shell)",
+    )
+    users = [c.value[0] for c in runtime if c.cmd == "USER"]
+    user = users[-1] if users else "(none)"
+    uid = user.split(":")[0]
+    check(uid.isdigit() and int(uid) != 0, f"Dockerfile: USER {user} is numeric and not root")
+    check(has(runtime, "ENTRYPOINT", lambda c: c.json), "Dockerfile: ENTRYPOINT in exec form")
+
+    # The build stage copies Cargo.toml, Cargo.lock and src only: enough while Cargo.toml
+    # declares no target of its own (a [[bench]] whose file is missing fails the build) and
+    # there is no build script.
+    copied = {v for c in build if c.cmd == "COPY" for v in c.value[:-1]}
+    with open("Cargo.toml", "rb") as f:
+        manifest = tomllib.load(f)
+    declared = [f"[[{t}]]" for t in ("bin", "bench", "example", "test") if t in manifest]
+    if "build" in manifest.get("package", {}) or os.path.exists("build.rs"):
+        declared.append("a build script")
+    check(
+        not declared and copied >= {"Cargo.toml", "Cargo.lock", "src"},
+        "Dockerfile: copies all the build needs (Cargo.toml, Cargo.lock, src)"
+        + (f"; Cargo.toml now has {', '.join(declared)}: copy their files too" if declared else ""),
+    )
+    rust = next(
+        (c.value[0].split("=", 1)[1] for c in commands if c.cmd == "ARG" and c.value[0].startswith("RUST_VERSION=")),
+        "0",
+    )
+    minimum = manifest.get("package", {}).get("rust-version", "0")
+    version = lambda text: tuple(int(part) for part in text.split("."))  # noqa: E731
+    check(
+        version(rust) >= version(minimum),
+        f"Dockerfile: Rust {rust} >= rust-version {minimum} of Cargo.toml",
+    )
+
+
+def panels(items):
+    for panel in items:
+        yield panel
+        yield from panels(panel.get("panels") or [])
+
+
+def dashboard_rules(args):
+    with open(args.dashboard) as f:
+        dashboard = json.load(f)
+    every = list(panels(dashboard.get("panels") or []))
+    ids = [p.get("id") for p in every]
+    check(len(ids) == len(set(ids)) and None not in ids, f"dashboard: {len(ids)} panels, ids unique")
+    variables = [v["name"] for v in dashboard.get("templating", {}).get("list", [])]
+    check("datasource" in variables, "dashboard: a datasource variable")
+    rules = []
+    for panel in every:
+        if panel.get("type") == "row":
+            continue
+        targets = panel.get("targets") or []
+        check(
+            bool(targets)
+            and (panel.get("datasource") or {}).get("uid") == "${datasource}"
+            and all(t.get("expr") for t in targets),
+            f"dashboard: panel {panel['id']} \"{panel.get('title')}\" queries ${{datasource}}",
+        )
+        for n, target in enumerate(targets):
+            expr = target.get("expr", "")
+            for name, value in (
+                ("$__rate_interval", "2m"),
+                ("$__interval", "30s"),
+                ("$__range", "1h"),
+            ):
+                expr = expr.replace(name, value)
+            for name in sorted(variables, key=len, reverse=True):
+                expr = expr.replace("${" + name + "}", ".*").replace("$" + name, ".*")
+            rules.append({"record": f"dashboard:panel_{panel['id']}_{n}", "expr": expr})
+    with open(args.out, "w") as f:
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, f, sort_keys=False)
+    print(f"  {len(rules)} dashboard queries written to {args.out} for promtool")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("manifests")
+    m.add_argument("specs", nargs="+", metavar="native|regular:VERSION[,VERSION...]:FILE")
+    d = sub.add_parser("dashboard-rules")
+    d.add_argument("dashboard")
+    d.add_argument("out")
+    f = sub.add_parser("dockerfile")
+    f.add_argument("dockerfile")
+    args = parser.parse_args()
+    commands = {"manifests": manifests, "dashboard-rules": dashboard_rules, "dockerfile": dockerfile}
+    commands[args.command](args)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

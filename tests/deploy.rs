@@ -1,0 +1,229 @@
+//! The deployment files against the code: every metric the Grafana dashboard and the
+//! Prometheus alerts (and their unit tests) query is one bearerd exports, and the Kubernetes
+//! config loads with bearerd's own loader. `scripts/check-deploy.sh` checks the rest
+//! (kustomize build, Kubernetes schemas, promtool).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_pass_by_value
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bearerd::config::Config;
+use bearerd::metrics::Metrics;
+use bearerd::secret::SecretSource;
+
+/// The files whose queries must name real metrics.
+const QUERYING_FILES: &[&str] = &[
+    "deploy/grafana/bearerd-dashboard.json",
+    "deploy/prometheus/alerts.yml",
+    "deploy/prometheus/alerts_test.yml",
+];
+
+/// Series Prometheus makes itself for every target, not exported by bearerd.
+const PROMETHEUS_OWN: &[&str] = &["up"];
+
+fn repo_file(relative: &str) -> (PathBuf, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    (path, text)
+}
+
+/// Metric families bearerd exports, by name, with their type (`counter`, `histogram`, ...),
+/// from the `# TYPE` lines of a scrape of a fresh registry with one upstream.
+fn exported_families() -> BTreeMap<String, String> {
+    let metrics = Metrics::new().unwrap();
+    let upstream = metrics.upstream("x");
+    // bearerd_requests_total has a series per status code, made when the code first occurs;
+    // until then the family is not in a scrape at all.
+    upstream.request_answered(http::StatusCode::OK, Duration::ZERO);
+    let text = metrics.render().unwrap();
+    let families: BTreeMap<String, String> = text
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.strip_prefix("# TYPE ")?.split_whitespace();
+            Some((words.next()?.to_owned(), words.next()?.to_owned()))
+        })
+        .collect();
+    assert!(
+        families.contains_key("bearerd_token_valid"),
+        "no # TYPE lines parsed from:\n{text}"
+    );
+    families
+}
+
+/// Every word in `text` that starts with `bearerd_` or `process_` and goes on with
+/// `[a-z0-9_]`, and `up` where it is followed by `{` (a selector, not the English word).
+fn queried_names(text: &str) -> BTreeSet<String> {
+    let is_name_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+    let mut names = BTreeSet::new();
+    for (start, _) in text.char_indices() {
+        let before = text[..start].chars().next_back();
+        if before.is_some_and(|c| is_name_char(c) || c.is_ascii_uppercase()) {
+            continue;
+        }
+        let rest = &text[start..];
+        let end = rest.find(|c| !is_name_char(c)).unwrap_or(rest.len());
+        let word = &rest[..end];
+        let prefixed = ["bearerd_", "process_"]
+            .iter()
+            .any(|p| word.len() > p.len() && word.starts_with(p));
+        let selector = word == "up" && rest[end..].starts_with('{');
+        if prefixed || selector {
+            names.insert(word.to_owned());
+        }
+    }
+    names
+}
+
+/// Why `name` is not a series bearerd (or Prometheus, for `up`) provides, if it is not.
+fn problem(name: &str, families: &BTreeMap<String, String>) -> Option<String> {
+    if families.contains_key(name) || PROMETHEUS_OWN.contains(&name) {
+        return None;
+    }
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = name.strip_suffix(suffix) {
+            return match families.get(base).map(String::as_str) {
+                Some("histogram") => None,
+                Some(kind) => Some(format!("{name}: {base} is a {kind}, not a histogram")),
+                None => Some(format!("{name}: no metric family {base}")),
+            };
+        }
+    }
+    Some(format!("{name}: no such metric family"))
+}
+
+/// Problems with the metric names in `text`.
+fn problems(text: &str, families: &BTreeMap<String, String>) -> Vec<String> {
+    queried_names(text)
+        .iter()
+        .filter_map(|name| problem(name, families))
+        .collect()
+}
+
+#[test]
+fn dashboard_and_alerts_query_only_exported_metrics() {
+    let families = exported_families();
+    for relative in QUERYING_FILES {
+        let (path, text) = repo_file(relative);
+        let names = queried_names(&text);
+        assert!(
+            names.len() >= 3,
+            "{}: found only {names:?}; is the scan broken?",
+            path.display()
+        );
+        let problems = problems(&text, &families);
+        assert!(
+            problems.is_empty(),
+            "{} queries metrics bearerd does not export:\n  {}\nexported: {:?}",
+            path.display(),
+            problems.join("\n  "),
+            families.keys().collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn dashboard_shows_what_the_issue_asks_for() {
+    let (_, text) = repo_file("deploy/grafana/bearerd-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(dashboard["uid"], "bearerd");
+    let names = queried_names(&text);
+    for needed in [
+        "bearerd_token_valid",
+        "bearerd_token_expiry_timestamp_seconds",
+        "bearerd_token_fetch_total",
+        "bearerd_requests_total",
+        "bearerd_request_duration_seconds_bucket",
+    ] {
+        assert!(
+            names.contains(needed),
+            "the dashboard does not query {needed}"
+        );
+    }
+}
+
+#[test]
+fn alerts_cover_tokens_liveness_and_errors() {
+    let (_, text) = repo_file("deploy/prometheus/alerts.yml");
+    let alerts: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- alert: "))
+        .collect();
+    let (_, tests) = repo_file("deploy/prometheus/alerts_test.yml");
+    for alert in [
+        "BearerdDown",
+        "BearerdTokenFetchFailing",
+        "BearerdTokenRefreshOverdue",
+        "BearerdTokenExpiringSoon",
+        "BearerdNoValidToken",
+        "BearerdHigh5xxRatio",
+    ] {
+        assert!(alerts.contains(alert), "alerts.yml has no {alert}");
+    }
+    for alert in alerts {
+        assert!(
+            tests.contains(&format!("alertname: {alert}")),
+            "alerts_test.yml does not test {alert}"
+        );
+    }
+}
+
+#[test]
+fn a_misspelt_or_misused_metric_is_noticed() {
+    let families = exported_families();
+    let text = r#"
+        rate(bearerd_request_total[5m])
+        histogram_quantile(0.9, rate(bearerd_request_duration_seconds_bucket[5m]))
+        rate(bearerd_requests_total_bucket[5m])
+        process_resident_memory_byte{job="bearerd"}
+        up{job="bearerd"} == 0 and upstream
+        TYPEbearerd_not_a_name
+    "#;
+    assert_eq!(
+        problems(text, &families),
+        [
+            "bearerd_request_total: no such metric family",
+            "bearerd_requests_total_bucket: bearerd_requests_total is a counter, not a histogram",
+            "process_resident_memory_byte: no such metric family",
+        ]
+    );
+}
+
+#[test]
+fn kubernetes_config_loads_and_fits_the_pod() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base/bearerd.toml");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    // Probes and scrapes come to the pod IP, on the port the manifests name.
+    assert_eq!(config.admin.listen.to_string(), "0.0.0.0:9464");
+    // Below terminationGracePeriodSeconds: 30 in deployment.yaml.
+    assert!(config.server.shutdown_grace < Duration::from_secs(30));
+    assert!(!config.upstreams.is_empty());
+    for upstream in &config.upstreams {
+        assert_eq!(
+            upstream.listen.ip(),
+            Ipv4Addr::LOCALHOST,
+            "{}: proxy listeners stay on loopback",
+            upstream.name
+        );
+        let SecretSource::File(secret) = &upstream.token.client_secret else {
+            panic!(
+                "{}: the secret should come from a mounted file",
+                upstream.name
+            )
+        };
+        assert!(
+            secret.starts_with("/var/run/secrets/"),
+            "{}: {} is not where deployment.yaml mounts Secrets",
+            upstream.name,
+            secret.display()
+        );
+    }
+}
