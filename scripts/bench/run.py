@@ -1,0 +1,905 @@
+#!/usr/bin/env python3
+"""`make bench`: bearerd's throughput, latency, CPU and memory against nginx, on loopback.
+
+One run measures, against one fast upstream (nginx `return 200`, 401 without a Bearer token):
+  direct   wrk straight at the upstream (the ceiling), with its own Bearer header;
+  nginx    nginx (Debian package) as a reverse proxy adding `Authorization: Bearer x`
+           over a keep-alive upstream pool, one worker;
+  bearerd  target/release/bearerd with a token endpoint that counts its requests;
+with wrk at 1, 16 and 128 connections, BENCH_SECONDS (10) each, in BENCH_ROUNDS (3) rounds.
+The order reverses every other round (1 conn: direct nginx bearerd, 16: ..., 128: ...; then
+the whole sequence backwards), so that drift hits every target alike. The proxy under test and
+the upstream share one core; wrk (one thread) has the other. Then the cold-start herd:
+BENCH_HERD (1000) concurrent requests at a fresh bearerd whose token endpoint answers after
+BENCH_HERD_DELAY (0.2) seconds.
+
+Prints Markdown tables (each round's numbers, medians, targets) to paste into
+docs/benchmarks.md. It reports; it never fails on a missed target. Exit 1 only when the
+harness itself cannot run (a tool missing, a process that does not start, a sanity check).
+
+Environment: BENCH_SECONDS, BENCH_ROUNDS, BENCH_CONNECTIONS ("1,16,128"), BENCH_WARMUP (2,
+seconds per target before round 1), BENCH_HERD (0 skips it), BENCH_HERD_DELAY,
+BENCH_SERVER_CPU / BENCH_LOAD_CPU (cores; default the first two this process may use),
+BEARERD_BIN (default $CARGO_TARGET_DIR or target, /release/bearerd), BENCH_KEEP=1 (keep the
+temporary directory with configs and logs), BENCH_OUT (also write the report to this file).
+
+Needs nginx and wrk (installed with apt-get when missing, as root or through sudo) and
+Python 3.11 (standard library only). Every process it starts is stopped by PID at the end,
+also on Ctrl-C or an error.
+"""
+
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+HOST = "127.0.0.1"
+PROXIES = ("nginx", "bearerd")
+TARGETS = ("direct",) + PROXIES
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Targets from the issue (see docs/benchmarks.md).
+GOAL_RATIO = 1.2  # bearerd req/s over nginx's, at 16 and 128 connections
+GOAL_CPU_US = 8.5  # CPU µs per request, at 16 and 128 connections
+NGINX_CPU_US = 10.6  # what nginx measured where GOAL_CPU_US was set
+GOAL_ADDED_P50_US = 12.0  # bearerd p50 minus direct p50, at 1 connection
+GOAL_RSS_MIB = 10.0  # VmHWM
+SATURATED = (16, 128)  # connection counts at which throughput and CPU targets apply
+
+
+def env_number(name, default, kind=float):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        sys.exit(f"bench: {name}={raw!r} is not a number")
+
+
+def log(message):
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+class HarnessError(Exception):
+    """The harness cannot go on (not a missed target)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+
+def find_nginx():
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+
+
+def nginx_pids():
+    """PIDs of every process whose executable is nginx."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.path.basename(os.readlink(entry / "exe")).startswith("nginx"):
+                    pids.add(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def ensure_tools():
+    """Installs nginx and wrk with apt-get when missing, without letting the package's own
+    nginx service start (or, if it started anyway, stopping it by PID)."""
+    missing = []
+    if not find_nginx():
+        missing.append("nginx-light")
+    if not shutil.which("wrk"):
+        missing.append("wrk")
+    if not missing:
+        return
+    if not shutil.which("apt-get"):
+        raise HarnessError(f"missing {', '.join(missing)} and no apt-get to install them")
+    sudo = []
+    if os.geteuid() != 0:
+        if not shutil.which("sudo"):
+            raise HarnessError(f"need root or sudo to install: {' '.join(missing)}")
+        sudo = ["sudo"]
+    log(f"installing {' '.join(missing)} (Debian packages)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    before = nginx_pids()
+    # Debian's convention: policy-rc.d exiting 101 keeps maintainer scripts from starting the
+    # service. Put one in place for the install only, if there is none.
+    policy = Path("/usr/sbin/policy-rc.d")
+    added_policy = False
+    if not policy.exists():
+        script = "#!/bin/sh\n# temporary, from bearerd scripts/bench/run.py\nexit 101\n"
+        subprocess.run(sudo + ["sh", "-c", f"cat > {policy} && chmod 755 {policy}"],
+                       input=script.encode(), check=True)
+        added_policy = True
+    try:
+        subprocess.run(sudo + ["apt-get", "update", "-qq"], env=env, check=True)
+        result = subprocess.run(sudo + ["apt-get", "install", "-y", "-qq",
+                                        "--no-install-recommends"] + missing, env=env,
+                                stdout=subprocess.DEVNULL)
+        if result.returncode != 0 and "nginx-light" in missing:
+            # Releases without the light flavour: the plain package.
+            missing = ["nginx" if m == "nginx-light" else m for m in missing]
+            subprocess.run(sudo + ["apt-get", "install", "-y", "-qq",
+                                   "--no-install-recommends"] + missing, env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+        elif result.returncode != 0:
+            raise HarnessError(f"apt-get install {' '.join(missing)} failed")
+    finally:
+        if added_policy:
+            subprocess.run(sudo + ["rm", "-f", str(policy)], check=False)
+    started = nginx_pids() - before
+    if started:
+        # The package's service came up despite the policy: this install started it, so stop
+        # it, by PID.
+        log(f"stopping the nginx service the package started: PIDs {sorted(started)}")
+        for pid in sorted(started):
+            try:
+                subprocess.run(sudo + ["kill", "-QUIT", str(pid)], check=False)
+            except OSError:
+                pass
+    if not find_nginx() or not shutil.which("wrk"):
+        raise HarnessError("nginx or wrk still missing after apt-get install")
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def proc_stat(pid):
+    """(ppid, utime + stime in ticks, start time in ticks) from /proc/PID/stat, or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19])
+
+
+def cpu_ticks(pid):
+    stat = proc_stat(pid)
+    if stat is None:
+        raise HarnessError(f"process {pid} is gone")
+    return stat[1]
+
+
+def core_times():
+    """{core: (busy ticks, steal ticks, all ticks)} from /proc/stat."""
+    times = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, values[:8])
+            times[int(name[3:])] = (user + nice + system + irq + softirq, steal,
+                                    user + nice + system + idle + iowait + irq + softirq + steal)
+    return times
+
+
+def listen_overflows():
+    """TcpExt ListenOverflows from /proc/net/netstat: connections dropped, machine-wide,
+    because a listener's accept queue was full (the client retries its SYN after 1 s)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(table.get("ListenOverflows", 0))
+    return 0
+
+
+def vm_hwm_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return None
+
+
+def reset_hwm(pid):
+    """Resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0). False if refused."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def children_of(pid):
+    return sorted(
+        int(e.name) for e in Path("/proc").iterdir()
+        if e.name.isdigit() and (proc_stat(e.name) or (None,))[0] == pid
+    )
+
+
+@dataclass
+class Started:
+    name: str
+    popen: subprocess.Popen
+    stop_signal: int
+    log_path: Path
+    # Processes it forked (nginx workers) as (pid, start time), stopped by PID if they outlive it.
+    forked: list = field(default_factory=list)
+
+
+class Processes:
+    """Everything started, stopped by PID in reverse order."""
+
+    def __init__(self):
+        self.started: list[Started] = []
+
+    def start(self, name, argv, cpu, log_path, stop_signal=signal.SIGTERM, stdout=None):
+        out = open(log_path, "ab")
+        pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+        try:
+            popen = subprocess.Popen(
+                [str(a) for a in argv], stdin=subprocess.DEVNULL,
+                stdout=stdout if stdout is not None else out, stderr=out,
+                # Its own session: Ctrl-C reaches only this script, which stops it in order.
+                start_new_session=True, preexec_fn=pin,
+            )
+        finally:
+            out.close()
+        started = Started(name, popen, stop_signal, log_path)
+        self.started.append(started)
+        return started
+
+    def stop(self, started, timeout=10.0):
+        popen = started.popen
+        if popen.poll() is None:
+            try:
+                os.kill(popen.pid, started.stop_signal)
+            except ProcessLookupError:
+                pass
+            try:
+                popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{started.name} (PID {popen.pid}) still running after {timeout:.0f} s: SIGKILL")
+                os.kill(popen.pid, signal.SIGKILL)
+                popen.wait()
+        for pid, start_time in started.forked:
+            stat = proc_stat(pid)
+            if stat is not None and stat[2] == start_time:
+                log(f"{started.name}: child PID {pid} outlived its parent: SIGKILL")
+                os.kill(pid, signal.SIGKILL)
+        if popen.stdout is not None:
+            popen.stdout.close()
+        if started in self.started:
+            self.started.remove(started)
+
+    def stop_all(self):
+        for started in reversed(list(self.started)):
+            try:
+                self.stop(started)
+            except Exception as error:  # noqa: BLE001 - stop the others all the same
+                log(f"could not stop {started.name} (PID {started.popen.pid}): {error}")
+
+
+def children_cpu_ticks():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) * CLK_TCK
+
+
+def noise(before, after, ours):
+    """Per pinned core: % of its time spent on work other than ours (other processes, and
+    interrupts not charged to our processes), and % stolen by the hypervisor. Approximate:
+    tick-sampled, and softirq work for our own loopback traffic counts as other."""
+    result = {}
+    for core, own in ours.items():
+        if core is None or core not in before:
+            continue
+        busy, steal, total = (a - b for a, b in zip(after[core], before[core]))
+        if total > 0:
+            result[core] = (max(0.0, 100 * (busy - own) / total), 100 * steal / total)
+    return result
+
+
+def tail(path, lines=20):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_for_port(started, port, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        if started.popen.poll() is not None:
+            raise HarnessError(
+                f"{started.name} exited ({started.popen.returncode}) before listening on "
+                f"{HOST}:{port}:\n{tail(started.log_path)}")
+        try:
+            with socket.create_connection((HOST, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{started.name} not listening on {HOST}:{port} after "
+                                   f"{timeout:.0f} s:\n{tail(started.log_path)}")
+            time.sleep(0.02)
+
+
+def free_ports(n):
+    """n distinct free loopback ports, found by binding port 0 (and released again)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def http_get(url, headers=None):
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# The servers
+
+
+def render(template, directory, **values):
+    text = (HERE / template).read_text()
+    values["DIR"] = str(directory)
+    for key, value in values.items():
+        text = text.replace(f"@@{key}@@", str(value))
+    if "@@" in text:
+        raise HarnessError(f"{template}: a placeholder was not filled in")
+    return text
+
+
+def start_nginx(procs, nginx, name, template, directory, cpu, **values):
+    directory.mkdir()
+    conf = directory / "nginx.conf"
+    conf.write_text(render(template, directory, **values))
+    started = procs.start(
+        name, [nginx, "-p", directory, "-e", directory / "error.log", "-c", conf],
+        cpu, directory / "stderr.log", stop_signal=signal.SIGTERM)
+    wait_for_port(started, values["PORT"])
+    deadline = time.monotonic() + 5
+    while not (workers := children_of(started.popen.pid)):
+        if time.monotonic() > deadline:
+            raise HarnessError(f"{name}: no worker process found")
+        time.sleep(0.02)
+    if len(workers) != 1:
+        raise HarnessError(f"{name}: expected one worker, found PIDs {workers}")
+    started.forked = [(pid, proc_stat(pid)[2]) for pid in workers]
+    return started, workers[0]
+
+
+def start_token_endpoint(procs, directory, name, cpu, delay):
+    started = procs.start(
+        name, [sys.executable, HERE / "token_endpoint.py", "--port", "0", "--delay", delay],
+        cpu, directory / f"{name}.log", stdout=subprocess.PIPE)
+    line = started.popen.stdout.readline().decode().strip()
+    if not line.isdigit():
+        raise HarnessError(f"{name} did not start:\n{tail(started.log_path)}")
+    return started, int(line)
+
+
+def token_count(port):
+    status, body = http_get(f"http://{HOST}:{port}/count")
+    if status != 200:
+        raise HarnessError(f"token endpoint /count answered {status}")
+    return json.loads(body)["count"]
+
+
+def bearerd_config(directory, name, listen, admin, upstream, token):
+    path = directory / f"{name}.toml"
+    path.write_text(f"""\
+# Written by scripts/bench/run.py for one bench run.
+[admin]
+listen = "{HOST}:{admin}"
+
+[log]
+level = "warn"
+
+[server]
+shutdown_grace = "1s"
+
+[[upstream]]
+name = "bench"
+listen = "{HOST}:{listen}"
+url = "http://{HOST}:{upstream}"
+
+[upstream.token]
+url = "http://{HOST}:{token}/oauth/token"
+client_id = "bench"
+client_secret = "bench-secret"
+""")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# wrk
+
+UNITS = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
+
+
+def to_us(text):
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not match:
+        raise HarnessError(f"cannot read wrk's latency {text!r}")
+    value, unit = float(match[1]), match[2]
+    return value * (60_000_000.0 if unit == "m" else UNITS[unit])
+
+
+def parse_wrk(output):
+    def find(pattern, default=None):
+        match = re.search(pattern, output, re.MULTILINE)
+        if match is None:
+            if default is not None:
+                return default
+            raise HarnessError(f"wrk output lacks /{pattern}/:\n{output}")
+        return match
+
+    requests = int(find(r"^\s*(\d+) requests in ([\d.]+)(\w+)")[1])
+    socket_errors = find(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", ())
+    non2xx = find(r"Non-2xx or 3xx responses: (\d+)", ())
+    return {
+        "requests": requests,
+        "rps": float(find(r"^Requests/sec:\s+([\d.]+)")[1]),
+        "p50_us": to_us(find(r"^\s+50%\s+(\S+)")[1]),
+        "p99_us": to_us(find(r"^\s+99%\s+(\S+)")[1]),
+        "socket_errors": sum(int(g) for g in socket_errors.groups()) if socket_errors else 0,
+        "non2xx": int(non2xx[1]) if non2xx else 0,
+    }
+
+
+def run_wrk(procs, directory, url, connections, seconds, cpu, headers=()):
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "2s"]
+    for header in headers:
+        argv += ["-H", header]
+    argv.append(url)
+    out_path = directory / "wrk.out"
+    out_path.write_bytes(b"")
+    started = procs.start("wrk", argv, cpu, out_path)
+    try:
+        code = started.popen.wait(seconds + 30)
+    finally:
+        procs.stop(started)
+    output = out_path.read_text(errors="replace")
+    if code != 0:
+        raise HarnessError(f"wrk exited {code}:\n{output}")
+    return parse_wrk(output)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def fmt_us(value):
+    if value is None:
+        return "–"
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def fmt_noise(per_core):
+    return " / ".join(f"core {core}: {other:.0f} ({steal:.0f})"
+                      for core, (other, steal) in sorted(per_core.items())) or "–"
+
+
+def fmt(value, spec):
+    return "–" if value is None else format(value, spec)
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def machine_description(bearerd_bin, nginx):
+    model = next((line.split(":", 1)[1].strip()
+                  for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.machine())
+    mem = next((int(line.split()[1]) // 1024
+                for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+
+    def version(argv):
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        text = (result.stdout + result.stderr).strip().splitlines()
+        return text[0] if text else "?"
+
+    def git(*args):
+        result = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True)
+        return result.stdout.strip() or "?"
+
+    return [
+        f"CPU: {model}, {os.cpu_count()} cores online; memory {mem} MiB",
+        f"kernel: {platform.release()}; load average at start: "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"bearerd: {version([bearerd_bin, '--version'])} "
+        f"(git {git('describe', '--always', '--dirty')}), {bearerd_bin}",
+        f"nginx: {version([nginx, '-v']).replace('nginx version: ', '')}; "
+        f"wrk: {version(['wrk', '-v']).split(' [')[0]}; python: {platform.python_version()}",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def main():
+    seconds = env_number("BENCH_SECONDS", 10, int)
+    rounds = env_number("BENCH_ROUNDS", 3, int)
+    warmup = env_number("BENCH_WARMUP", 2, int)
+    herd_n = env_number("BENCH_HERD", 1000, int)
+    herd_delay = env_number("BENCH_HERD_DELAY", 0.2)
+    connections = [int(c) for c in os.environ.get("BENCH_CONNECTIONS", "1,16,128").split(",")]
+    cores = sorted(os.sched_getaffinity(0))
+    server_cpu = env_number("BENCH_SERVER_CPU", cores[0], int)
+    load_cpu = env_number("BENCH_LOAD_CPU", cores[1] if len(cores) > 1 else None, int)
+    if load_cpu is None or load_cpu == server_cpu:
+        log("only one core available: nothing is pinned, and the proxy shares it with wrk")
+        server_cpu = load_cpu = None
+
+    target_dir = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+    bearerd_src = Path(os.environ.get("BEARERD_BIN") or target_dir / "release" / "bearerd")
+    if not os.access(bearerd_src, os.X_OK):
+        raise HarnessError(f"{bearerd_src} not found: run `cargo build --release --bin bearerd`")
+    ensure_tools()
+    nginx = find_nginx()
+
+    # Descriptors for 128 wrk connections (and a 1000-request herd) plus their upstream pools.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+    tmp = Path(tempfile.mkdtemp(prefix="bearerd-bench-"))
+    # The binary measured is copied, so that a rebuild during the run cannot swap it.
+    bearerd_bin = tmp / "bearerd"
+    shutil.copy2(bearerd_src, bearerd_bin)
+    procs = Processes()
+    keep = os.environ.get("BENCH_KEEP") == "1"
+    started_at = time.monotonic()
+
+    def on_term(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        report = run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup,
+                     connections, server_cpu, load_cpu, herd_n, herd_delay)
+    except Exception:
+        keep = True  # for a look at the configs and logs; not on Ctrl-C
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+        procs.stop_all()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if keep:
+            log(f"configs and logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report.append(f"\nWhole run: {time.monotonic() - started_at:.0f} s.")
+    text = "\n".join(report) + "\n"
+    print(text, end="")
+    if os.environ.get("BENCH_OUT"):
+        Path(os.environ["BENCH_OUT"]).write_text(text)
+    return 0
+
+
+def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, connections,
+        server_cpu, load_cpu, herd_n, herd_delay):
+    report = ["## Machine and conditions", ""]
+    report += [f"- {line}" for line in machine_description(bearerd_src, nginx)]
+    pinning = ("no pinning (one core)" if server_cpu is None else
+               f"proxy under test + upstream (+ token endpoint) on core {server_cpu}; "
+               f"wrk (-t1) on core {load_cpu}")
+    report += [
+        f"- {pinning}",
+        f"- {rounds} round(s) × {len(connections)} connection counts × 3 targets × {seconds} s; "
+        f"warm-up {warmup} s per target before round 1",
+    ]
+
+    # --- servers for the throughput rounds
+    up_port, nginx_port, bearerd_port, admin_port = free_ports(4)
+    upstream, upstream_worker = start_nginx(
+        procs, nginx, "upstream nginx", "nginx-upstream.conf.tmpl", tmp / "upstream",
+        server_cpu, PORT=up_port)
+    proxy, nginx_worker = start_nginx(
+        procs, nginx, "proxy nginx", "nginx-proxy.conf.tmpl", tmp / "proxy", server_cpu,
+        PORT=nginx_port, UPSTREAM_PORT=up_port)
+    _, token_port = start_token_endpoint(procs, tmp, "token endpoint", server_cpu, 0)
+    config = bearerd_config(tmp, "bearerd", bearerd_port, admin_port, up_port, token_port)
+    bearerd = procs.start("bearerd", [bearerd_bin, "--config", config], server_cpu,
+                          tmp / "bearerd.log")
+    wait_for_port(bearerd, bearerd_port)
+
+    targets = {
+        "direct": (f"http://{HOST}:{up_port}/", ["Authorization: Bearer direct"], None),
+        "nginx": (f"http://{HOST}:{nginx_port}/", [], nginx_worker),
+        "bearerd": (f"http://{HOST}:{bearerd_port}/", [], bearerd.popen.pid),
+    }
+    hwm_resettable = reset_hwm(bearerd.popen.pid) and reset_hwm(nginx_worker)
+
+    # --- sanity: the upstream refuses a request without a token; each target gets 200
+    status, _ = http_get(targets["direct"][0])
+    if status != 401:
+        raise HarnessError(f"the upstream answered {status} without a token; expected 401")
+    for name, (url, headers, _) in targets.items():
+        status, body = http_get(url, dict(h.split(": ", 1) for h in headers))
+        if status != 200:
+            raise HarnessError(f"{name}: {url} answered {status}: {body[:200]!r}")
+    log(f"sanity: upstream 401 without a token; direct, nginx and bearerd answer 200 "
+        f"(temp dir {tmp})")
+
+    if warmup > 0:
+        for name, (url, headers, _) in targets.items():
+            log(f"warm-up: {name}, 16 connections, {warmup} s")
+            run_wrk(procs, tmp, url, 16, warmup, load_cpu, headers)
+
+    # --- the rounds
+    results = []  # dicts: round, connections, target, wrk numbers, cpu, rss
+    loads = []
+    for r in range(rounds):
+        sequence = [(c, t) for c in connections for t in TARGETS]
+        if r % 2:
+            sequence.reverse()
+        loads.append(os.getloadavg()[0])
+        log(f"round {r + 1}/{rounds} (load average {loads[-1]:.2f}): "
+            f"{' '.join(f'{t}@{c}' for c, t in sequence)}")
+        for c, name in sequence:
+            url, headers, pid = targets[name]
+            if pid is not None and hwm_resettable:
+                reset_hwm(pid)
+            before = (cpu_ticks(pid) if pid else 0, cpu_ticks(upstream_worker))
+            cores_before, children_before = core_times(), children_cpu_ticks()
+            numbers = run_wrk(procs, tmp, url, c, seconds, load_cpu, headers)
+            cores_after, children_after = core_times(), children_cpu_ticks()
+            after = (cpu_ticks(pid) if pid else 0, cpu_ticks(upstream_worker))
+            per_request = 1_000_000 / CLK_TCK / max(numbers["requests"], 1)
+            ours = {server_cpu: (after[0] - before[0]) + (after[1] - before[1]),
+                    load_cpu: children_after - children_before}  # wrk, the only child reaped
+            numbers.update(
+                round=r + 1, connections=c, target=name,
+                cpu_us=(after[0] - before[0]) * per_request if pid else None,
+                upstream_cpu_us=(after[1] - before[1]) * per_request,
+                rss_kib=vm_hwm_kib(pid) if pid else None,
+                errors=numbers["socket_errors"] + numbers["non2xx"],
+                noise=noise(cores_before, cores_after, ours),
+            )
+            results.append(numbers)
+            log(f"  {name:7} c={c:<3} {numbers['rps']:>9.0f} req/s  p50 "
+                f"{fmt_us(numbers['p50_us'])} µs  p99 {fmt_us(numbers['p99_us'])} µs  "
+                f"errors {numbers['errors']}")
+    token_requests = token_count(token_port)
+    loads.append(os.getloadavg()[0])
+
+    # --- stop the throughput proxies before the herd (the upstream stays)
+    for started in (bearerd, proxy):
+        procs.stop(started)
+
+    herd = None
+    if herd_n > 0:
+        herd = run_herd(procs, tmp, bearerd_bin, up_port, server_cpu, load_cpu, herd_n,
+                        herd_delay)
+
+    report += [f"- load average (1 min) at each round's start and at the end: "
+               f"{', '.join(f'{x:.2f}' for x in loads)}"]
+    for core, label in ((server_cpu, "server"), (load_cpu, "load")):
+        others = [x["noise"][core][0] for x in results if core in x.get("noise", {})]
+        steals = [x["noise"][core][1] for x in results if core in x.get("noise", {})]
+        if others:
+            report += [f"- other CPU on the {label} core (core {core}) while measuring: "
+                       f"median {median(others):.0f}%, max {max(others):.0f}%; "
+                       f"steal median {median(steals):.1f}%"]
+    if not hwm_resettable:
+        report += ["- VmHWM could not be reset between phases: peak RSS is since start"]
+    report += summarise(results, rounds, connections, token_requests, herd, herd_delay)
+    return report
+
+
+def start_herd(procs, tmp, port, n, cpu, headers=()):
+    argv = [sys.executable, HERE / "herd.py", "--port", port, "--n", n]
+    for header in headers:
+        argv += ["--header", header]
+    return procs.start("herd", argv, cpu, tmp / "herd.err", stdout=subprocess.PIPE)
+
+
+def herd_result(procs, herd):
+    try:
+        out, _ = herd.popen.communicate(timeout=120)
+    except subprocess.TimeoutExpired as error:
+        raise HarnessError("the herd did not finish within 120 s") from error
+    if herd.popen.returncode != 0:
+        raise HarnessError(f"herd.py exited {herd.popen.returncode}:\n{tail(herd.log_path)}")
+    procs.stop(herd)
+    return json.loads(out)
+
+
+def run_herd(procs, tmp, bearerd_bin, up_port, server_cpu, load_cpu, n, delay):
+    """The cold start, and beforehand the same herd straight at the upstream: the floor set
+    by the client (Python, one core) and the upstream, without bearerd or a token wait."""
+    log(f"herd floor: {n} concurrent requests straight at the upstream")
+    overflows = listen_overflows()
+    floor = herd_result(procs, start_herd(procs, tmp, up_port, n, load_cpu,
+                                          ["Authorization: Bearer direct"]))
+    floor["listen_overflows"] = listen_overflows() - overflows
+    log(f"cold-start herd: {n} concurrent requests, token endpoint answering after {delay} s")
+    _, token_port = start_token_endpoint(procs, tmp, "herd token endpoint", server_cpu, delay)
+    port, admin = free_ports(2)
+    config = bearerd_config(tmp, "bearerd-herd", port, admin, up_port, token_port)
+    # The herd waits for the listener, so it is started first and fires the moment it is up.
+    overflows = listen_overflows()
+    herd = start_herd(procs, tmp, port, n, load_cpu)
+    time.sleep(0.3)  # Python's start-up, so that the herd is polling before bearerd starts
+    bearerd = procs.start("bearerd (herd)", [bearerd_bin, "--config", config], server_cpu,
+                          tmp / "bearerd-herd.log")
+    try:
+        result = herd_result(procs, herd)
+    except HarnessError as error:
+        if bearerd.popen.poll() is not None:
+            raise HarnessError(f"bearerd (herd) exited ({bearerd.popen.returncode}):\n"
+                               f"{tail(bearerd.log_path)}") from error
+        raise
+    result["listen_overflows"] = listen_overflows() - overflows
+    result["token_requests"] = token_count(token_port)
+    result["rss_kib"] = vm_hwm_kib(bearerd.popen.pid)
+    result["floor"] = floor
+    procs.stop(bearerd)
+    return result
+
+
+def summarise(results, rounds, connections, token_requests, herd, herd_delay):
+    by = {(x["round"], x["connections"], x["target"]): x for x in results}
+
+    def at(c):
+        return f"at {c} connection{'' if c == 1 else 's'}"
+
+    for x in results:
+        ref = by.get((x["round"], x["connections"], "nginx"))
+        x["ratio"] = x["rps"] / ref["rps"] if ref and ref["rps"] else None
+
+    lines = ["", "## Each round", "",
+             "| round | conns | target | req/s | p50 µs | p99 µs | ÷ nginx | proxy CPU µs/req "
+             "| upstream CPU µs/req | peak RSS MiB | errors | other CPU % (steal %) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for x in sorted(results, key=lambda x: (x["round"], x["connections"],
+                                            TARGETS.index(x["target"]))):
+        lines.append(
+            f"| {x['round']} | {x['connections']} | {x['target']} | {x['rps']:.0f} "
+            f"| {fmt_us(x['p50_us'])} | {fmt_us(x['p99_us'])} | {fmt(x['ratio'], '.2f')} "
+            f"| {fmt(x['cpu_us'], '.2f')} | {x['upstream_cpu_us']:.2f} "
+            f"| {fmt(x['rss_kib'] and x['rss_kib'] / 1024, '.1f')} | {x['errors']} "
+            f"| {fmt_noise(x['noise'])} |")
+
+    med = {}
+    lines += ["", f"## Medians over {rounds} round(s)", "",
+              "| conns | target | req/s | p50 µs | p99 µs | ÷ nginx (paired) | proxy CPU µs/req "
+              "| upstream CPU µs/req | peak RSS MiB (max) | errors (sum) |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in connections:
+        for t in TARGETS:
+            xs = [x for x in results if x["connections"] == c and x["target"] == t]
+            rss = [x["rss_kib"] for x in xs if x["rss_kib"] is not None]
+            m = med[(c, t)] = {
+                "rps": median(x["rps"] for x in xs),
+                "p50_us": median(x["p50_us"] for x in xs),
+                "p99_us": median(x["p99_us"] for x in xs),
+                "ratio": median(x["ratio"] for x in xs),
+                "cpu_us": median(x["cpu_us"] for x in xs),
+                "upstream_cpu_us": median(x["upstream_cpu_us"] for x in xs),
+                "rss_mib": max(rss) / 1024 if rss else None,
+                "errors": sum(x["errors"] for x in xs),
+            }
+            lines.append(
+                f"| {c} | {t} | {m['rps']:.0f} | {fmt_us(m['p50_us'])} | {fmt_us(m['p99_us'])} "
+                f"| {fmt(m['ratio'], '.2f')} | {fmt(m['cpu_us'], '.2f')} "
+                f"| {m['upstream_cpu_us']:.2f} | {fmt(m['rss_mib'], '.1f')} | {m['errors']} |")
+    lines += ["", f"Token endpoint requests over the whole run: {token_requests}"]
+
+    # --- targets
+    def check(goal, measured, ok):
+        verdict = "–" if ok is None else ("pass" if ok else "FAIL")
+        lines.append(f"| {goal} | {measured} | {verdict} |")
+
+    lines += ["", "## Targets", "", "| target | measured (medians) | |", "|---|---|---|"]
+    for c in SATURATED:
+        if (c, "bearerd") in med:
+            ratio = med[(c, "bearerd")]["ratio"]
+            check(f"bearerd ≥ {GOAL_RATIO}× nginx req/s {at(c)}", fmt(ratio, ".2f") + "×",
+                  None if ratio is None else ratio >= GOAL_RATIO)
+    for c in connections:
+        b, n = med[(c, "bearerd")]["p99_us"], med[(c, "nginx")]["p99_us"]
+        check(f"bearerd p99 ≤ nginx p99 {at(c)}", f"{fmt_us(b)} µs vs {fmt_us(n)} µs",
+              b <= n)
+    for c in SATURATED:
+        if (c, "bearerd") in med:
+            b, n = med[(c, "bearerd")]["cpu_us"], med[(c, "nginx")]["cpu_us"]
+            # The goal was set where nginx measured NGINX_CPU_US: show the ratio as well.
+            check(f"bearerd CPU ≤ {GOAL_CPU_US} µs/request {at(c)}",
+                  f"{b:.2f} µs (nginx {n:.2f} µs; ratio {b / n:.2f}, goal "
+                  f"{GOAL_CPU_US / NGINX_CPU_US:.2f})", b <= GOAL_CPU_US)
+    if 1 in connections:
+        added = median(
+            by[(r, 1, "bearerd")]["p50_us"] - by[(r, 1, "direct")]["p50_us"]
+            for r in range(1, rounds + 1))
+        added_nginx = median(
+            by[(r, 1, "nginx")]["p50_us"] - by[(r, 1, "direct")]["p50_us"]
+            for r in range(1, rounds + 1))
+        check(f"bearerd adds ≤ {GOAL_ADDED_P50_US:.0f} µs to p50 {at(1)}",
+              f"{added:.1f} µs (nginx {added_nginx:.1f} µs)", added <= GOAL_ADDED_P50_US)
+    rss = max((x["rss_kib"] for x in results if x["target"] == "bearerd"), default=None)
+    if rss is not None:
+        nginx_rss = max(x["rss_kib"] for x in results if x["target"] == "nginx")
+        check(f"bearerd peak RSS ≤ {GOAL_RSS_MIB:.0f} MiB",
+              f"{rss / 1024:.1f} MiB (nginx worker {nginx_rss / 1024:.1f} MiB)",
+              rss / 1024 <= GOAL_RSS_MIB)
+    check("exactly 1 token request over the whole run", str(token_requests),
+          token_requests == 1)
+    errors = sum(x["errors"] for x in results)
+    check("no errors (non-2xx, socket errors) on any target", str(errors), errors == 0)
+    if herd is not None:
+        check(f"cold-start herd of {herd['n']}: 1 token request", str(herd["token_requests"]),
+              herd["token_requests"] == 1)
+
+    if herd is not None:
+        lines += [
+            "", "## Cold-start herd", "",
+            f"{herd['n']} concurrent requests (one connection each) at a fresh bearerd as soon "
+            f"as its listener accepts; the token endpoint answers after {herd_delay * 1000:.0f} ms.",
+            "",
+            "| at | requests | 2xx | token requests | p50 ms | p90 ms | p99 ms | max ms "
+            "| whole burst ms | listen overflows | bearerd peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        floor = herd["floor"]
+        for label, h, tokens, rss in (
+                ("upstream directly (floor)", floor, "–", "–"),
+                ("bearerd, cold", herd, herd["token_requests"],
+                 fmt(herd["rss_kib"] and herd["rss_kib"] / 1024, ".1f"))):
+            lines.append(
+                f"| {label} | {h['n']} | {h['ok']} | {tokens} | {h['p50_ms']:.1f} "
+                f"| {h['p90_ms']:.1f} | {h['p99_ms']:.1f} | {h['max_ms']:.1f} "
+                f"| {h['burst_ms']:.1f} | {h['listen_overflows']} | {rss} |")
+        if herd["listen_overflows"]:
+            lines.append(
+                "\nListen overflows: connections whose SYN was dropped because a listener's "
+                "accept queue was full (counted machine-wide); each waits for the 1 s SYN "
+                "retransmission, which shows as a step to about 1000 ms in the percentiles.")
+        for label, h in (("floor", floor), ("cold start", herd)):
+            if h["n"] != h["ok"]:
+                lines.append(f"\n{label}: statuses {h['statuses']}, errors {h['errors']}.")
+    return lines
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except HarnessError as error:
+        log(f"error: {error}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        log("interrupted; every process started was stopped")
+        sys.exit(130)
