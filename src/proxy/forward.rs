@@ -76,7 +76,7 @@ async fn try_forward(
     let (mut parts, body) = request.into_parts();
     parts.uri = upstream
         .target
-        .uri_for(&parts.uri)
+        .uri_for(std::mem::take(&mut parts.uri))
         .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     strip_hop_by_hop(&mut parts.headers);
     // The client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI, i.e. the upstream.

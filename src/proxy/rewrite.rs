@@ -22,6 +22,11 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes the hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one look over the names, without hashing, before any
+    // removal (each of which hashes its name).
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Collect first: the names are borrowed from the map they are removed from.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -70,24 +75,27 @@ impl Target {
     /// The upstream URI for an app's request target: the app's path and query joined onto
     /// the base path. Only the path and query of an absolute-form target are used, so an app
     /// cannot send bearerd's token elsewhere.
-    pub fn uri_for(&self, app: &Uri) -> Result<Uri, BadTarget> {
-        let app_path = app.path_and_query().map_or("/", PathAndQuery::as_str);
+    pub fn uri_for(&self, app: Uri) -> Result<Uri, BadTarget> {
+        let mut parts = app.into_parts();
+        let app_path = parts
+            .path_and_query
+            .as_ref()
+            .map_or("/", PathAndQuery::as_str);
         if !app_path.starts_with('/') {
             // `*` (OPTIONS *) is about the proxy itself, not a resource upstream.
             return Err(BadTarget(format!("{app_path:?} is not a path")));
         }
-        let path_and_query = if self.base_path.is_empty() {
-            PathAndQuery::try_from(app_path)
-        } else {
-            PathAndQuery::try_from(format!("{}{app_path}", self.base_path))
+        // Without a base path the app's path and query are reused as they are, not copied.
+        if !self.base_path.is_empty() {
+            let joined = PathAndQuery::try_from(format!("{}{app_path}", self.base_path))
+                .map_err(|e| BadTarget(e.to_string()))?;
+            parts.path_and_query = Some(joined);
+        } else if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
         }
-        .map_err(|e| BadTarget(e.to_string()))?;
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| BadTarget(e.to_string()))
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        Uri::from_parts(parts).map_err(|e| BadTarget(e.to_string()))
     }
 }
 
@@ -102,7 +110,7 @@ mod tests {
 
     fn joined(url: &str, app: &str) -> String {
         target(url)
-            .uri_for(&app.parse().unwrap())
+            .uri_for(app.parse().unwrap())
             .unwrap()
             .to_string()
     }
@@ -145,7 +153,7 @@ mod tests {
     #[test]
     fn asterisk_form_is_refused() {
         assert!(target("https://api.example.com")
-            .uri_for(&"*".parse().unwrap())
+            .uri_for("*".parse().unwrap())
             .is_err());
     }
 
