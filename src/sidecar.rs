@@ -272,12 +272,17 @@ impl Running {
             });
 
             let wanted = (upstream.clone(), config.log.access);
+            let dial = target.dial();
             let build = || {
                 Arc::new(proxy::Upstream {
                     name: upstream.name.as_str().into(),
                     target,
                     token: handle,
-                    client: tls::client(tls, upstream.connect_timeout),
+                    pool: Arc::new(proxy::pool::Pool::new(
+                        tls::connector(tls, upstream.connect_timeout),
+                        dial,
+                        config.server.limits.max_connections,
+                    )),
                     response_header_timeout: upstream.response_header_timeout,
                     metrics,
                     access_log: config.log.access,

@@ -1,8 +1,9 @@
 //! Outbound HTTP: trust anchors from `[upstream.tls]` and the pooled HTTPS client built on them.
 //!
-//! Both the token endpoint and the upstream are reached through [`client`]: hyper-util's
-//! pooled client over hyper-rustls, speaking HTTP/2 where the server offers it by ALPN and
-//! HTTP/1.1 otherwise, and plain HTTP for `http://` URLs.
+//! Token endpoints are reached through [`client`], hyper-util's pooled client; upstreams
+//! through `proxy::pool` over the same [`connector`]. Both go over hyper-rustls, speaking
+//! HTTP/2 where the server offers it by ALPN and HTTP/1.1 otherwise, and plain HTTP for
+//! `http://` URLs.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,8 +20,10 @@ use rustls::RootCertStore;
 
 use crate::config::{Roots, TlsSettings};
 
-/// The pooled client used for every outbound request.
-pub type HttpsClient<B> = Client<HttpsConnector<HttpConnector>, B>;
+/// The pooled client used for token requests.
+pub type HttpsClient<B> = Client<Connector, B>;
+/// TCP, then TLS where the URL says `https`.
+pub type Connector = HttpsConnector<HttpConnector>;
 
 /// How long an idle pooled connection is kept. Below the 60 s or more that common servers and
 /// load balancers allow, so that bearerd closes first rather than reusing a dying connection.
@@ -118,20 +121,25 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(https)
+        .build(connector(tls, connect_timeout))
+}
+
+/// The connector under [`client`]: TCP with `connect_timeout`, then TLS for `https` URLs,
+/// offering HTTP/2 and HTTP/1.1 by ALPN.
+pub fn connector(tls: rustls::ClientConfig, connect_timeout: Duration) -> Connector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http)
 }
 
 #[cfg(test)]

@@ -408,3 +408,101 @@ async fn cold_start_herd_of_1000_causes_one_token_request() {
     assert_eq!(endpoint.count(), 1);
     sidecar.stop().await;
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused_across_requests_and_app_connections() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let upstream = serve(echo).await;
+    let sidecar = Sidecar::start(&support::config(
+        "api",
+        &upstream.url(""),
+        &endpoint.url("/token"),
+        SECRET_LINE,
+    ))
+    .await;
+    // One kept-alive app connection, several requests.
+    let client = support::app_client();
+    for _ in 0..5 {
+        let request = Request::get(sidecar.url("api", "/a"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(
+            client.request(request).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
+    drop(client);
+
+    // Then a new app connection per request, one after the other, each read to its close.
+    for _ in 0..5 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = sidecar.running().local_addr("api").unwrap();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /b HTTP/1.1\r\nhost: app\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200 OK"));
+    }
+    // The kept-alive client's connection may still hold the first upstream connection.
+    assert!(upstream.connections.load(Ordering::SeqCst) <= 2);
+    sidecar.stop().await;
+}
+
+/// An upstream that answers each connection's first request and then closes it, without
+/// saying so: the way servers drop idle keep-alive connections.
+async fn closing_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_upstream_closing_idle_connections_fails_no_request() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let upstream = closing_upstream().await;
+    let sidecar = Sidecar::start(&support::config(
+        "api",
+        &format!("http://{upstream}"),
+        &endpoint.url("/token"),
+        SECRET_LINE,
+    ))
+    .await;
+    let client = support::app_client();
+    for _ in 0..5 {
+        let request = Request::get(sidecar.url("api", "/x"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let _ = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+    }
+    sidecar.stop().await;
+}

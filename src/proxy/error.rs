@@ -12,6 +12,7 @@ use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
+use super::pool::ConnectError;
 use super::ResponseBody;
 use crate::token::fetch::error_chain;
 use crate::token::source::Unavailable;
@@ -32,15 +33,13 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// Classifies an error of the pooled client.
-    pub fn from_client(error: &hyper_util::client::legacy::Error) -> Self {
+    /// Classifies a failure to connect to the upstream.
+    pub fn from_connect(error: &ConnectError) -> Self {
         let detail = error_chain(error);
         if is_timeout(error) {
             Self::UpstreamTimeout(detail)
-        } else if error.is_connect() {
-            Self::UpstreamUnreachable(detail)
         } else {
-            Self::UpstreamFailed(detail)
+            Self::UpstreamUnreachable(detail)
         }
     }
 

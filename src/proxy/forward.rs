@@ -4,15 +4,18 @@
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, EXPECT, HOST};
 use http::request::Parts;
-use http::{Request, Response, StatusCode, Version};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::error::ProxyError;
+use super::pool::{SendError, Slot};
 use super::rewrite::strip_hop_by_hop;
 use super::{RequestBody, ResponseBody, Upstream};
+use crate::token::fetch::error_chain;
 use crate::token::Token;
 
 /// Request bodies up to this size (by `Content-Length`) are kept, so that a request the
@@ -21,14 +24,18 @@ use crate::token::Token;
 pub const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
 /// Forwards `request` to `upstream`, answering with the upstream's response or an error JSON.
-pub async fn forward(upstream: &Upstream, request: Request<Incoming>) -> Response<ResponseBody> {
+pub async fn forward(
+    upstream: &Upstream,
+    slot: &Slot,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
     let started = Instant::now();
     let _in_flight = upstream.metrics.request_started();
     // Kept for the access log only; the query is never logged (it may hold credentials).
     let logged = upstream
         .access_log
         .then(|| (request.method().clone(), request.uri().path().to_owned()));
-    let response = match try_forward(upstream, request).await {
+    let response = match try_forward(upstream, slot, request).await {
         Ok(response) => response,
         Err(error) => {
             if let ProxyError::TokenUnavailable(_) = error {
@@ -64,6 +71,7 @@ pub async fn forward(upstream: &Upstream, request: Request<Incoming>) -> Respons
 
 async fn try_forward(
     upstream: &Upstream,
+    slot: &Slot,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     // The token comes first: without one the request never leaves bearerd.
@@ -74,17 +82,20 @@ async fn try_forward(
         .map_err(ProxyError::TokenUnavailable)?;
 
     let (mut parts, body) = request.into_parts();
-    parts.uri = upstream
+    let path_and_query = upstream
         .target
-        .uri_for(std::mem::take(&mut parts.uri))
+        .path_and_query_for(std::mem::take(&mut parts.uri))
         .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     strip_hop_by_hop(&mut parts.headers);
-    // The client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI, i.e. the upstream.
-    parts.headers.remove(HOST);
     // hyper already answered `100 Continue` to the app when the body was first read.
     parts.headers.remove(EXPECT);
-    // The client picks HTTP/1.1 or HTTP/2 by ALPN; the app's version does not constrain it.
+    // The app's version does not constrain the upstream's, which ALPN chose.
     parts.version = Version::HTTP_11;
+    let to = Destination {
+        upstream,
+        slot,
+        path_and_query: &path_and_query,
+    };
 
     let body = if upstream.retry_on_401 {
         keep_if_small(body).await?
@@ -94,7 +105,7 @@ async fn try_forward(
     let kept = match body {
         Ok(kept) => kept,
         Err(streamed) => {
-            let response = send(upstream, parts, &token, Either::Left(streamed)).await?;
+            let response = to.send(parts, &token, Either::Left(streamed)).await?;
             if upstream.retry_on_401 && response.status() == StatusCode::UNAUTHORIZED {
                 // Too large to replay, but the next requests should get a new token.
                 upstream.token.reject(&token);
@@ -104,7 +115,7 @@ async fn try_forward(
     };
 
     // The body is kept, so the request can be sent again if the upstream rejects the token.
-    let first = send(upstream, copy(&parts), &token, full(&kept)).await?;
+    let first = to.send(copy(&parts), &token, full(&kept)).await?;
     if first.status() != StatusCode::UNAUTHORIZED {
         return Ok(to_app(first));
     }
@@ -112,11 +123,97 @@ async fn try_forward(
         Ok(replacement) => {
             upstream.metrics.unauthorized_retry();
             drop(first);
-            let second = send(upstream, parts, &replacement, full(&kept)).await?;
+            let second = to.send(parts, &replacement, full(&kept)).await?;
             Ok(to_app(second))
         }
         // No new token: the upstream's own 401 is the truest answer.
         Err(_) => Ok(to_app(first)),
+    }
+}
+
+/// Where a request goes: the upstream, the app connection's hold on an upstream connection,
+/// and the path and query there.
+struct Destination<'a> {
+    upstream: &'a Upstream,
+    slot: &'a Slot,
+    path_and_query: &'a PathAndQuery,
+}
+
+impl Destination<'_> {
+    /// Sends the request with `token` on the app connection's upstream connection (taking one
+    /// first if it has none), bounded by the response header timeout.
+    async fn send(
+        &self,
+        mut parts: Parts,
+        token: &Token,
+        body: RequestBody,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let upstream = self.upstream;
+        // Whatever the app sent is replaced: the upstream sees bearerd's token only.
+        parts
+            .headers
+            .insert(AUTHORIZATION, token.authorization().clone());
+        let exchange = async {
+            // Connecting is rare and its future is large (TCP, TLS, HTTP handshake): boxed, it
+            // stays out of the future of every request, which hyper moves into place whole.
+            let mut sender = match self.slot.take(&upstream.pool) {
+                Some(sender) => sender,
+                None => Box::pin(upstream.pool.acquire())
+                    .await
+                    .map_err(|e| ProxyError::from_connect(&e))?,
+            };
+            let request = self.address(Request::from_parts(parts, body), sender.is_http2())?;
+            let sent = match sender.send(request).await {
+                // The connection was gone before the request left (an idle one the upstream
+                // had closed): once more, on a new connection.
+                Err(SendError::NotSent(request, _)) => {
+                    sender = Box::pin(upstream.pool.connect())
+                        .await
+                        .map_err(|e| ProxyError::from_connect(&e))?;
+                    let request = self.address(*request, sender.is_http2())?;
+                    sender.send(request).await
+                }
+                other => other,
+            };
+            self.slot.put(&upstream.pool, sender);
+            sent.map_err(|e| match e {
+                SendError::NotSent(_, error) | SendError::Failed(error) => {
+                    ProxyError::UpstreamFailed(error_chain(&error))
+                }
+            })
+        };
+        tokio::time::timeout(upstream.response_header_timeout, exchange)
+            .await
+            .map_err(|_| {
+                ProxyError::UpstreamTimeout(format!(
+                    "no response headers from {} within {}",
+                    upstream.target.authority(),
+                    humantime::format_duration(upstream.response_header_timeout)
+                ))
+            })?
+    }
+
+    /// Sets the request target and `Host` as the connection's protocol wants them:
+    /// origin-form and `Host` for HTTP/1.1, the absolute URI (whose authority becomes
+    /// `:authority`) and no `Host` for HTTP/2.
+    fn address(
+        &self,
+        mut request: Request<RequestBody>,
+        http2: bool,
+    ) -> Result<Request<RequestBody>, ProxyError> {
+        let target = &self.upstream.target;
+        if http2 {
+            *request.uri_mut() = target
+                .absolute(self.path_and_query.clone())
+                .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+            *request.version_mut() = Version::HTTP_2;
+            request.headers_mut().remove(HOST);
+        } else {
+            *request.uri_mut() = Uri::from(self.path_and_query.clone());
+            *request.version_mut() = Version::HTTP_11;
+            request.headers_mut().insert(HOST, target.host().clone());
+        }
+        Ok(request)
     }
 }
 
@@ -149,30 +246,6 @@ fn copy(parts: &Parts) -> Parts {
     copy.version = parts.version;
     copy.headers = parts.headers.clone();
     copy
-}
-
-/// Sends the request with `token`, bounded by the response header timeout.
-async fn send(
-    upstream: &Upstream,
-    mut parts: Parts,
-    token: &Token,
-    body: RequestBody,
-) -> Result<Response<Incoming>, ProxyError> {
-    // Whatever the app sent is replaced: the upstream sees bearerd's token only.
-    parts
-        .headers
-        .insert(AUTHORIZATION, token.authorization().clone());
-    let sent = upstream.client.request(Request::from_parts(parts, body));
-    tokio::time::timeout(upstream.response_header_timeout, sent)
-        .await
-        .map_err(|_| {
-            ProxyError::UpstreamTimeout(format!(
-                "no response headers from {} within {}",
-                upstream.target.authority(),
-                humantime::format_duration(upstream.response_header_timeout)
-            ))
-        })?
-        .map_err(|e| ProxyError::from_client(&e))
 }
 
 /// The upstream's response as the app gets it: hop-by-hop headers dropped, body streamed.

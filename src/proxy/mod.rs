@@ -3,13 +3,14 @@
 //! In data-flow order:
 //! - [`serve`] (here): accept app connections (HTTP/1.1) within the [`connection`] limits,
 //!   and drain them on shutdown;
-//! - [`forward`]: take a token, rewrite the request ([`rewrite`]), send it through the pooled
-//!   client, stream the answer back;
+//! - [`forward`]: take a token, rewrite the request ([`rewrite`]), send it on the app
+//!   connection's upstream connection ([`pool`]), stream the answer back;
 //! - [`error`]: failures to statuses and JSON bodies.
 
 pub mod connection;
 pub mod error;
 pub mod forward;
+pub mod pool;
 pub mod rewrite;
 
 use std::sync::Arc;
@@ -26,7 +27,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::tls::HttpsClient;
 use crate::token::source::Handle;
 use connection::{Activity, Limits, Tracked, Watched};
 
@@ -47,8 +47,8 @@ pub struct Upstream {
     pub target: rewrite::Target,
     /// The token source this upstream reads.
     pub token: Handle,
-    /// The pooled client towards the upstream.
-    pub client: HttpsClient<RequestBody>,
+    /// Connections to the upstream.
+    pub pool: Arc<pool::Pool>,
     /// From sending a request to the upstream's response headers.
     pub response_header_timeout: Duration,
     /// This upstream's metric series.
@@ -73,7 +73,7 @@ pub async fn serve(
     let connections = GracefulShutdown::new();
     // Cancelled when the grace period is over: connections still open are dropped.
     let force_close = CancellationToken::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let capacity = Arc::new(Semaphore::new(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         // The header and idle timers are kept by `connection::Activity`.
@@ -91,7 +91,7 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(&capacity).try_acquire_owned() else {
             tracing::warn!(upstream = %name, max_connections = limits.max_connections, "connection refused: listener full");
             tokio::spawn(refuse(stream, Arc::clone(&name)));
             continue;
@@ -102,11 +102,15 @@ pub async fn serve(
         let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
         let current = upstream.clone();
         let requests = Arc::clone(&activity);
+        // The upstream connection this app connection holds, from its first request on.
+        let slot = Arc::new(pool::Slot::default());
+        let held = Arc::clone(&slot);
         let service = service_fn(move |request| {
             let upstream = Arc::clone(&current.borrow());
             let guard = requests.request_started();
+            let slot = Arc::clone(&held);
             async move {
-                let response = forward::forward(&upstream, request).await;
+                let response = forward::forward(&upstream, &slot, request).await;
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
@@ -114,8 +118,12 @@ pub async fn serve(
         let name = Arc::clone(&name);
         let force_close = force_close.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _permit = permit;
             tokio::pin!(connection);
+            // Whichever way the connection ends, its upstream connection goes back; declared
+            // after the connection, so it is dropped, and the upstream connection is back in
+            // the pool, before the app sees its connection close.
+            let _release = ReleaseOnDrop(slot);
             loop {
                 let wait = match activity.check(&limits) {
                     Ok(wait) => wait,
@@ -145,6 +153,15 @@ pub async fn serve(
             tracing::warn!(upstream = %name, "shutdown grace period over; closing connections still open");
             force_close.cancel();
         }
+    }
+}
+
+/// Gives an app connection's upstream connection back to the pool when dropped.
+struct ReleaseOnDrop(Arc<pool::Slot>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 

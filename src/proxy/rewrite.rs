@@ -2,7 +2,7 @@
 
 use http::header::{HeaderName, CONNECTION};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Uri};
+use http::{HeaderMap, HeaderValue, Uri};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and so are never
 /// forwarded. `Proxy-Authorization` carries credentials meant for a proxy, which must not
@@ -40,13 +40,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Where an upstream's requests go: its scheme, authority and base path.
+/// Where an upstream's requests go: its scheme, authority and base path, and the forms of them
+/// each request needs, made once.
 #[derive(Debug, Clone)]
 pub struct Target {
     scheme: Scheme,
     authority: Authority,
     /// The configured path without its trailing `/`: `""` or `/v2`.
     base_path: String,
+    /// `Host` for HTTP/1.1: the host, and the port unless it is the scheme's default.
+    host: HeaderValue,
 }
 
 /// The app's request target cannot be forwarded.
@@ -60,10 +63,21 @@ impl Target {
         let (Some(scheme), Some(authority)) = (url.scheme(), url.authority()) else {
             return Err(BadTarget(format!("{url} is not absolute")));
         };
+        let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => authority.as_str().to_owned(),
+            _ => authority.host().to_owned(),
+        };
+        // Userinfo (`user@host`) is not sent in Host; config validation allows none anyway.
+        let host = host
+            .rsplit_once('@')
+            .map_or(host.as_str(), |(_, h)| h)
+            .to_owned();
         Ok(Self {
             scheme: scheme.clone(),
             authority: authority.clone(),
             base_path: url.path().trim_end_matches('/').to_owned(),
+            host: HeaderValue::try_from(host).map_err(|e| BadTarget(e.to_string()))?,
         })
     }
 
@@ -72,11 +86,25 @@ impl Target {
         &self.authority
     }
 
-    /// The upstream URI for an app's request target: the app's path and query joined onto
-    /// the base path. Only the path and query of an absolute-form target are used, so an app
-    /// cannot send bearerd's token elsewhere.
-    pub fn uri_for(&self, app: Uri) -> Result<Uri, BadTarget> {
-        let mut parts = app.into_parts();
+    /// `Host` for HTTP/1.1 requests.
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
+    }
+
+    /// `scheme://authority`: what to connect to.
+    pub fn dial(&self) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        Uri::from_parts(parts).unwrap_or_default()
+    }
+
+    /// The upstream path and query for an app's request target: the app's path and query
+    /// joined onto the base path. Only the path and query of an absolute-form target are used,
+    /// so an app cannot send bearerd's token elsewhere.
+    pub fn path_and_query_for(&self, app: Uri) -> Result<PathAndQuery, BadTarget> {
+        let parts = app.into_parts();
         let app_path = parts
             .path_and_query
             .as_ref()
@@ -85,24 +113,34 @@ impl Target {
             // `*` (OPTIONS *) is about the proxy itself, not a resource upstream.
             return Err(BadTarget(format!("{app_path:?} is not a path")));
         }
-        // Without a base path the app's path and query are reused as they are, not copied.
         if !self.base_path.is_empty() {
-            let joined = PathAndQuery::try_from(format!("{}{app_path}", self.base_path))
-                .map_err(|e| BadTarget(e.to_string()))?;
-            parts.path_and_query = Some(joined);
-        } else if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+            return PathAndQuery::try_from(format!("{}{app_path}", self.base_path))
+                .map_err(|e| BadTarget(e.to_string()));
         }
+        // Without a base path the app's path and query are reused as they are, not copied.
+        Ok(parts
+            .path_and_query
+            .unwrap_or_else(|| PathAndQuery::from_static("/")))
+    }
+
+    /// The absolute URI of `path_and_query` at the upstream (HTTP/2 sends it whole).
+    pub fn absolute(&self, path_and_query: PathAndQuery) -> Result<Uri, BadTarget> {
+        let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
         Uri::from_parts(parts).map_err(|e| BadTarget(e.to_string()))
+    }
+
+    /// The absolute upstream URI for an app's request target.
+    pub fn uri_for(&self, app: Uri) -> Result<Uri, BadTarget> {
+        self.absolute(self.path_and_query_for(app)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     fn target(url: &str) -> Target {
         Target::new(&url.parse().unwrap()).unwrap()
@@ -147,6 +185,21 @@ mod tests {
                 "http://evil.example/steal?q=1"
             ),
             "https://api.example.com/v2/steal?q=1"
+        );
+    }
+
+    #[test]
+    fn host_leaves_out_the_default_port() {
+        assert_eq!(
+            target("https://api.example.com:443/v2").host(),
+            "api.example.com"
+        );
+        assert_eq!(target("http://api.example.com/").host(), "api.example.com");
+        assert_eq!(target("http://127.0.0.1:8080/").host(), "127.0.0.1:8080");
+        assert_eq!(target("https://[::1]:8443").host(), "[::1]:8443");
+        assert_eq!(
+            target("https://api.example.com/v2").dial().to_string(),
+            "https://api.example.com/"
         );
     }
 

@@ -58,6 +58,8 @@ pub fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
 /// A server running on its own task until dropped.
 pub struct Server {
     pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -102,11 +104,14 @@ where
     let handler: Handler = Arc::new(move |request| Box::pin(handler(request)));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = Arc::clone(&connections);
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let handler = Arc::clone(&handler);
             let tls = tls.clone();
             tokio::spawn(async move {
@@ -132,7 +137,11 @@ where
             });
         }
     });
-    Server { addr, task }
+    Server {
+        addr,
+        connections,
+        task,
+    }
 }
 
 /// A token request as the endpoint saw it.
