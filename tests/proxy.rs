@@ -20,17 +20,22 @@ use support::{echo, get, send, serve, token_endpoint, token_ok, Sidecar, TestCa}
 
 const SECRET_LINE: &str = "client_id = \"app\"\nclient_secret = \"pw\"\n";
 
+/// bearerd with one upstream `api` at `upstream_url`, getting its token from `endpoint`.
+async fn sidecar_for(upstream_url: &str, endpoint: &support::TokenEndpoint) -> Sidecar {
+    Sidecar::start(&support::config(
+        "api",
+        upstream_url,
+        &endpoint.url("/token"),
+        SECRET_LINE,
+    ))
+    .await
+}
+
 #[tokio::test]
 async fn forwards_with_the_token_replacing_the_apps_authorization() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok-1", 3600) }).await;
     let upstream = serve(echo).await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &upstream.url("/v2/"),
-        &endpoint.url("/token"),
-        SECRET_LINE,
-    ))
-    .await;
+    let sidecar = sidecar_for(&upstream.url("/v2/"), &endpoint).await;
 
     let request = Request::post(sidecar.url("api", "/users/7?fields=a,b&x=%2F"))
         .header("authorization", "Bearer the-apps-own")
@@ -65,13 +70,7 @@ async fn hop_by_hop_headers_are_dropped_both_ways() {
         response
     })
     .await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &upstream.url(""),
-        &endpoint.url("/token"),
-        SECRET_LINE,
-    ))
-    .await;
+    let sidecar = sidecar_for(&upstream.url(""), &endpoint).await;
     let request = Request::get(sidecar.url("api", "/"))
         .header("connection", "keep-alive, x-app-hop")
         .header("x-app-hop", "secret-ish")
@@ -120,13 +119,7 @@ async fn redirects_are_passed_back_not_followed() {
         }
     })
     .await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &upstream.url(""),
-        &endpoint.url("/token"),
-        SECRET_LINE,
-    ))
-    .await;
+    let sidecar = sidecar_for(&upstream.url(""), &endpoint).await;
     let answer = get(&sidecar.url("api", "/start")).await;
     assert_eq!(answer.status, StatusCode::FOUND);
     assert_eq!(answer.headers["location"], "/elsewhere");
@@ -183,13 +176,7 @@ async fn upstream_unreachable_gives_502() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &format!("http://{closed}"),
-        &endpoint.url("/token"),
-        SECRET_LINE,
-    ))
-    .await;
+    let sidecar = sidecar_for(&format!("http://{closed}"), &endpoint).await;
     let answer = get(&sidecar.url("api", "/x")).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     let body = answer.json();
@@ -237,13 +224,7 @@ async fn upstream_tls_failure_gives_502() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     // A TLS server whose CA bearerd is not told about.
     let upstream = support::serve_tls(echo, &TestCa::new()).await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &upstream.https_url(""),
-        &endpoint.url("/token"),
-        SECRET_LINE,
-    ))
-    .await;
+    let sidecar = sidecar_for(&upstream.https_url(""), &endpoint).await;
     let answer = get(&sidecar.url("api", "/x")).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     let body = answer.json();
@@ -368,13 +349,7 @@ async fn cold_start_herd_of_1000_causes_one_token_request() {
     })
     .await;
     let upstream = serve(echo).await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &upstream.url(""),
-        &endpoint.url("/token"),
-        SECRET_LINE,
-    ))
-    .await;
+    let sidecar = sidecar_for(&upstream.url(""), &endpoint).await;
     let url = sidecar.url("api", "/herd");
     let herd: Vec<_> = (0..HERD)
         .map(|_| tokio::spawn(support::get_owned(url.clone())))
@@ -413,13 +388,7 @@ async fn cold_start_herd_of_1000_causes_one_token_request() {
 async fn upstream_connections_are_reused_across_requests_and_app_connections() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let upstream = serve(echo).await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &upstream.url(""),
-        &endpoint.url("/token"),
-        SECRET_LINE,
-    ))
-    .await;
+    let sidecar = sidecar_for(&upstream.url(""), &endpoint).await;
     // One kept-alive app connection, several requests.
     let client = support::app_client();
     for _ in 0..5 {
@@ -486,13 +455,7 @@ async fn closing_upstream() -> std::net::SocketAddr {
 async fn an_upstream_closing_idle_connections_fails_no_request() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let upstream = closing_upstream().await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &format!("http://{upstream}"),
-        &endpoint.url("/token"),
-        SECRET_LINE,
-    ))
-    .await;
+    let sidecar = sidecar_for(&format!("http://{upstream}"), &endpoint).await;
     let client = support::app_client();
     for _ in 0..5 {
         let request = Request::get(sidecar.url("api", "/x"))
