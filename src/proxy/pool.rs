@@ -45,8 +45,7 @@ pub enum Sender {
     Http2(http2::SendRequest<RequestBody>),
 }
 
-/// A request that could not be sent.
-#[derive(Debug)]
+/// A request that could not be sent. (No `Debug`: the request carries the token.)
 pub enum SendError {
     /// The connection was gone before the request left: it can go on another connection.
     NotSent(Box<Request<RequestBody>>, hyper::Error),
