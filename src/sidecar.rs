@@ -281,7 +281,7 @@ impl Running {
                     pool: Arc::new(proxy::pool::Pool::new(
                         tls::connector(tls, upstream.connect_timeout),
                         dial,
-                        config.server.limits.max_connections,
+                        self.config.server.limits.max_connections,
                     )),
                     response_header_timeout: upstream.response_header_timeout,
                     metrics,
@@ -299,9 +299,7 @@ impl Running {
                     }
                     existing
                 }
-                (None, Some((socket, addr))) => {
-                    self.spawn_listener(socket, addr, wanted, build(), config)
-                }
+                (None, Some((socket, addr))) => self.spawn_listener(socket, addr, wanted, build()),
                 (None, None) => continue, // `prepare` binds every address not yet held.
             };
             listeners.insert(key, listener);
@@ -336,7 +334,14 @@ impl Running {
         self.sources = sources;
         self.listeners = listeners;
         self.upstream_metrics = upstream_metrics;
-        self.config = config.clone();
+        // What a reload cannot change stays as it runs, so that new listeners get the running
+        // limits and the next reload compares against what really runs.
+        let mut running = config.clone();
+        running.admin = self.config.admin.clone();
+        running.server = self.config.server;
+        running.log.level = self.config.log.level.clone();
+        running.log.format = self.config.log.format;
+        self.config = running;
         Ok(())
     }
 
@@ -396,7 +401,6 @@ impl Running {
         addr: SocketAddr,
         wanted: (config::Upstream, bool),
         forwarding: Arc<proxy::Upstream>,
-        config: &Config,
     ) -> Listener {
         tracing::info!(upstream = %wanted.0.name, listen = %addr, url = %wanted.0.url, "listening");
         let (current, receiver) = watch::channel(forwarding);
@@ -404,9 +408,9 @@ impl Running {
         self.listener_tasks.spawn(proxy::serve(
             socket,
             receiver,
-            config.server.limits,
+            self.config.server.limits,
             stop.clone(),
-            config.server.shutdown_grace,
+            self.config.server.shutdown_grace,
         ));
         Listener {
             addr,

@@ -200,3 +200,50 @@ async fn a_reload_that_cannot_apply_keeps_the_running_config() {
     assert_eq!(endpoint.count(), 1);
     sidecar.stop().await;
 }
+
+#[tokio::test]
+async fn server_settings_stay_as_they_run_until_a_restart() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let upstream = serve(echo).await;
+    let token_url = endpoint.url("/token");
+    let a = upstream_block("a", "127.0.0.1:0", &upstream.url(""), &token_url);
+    let mut sidecar = Sidecar::start(&format!(
+        "[server]\nmax_connections = 1\n{}",
+        with_admin(std::slice::from_ref(&a))
+    ))
+    .await;
+
+    // The reload asks for more connections and adds a listener: the new listener still gets
+    // the running limit of one connection.
+    let b = upstream_block("b", "127.0.0.1:0", &upstream.url(""), &token_url);
+    let config = load(
+        &sidecar,
+        &format!("[server]\nmax_connections = 100\n{}", with_admin(&[a, b])),
+    );
+    sidecar
+        .running
+        .as_mut()
+        .unwrap()
+        .reload(&config)
+        .await
+        .unwrap();
+    let addr = sidecar.running().local_addr("b").unwrap();
+    let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    first
+        .write_all(b"GET /x HTTP/1.1\r\nhost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    first.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut answer = Vec::new();
+    second.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    sidecar.stop().await;
+}
