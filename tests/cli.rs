@@ -131,6 +131,22 @@ fn invalid_config_exits_2_naming_file_line_and_key() {
     );
 }
 
+/// The binary with one upstream `api` at `upstream_url`, and the address it listens on; the
+/// directory holds its config and must outlive it.
+fn start_daemon(
+    upstream_url: &str,
+    endpoint: &support::TokenEndpoint,
+) -> (Daemon, std::net::SocketAddr, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &daemon_config(upstream_url, &endpoint.url("/token")),
+    );
+    let daemon = Daemon::start(&path);
+    let addr = daemon.listen_addr("api");
+    (daemon, addr, dir)
+}
+
 fn daemon_config(upstream: &str, token_url: &str) -> String {
     support::config(
         "api",
@@ -144,13 +160,7 @@ fn daemon_config(upstream: &str, token_url: &str) -> String {
 async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let upstream = support::Holding::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        &daemon_config(&upstream.url(""), &endpoint.url("/token")),
-    );
-    let mut daemon = Daemon::start(&path);
-    let addr = daemon.listen_addr("api");
+    let (mut daemon, addr, _dir) = start_daemon(&upstream.url(""), &endpoint);
 
     let in_flight = tokio::spawn(support::get_owned(format!("http://{addr}/slow")));
     upstream.arrived().await;
@@ -349,13 +359,7 @@ async fn second_signal_exits_at_once() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     // Never released: the drain would last the whole grace period.
     let upstream = support::Holding::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        &daemon_config(&upstream.url(""), &endpoint.url("/token")),
-    );
-    let mut daemon = Daemon::start(&path);
-    let addr = daemon.listen_addr("api");
+    let (mut daemon, addr, _dir) = start_daemon(&upstream.url(""), &endpoint);
     let _in_flight = tokio::spawn(support::get_owned(format!("http://{addr}/hang")));
     upstream.arrived().await;
     daemon.signal("TERM");
