@@ -100,6 +100,9 @@ pub const MIN_MAX_HEADER_BYTES: usize = 8192;
 /// `[server] max_connections` when not set: app connections per listener; more are
 /// answered 503 and closed.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// `[server] max_connections` at most: far above what one sidecar serves, and within what a
+/// listener's connection count (a semaphore) can hold.
+pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
 
 /// `[log] level` when not set.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -374,13 +377,13 @@ impl Validator<'_> {
             raw.and_then(|s| s.max_header_bytes.as_ref()),
             "server.max_header_bytes",
             DEFAULT_MAX_HEADER_BYTES,
-            MIN_MAX_HEADER_BYTES,
+            MIN_MAX_HEADER_BYTES..=usize::MAX,
         );
         let max_connections = self.count(
             raw.and_then(|s| s.max_connections.as_ref()),
             "server.max_connections",
             DEFAULT_MAX_CONNECTIONS,
-            1,
+            1..=MAX_MAX_CONNECTIONS,
         );
         Server {
             shutdown_grace,
@@ -393,25 +396,27 @@ impl Validator<'_> {
         }
     }
 
-    /// A whole number of at least `min`.
+    /// A whole number within `range`.
     fn count(
         &mut self,
         value: Option<&Spanned<i64>>,
         key: &str,
         default: usize,
-        min: usize,
+        range: std::ops::RangeInclusive<usize>,
     ) -> usize {
         let Some(value) = value else {
             return default;
         };
         match usize::try_from(*value.get_ref()) {
-            Ok(n) if n >= min => n,
+            Ok(n) if range.contains(&n) => n,
             _ => {
-                self.problem(
-                    value.span(),
-                    key,
-                    format!("must be a whole number of at least {min}"),
-                );
+                let (min, max) = (range.start(), range.end());
+                let message = if *max == usize::MAX {
+                    format!("must be a whole number of at least {min}")
+                } else {
+                    format!("must be a whole number from {min} to {max}")
+                };
+                self.problem(value.span(), key, message);
                 default
             }
         }

@@ -254,7 +254,19 @@ fn bad_values() {
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:2:20: server.max_header_bytes: must be a whole number of at least 8192\n\
-         /etc/bearerd/bearerd.toml:3:19: server.max_connections: must be a whole number of at least 1"
+         /etc/bearerd/bearerd.toml:3:19: server.max_connections: must be a whole number from 1 to 1000000"
+    );
+    // The listener's connection count is a semaphore's size: bounded so that it cannot panic.
+    let text = format!("[server]\nmax_connections = 10000000000000000000\n{VALID}");
+    assert!(
+        errors(&text).contains("server.max_connections"),
+        "{}",
+        errors(&text)
+    );
+    let text = format!("[server]\nmax_connections = 4000000000\n{VALID}");
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:2:19: server.max_connections: must be a whole number from 1 to 1000000"
     );
     let text = VALID.replace("name = \"payments\"", "name = \"pay ments\"");
     assert!(errors(&text).contains("upstream[0].name: \"pay ments\" is not a valid name"));
