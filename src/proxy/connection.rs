@@ -4,18 +4,27 @@
 //! hyper's own header timer also runs while a kept-alive connection is idle, which would tie
 //! the two timeouts together; so both are kept here instead. The connection's IO notes when
 //! bytes of a new request head start to arrive, the service notes when a request starts and
-//! when its response body ends, and a watchdog beside the connection closes it when a limit
-//! is passed.
+//! when its response body ends, and a [`watchdog`] task beside the connection closes it when
+//! a limit is passed, or drains or closes it on shutdown.
+//!
+//! The watchdog is a task of its own, not a branch of the connection's task: a `select!` there
+//! would poll its timer and shutdown signals again at every wake-up of the connection, several
+//! times per request. The connection's task only reads one atomic order ([`serve`]).
 
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// Limits of one listener's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +42,13 @@ pub struct Limits {
 /// `Activity::head_started` when no request head is arriving.
 const NOT_STARTED: u64 = u64::MAX;
 
+/// [`Activity::order`]: go on serving.
+const SERVE: u8 = 0;
+/// [`Activity::order`]: finish the request in flight, then close (shutdown).
+const DRAIN: u8 = 1;
+/// [`Activity::order`]: close now (a limit passed, or the shutdown grace is over).
+const CLOSE: u8 = 2;
+
 /// What a connection is doing, shared by its IO, its service and its watchdog. Times are
 /// milliseconds since the connection opened.
 #[derive(Debug)]
@@ -44,6 +60,12 @@ pub struct Activity {
     idle_since: AtomicU64,
     /// When the first byte of the next request head arrived, or [`NOT_STARTED`].
     head_started: AtomicU64,
+    /// The watchdog's order to the connection's task: [`SERVE`], [`DRAIN`] or [`CLOSE`].
+    order: AtomicU8,
+    /// Wakes the connection's task for a new order.
+    order_waker: AtomicWaker,
+    /// Tells the watchdog that the connection has ended.
+    ended: Notify,
 }
 
 /// Why the watchdog closed a connection.
@@ -63,7 +85,28 @@ impl Activity {
             open_requests: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NOT_STARTED),
+            order: AtomicU8::new(SERVE),
+            order_waker: AtomicWaker::new(),
+            ended: Notify::new(),
         })
+    }
+
+    /// Orders the connection's task to drain or close (never back to serving).
+    fn give_order(&self, order: u8) {
+        if self.order.fetch_max(order, Ordering::AcqRel) < order {
+            self.order_waker.wake();
+        }
+    }
+
+    /// The current order; the task behind `cx` is woken when it changes.
+    fn poll_order(&self, cx: &Context<'_>) -> u8 {
+        let order = self.order.load(Ordering::Acquire);
+        if order == CLOSE {
+            return order;
+        }
+        self.order_waker.register(cx.waker());
+        // An order given between the load and the registration found no waker to wake.
+        self.order.load(Ordering::Acquire)
     }
 
     fn now(&self) -> u64 {
@@ -108,6 +151,64 @@ impl Activity {
             Err(expired)
         } else {
             Ok(poll.min(limit - elapsed))
+        }
+    }
+}
+
+/// Serves `connection` until it ends or its watchdog orders it closed, draining it gracefully
+/// when ordered to. Returns the connection's own result, or `None` if it was closed.
+pub async fn serve<C>(mut connection: Pin<&mut C>, activity: &Activity) -> Option<C::Output>
+where
+    C: GracefulConnection,
+{
+    let mut draining = false;
+    let ended = poll_fn(|cx| {
+        match activity.poll_order(cx) {
+            CLOSE => return Poll::Ready(None),
+            DRAIN if !draining => {
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ => {}
+        }
+        connection.as_mut().poll(cx).map(Some)
+    })
+    .await;
+    activity.ended.notify_one();
+    ended
+}
+
+/// Watches one connection: closes it when a limit passes, drains it when `shutdown` is
+/// cancelled and closes it when `force_close` is. Returns when the connection has ended.
+pub async fn watchdog(
+    activity: Arc<Activity>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    force_close: CancellationToken,
+    upstream: Arc<str>,
+) {
+    let mut draining = false;
+    loop {
+        let wait = match activity.check(&limits) {
+            Ok(wait) => wait,
+            Err(expired) => {
+                tracing::debug!(%upstream, ?expired, "closing app connection");
+                activity.give_order(CLOSE);
+                return;
+            }
+        };
+        tokio::select! {
+            biased;
+            () = activity.ended.notified() => return,
+            () = force_close.cancelled() => {
+                activity.give_order(CLOSE);
+                return;
+            }
+            () = shutdown.cancelled(), if !draining => {
+                draining = true;
+                activity.give_order(DRAIN);
+            }
+            () = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -268,6 +369,7 @@ mod tests {
             open_requests: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NOT_STARTED),
+            ..Arc::into_inner(Activity::new()).unwrap()
         };
         assert_eq!(opened_long_ago.check(&LIMITS), Err(Expired::Idle));
     }
@@ -279,6 +381,7 @@ mod tests {
             open_requests: AtomicUsize::new(0),
             idle_since: AtomicU64::new(990),
             head_started: AtomicU64::new(NOT_STARTED),
+            ..Arc::into_inner(Activity::new()).unwrap()
         });
         activity.bytes_read();
         assert!(activity.check(&LIMITS).is_ok());

@@ -21,7 +21,6 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -70,13 +69,14 @@ pub async fn serve(
     grace: Duration,
 ) {
     let name = Arc::clone(&upstream.borrow().name);
-    let connections = GracefulShutdown::new();
     // Cancelled when the grace period is over: connections still open are dropped.
     let force_close = CancellationToken::new();
-    let capacity = Arc::new(Semaphore::new(limits.max_connections));
+    // One permit per open connection: all of them back means every connection has ended.
+    let max_connections = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let capacity = Arc::new(Semaphore::new(max_connections as usize));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        // The header and idle timers are kept by `connection::Activity`.
+        // The header and idle timers are kept by `connection::watchdog`.
         .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes);
     loop {
@@ -114,41 +114,32 @@ pub async fn serve(
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
-        let connection = connections.watch(http.serve_connection(io, service));
+        let connection = http.serve_connection(io, service);
+        tokio::spawn(connection::watchdog(
+            Arc::clone(&activity),
+            limits,
+            shutdown.clone(),
+            force_close.clone(),
+            Arc::clone(&name),
+        ));
         let name = Arc::clone(&name);
-        let force_close = force_close.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            tokio::pin!(connection);
+            let mut connection = std::pin::pin!(connection);
             // Whichever way the connection ends, its upstream connection goes back; declared
             // after the connection, so it is dropped, and the upstream connection is back in
             // the pool, before the app sees its connection close.
             let _release = ReleaseOnDrop(slot);
-            loop {
-                let wait = match activity.check(&limits) {
-                    Ok(wait) => wait,
-                    Err(expired) => {
-                        tracing::debug!(upstream = %name, ?expired, "closing app connection");
-                        return;
-                    }
-                };
-                tokio::select! {
-                    ended = &mut connection => {
-                        if let Err(error) = ended {
-                            tracing::debug!(upstream = %name, %error, "app connection ended with an error");
-                        }
-                        return;
-                    }
-                    () = tokio::time::sleep(wait) => {}
-                    () = force_close.cancelled() => return,
-                }
+            if let Some(Err(error)) = connection::serve(connection.as_mut(), &activity).await {
+                tracing::debug!(upstream = %name, %error, "app connection ended with an error");
             }
         });
     }
-    // Stop accepting before draining: the listener closes here.
+    // Stop accepting before draining: the listener closes here. The watchdogs have seen
+    // `shutdown` too and are draining their connections.
     drop(listener);
     tokio::select! {
-        () = connections.shutdown() => {}
+        _ = capacity.acquire_many(max_connections) => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(upstream = %name, "shutdown grace period over; closing connections still open");
             force_close.cancel();
