@@ -167,20 +167,22 @@ def ensure_tools():
 
 
 def proc_stat(pid):
-    """(ppid, utime + stime in ticks, start time in ticks) from /proc/PID/stat, or None."""
+    """(ppid, utime + stime in ticks, start time in ticks, stime in ticks) from
+    /proc/PID/stat, or None."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19])
+    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19]), int(fields[12])
 
 
 def cpu_ticks(pid):
+    """(all CPU, system CPU) of PID so far, in ticks."""
     stat = proc_stat(pid)
     if stat is None:
         raise HarnessError(f"process {pid} is gone")
-    return stat[1]
+    return stat[1], stat[3]
 
 
 def core_times():
@@ -673,18 +675,19 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
             url, headers, pid = targets[name]
             if pid is not None and hwm_resettable:
                 reset_hwm(pid)
-            before = (cpu_ticks(pid) if pid else 0, cpu_ticks(upstream_worker))
+            before = (cpu_ticks(pid) if pid else (0, 0), cpu_ticks(upstream_worker))
             cores_before, children_before = core_times(), children_cpu_ticks()
             numbers = run_wrk(procs, tmp, url, c, seconds, load_cpu, headers)
             cores_after, children_after = core_times(), children_cpu_ticks()
-            after = (cpu_ticks(pid) if pid else 0, cpu_ticks(upstream_worker))
+            after = (cpu_ticks(pid) if pid else (0, 0), cpu_ticks(upstream_worker))
             per_request = 1_000_000 / CLK_TCK / max(numbers["requests"], 1)
-            ours = {server_cpu: (after[0] - before[0]) + (after[1] - before[1]),
+            ours = {server_cpu: (after[0][0] - before[0][0]) + (after[1][0] - before[1][0]),
                     load_cpu: children_after - children_before}  # wrk, the only child reaped
             numbers.update(
                 round=r + 1, connections=c, target=name,
-                cpu_us=(after[0] - before[0]) * per_request if pid else None,
-                upstream_cpu_us=(after[1] - before[1]) * per_request,
+                cpu_us=(after[0][0] - before[0][0]) * per_request if pid else None,
+                sys_us=(after[0][1] - before[0][1]) * per_request if pid else None,
+                upstream_cpu_us=(after[1][0] - before[1][0]) * per_request,
                 rss_kib=vm_hwm_kib(pid) if pid else None,
                 errors=numbers["socket_errors"] + numbers["non2xx"],
                 noise=noise(cores_before, cores_after, ours),
@@ -783,22 +786,24 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay):
 
     lines = ["", "## Each round", "",
              "| round | conns | target | req/s | p50 µs | p99 µs | ÷ nginx | proxy CPU µs/req "
-             "| upstream CPU µs/req | peak RSS MiB | errors | other CPU % (steal %) |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| of which system | upstream CPU µs/req | peak RSS MiB | errors "
+             "| other CPU % (steal %) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in sorted(results, key=lambda x: (x["round"], x["connections"],
                                             TARGETS.index(x["target"]))):
         lines.append(
             f"| {x['round']} | {x['connections']} | {x['target']} | {x['rps']:.0f} "
             f"| {fmt_us(x['p50_us'])} | {fmt_us(x['p99_us'])} | {fmt(x['ratio'], '.2f')} "
-            f"| {fmt(x['cpu_us'], '.2f')} | {x['upstream_cpu_us']:.2f} "
+            f"| {fmt(x['cpu_us'], '.2f')} | {fmt(x['sys_us'], '.2f')} "
+            f"| {x['upstream_cpu_us']:.2f} "
             f"| {fmt(x['rss_kib'] and x['rss_kib'] / 1024, '.1f')} | {x['errors']} "
             f"| {fmt_noise(x['noise'])} |")
 
     med = {}
     lines += ["", f"## Medians over {rounds} round(s)", "",
               "| conns | target | req/s | p50 µs | p99 µs | ÷ nginx (paired) | proxy CPU µs/req "
-              "| upstream CPU µs/req | peak RSS MiB (max) | errors (sum) |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| of which system | upstream CPU µs/req | peak RSS MiB (max) | errors (sum) |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in connections:
         for t in TARGETS:
             xs = [x for x in results if x["connections"] == c and x["target"] == t]
@@ -809,6 +814,7 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay):
                 "p99_us": median(x["p99_us"] for x in xs),
                 "ratio": median(x["ratio"] for x in xs),
                 "cpu_us": median(x["cpu_us"] for x in xs),
+                "sys_us": median(x["sys_us"] for x in xs),
                 "upstream_cpu_us": median(x["upstream_cpu_us"] for x in xs),
                 "rss_mib": max(rss) / 1024 if rss else None,
                 "errors": sum(x["errors"] for x in xs),
@@ -816,6 +822,7 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay):
             lines.append(
                 f"| {c} | {t} | {m['rps']:.0f} | {fmt_us(m['p50_us'])} | {fmt_us(m['p99_us'])} "
                 f"| {fmt(m['ratio'], '.2f')} | {fmt(m['cpu_us'], '.2f')} "
+                f"| {fmt(m['sys_us'], '.2f')} "
                 f"| {m['upstream_cpu_us']:.2f} | {fmt(m['rss_mib'], '.1f')} | {m['errors']} |")
     lines += ["", f"Token endpoint requests over the whole run: {token_requests}"]
 
@@ -823,6 +830,25 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay):
     def check(goal, measured, ok):
         verdict = "–" if ok is None else ("pass" if ok else "FAIL")
         lines.append(f"| {goal} | {measured} | {verdict} |")
+
+    # --- what one core allows: the proxy and the upstream share it, and it is the bottleneck,
+    # so req/s is about 1 / (proxy CPU + upstream CPU) per request. Even with no user-space
+    # work at all, bearerd would still pay its system time (the same socket calls as nginx).
+    lines += ["", "## What the shared core allows", "",
+              "| conns | nginx + upstream µs/req | bearerd + upstream µs/req | bearerd system "
+              "+ upstream µs/req | ÷ nginx if bearerd's user time were 0 | bearerd CPU µs/req "
+              f"for {GOAL_RATIO}× |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for c in SATURATED:
+        if (c, "bearerd") not in med:
+            continue
+        b, n = med[(c, "bearerd")], med[(c, "nginx")]
+        nginx_core = n["cpu_us"] + n["upstream_cpu_us"]
+        bearerd_core = b["cpu_us"] + b["upstream_cpu_us"]
+        floor = b["sys_us"] + b["upstream_cpu_us"]
+        needed = nginx_core / GOAL_RATIO - b["upstream_cpu_us"]
+        lines.append(f"| {c} | {nginx_core:.2f} | {bearerd_core:.2f} | {floor:.2f} "
+                     f"| {nginx_core / floor:.2f} | {needed:.2f} |")
 
     lines += ["", "## Targets", "", "| target | measured (medians) | |", "|---|---|---|"]
     for c in SATURATED:
