@@ -69,7 +69,7 @@ impl Admin {
                 text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
             }
             "/metrics" => self.metrics_page(),
-            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/healthz" => self.health(),
             "/readyz" => self.readiness(),
             _ => text(
                 StatusCode::NOT_FOUND,
@@ -98,6 +98,25 @@ impl Admin {
                 response
             }
             Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{error}\n")),
+        }
+    }
+
+    /// 200 unless a token source is down (its refresher ended unexpectedly and awaits its
+    /// restart): then 503, so that Kubernetes restarts a sidecar that stays so.
+    fn health(&self) -> Response<Full<Bytes>> {
+        let down: Vec<String> = self
+            .upstreams()
+            .iter()
+            .filter(|upstream| upstream.token.is_down())
+            .map(|upstream| upstream.name.clone())
+            .collect();
+        if down.is_empty() {
+            text(StatusCode::OK, "ok\n")
+        } else {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("token source down, restarting: {}\n", down.join(", ")),
+            )
         }
     }
 
@@ -152,11 +171,25 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
     response
 }
 
-/// Serves `admin` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+/// How long an admin connection may take to send a request head, and stay idle between
+/// requests (hyper's header timer covers both): probes and scrapes send at once.
+const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `admin` on `listener` until `shutdown`, holding at most `max_connections` at once:
+/// more are closed at once, so that no peer can take the file descriptors the proxy needs.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
     let connections = GracefulShutdown::new();
+    let capacity = Arc::new(tokio::sync::Semaphore::new(
+        max_connections.min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new());
+    http.timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -169,6 +202,11 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
             },
             () = shutdown.cancelled() => break,
         };
+        let Ok(permit) = Arc::clone(&capacity).try_acquire_owned() else {
+            tracing::debug!(max_connections, "admin connection refused: listener full");
+            drop(stream);
+            continue;
+        };
         let admin = Arc::clone(&admin);
         let service = service_fn(move |request: Request<Incoming>| {
             let response = admin.answer(request.method(), request.uri().path());
@@ -176,6 +214,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
         });
         let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
+            let _permit = permit;
             let _ = connection.await;
         });
     }

@@ -32,6 +32,16 @@ pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// response has no `expires_in` and which is not a JWT with an `exp` claim. Short on purpose:
 /// refreshing too early costs one request, holding a dead token costs the app its calls.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+/// `[upstream.token] max_lifetime` when not set: the longest lifetime believed, whatever the
+/// endpoint says, so that a token is fetched again at least daily and no answer can push a
+/// refresh past the end of time.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// The longest duration any setting takes: longer ones are typing mistakes, and would
+/// overflow the clock arithmetic built on them.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// `[admin] max_connections` when not set: probes and scrapes need a handful; a peer that
+/// opens more cannot take file descriptors from the proxy listeners.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
@@ -53,6 +63,8 @@ pub struct Config {
 pub struct Admin {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub listen: SocketAddr,
+    /// See [`DEFAULT_ADMIN_MAX_CONNECTIONS`].
+    pub max_connections: usize,
 }
 
 /// `[server]`: app connections and shutdown.
@@ -62,6 +74,10 @@ pub struct Server {
     pub shutdown_grace: Duration,
     /// Limits on each listener's connections.
     pub limits: crate::proxy::connection::Limits,
+    /// See [`DEFAULT_BODY_IDLE_TIMEOUT`].
+    pub body_idle_timeout: Duration,
+    /// See [`DEFAULT_REPLAY_MEMORY`].
+    pub replay_memory: usize,
 }
 
 /// `[log]`
@@ -104,6 +120,14 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// listener's connection count (a semaphore) can hold.
 pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
 
+/// `[server] body_idle_timeout` when not set: how long a request body may make no progress
+/// before the request is ended and its memory freed.
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `[server] replay_memory` when not set: the total size of the request bodies kept, across
+/// all listeners, so that a request the upstream answers 401 can be sent again. Past it,
+/// requests stream without a replay.
+pub const DEFAULT_REPLAY_MEMORY: usize = 16 * 1024 * 1024;
+
 /// `[log] level` when not set.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -123,6 +147,11 @@ pub struct Upstream {
     /// When the upstream answers 401 to a token, fetch a new one and replay the request once
     /// (if its body was kept). Default on.
     pub retry_on_401: bool,
+    /// The networks whose peers may connect; `None` (allowed only on a loopback `listen`)
+    /// lets every peer in, as only the pod can reach a loopback address.
+    pub allow_from: Option<Vec<ipnet::IpNet>>,
+    /// `url` may be plain `http://` to a host that is not loopback.
+    pub allow_plain_http: bool,
     /// How tokens for this upstream are obtained.
     pub token: TokenSettings,
     /// Trust anchors for the upstream and its token endpoint.
@@ -153,6 +182,10 @@ pub struct TokenSettings {
     pub timeout: Duration,
     /// See [`DEFAULT_TOKEN_LIFETIME`].
     pub default_lifetime: Duration,
+    /// See [`DEFAULT_MAX_TOKEN_LIFETIME`].
+    pub max_lifetime: Duration,
+    /// The token `url` may be plain `http://` to a host that is not loopback.
+    pub allow_plain_http: bool,
     /// First wait after a failed token request; see [`schedule::backoff`].
     pub backoff_base: Duration,
     /// Longest wait between failed token requests.
@@ -306,6 +339,14 @@ impl Validator<'_> {
             #[allow(clippy::expect_used)] // a constant that a unit test parses
             None => Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid default")),
         };
+        let admin_max_connections = self.count(
+            raw.admin
+                .as_ref()
+                .and_then(|a| a.get_ref().max_connections.as_ref()),
+            "admin.max_connections",
+            DEFAULT_ADMIN_MAX_CONNECTIONS,
+            1..=MAX_MAX_CONNECTIONS,
+        );
         let log = self.log(raw.log.as_ref());
         let server = self.server(raw.server.as_ref());
         if raw.upstream.is_empty() {
@@ -322,6 +363,7 @@ impl Validator<'_> {
             path: path.to_owned(),
             admin: Admin {
                 listen: admin_listen?,
+                max_connections: admin_max_connections,
             },
             log,
             server,
@@ -385,6 +427,29 @@ impl Validator<'_> {
             DEFAULT_MAX_CONNECTIONS,
             1..=MAX_MAX_CONNECTIONS,
         );
+        let body_idle_timeout = duration(
+            self,
+            |s| s.body_idle_timeout.as_ref(),
+            "server.body_idle_timeout",
+            DEFAULT_BODY_IDLE_TIMEOUT,
+        );
+        let replay_memory = match raw.and_then(|s| s.replay_memory.as_ref()) {
+            None => DEFAULT_REPLAY_MEMORY,
+            Some(value) => match parse_size(value.get_ref()) {
+                Some(bytes) => bytes,
+                None => {
+                    self.problem(
+                        value.span(),
+                        "server.replay_memory",
+                        format!(
+                            "{:?} is not a size such as \"16MiB\", \"512KiB\" or \"0\"",
+                            value.get_ref()
+                        ),
+                    );
+                    DEFAULT_REPLAY_MEMORY
+                }
+            },
+        };
         Server {
             shutdown_grace,
             limits: crate::proxy::connection::Limits {
@@ -393,6 +458,8 @@ impl Validator<'_> {
                 max_header_bytes,
                 max_connections,
             },
+            body_idle_timeout,
+            replay_memory,
         }
     }
 
@@ -460,7 +527,23 @@ impl Validator<'_> {
             );
         }
         let listen = self.socket_addr(&raw.listen, &format!("{key}.listen"));
-        let url = self.http_url(&raw.url, &format!("{key}.url"));
+        let allow_from = raw
+            .allow_from
+            .as_ref()
+            .map(|list| self.networks(list, &format!("{key}.allow_from")));
+        if let Some(addr) = listen {
+            if !addr.ip().is_loopback() && allow_from.is_none() {
+                self.problem(
+                    raw.listen.span(),
+                    format!("{key}.listen"),
+                    format!(
+                        "{addr} is not a loopback address: whoever reaches it calls the upstream with bearerd's token. Listen on 127.0.0.1, or set allow_from to the networks that may connect ([\"0.0.0.0/0\", \"::/0\"] for anyone)"
+                    ),
+                );
+            }
+        }
+        let allow_plain_http = raw.allow_plain_http.unwrap_or(false);
+        let url = self.http_url(&raw.url, &format!("{key}.url"), allow_plain_http);
         if let Some(url) = &url {
             if url.query().is_some() {
                 self.problem(
@@ -516,6 +599,8 @@ impl Validator<'_> {
             connect_timeout,
             response_header_timeout,
             retry_on_401: raw.retry_on_401.unwrap_or(true),
+            allow_from,
+            allow_plain_http,
             token: token?,
             tls,
         })
@@ -523,7 +608,8 @@ impl Validator<'_> {
 
     fn token(&mut self, key: &str, spanned: &Spanned<file::Token>) -> Option<TokenSettings> {
         let raw = spanned.get_ref();
-        let url = self.http_url(&raw.url, &format!("{key}.url"));
+        let allow_plain_http = raw.allow_plain_http.unwrap_or(false);
+        let url = self.http_url(&raw.url, &format!("{key}.url"), allow_plain_http);
         if raw.client_id.get_ref().is_empty() {
             self.problem(raw.client_id.span(), format!("{key}.client_id"), "is empty");
         }
@@ -603,6 +689,29 @@ impl Validator<'_> {
                 ),
             );
         }
+        let default_lifetime = self.duration(
+            raw.default_lifetime.as_ref(),
+            &format!("{key}.default_lifetime"),
+            DEFAULT_TOKEN_LIFETIME,
+        );
+        let max_lifetime = self.duration(
+            raw.max_lifetime.as_ref(),
+            &format!("{key}.max_lifetime"),
+            DEFAULT_MAX_TOKEN_LIFETIME,
+        );
+        if default_lifetime > max_lifetime {
+            self.problem(
+                raw.default_lifetime
+                    .as_ref()
+                    .or(raw.max_lifetime.as_ref())
+                    .map_or(0..0, Spanned::span),
+                format!("{key}.default_lifetime"),
+                format!(
+                    "is longer than max_lifetime ({})",
+                    humantime::format_duration(max_lifetime)
+                ),
+            );
+        }
         let optional = |v: &Option<Spanned<String>>| v.as_ref().map(|s| s.get_ref().clone());
         Some(TokenSettings {
             url: url?,
@@ -621,11 +730,9 @@ impl Validator<'_> {
                 &format!("{key}.timeout"),
                 DEFAULT_TOKEN_TIMEOUT,
             ),
-            default_lifetime: self.duration(
-                raw.default_lifetime.as_ref(),
-                &format!("{key}.default_lifetime"),
-                DEFAULT_TOKEN_LIFETIME,
-            ),
+            default_lifetime,
+            max_lifetime,
+            allow_plain_http,
             backoff_base,
             backoff_cap,
         })
@@ -681,7 +788,75 @@ impl Validator<'_> {
         }
     }
 
-    fn http_url(&mut self, value: &Spanned<String>, key: &str) -> Option<Uri> {
+    /// An absolute `http` or `https` URL without userinfo; plain `http` only to a loopback
+    /// host unless `allow_plain_http`, as the secret or the token would cross the network in
+    /// the clear.
+    fn http_url(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+        allow_plain_http: bool,
+    ) -> Option<Uri> {
+        let text = value.get_ref();
+        let authority = text.split_once("://").map_or("", |(_, rest)| {
+            rest.split(['/', '?', '#']).next().unwrap_or("")
+        });
+        if authority.contains('@') {
+            // Checked before anything quotes the URL: the userinfo is most likely a password.
+            self.problem(
+                value.span(),
+                key,
+                "must not hold a user name or password (user:pass@host): bearerd would print it; give credentials in [upstream.token]",
+            );
+            return None;
+        }
+        let uri = self.absolute_url(value, key)?;
+        if uri.scheme_str() == Some("http") && !allow_plain_http && !is_loopback_host(uri.host()) {
+            self.problem(
+                value.span(),
+                key,
+                format!(
+                    "{text:?} is plain http to a host that is not loopback: credentials and tokens would cross the network in the clear. Use https, or set allow_plain_http = true in this table"
+                ),
+            );
+            return None;
+        }
+        Some(uri)
+    }
+
+    /// The networks of an `allow_from` list: at least one, each a CIDR or a single address.
+    fn networks(&mut self, list: &Spanned<Vec<Spanned<String>>>, key: &str) -> Vec<ipnet::IpNet> {
+        if list.get_ref().is_empty() {
+            self.problem(
+                list.span(),
+                key,
+                "is empty, so no one could connect: list the networks that may, such as \"10.0.0.0/8\"",
+            );
+        }
+        list.get_ref()
+            .iter()
+            .filter_map(|item| {
+                let text = item.get_ref().trim();
+                let parsed = text.parse::<ipnet::IpNet>().ok().or_else(|| {
+                    text.parse::<std::net::IpAddr>()
+                        .ok()
+                        .map(ipnet::IpNet::from)
+                });
+                if parsed.is_none() {
+                    self.problem(
+                        item.span(),
+                        key,
+                        format!(
+                            "{text:?} is not a network such as \"10.0.0.0/8\", \"fd00::/8\" or an address"
+                        ),
+                    );
+                }
+                parsed
+            })
+            .collect()
+    }
+
+    fn absolute_url(&mut self, value: &Spanned<String>, key: &str) -> Option<Uri> {
         let text = value.get_ref();
         let uri: Uri = match text.parse() {
             Ok(uri) => uri,
@@ -743,11 +918,15 @@ impl Validator<'_> {
             return default;
         };
         match humantime::parse_duration(value.get_ref()) {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => {
+            Ok(d) if d.is_zero() => {
                 self.problem(value.span(), key, "must be longer than zero");
                 default
             }
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(value.span(), key, "must be at most a year (\"366d\")");
+                default
+            }
+            Ok(d) => d,
             Err(e) => {
                 self.problem(
                     value.span(),
@@ -782,6 +961,40 @@ const RESERVED_FORM_FIELDS: &[&str] = &[
     "audience",
     "resource",
 ];
+
+/// Whether `host` (from a URL) names this machine: `localhost`, a name under `.localhost`
+/// (RFC 6761 §6.3), or a loopback address.
+fn is_loopback_host(host: Option<&str>) -> bool {
+    let Some(host) = host else {
+        return false;
+    };
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        return true;
+    }
+    name.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A size such as `16MiB`, `512KiB`, `1GiB`, `4096B` or `4096`, in bytes.
+fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: usize = number.parse().ok()?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(scale)
+}
 
 /// `upstream[0].token.url` out of serde's path, without the segments `Spanned` adds.
 fn key_path(path: &serde_path_to_error::Path) -> String {
@@ -825,6 +1038,42 @@ mod tests {
     #[test]
     fn default_admin_listen_parses() {
         assert!(DEFAULT_ADMIN_LISTEN.parse::<SocketAddr>().is_ok());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16MiB"), Some(16 << 20));
+        assert_eq!(parse_size("512KiB"), Some(512 << 10));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("0"), Some(0));
+        assert_eq!(parse_size("1 GiB"), Some(1 << 30));
+        assert_eq!(parse_size("16MB"), None);
+        assert_eq!(parse_size("MiB"), None);
+        assert_eq!(parse_size("-1"), None);
+        assert_eq!(parse_size("99999999999999999999GiB"), None);
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "127.0.0.1",
+            "127.8.9.10",
+            "[::1]",
+            "localhost",
+            "LOCALHOST.",
+            "api.localhost",
+        ] {
+            assert!(is_loopback_host(Some(host)), "{host}");
+        }
+        for host in [
+            "10.0.0.1",
+            "[::]",
+            "0.0.0.0",
+            "localhost.example.com",
+            "example.com",
+        ] {
+            assert!(!is_loopback_host(Some(host)), "{host}");
+        }
     }
 
     #[test]

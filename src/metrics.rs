@@ -38,6 +38,27 @@ pub struct Metrics {
     requests_in_flight: IntGaugeVec,
     token_unavailable_total: IntCounterVec,
     upstream_unauthorized_retries_total: IntCounterVec,
+    token_source_restarts_total: IntCounterVec,
+    connections_refused_total: IntCounterVec,
+}
+
+/// Why a listener closed an app connection unserved, as the `reason` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The peer's address is outside the listener's `allow_from`.
+    NotAllowed,
+    /// The listener already held `max_connections`.
+    ListenerFull,
+}
+
+impl Refusal {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NotAllowed => "not_allowed",
+            Self::ListenerFull => "listener_full",
+        }
+    }
 }
 
 /// How a token fetch ended, as the `outcome` label says it.
@@ -80,15 +101,16 @@ impl FetchOutcome {
         }
     }
 
-    /// The outcome of a failed fetch; `None` when no request was sent (unreadable secret).
+    /// The outcome of a failed fetch; `None` when no request was sent (the credentials could
+    /// not be read or used).
     pub fn of(error: &FetchError) -> Option<Self> {
         match error {
-            FetchError::Secret(_) => None,
-            FetchError::Timeout(_) => Some(Self::Timeout),
-            FetchError::Connect(_) => Some(Self::ConnectError),
-            FetchError::Rejected(..) => Some(Self::Rejected),
-            FetchError::ServerError(..) => Some(Self::ServerError),
-            FetchError::InvalidResponse(_) => Some(Self::InvalidResponse),
+            FetchError::Secret(_) | FetchError::BuildRequest { .. } => None,
+            FetchError::Timeout { .. } => Some(Self::Timeout),
+            FetchError::Connect { .. } => Some(Self::ConnectError),
+            FetchError::Rejected { .. } => Some(Self::Rejected),
+            FetchError::ServerError { .. } => Some(Self::ServerError),
+            FetchError::InvalidResponse { .. } => Some(Self::InvalidResponse),
         }
     }
 }
@@ -138,7 +160,7 @@ impl Metrics {
         let token_secret_errors_total = IntCounterVec::new(
             Opts::new(
                 "bearerd_token_secret_errors_total",
-                "Token requests not sent because the client secret could not be read.",
+                "Token requests not sent because the client credentials could not be read or used.",
             ),
             &["upstream"],
         )?;
@@ -178,6 +200,20 @@ impl Metrics {
             ),
             &["upstream"],
         )?;
+        let token_source_restarts_total = IntCounterVec::new(
+            Opts::new(
+                "bearerd_token_source_restarts_total",
+                "Token sources started again after their refresher ended unexpectedly.",
+            ),
+            &["upstream"],
+        )?;
+        let connections_refused_total = IntCounterVec::new(
+            Opts::new(
+                "bearerd_connections_refused_total",
+                "App connections closed unserved, by reason (not_allowed, listener_full).",
+            ),
+            &["upstream", "reason"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "bearerd_build_info",
@@ -200,6 +236,8 @@ impl Metrics {
         registry.register(Box::new(requests_in_flight.clone()))?;
         registry.register(Box::new(token_unavailable_total.clone()))?;
         registry.register(Box::new(upstream_unauthorized_retries_total.clone()))?;
+        registry.register(Box::new(token_source_restarts_total.clone()))?;
+        registry.register(Box::new(connections_refused_total.clone()))?;
         registry.register(Box::new(build_info))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -219,6 +257,8 @@ impl Metrics {
             requests_in_flight,
             token_unavailable_total,
             upstream_unauthorized_retries_total,
+            token_source_restarts_total,
+            connections_refused_total,
         })
     }
 
@@ -251,6 +291,13 @@ impl Metrics {
                 .token_last_success_timestamp_seconds
                 .with_label_values(&[name]),
             token_valid: self.token_valid.with_label_values(&[name]),
+            token_source_restarts: self.token_source_restarts_total.with_label_values(&[name]),
+            refused_not_allowed: self
+                .connections_refused_total
+                .with_label_values(&[name, Refusal::NotAllowed.label()]),
+            refused_listener_full: self
+                .connections_refused_total
+                .with_label_values(&[name, Refusal::ListenerFull.label()]),
         }
     }
 
@@ -286,6 +333,14 @@ impl Metrics {
         let _ = self
             .upstream_unauthorized_retries_total
             .remove_label_values(&[name]);
+        let _ = self
+            .token_source_restarts_total
+            .remove_label_values(&[name]);
+        for reason in [Refusal::NotAllowed, Refusal::ListenerFull] {
+            let _ = self
+                .connections_refused_total
+                .remove_label_values(&[name, reason.label()]);
+        }
     }
 
     /// The registry in the text exposition format (version 0.0.4).
@@ -316,6 +371,9 @@ pub struct UpstreamMetrics {
     token_expiry: Gauge,
     token_last_success: Gauge,
     token_valid: IntGauge,
+    token_source_restarts: IntCounter,
+    refused_not_allowed: IntCounter,
+    refused_listener_full: IntCounter,
 }
 
 impl UpstreamMetrics {
@@ -346,6 +404,20 @@ impl UpstreamMetrics {
     /// A request was answered 503 for want of a token.
     pub fn token_unavailable(&self) {
         self.token_unavailable.inc();
+    }
+
+    /// The token source's refresher ended unexpectedly and is started again.
+    pub fn token_source_restarted(&self) {
+        self.token_source_restarts.inc();
+    }
+
+    /// An app connection was closed unserved.
+    pub fn connection_refused(&self, why: Refusal) {
+        match why {
+            Refusal::NotAllowed => &self.refused_not_allowed,
+            Refusal::ListenerFull => &self.refused_listener_full,
+        }
+        .inc();
     }
 
     /// A request was sent again with a new token after a 401.

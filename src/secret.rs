@@ -2,9 +2,15 @@
 //!
 //! A [`Secret`] never prints its value: `Debug` shows `[redacted]`, there is no `Display`,
 //! and the only way to the value is [`Secret::expose`], so every use is easy to find.
+//!
+//! A [`Redactor`] removes a credential from text that came back from the network (a token
+//! endpoint that echoes the request it got), in every form in which the request carried it.
 
 use std::fmt;
 use std::path::PathBuf;
+
+use base64::Engine;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 /// A value that must never reach a log line, an error body or `Debug` output.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -117,6 +123,165 @@ pub enum SecretError {
     },
 }
 
+/// What replaces a credential in redacted text.
+pub const REDACTED: &str = "[redacted]";
+
+/// RFC 3986 §2.3: the characters percent-encoding leaves alone.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Shortest run of base64 characters taken as the mark of a credential inside a longer
+/// base64 value; shorter runs would match ordinary text.
+const MIN_BASE64_CORE: usize = 8;
+
+/// Removes credentials from untrusted text, in every form a request may have carried them:
+/// as they are, form-urlencoded, percent-encoded (either hex case), and in base64 or base64url,
+/// alone or inside a longer value such as a `Basic` header.
+///
+/// Whatever text a token endpoint sends back goes through one before it reaches a log line,
+/// so that an endpoint that echoes the request it got cannot put the secret there.
+#[derive(Clone, Default)]
+pub struct Redactor {
+    /// Every form of every credential, longest first, so that a longer form is replaced before
+    /// a shorter one inside it breaks it up.
+    forms: Vec<String>,
+}
+
+impl Redactor {
+    /// A redactor that removes nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a credential sent as text: a secret, a password, an assertion.
+    pub fn add(&mut self, credential: &str) {
+        if credential.is_empty() {
+            return;
+        }
+        let form_encoded: String = form_urlencoded::byte_serialize(credential.as_bytes()).collect();
+        let percent_encoded = utf8_percent_encode(credential, UNRESERVED).to_string();
+        let lower_hex = lowercase_percent_escapes(&percent_encoded);
+        for form in [
+            credential.to_owned(),
+            form_encoded,
+            percent_encoded,
+            lower_hex,
+        ] {
+            self.push(form);
+        }
+        // A credential inside any base64 value: the characters that encode its bytes alone,
+        // at each of the three alignments it may have in the encoded value.
+        for alignment in 0..3 {
+            for core in base64_cores(credential.as_bytes(), alignment) {
+                self.push(core);
+            }
+        }
+    }
+
+    /// Adds a client secret and the `Basic` credentials made of it: `client_id:secret` in
+    /// base64 and base64url, both as written and RFC 6749 §2.3.1-encoded, each also
+    /// percent-encoded (as a `Location` or an echoed URL would carry it).
+    pub fn add_client_secret(&mut self, client_id: &str, secret: &str) {
+        self.add(secret);
+        if secret.is_empty() {
+            return;
+        }
+        let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        for pair in [
+            format!("{client_id}:{secret}"),
+            format!("{}:{}", encode(client_id), encode(secret)),
+        ] {
+            for engine in [
+                &base64::engine::general_purpose::STANDARD,
+                &base64::engine::general_purpose::URL_SAFE,
+            ] {
+                let encoded = engine.encode(&pair);
+                let unpadded = encoded.trim_end_matches('=').to_owned();
+                let escaped = utf8_percent_encode(&encoded, UNRESERVED).to_string();
+                let lower = lowercase_percent_escapes(&escaped);
+                for form in [encoded, unpadded, escaped, lower] {
+                    self.push(form);
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, form: String) {
+        if !form.is_empty() && !self.forms.contains(&form) {
+            self.forms.push(form);
+            self.forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        }
+    }
+
+    /// `text` with every form of every credential replaced by [`REDACTED`].
+    pub fn redact(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for form in &self.forms {
+            if text.contains(form.as_str()) {
+                text = text.replace(form.as_str(), REDACTED);
+            }
+        }
+        text
+    }
+
+    /// Whether `text` holds any form of a credential.
+    pub fn finds_in(&self, text: &str) -> bool {
+        self.forms.iter().any(|form| text.contains(form.as_str()))
+    }
+}
+
+/// Names how many forms it holds, never the forms.
+impl fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Redactor({} forms)", self.forms.len())
+    }
+}
+
+/// `%2F` as `%2f`: hex digits in escapes are case-insensitive (RFC 3986 §2.1).
+fn lowercase_percent_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut hex_left = 0;
+    for c in text.chars() {
+        if hex_left > 0 {
+            out.push(c.to_ascii_lowercase());
+            hex_left -= 1;
+        } else {
+            if c == '%' {
+                hex_left = 2;
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The base64 and base64url characters that depend only on `bytes`, when `bytes` start
+/// `alignment` bytes into a 3-byte group of a longer encoded value: whatever surrounds them,
+/// these characters appear in the encoding. Empty when fewer than [`MIN_BASE64_CORE`].
+fn base64_cores(bytes: &[u8], alignment: usize) -> Vec<String> {
+    let mut padded = vec![0u8; alignment];
+    padded.extend_from_slice(bytes);
+    let start_bit = alignment * 8;
+    let end_bit = padded.len() * 8;
+    // Character i encodes bits [6i, 6i + 6): it depends on `bytes` alone when that range lies
+    // within theirs.
+    let first = start_bit.div_ceil(6);
+    let last = end_bit / 6; // exclusive
+    if last < first + MIN_BASE64_CORE {
+        return Vec::new();
+    }
+    [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::URL_SAFE,
+    ]
+    .into_iter()
+    .filter_map(|engine| engine.encode(&padded).get(first..last).map(str::to_owned))
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +323,73 @@ mod tests {
         std::fs::write(&path, "\n").unwrap();
         let message = SecretSource::File(path).read().unwrap_err().to_string();
         assert!(message.contains("is empty"), "{message}");
+    }
+}
+
+#[cfg(test)]
+mod redactor_tests {
+    use super::*;
+
+    const ID: &str = "my app";
+    const SECRET: &str = "p@ss/word+1 ü";
+
+    fn redactor() -> Redactor {
+        let mut r = Redactor::new();
+        r.add_client_secret(ID, SECRET);
+        r
+    }
+
+    #[test]
+    fn removes_every_form_a_request_carries() {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let b64url = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let form = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let percent = |s: &str| utf8_percent_encode(s, UNRESERVED).to_string();
+        let encoded_pair = format!("{}:{}", form(ID), form(SECRET));
+        let forms = [
+            SECRET.to_owned(),
+            form(SECRET),
+            percent(SECRET),
+            lowercase_percent_escapes(&percent(SECRET)),
+            b64(&format!("{ID}:{SECRET}")),
+            b64(&encoded_pair),
+            b64url(&encoded_pair),
+            percent(&b64(&encoded_pair)),
+            lowercase_percent_escapes(&percent(&b64(&encoded_pair))),
+            // The secret inside some other base64 value, at each alignment.
+            b64(&format!("x{SECRET}yz")),
+            b64(&format!("xy{SECRET}z")),
+            b64url(&format!("{{\"sub\":\"{SECRET}\"}}")),
+        ];
+        let r = redactor();
+        for leaked in forms {
+            let text = format!("echo: Authorization: Basic {leaked}; end");
+            let redacted = r.redact(&text);
+            assert!(
+                redacted.contains(REDACTED),
+                "{leaked} was not removed: {redacted}"
+            );
+            assert!(
+                !r.finds_in(&redacted),
+                "{leaked}: something is left: {redacted}"
+            );
+        }
+    }
+
+    #[test]
+    fn leaves_other_text_alone() {
+        let r = redactor();
+        let text = "invalid_client: Client authentication failed for my app";
+        assert_eq!(r.redact(text), text);
+        assert!(!format!("{r:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn short_secrets_are_removed_where_they_stand_but_not_searched_inside_base64() {
+        let mut r = Redactor::new();
+        r.add("abc");
+        assert_eq!(r.redact("xabcx"), "x[redacted]x");
+        // Three bytes make too few base64 characters of their own to be a reliable mark.
+        assert!(base64_cores(b"abc", 1).is_empty());
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, Admin};
 use crate::config::{self, Config, TlsSettings, TokenSettings};
 use crate::metrics::{Metrics, MetricsError, UpstreamMetrics};
-use crate::proxy::{self, rewrite::Target};
+use crate::proxy::{self, body::ReplayBudget, rewrite::Target};
 use crate::tls;
 use crate::token::fetch::Fetcher;
 use crate::token::source::{self, Handle, Observers, RefreshPolicy, SharedObservers};
@@ -116,6 +116,8 @@ pub struct Running {
     listener_tasks: TaskTracker,
     stop_sources: CancellationToken,
     source_tasks: TaskTracker,
+    /// Memory for bodies kept for a replay, shared by every listener.
+    replay_budget: ReplayBudget,
 }
 
 /// Starts token sources and listeners for `config`. Token sources fetch at once; listeners
@@ -143,6 +145,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     source_tasks.spawn(admin::serve(
         admin_listener,
         Arc::clone(&admin),
+        config.admin.max_connections,
         stop_sources.clone(),
     ));
     let mut running = Running {
@@ -157,6 +160,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         listener_tasks: TaskTracker::new(),
         stop_sources,
         source_tasks,
+        replay_budget: ReplayBudget::new(config.server.replay_memory),
     };
     if let Err(error) = running.apply(config).await {
         running.stop_sources.cancel();
@@ -287,6 +291,9 @@ impl Running {
                     metrics,
                     access_log: config.log.access,
                     retry_on_401: upstream.retry_on_401,
+                    allow_from: upstream.allow_from.clone(),
+                    body_idle_timeout: self.config.server.body_idle_timeout,
+                    replay_budget: self.replay_budget.clone(),
                 })
             };
             let listener = match (self.listeners.remove(&key), bound) {
@@ -402,7 +409,9 @@ impl Running {
         wanted: (config::Upstream, bool),
         forwarding: Arc<proxy::Upstream>,
     ) -> Listener {
-        tracing::info!(upstream = %wanted.0.name, listen = %addr, url = %wanted.0.url, "listening");
+        let upstream = &wanted.0;
+        tracing::info!(upstream = %upstream.name, listen = %addr, url = %upstream.url, "listening");
+        warn_about_exposure(upstream, addr);
         let (current, receiver) = watch::channel(forwarding);
         let stop = self.stop_listeners.child_token();
         self.listener_tasks.spawn(proxy::serve(
@@ -431,6 +440,31 @@ impl Running {
         self.stop_sources.cancel();
         self.source_tasks.close();
         self.source_tasks.wait().await;
+    }
+}
+
+/// Says at start what an operator chose to expose: a listener off loopback (only its
+/// `allow_from` keeps strangers from the token), plain http to a remote host.
+fn warn_about_exposure(upstream: &config::Upstream, addr: SocketAddr) {
+    if !addr.ip().is_loopback() {
+        let allow_from: Vec<String> = upstream
+            .allow_from
+            .iter()
+            .flatten()
+            .map(ToString::to_string)
+            .collect();
+        tracing::warn!(
+            upstream = %upstream.name,
+            listen = %addr,
+            allow_from = %allow_from.join(","),
+            "listener is not on loopback: peers in allow_from can call the upstream with bearerd's token"
+        );
+    }
+    if upstream.allow_plain_http {
+        tracing::warn!(upstream = %upstream.name, url = %upstream.url, "allow_plain_http: requests and the token go to the upstream unencrypted");
+    }
+    if upstream.token.allow_plain_http {
+        tracing::warn!(upstream = %upstream.name, token_url = %upstream.token.url, "allow_plain_http: the client credentials go to the token endpoint unencrypted");
     }
 }
 

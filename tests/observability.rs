@@ -109,8 +109,10 @@ auth = "post"
         let answer = send(request).await;
         if name == "wrong" {
             assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+            // The app learns the status and the error code, never what else the endpoint said.
             let body = String::from_utf8_lossy(&answer.body).into_owned();
-            assert!(body.contains("[redacted]"), "{body}");
+            assert!(body.contains(r#"error \"invalid_client\""#), "{body}");
+            assert!(!body.contains("bad body"), "{body}");
             assert!(!body.contains(CLIENT_SECRET), "{body}");
         } else {
             assert_eq!(
@@ -161,6 +163,9 @@ async fn trace_logs_in_json_hold_no_secret() {
     // The scenario did log what it should: fetches, failures, access lines.
     assert!(log.contains(r#""message":"token fetched""#), "{log}");
     assert!(log.contains(r#""message":"token fetch failed""#), "{log}");
+    // The endpoint's echo is logged, with the secret redacted out of it.
+    assert!(log.contains("bad body: grant_type=client_credentials"), "{log}");
+    assert!(log.contains("[redacted]"), "{log}");
     assert!(
         log.contains(r#""endpoint_error":"invalid_client""#),
         "{log}"

@@ -32,6 +32,33 @@ fn basic_config() -> String {
     format!("client_id = \"{ID}\"\nclient_secret_file = \"secret\"\n")
 }
 
+/// The failure as the app was told it (the 503's `detail`: status and error code only) and as
+/// the log tells it (with what else the endpoint said), each without the endpoint's address,
+/// so that expectations can be written down.
+fn reported(answer: &support::Answer, sidecar: &Sidecar) -> (String, String) {
+    let told = unavailable_detail(answer);
+    let logged = sidecar
+        .running()
+        .token_source("vendor")
+        .unwrap()
+        .state()
+        .last_error
+        .unwrap()
+        .to_string();
+    (without_address(&told), without_address(&logged))
+}
+
+/// `token endpoint 127.0.0.1:4321 failed…` as `token endpoint failed…`.
+fn without_address(text: &str) -> String {
+    match text.strip_prefix("token endpoint ") {
+        Some(rest) => format!(
+            "token endpoint {}",
+            rest.split_once(' ').map_or("", |(_, after)| after)
+        ),
+        None => text.to_owned(),
+    }
+}
+
 /// The 503 bearerd gives the app when the token endpoint refused, and its `detail`.
 fn unavailable_detail(answer: &support::Answer) -> String {
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -72,8 +99,13 @@ async fn usm_anywhere_401_is_reported() {
     let endpoint = token_endpoint(usm_anywhere).await;
     let config = format!("client_id = \"{ID}\"\nclient_secret = \"wrong\"\n");
     let (answer, sidecar) = one_request(&endpoint.url("/api/2.0/oauth/token"), &config).await;
+    let (told, logged) = reported(&answer, &sidecar);
     assert_eq!(
-        unavailable_detail(&answer),
+        told,
+        "token endpoint rejected the request: status 401 Unauthorized, error \"Bad credentials\""
+    );
+    assert_eq!(
+        logged,
         "token endpoint rejected the request: status 401 Unauthorized, error \"Bad credentials\": Unauthorized; at /api/2.0/oauth/token"
     );
     sidecar.stop().await;
@@ -103,8 +135,13 @@ async fn auth0_without_audience_is_a_403() {
     let config =
         format!("client_id = \"{ID}\"\nclient_secret_file = \"secret\"\nauth = \"post\"\n");
     let (answer, sidecar) = one_request(&endpoint.url("/oauth/token"), &config).await;
+    let (told, logged) = reported(&answer, &sidecar);
     assert_eq!(
-        unavailable_detail(&answer),
+        told,
+        "token endpoint rejected the request: status 403 Forbidden, error \"access_denied\""
+    );
+    assert_eq!(
+        logged,
         "token endpoint rejected the request: status 403 Forbidden, error \"access_denied\": No audience parameter was provided, and no default audience has been configured"
     );
     sidecar.stop().await;
@@ -118,9 +155,8 @@ async fn auth0_rejects_basic_auth() {
         basic_config()
     );
     let (answer, sidecar) = one_request(&endpoint.url("/oauth/token"), &config).await;
-    assert!(
-        unavailable_detail(&answer).contains("status 401 Unauthorized, error \"access_denied\"")
-    );
+    let (told, _) = reported(&answer, &sidecar);
+    assert!(told.ends_with("status 401 Unauthorized, error \"access_denied\""), "{told}");
     sidecar.stop().await;
 }
 
@@ -142,8 +178,13 @@ async fn alternative_payments_403_flat_map_is_reported() {
     let endpoint = token_endpoint(alternative_payments).await;
     let config = format!("client_id = \"{ID}\"\nclient_secret = \"wrong\"\n");
     let (answer, sidecar) = one_request(&endpoint.url("/oauth/token"), &config).await;
+    let (told, logged) = reported(&answer, &sidecar);
     assert_eq!(
-        unavailable_detail(&answer),
+        told,
+        "token endpoint rejected the request: status 403 Forbidden"
+    );
+    assert_eq!(
+        logged,
         "token endpoint rejected the request: status 403 Forbidden: Invalid credentials"
     );
     sidecar.stop().await;
@@ -174,16 +215,26 @@ async fn ibm_watson_work_401_and_500_are_reported() {
     let endpoint = token_endpoint(ibm_watson_work(false)).await;
     let config = format!("client_id = \"{ID}\"\nclient_secret = \"wrong\"\n");
     let (answer, sidecar) = one_request(&endpoint.url("/oauth/token"), &config).await;
+    let (told, logged) = reported(&answer, &sidecar);
     assert_eq!(
-        unavailable_detail(&answer),
+        told,
+        "token endpoint rejected the request: status 401 Unauthorized, error \"invalid_client\""
+    );
+    assert_eq!(
+        logged,
         "token endpoint rejected the request: status 401 Unauthorized, error \"invalid_client\": Bad client credentials"
     );
     sidecar.stop().await;
 
     let endpoint = token_endpoint(ibm_watson_work(true)).await;
     let (answer, sidecar) = one_request(&endpoint.url("/oauth/token"), &basic_config()).await;
+    let (told, logged) = reported(&answer, &sidecar);
     assert_eq!(
-        unavailable_detail(&answer),
+        told,
+        "token endpoint failed: status 500 Internal Server Error, error \"server_error\""
+    );
+    assert_eq!(
+        logged,
         "token endpoint failed: status 500 Internal Server Error, error \"server_error\": Internal error"
     );
     sidecar.stop().await;
@@ -194,8 +245,13 @@ async fn ibm_watson_work_400_names_the_problem() {
     let endpoint = token_endpoint(ibm_watson_work(false)).await;
     // The wrong path is the fixture's only way to see a malformed request from bearerd.
     let (answer, sidecar) = one_request(&endpoint.url("/oauth/token/"), &basic_config()).await;
+    let (told, logged) = reported(&answer, &sidecar);
     assert_eq!(
-        unavailable_detail(&answer),
+        told,
+        "token endpoint rejected the request: status 400 Bad Request, error \"invalid_request\""
+    );
+    assert_eq!(
+        logged,
         "token endpoint rejected the request: status 400 Bad Request, error \"invalid_request\": path /oauth/token/"
     );
     sidecar.stop().await;
@@ -227,8 +283,13 @@ async fn standard_metrics_invalid_client_is_reported() {
     let endpoint = token_endpoint(standard_metrics).await;
     let config = format!("client_id = \"{ID}\"\nclient_secret = \"wrong\"\n");
     let (answer, sidecar) = one_request(&endpoint.url("/o/token/"), &config).await;
+    let (told, logged) = reported(&answer, &sidecar);
     assert_eq!(
-        unavailable_detail(&answer),
+        told,
+        "token endpoint rejected the request: status 401 Unauthorized, error \"invalid_client\""
+    );
+    assert_eq!(
+        logged,
         "token endpoint rejected the request: status 401 Unauthorized, error \"invalid_client\""
     );
     sidecar.stop().await;
@@ -238,7 +299,8 @@ async fn standard_metrics_invalid_client_is_reported() {
 async fn standard_metrics_without_trailing_slash_is_a_400() {
     let endpoint = token_endpoint(standard_metrics).await;
     let (answer, sidecar) = one_request(&endpoint.url("/o/token"), &basic_config()).await;
-    assert!(unavailable_detail(&answer)
-        .contains("status 400 Bad Request, error \"invalid_request\": path /o/token"));
+    let (told, logged) = reported(&answer, &sidecar);
+    assert!(told.ends_with("status 400 Bad Request, error \"invalid_request\""), "{told}");
+    assert!(logged.ends_with("status 400 Bad Request, error \"invalid_request\": path /o/token"), "{logged}");
     sidecar.stop().await;
 }

@@ -34,6 +34,8 @@ pub struct File {
 pub struct Admin {
     /// Address of the admin listener (metrics, probes).
     pub listen: Option<Spanned<String>>,
+    /// Connections the admin listener holds at once.
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 /// `[server]`: limits on app connections and shutdown.
@@ -50,6 +52,10 @@ pub struct Server {
     pub max_header_bytes: Option<Spanned<i64>>,
     /// Connections each listener holds at once.
     pub max_connections: Option<Spanned<i64>>,
+    /// Time a request body may make no progress.
+    pub body_idle_timeout: Option<Spanned<String>>,
+    /// Total of request bodies kept for a 401 replay, such as "16MiB".
+    pub replay_memory: Option<Spanned<String>>,
 }
 
 /// `[log]`
@@ -93,6 +99,10 @@ pub struct Upstream {
     /// Replay a request once with a new token when the upstream answers 401.
     #[serde(default)]
     pub retry_on_401: Option<bool>,
+    /// Networks (CIDRs) whose peers may connect; required for a non-loopback `listen`.
+    pub allow_from: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Allow a plain `http://` url to a host that is not loopback.
+    pub allow_plain_http: Option<bool>,
     /// `[upstream.token]`
     pub token: Spanned<Token>,
     /// `[upstream.tls]`
@@ -130,6 +140,10 @@ pub struct Token {
     pub timeout: Option<Spanned<String>>,
     /// Lifetime assumed when the response says nothing of it.
     pub default_lifetime: Option<Spanned<String>>,
+    /// Longest lifetime believed, whatever the response says.
+    pub max_lifetime: Option<Spanned<String>>,
+    /// Allow a plain `http://` token url to a host that is not loopback.
+    pub allow_plain_http: Option<bool>,
     /// First wait after a failed token request.
     pub backoff_base: Option<Spanned<String>>,
     /// Longest wait between failed token requests.

@@ -2,13 +2,14 @@
 //!
 //! Each failure records where it came from (the token source, the app's request, the
 //! upstream), and [`ProxyError::status`] maps it: no token → 503, upstream unreachable → 502,
-//! upstream too slow → 504. The body is JSON an app or a person can read, and never holds a
-//! token or a secret.
+//! upstream too slow → 504; a request bearerd refuses to forward → 400, 405 or 501; an app
+//! whose request body stalls → 408. The body is JSON an app or a person can read, and never
+//! holds a token or a secret.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
@@ -22,8 +23,16 @@ use crate::token::source::Unavailable;
 pub enum ProxyError {
     /// No usable token: the request was not sent.
     TokenUnavailable(Unavailable),
-    /// The app's request cannot be forwarded.
+    /// The app's request cannot be forwarded: a target bearerd does not serve, or a body
+    /// whose framing is broken.
     BadRequest(String),
+    /// A method that must never carry the token (`TRACE` echoes it back, `CONNECT` would open
+    /// a tunnel bearerd cannot see into).
+    MethodNotAllowed(String),
+    /// A transfer coding bearerd does not know (RFC 9112 §6.1: 501).
+    NotImplemented(String),
+    /// The app's request body made no progress for `body_idle_timeout`.
+    RequestBodyTimeout(String),
     /// The upstream could not be reached: DNS, TCP connect, or TLS handshake.
     UpstreamUnreachable(String),
     /// The upstream did not connect or answer in time.
@@ -48,6 +57,9 @@ impl ProxyError {
         match self {
             Self::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -58,6 +70,9 @@ impl ProxyError {
         match self {
             Self::TokenUnavailable(_) => "token_unavailable",
             Self::BadRequest(_) => "bad_request",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::NotImplemented(_) => "not_implemented",
+            Self::RequestBodyTimeout(_) => "request_body_timeout",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed(_) => "upstream_failed",
@@ -69,6 +84,9 @@ impl ProxyError {
         match self {
             Self::TokenUnavailable(unavailable) => &unavailable.detail,
             Self::BadRequest(detail)
+            | Self::MethodNotAllowed(detail)
+            | Self::NotImplemented(detail)
+            | Self::RequestBodyTimeout(detail)
             | Self::UpstreamUnreachable(detail)
             | Self::UpstreamTimeout(detail)
             | Self::UpstreamFailed(detail) => detail,
@@ -87,8 +105,24 @@ impl ProxyError {
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Self::TokenUnavailable(unavailable) = &self {
-            headers.insert(RETRY_AFTER, retry_after_seconds(unavailable.retry_after));
+        match &self {
+            Self::TokenUnavailable(unavailable) => {
+                headers.insert(RETRY_AFTER, retry_after_seconds(unavailable.retry_after));
+            }
+            // RFC 9110 §15.5.6: a 405 says which methods are allowed. Any other method is
+            // forwarded, so these stand for "the usual ones".
+            Self::MethodNotAllowed(_) => {
+                headers.insert(
+                    ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
+            // The rest of the app's body was not read: the connection cannot carry another
+            // request.
+            Self::BadRequest(_) | Self::NotImplemented(_) | Self::RequestBodyTimeout(_) => {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }
@@ -148,6 +182,9 @@ mod tests {
         assert_eq!(ProxyError::UpstreamFailed(d()).status(), 502);
         assert_eq!(ProxyError::UpstreamTimeout(d()).status(), 504);
         assert_eq!(ProxyError::BadRequest(d()).status(), 400);
+        assert_eq!(ProxyError::MethodNotAllowed(d()).status(), 405);
+        assert_eq!(ProxyError::NotImplemented(d()).status(), 501);
+        assert_eq!(ProxyError::RequestBodyTimeout(d()).status(), 408);
         assert_eq!(retry_after_seconds(Duration::ZERO), "1");
         assert_eq!(retry_after_seconds(Duration::from_secs(30)), "30");
     }

@@ -1,16 +1,19 @@
-//! Forwarding one request: token first, then rewrite, send, and stream the answer back;
-//! once more with a new token if the upstream answers 401 and the request can be replayed.
+//! Forwarding one request: refuse what must never carry the token, then take the token,
+//! rewrite, send, and stream the answer back; once more with a new token if the upstream
+//! answers 401 and the request can be replayed.
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, EXPECT, HOST};
+use http::header::{AUTHORIZATION, EXPECT, HOST, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::body::{AppBody, AppBodyError, ReplayBudget};
 use super::error::ProxyError;
 use super::pool::{SendError, Slot};
 use super::rewrite::strip_hop_by_hop;
@@ -74,7 +77,8 @@ async fn try_forward(
     slot: &Slot,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    // The token comes first: without one the request never leaves bearerd.
+    refuse_unforwardable(upstream, &request)?;
+    // The token comes next: without one the request never leaves bearerd.
     let token = upstream
         .token
         .token()
@@ -97,12 +101,14 @@ async fn try_forward(
         path_and_query: &path_and_query,
     };
 
+    let body = AppBody::new(body, upstream.body_idle_timeout);
     let body = if upstream.retry_on_401 {
-        keep_if_small(body).await?
+        keep_if_small(body, &upstream.replay_budget).await?
     } else {
         Err(body)
     };
-    let kept = match body {
+    // The reservation in the replay budget is held until the replay is no longer possible.
+    let (kept, _reserved) = match body {
         Ok(kept) => kept,
         Err(streamed) => {
             let response = to.send(parts, &token, Either::Left(streamed)).await?;
@@ -129,6 +135,54 @@ async fn try_forward(
         // No new token: the upstream's own 401 is the truest answer.
         Err(_) => Ok(to_app(first)),
     }
+}
+
+/// Refuses, before any token is taken, the requests that must never carry one.
+fn refuse_unforwardable(
+    upstream: &Upstream,
+    request: &Request<Incoming>,
+) -> Result<(), ProxyError> {
+    match *request.method() {
+        // RFC 9110 §9.3.8: the upstream echoes the request back, Authorization included.
+        Method::TRACE => {
+            return Err(ProxyError::MethodNotAllowed(
+                "TRACE is not forwarded: the upstream would echo the request, token included, back to the caller".into(),
+            ))
+        }
+        Method::CONNECT => {
+            return Err(ProxyError::MethodNotAllowed(
+                "CONNECT is not supported: a TLS tunnel cannot carry an injected token; send plain http:// requests to bearerd, which speaks https to the upstream".into(),
+            ))
+        }
+        _ => {}
+    }
+    // An absolute-form target (what an app whose HTTP_PROXY points here sends) names the host
+    // the app means: forwarding it to this listener's upstream would hand our token to a
+    // request meant for someone else, or send it where the app did not mean.
+    if let Some(authority) = request.uri().authority() {
+        if !upstream.target.serves(authority) {
+            return Err(ProxyError::BadRequest(format!(
+                "this listener forwards to {} only, and the request names another host",
+                upstream.target.authority()
+            )));
+        }
+    }
+    // hyper has framed the body by `chunked`; any other coding would reach the upstream still
+    // applied and no longer announced (the header is hop-by-hop). RFC 9112 §6.1: 501.
+    for value in request.headers().get_all(TRANSFER_ENCODING) {
+        let codings = value.to_str().unwrap_or("(not text)");
+        if let Some(unknown) = codings
+            .split(',')
+            .map(|coding| coding.split(';').next().unwrap_or_default().trim())
+            .find(|coding| !coding.eq_ignore_ascii_case("chunked"))
+        {
+            let shown: String = unknown.chars().take(40).collect();
+            return Err(ProxyError::NotImplemented(format!(
+                "transfer coding {shown:?} is not supported; only chunked is"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Where a request goes: the upstream, the app connection's hold on an upstream connection,
@@ -177,9 +231,7 @@ impl Destination<'_> {
             };
             self.slot.put(&upstream.pool, sender);
             sent.map_err(|e| match e {
-                SendError::NotSent(_, error) | SendError::Failed(error) => {
-                    ProxyError::UpstreamFailed(error_chain(&error))
-                }
+                SendError::NotSent(_, error) | SendError::Failed(error) => from_send(&error),
             })
         };
         tokio::time::timeout(upstream.response_header_timeout, exchange)
@@ -217,21 +269,42 @@ impl Destination<'_> {
     }
 }
 
-/// The whole body when it is empty or at most [`REPLAY_BODY_LIMIT`] long by its declared
-/// length; otherwise the body untouched, to be streamed.
-async fn keep_if_small(body: Incoming) -> Result<Result<Bytes, Incoming>, ProxyError> {
+/// A failed exchange: the app's fault when its body failed (it stalled, or its framing broke),
+/// else the upstream's.
+fn from_send(error: &hyper::Error) -> ProxyError {
+    match AppBodyError::find(error) {
+        Some(body_error) => from_app_body(body_error),
+        None => ProxyError::UpstreamFailed(error_chain(error)),
+    }
+}
+
+fn from_app_body(error: &AppBodyError) -> ProxyError {
+    match error {
+        AppBodyError::Stalled(_) => ProxyError::RequestBodyTimeout(error.to_string()),
+        AppBodyError::Malformed(_) => ProxyError::BadRequest(error_chain(error)),
+    }
+}
+
+/// A body kept whole for a replay, and its share of the replay budget.
+type Kept = (Bytes, Option<OwnedSemaphorePermit>);
+
+/// The whole body when it is empty, or at most [`REPLAY_BODY_LIMIT`] long by its declared
+/// length and within the replay budget; otherwise the body untouched, to be streamed.
+async fn keep_if_small(
+    body: AppBody,
+    budget: &ReplayBudget,
+) -> Result<Result<Kept, AppBody>, ProxyError> {
     if body.is_end_stream() {
-        return Ok(Ok(Bytes::new()));
+        return Ok(Ok((Bytes::new(), None)));
     }
-    match body.size_hint().exact() {
-        Some(length) if length <= REPLAY_BODY_LIMIT => {
-            let collected = body.collect().await.map_err(|e| {
-                ProxyError::BadRequest(format!("cannot read the request body: {e}"))
-            })?;
-            Ok(Ok(collected.to_bytes()))
-        }
-        _ => Ok(Err(body)),
-    }
+    let Some(length) = body.size_hint().exact().filter(|&l| l <= REPLAY_BODY_LIMIT) else {
+        return Ok(Err(body));
+    };
+    let Some(reserved) = budget.reserve(length) else {
+        return Ok(Err(body));
+    };
+    let bytes = body.collect().await.map_err(|e| from_app_body(&e))?;
+    Ok(Ok((bytes, Some(reserved))))
 }
 
 fn full(bytes: &Bytes) -> RequestBody {

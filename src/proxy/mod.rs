@@ -1,12 +1,14 @@
 //! The proxy: one local listener per upstream, forwarding each request with a token.
 //!
 //! In data-flow order:
-//! - [`serve`] (here): accept app connections (HTTP/1.1) within the [`connection`] limits,
-//!   and drain them on shutdown;
-//! - [`forward`]: take a token, rewrite the request ([`rewrite`]), send it on the app
-//!   connection's upstream connection ([`pool`]), stream the answer back;
+//! - [`serve`] (here): accept app connections (HTTP/1.1) from the peers `allow_from` admits,
+//!   within the [`connection`] limits, and drain them on shutdown;
+//! - [`forward`]: refuse what must never carry the token, take a token, rewrite the request
+//!   ([`rewrite`]), send it on the app connection's upstream connection ([`pool`]) with the
+//!   app's body under its deadline ([`body`]), stream the answer back;
 //! - [`error`]: failures to statuses and JSON bodies.
 
+pub mod body;
 pub mod connection;
 pub mod error;
 pub mod forward;
@@ -16,9 +18,8 @@ pub mod rewrite;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use std::net::IpAddr;
+
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
@@ -26,13 +27,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Refusal;
 use crate::token::source::Handle;
+pub use body::{RequestBody, ResponseBody};
 use connection::{Activity, Limits, Tracked, Watched};
-
-/// Body of an answer to the app: the upstream's, streamed, or bearerd's own error JSON.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
-/// Body of a request to the upstream: the app's, streamed, or kept whole for a replay.
-pub type RequestBody = Either<Incoming, Full<Bytes>>;
 
 /// Wait after a failed `accept` (such as running out of file descriptors) before the next, so
 /// that the loop does not spin while the condition lasts.
@@ -56,6 +54,23 @@ pub struct Upstream {
     pub access_log: bool,
     /// Whether to replay a request the upstream answers 401, with a new token.
     pub retry_on_401: bool,
+    /// The networks whose peers may connect; `None` for every peer (a loopback listener).
+    pub allow_from: Option<Vec<ipnet::IpNet>>,
+    /// How long the app's request body may make no progress.
+    pub body_idle_timeout: Duration,
+    /// Memory for request bodies kept for a replay, shared by all listeners.
+    pub replay_budget: body::ReplayBudget,
+}
+
+impl Upstream {
+    /// Whether a peer at `ip` may use this listener.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        // A listener on `[::]` sees IPv4 peers as `::ffff:a.b.c.d`.
+        let ip = ip.to_canonical();
+        self.allow_from.as_ref().map_or(true, |networks| {
+            networks.iter().any(|net| net.contains(&ip))
+        })
+    }
 }
 
 /// Accepts app connections on `listener` until `shutdown`, then waits up to `grace` for the
@@ -80,9 +95,9 @@ pub async fn serve(
         .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(upstream = %name, %error, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
@@ -91,8 +106,24 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
+        // A stranger is closed on before a byte is read: it must not learn even that this is
+        // bearerd, let alone use its token.
+        if !upstream.borrow().admits(peer.ip()) {
+            // Debug, not warn: a scan would flood the log; the counter tells the story.
+            tracing::debug!(upstream = %name, %peer, "connection refused: peer not in allow_from");
+            upstream
+                .borrow()
+                .metrics
+                .connection_refused(Refusal::NotAllowed);
+            drop(stream);
+            continue;
+        }
         let Ok(permit) = Arc::clone(&capacity).try_acquire_owned() else {
             tracing::warn!(upstream = %name, max_connections = limits.max_connections, "connection refused: listener full");
+            upstream
+                .borrow()
+                .metrics
+                .connection_refused(Refusal::ListenerFull);
             tokio::spawn(refuse(stream, Arc::clone(&name)));
             continue;
         };

@@ -86,6 +86,22 @@ impl Target {
         &self.authority
     }
 
+    /// Whether an absolute-form request target naming `authority` means this upstream: the
+    /// same host (in any case, with or without the root's trailing dot) and, when the request
+    /// names a port, the upstream's port. The scheme is not compared: an app sends `http` to
+    /// bearerd for an upstream it reaches over `https`.
+    pub fn serves(&self, authority: &Authority) -> bool {
+        let bare = |host: &str| host.trim_end_matches('.').to_ascii_lowercase();
+        let default_port = if self.scheme == Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let port = self.authority.port_u16().unwrap_or(default_port);
+        bare(authority.host()) == bare(self.authority.host())
+            && authority.port_u16().map_or(true, |asked| asked == port)
+    }
+
     /// `Host` for HTTP/1.1 requests.
     pub fn host(&self) -> &HeaderValue {
         &self.host
@@ -205,6 +221,22 @@ mod tests {
             target("https://api.example.com/v2").dial().to_string(),
             "https://api.example.com/"
         );
+    }
+
+    #[test]
+    fn absolute_form_must_name_the_upstream() {
+        let t = target("https://API.example.com/v2");
+        let serves = |authority: &str| t.serves(&authority.parse().unwrap());
+        assert!(serves("api.example.com"));
+        assert!(serves("api.EXAMPLE.com."));
+        assert!(serves("api.example.com:443"));
+        assert!(!serves("api.example.com:8443"));
+        assert!(!serves("other.example"));
+        assert!(!serves("api.example.com.evil.example"));
+        assert!(!serves("user@other.example"));
+        let t = target("http://127.0.0.1:8080");
+        assert!(t.serves(&"127.0.0.1:8080".parse().unwrap()));
+        assert!(!t.serves(&"127.0.0.1:80".parse().unwrap()));
     }
 
     #[test]

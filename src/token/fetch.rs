@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::response::{self, EndpointError};
 use super::{schedule, LifetimeSource, Token};
 use crate::config::{ClientAuth, TokenSettings};
-use crate::secret::{Secret, SecretError};
+use crate::secret::{Redactor, Secret, SecretError};
 use crate::tls::HttpsClient;
 
 /// Largest token response read. Tokens, even JWTs with many claims, are a few KiB; a larger
@@ -29,35 +29,72 @@ pub trait Fetch: Send + Sync + 'static {
     fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + '_>>;
 }
 
-/// Why a token request failed. Messages name statuses, error codes and sources, never a secret
-/// or a token.
+/// Why a token request failed. Messages name statuses, error codes, hosts and sources, never a
+/// secret or a token; what the endpoint said is in them only after redaction.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    /// The client secret could not be read; no request was sent.
+    /// bearerd could not read the client secret; no request was sent.
     #[error("{0}")]
     Secret(#[from] SecretError),
+    /// bearerd could not build its own request (a credential unfit for a header, say); no
+    /// request was sent, and the endpoint is not to blame.
+    #[error("cannot build the token request: {reason}")]
+    BuildRequest {
+        /// Why, in bearerd's words.
+        reason: String,
+    },
     /// No complete answer within the token timeout.
-    #[error("token request timed out after {}", humantime::format_duration(*.0))]
-    Timeout(Duration),
+    #[error("token request to {endpoint} timed out after {}", humantime::format_duration(*.after))]
+    Timeout {
+        /// The token endpoint's authority.
+        endpoint: String,
+        /// The timeout that passed.
+        after: Duration,
+    },
     /// Connecting, the TLS handshake, or the exchange itself failed.
-    #[error("cannot reach the token endpoint: {0}")]
-    Connect(String),
+    #[error("cannot reach the token endpoint {endpoint}: {}", error_chain(.source.as_ref()))]
+    Connect {
+        /// The token endpoint's authority.
+        endpoint: String,
+        /// What failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The endpoint refused (4xx): wrong credentials, audience, scope, or too many requests.
-    #[error("token endpoint rejected the request: {0}")]
-    Rejected(EndpointError, Option<Duration>),
+    #[error("token endpoint {endpoint} rejected the request: {error}")]
+    Rejected {
+        /// The token endpoint's authority.
+        endpoint: String,
+        /// What it answered, redacted.
+        error: EndpointError,
+        /// The wait it asked for with `Retry-After`.
+        retry_after: Option<Duration>,
+    },
     /// The endpoint failed (5xx).
-    #[error("token endpoint failed: {0}")]
-    ServerError(EndpointError, Option<Duration>),
+    #[error("token endpoint {endpoint} failed: {error}")]
+    ServerError {
+        /// The token endpoint's authority.
+        endpoint: String,
+        /// What it answered, redacted.
+        error: EndpointError,
+        /// The wait it asked for with `Retry-After`.
+        retry_after: Option<Duration>,
+    },
     /// A 2xx answer that holds no usable token, or an answer of another kind.
-    #[error("token endpoint sent an unusable response: {0}")]
-    InvalidResponse(String),
+    #[error("token endpoint {endpoint} sent an unusable response: {problem}")]
+    InvalidResponse {
+        /// The token endpoint's authority.
+        endpoint: String,
+        /// What is wrong with it.
+        problem: response::InvalidResponse,
+    },
 }
 
 impl FetchError {
     /// What the endpoint answered, when it answered with an error status.
     pub fn endpoint(&self) -> Option<&EndpointError> {
         match self {
-            Self::Rejected(error, _) | Self::ServerError(error, _) => Some(error),
+            Self::Rejected { error, .. } | Self::ServerError { error, .. } => Some(error),
             _ => None,
         }
     }
@@ -65,9 +102,48 @@ impl FetchError {
     /// The wait the endpoint asked for with `Retry-After` (on 429 and 503).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Rejected(_, retry_after) | Self::ServerError(_, retry_after) => *retry_after,
+            Self::Rejected { retry_after, .. } | Self::ServerError { retry_after, .. } => {
+                *retry_after
+            }
             _ => None,
         }
+    }
+
+    /// The failure as the app (in a 503 body) and `/readyz` are told it: the endpoint's host,
+    /// the status and a well-formed `error` code, and bearerd's own words; never text the
+    /// endpoint chose beyond that code. The log gets the whole [`Display`](std::fmt::Display).
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Rejected {
+                endpoint, error, ..
+            } => format!(
+                "token endpoint {endpoint} rejected the request: {}",
+                status_and_code(error)
+            ),
+            Self::ServerError {
+                endpoint, error, ..
+            } => format!(
+                "token endpoint {endpoint} failed: {}",
+                status_and_code(error)
+            ),
+            Self::InvalidResponse { endpoint, problem } => format!(
+                "token endpoint {endpoint} sent an unusable response: {}",
+                problem.reason
+            ),
+            Self::Secret(_)
+            | Self::BuildRequest { .. }
+            | Self::Timeout { .. }
+            | Self::Connect { .. } => self.to_string(),
+        }
+    }
+}
+
+/// `status 401 Unauthorized, error "invalid_client"`: the part of an endpoint's error the app
+/// may see.
+fn status_and_code(error: &EndpointError) -> String {
+    match error.code() {
+        Some(code) => format!("status {}, error {code:?}", error.status),
+        None => format!("status {}", error.status),
     }
 }
 
@@ -86,16 +162,35 @@ impl Fetcher {
         Self { settings, client }
     }
 
+    /// The token endpoint's authority, as messages name it.
+    fn endpoint(&self) -> String {
+        self.settings
+            .url
+            .authority()
+            .map_or_else(|| self.settings.url.to_string(), ToString::to_string)
+    }
+
     async fn fetch_once(&self) -> Result<Token, FetchError> {
         let secret = self.settings.client_secret.read()?;
+        // Whatever comes back is scrubbed of every form in which the request carried the secret.
+        let mut redactor = Redactor::new();
+        redactor.add_client_secret(&self.settings.client_id, secret.expose());
         let request = build_request(&self.settings, &secret)?;
         let timeout = self.settings.timeout;
+        let endpoint = self.endpoint();
+        let invalid = |problem| FetchError::InvalidResponse {
+            endpoint: self.endpoint(),
+            problem,
+        };
         let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| FetchError::Connect(error_chain(&e)))?;
+            let response =
+                self.client
+                    .request(request)
+                    .await
+                    .map_err(|source| FetchError::Connect {
+                        endpoint: self.endpoint(),
+                        source: Box::new(source),
+                    })?;
             let status = response.status();
             // RFC 9110 §10.2.3: Retry-After means "come back later" on 429 and 503.
             let retry_after = matches!(
@@ -117,53 +212,94 @@ impl Fetcher {
                 .collect()
                 .await
                 .map_err(|e| {
-                    FetchError::InvalidResponse(format!(
-                        "status {status}, body unreadable: {}",
-                        error_chain(e.as_ref())
-                    ))
+                    invalid(response::InvalidResponse {
+                        reason: format!(
+                            "status {status}, body unreadable: {}",
+                            error_chain(e.as_ref())
+                        ),
+                        said: None,
+                    })
                 })?
                 .to_bytes();
             Ok::<_, FetchError>((status, retry_after, location, body))
         };
         let (status, retry_after, location, body) = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| FetchError::Timeout(timeout))??;
+            .map_err(|_| FetchError::Timeout {
+                endpoint: endpoint.clone(),
+                after: timeout,
+            })??;
         if status.is_success() {
-            self.token_from(&body)
-        } else {
-            let error = response::parse_error(status, &body, Some(&secret));
-            Err(if status.is_server_error() {
-                FetchError::ServerError(error, retry_after)
-            } else if status.is_client_error() {
-                FetchError::Rejected(error, retry_after)
-            } else if let Some(location) = location {
-                FetchError::InvalidResponse(format!(
-                    "unexpected {error}, redirecting to {location:?}: set the token url to where it points"
-                ))
-            } else {
-                FetchError::InvalidResponse(format!("unexpected {error}"))
-            })
+            return self
+                .token_from(&body, &redactor)
+                .map_err(|problem| FetchError::InvalidResponse { endpoint, problem });
         }
+        let error = response::parse_error(status, &body, &redactor);
+        Err(if status.is_server_error() {
+            FetchError::ServerError {
+                endpoint,
+                error,
+                retry_after,
+            }
+        } else if status.is_client_error() {
+            FetchError::Rejected {
+                endpoint,
+                error,
+                retry_after,
+            }
+        } else {
+            let reason = match location {
+                Some(_) => format!(
+                    "unexpected status {status}, a redirect: bearerd does not follow them (the secret would go along); set the token url to where it points"
+                ),
+                None => format!("unexpected status {status}"),
+            };
+            let said = match location {
+                Some(location) => Some(format!("Location {:?}", redactor.redact(&location))),
+                None => error.description,
+            };
+            FetchError::InvalidResponse {
+                endpoint,
+                problem: response::InvalidResponse { reason, said },
+            }
+        })
     }
 
-    /// Turns a 2xx body into a [`Token`], working out its lifetime.
-    fn token_from(&self, body: &[u8]) -> Result<Token, FetchError> {
-        let invalid = |e: response::InvalidResponse| FetchError::InvalidResponse(e.0);
-        let grant = response::parse_success(body).map_err(invalid)?;
+    /// Turns a 2xx body into a [`Token`], working out its lifetime: the endpoint's word for
+    /// it, clamped to `max_lifetime` so that no answer can make a token live for ever (or
+    /// overflow the clock).
+    fn token_from(
+        &self,
+        body: &[u8],
+        redactor: &Redactor,
+    ) -> Result<Token, response::InvalidResponse> {
+        let grant = response::parse_success(body, redactor)?;
         let now = SystemTime::now();
-        let (lifetime, lifetime_source) = match grant.expires_in {
+        let (said, lifetime_source) = match grant.expires_in {
             Some(lifetime) => (lifetime, LifetimeSource::ExpiresIn),
             None => match response::jwt_lifetime(grant.access_token.expose(), now) {
-                Some(lifetime) => (lifetime.map_err(invalid)?, LifetimeSource::JwtExp),
+                Some(lifetime) => (lifetime?, LifetimeSource::JwtExp),
                 None => (self.settings.default_lifetime, LifetimeSource::Default),
             },
         };
+        let (lifetime, lifetime_source) = if said > self.settings.max_lifetime {
+            (self.settings.max_lifetime, LifetimeSource::MaxLifetime)
+        } else {
+            (said, lifetime_source)
+        };
+        let too_long = || response::InvalidResponse {
+            reason: "the token's lifetime does not fit this machine's clock".into(),
+            said: None,
+        };
+        let usable_until = Instant::now()
+            .checked_add(schedule::usable_for(lifetime))
+            .ok_or_else(too_long)?;
+        let expires_at = now.checked_add(lifetime).ok_or_else(too_long)?;
         let mut authorization =
             HeaderValue::try_from(format!("Bearer {}", grant.access_token.expose())).map_err(
-                |_| {
-                    FetchError::InvalidResponse(
-                        "access_token has characters not allowed in an HTTP header".into(),
-                    )
+                |_| response::InvalidResponse {
+                    reason: "access_token has characters not allowed in an HTTP header".into(),
+                    said: None,
                 },
             )?;
         authorization.set_sensitive(true);
@@ -171,8 +307,8 @@ impl Fetcher {
             authorization,
             lifetime,
             lifetime_source,
-            usable_until: Instant::now() + schedule::usable_for(lifetime),
-            expires_at: now + lifetime,
+            usable_until,
+            expires_at,
             scope: grant.scope,
             generation: 0,
         })
@@ -223,7 +359,9 @@ fn build_request(
     }
     request
         .body(Full::new(Bytes::from(form.finish())))
-        .map_err(|e| FetchError::InvalidResponse(format!("cannot build the token request: {e}")))
+        .map_err(|e| FetchError::BuildRequest {
+            reason: e.to_string(),
+        })
 }
 
 /// `Basic base64(urlencode(id) ":" urlencode(secret))`: RFC 6749 §2.3.1 has both encoded with
@@ -232,8 +370,11 @@ fn basic_credentials(client_id: &str, secret: &Secret) -> Result<HeaderValue, Fe
     let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let pair = format!("{}:{}", encode(client_id), encode(secret.expose()));
     let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
-    let mut value = HeaderValue::try_from(format!("Basic {encoded}"))
-        .map_err(|e| FetchError::InvalidResponse(format!("cannot build the Basic header: {e}")))?;
+    let mut value = HeaderValue::try_from(format!("Basic {encoded}")).map_err(|e| {
+        FetchError::BuildRequest {
+            reason: format!("the Basic header: {e}"),
+        }
+    })?;
     value.set_sensitive(true);
     Ok(value)
 }
@@ -283,6 +424,8 @@ mod tests {
             params: BTreeMap::from([("organization".into(), "org_1".into())]),
             timeout: Duration::from_secs(1),
             default_lifetime: Duration::from_secs(300),
+            max_lifetime: Duration::from_secs(86400),
+            allow_plain_http: false,
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(60),
         }

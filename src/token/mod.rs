@@ -50,6 +50,8 @@ pub enum LifetimeSource {
     JwtExp,
     /// `default_lifetime` (no `expires_in`, and not a JWT with `exp`).
     Default,
+    /// `max_lifetime`: the endpoint's word for it was longer.
+    MaxLifetime,
 }
 
 impl fmt::Display for LifetimeSource {
@@ -58,6 +60,7 @@ impl fmt::Display for LifetimeSource {
             Self::ExpiresIn => "expires_in",
             Self::JwtExp => "the JWT exp claim",
             Self::Default => "default_lifetime",
+            Self::MaxLifetime => "max_lifetime (the endpoint said longer)",
         })
     }
 }

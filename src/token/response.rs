@@ -6,7 +6,10 @@
 //! (USM Anywhere), a flat map of strings (Alternative Payments' 403),
 //! `{"error","message","status",...}` (IBM), or a body that is not JSON at all.
 //!
-//! Nothing here puts a token into an error message: success bodies are never quoted.
+//! Everything an endpoint says is untrusted: what is quoted from it passes through the
+//! source's [`Redactor`] (an endpoint may echo the request, secret included), and only the
+//! status and a well-formed `error` code ever reach the app ([`EndpointError::code`]); the
+//! rest is for the log. Success bodies are never quoted: they hold the token.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,10 +18,12 @@ use base64::Engine;
 use http::StatusCode;
 use serde_json::{Map, Value};
 
-use crate::secret::Secret;
+use crate::secret::{Redactor, Secret};
 
 /// Characters of a non-JSON error body quoted in messages.
 const EXCERPT_CHARS: usize = 200;
+/// Longest `error` code passed on to the app; RFC 6749's own codes are under 30 characters.
+const MAX_ERROR_CODE_CHARS: usize = 64;
 
 /// A successful token response (RFC 6749 §5.1).
 #[derive(Debug)]
@@ -31,32 +36,58 @@ pub struct Grant {
     pub scope: Option<String>,
 }
 
-/// A 2xx response bearerd cannot use. The message never quotes the body.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct InvalidResponse(pub String);
+/// A 2xx response bearerd cannot use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidResponse {
+    /// What is wrong, in bearerd's words: never quotes the body.
+    pub reason: String,
+    /// What the endpoint said instead of a token (an error object in a 200), redacted: for
+    /// the log only.
+    pub said: Option<String>,
+}
 
-/// Parses a 2xx body.
-pub fn parse_success(body: &[u8]) -> Result<Grant, InvalidResponse> {
+impl InvalidResponse {
+    fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            said: None,
+        }
+    }
+}
+
+impl fmt::Display for InvalidResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)?;
+        if let Some(said) = &self.said {
+            write!(f, "; the body says {said}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for InvalidResponse {}
+
+/// Parses a 2xx body; anything quoted from it goes through `redactor`.
+pub fn parse_success(body: &[u8], redactor: &Redactor) -> Result<Grant, InvalidResponse> {
     let value: Value = serde_json::from_slice(body)
         // serde_json's message names a position only, never the content.
-        .map_err(|e| InvalidResponse(format!("body is not JSON ({e})")))?;
+        .map_err(|e| InvalidResponse::new(format!("body is not JSON ({e})")))?;
     let Value::Object(object) = value else {
-        return Err(InvalidResponse("body is not a JSON object".into()));
+        return Err(InvalidResponse::new("body is not a JSON object"));
     };
     let access_token = match object.get("access_token") {
         Some(Value::String(token)) if !token.is_empty() => Secret::new(token.as_str()),
         Some(_) => {
-            return Err(InvalidResponse(
-                "access_token is not a non-empty string".into(),
+            return Err(InvalidResponse::new(
+                "access_token is not a non-empty string",
             ))
         }
         None => {
-            // Some servers answer 200 with an error object; say what it said.
-            let said = describe_json_error(&object)
-                .map(|e| format!("; the body says {e}"))
-                .unwrap_or_default();
-            return Err(InvalidResponse(format!("no access_token{said}")));
+            // Some servers answer 200 with an error object; the log says what it said.
+            return Err(InvalidResponse {
+                reason: "no access_token".into(),
+                said: describe_json_error(&object, redactor),
+            });
         }
     };
     match object.get("token_type") {
@@ -65,18 +96,20 @@ pub fn parse_success(body: &[u8]) -> Result<Grant, InvalidResponse> {
         // §5.1: the value is case insensitive.
         Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
         Some(Value::String(other)) => {
-            return Err(InvalidResponse(format!(
-                "token_type {other:?} is not supported: bearerd sends Bearer tokens only"
-            )))
+            let shown = plausible_code(&redactor.redact(other))
+                .map_or_else(|| "of another kind".to_owned(), |t| format!("{t:?}"));
+            return Err(InvalidResponse::new(format!(
+                "token_type {shown} is not supported: bearerd sends Bearer tokens only"
+            )));
         }
-        Some(_) => return Err(InvalidResponse("token_type is not a string".into())),
+        Some(_) => return Err(InvalidResponse::new("token_type is not a string")),
     }
     let expires_in = match object.get("expires_in") {
         None | Some(Value::Null) => None,
         Some(value) => Some(parse_expires_in(value)?),
     };
     let scope = match object.get("scope") {
-        Some(Value::String(scope)) => Some(scope.clone()),
+        Some(Value::String(scope)) => Some(redactor.redact(scope)),
         _ => None,
     };
     Ok(Grant {
@@ -97,11 +130,13 @@ fn parse_expires_in(value: &Value) -> Result<Duration, InvalidResponse> {
         Value::String(s) => s.trim().parse::<u64>().ok(),
         _ => None,
     };
+    // Any u64 makes a valid `Duration`; a lifetime too long to add to a clock is clamped by
+    // the fetcher (`max_lifetime`), never added as it is.
     match seconds {
-        Some(0) => Err(InvalidResponse("expires_in is 0".into())),
+        Some(0) => Err(InvalidResponse::new("expires_in is 0")),
         Some(seconds) => Ok(Duration::from_secs(seconds)),
-        None => Err(InvalidResponse(
-            "expires_in is not a positive number of seconds".into(),
+        None => Err(InvalidResponse::new(
+            "expires_in is not a positive number of seconds",
         )),
     }
 }
@@ -127,14 +162,17 @@ pub fn jwt_lifetime(token: &str, now: SystemTime) -> Option<Result<Duration, Inv
     // Under a second left is as good as expired: a zero lifetime would mean fetching again
     // at once, in a loop.
     if exp < now + 1.0 {
-        return Some(Err(InvalidResponse(
-            "the token's JWT exp claim is already past".into(),
+        return Some(Err(InvalidResponse::new(
+            "the token's JWT exp claim is already past",
         )));
     }
+    // Whole seconds; `as` saturates, so an `exp` far beyond any clock gives the longest
+    // `Duration` rather than a panic, and the fetcher clamps it to `max_lifetime`.
     Some(Ok(Duration::from_secs((exp - now) as u64)))
 }
 
 /// A non-2xx answer from the token endpoint, reduced to what a person needs to act on it.
+/// Every piece of text in it has been through the source's [`Redactor`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointError {
     /// The HTTP status.
@@ -143,6 +181,26 @@ pub struct EndpointError {
     pub error: Option<String>,
     /// The explanation: `error_description`, the vendor's message, or an excerpt of the body.
     pub description: Option<String>,
+}
+
+impl EndpointError {
+    /// The error code, if it looks like one: short, printable ASCII of the §5.2 set, and not
+    /// redacted. This is all of the endpoint's words that the app and `/readyz` ever see.
+    pub fn code(&self) -> Option<&str> {
+        self.error.as_deref().and_then(plausible_code)
+    }
+}
+
+/// `text` if it could be an RFC 6749 §5.2 `error` code (NQSCHAR: printable ASCII but `"` and
+/// `\`), of a modest length and holding nothing redacted.
+fn plausible_code(text: &str) -> Option<&str> {
+    let well_formed = !text.is_empty()
+        && text.len() <= MAX_ERROR_CODE_CHARS
+        && text
+            .bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+        && !text.contains(crate::secret::REDACTED);
+    well_formed.then_some(text)
 }
 
 impl fmt::Display for EndpointError {
@@ -158,19 +216,10 @@ impl fmt::Display for EndpointError {
     }
 }
 
-/// Reads an error body. `secret` is scrubbed from anything quoted, in case the server echoes
+/// Reads an error body. Everything quoted goes through `redactor`, in case the server echoes
 /// the request back.
-pub fn parse_error(status: StatusCode, body: &[u8], secret: Option<&Secret>) -> EndpointError {
-    let scrub = |text: String| match secret.filter(|s| !s.expose().is_empty()) {
-        // As sent, and as sent in a `post` body: form-urlencoded.
-        Some(secret) => {
-            let encoded: String =
-                form_urlencoded::byte_serialize(secret.expose().as_bytes()).collect();
-            text.replace(secret.expose(), "[redacted]")
-                .replace(&encoded, "[redacted]")
-        }
-        None => text,
-    };
+pub fn parse_error(status: StatusCode, body: &[u8], redactor: &Redactor) -> EndpointError {
+    let scrub = |text: String| redactor.redact(&text);
     // Scrubbed before parsing, and each piece again after: JSON escapes (`\/`, `\u0026`) and
     // folded whitespace can hide the secret from one pass but not from the other. Always
     // before anything is cut, so that no part of a secret survives.
@@ -229,8 +278,8 @@ fn error_fields(
 }
 
 /// `error: description` out of an error-shaped object, for a 200 that carries one.
-fn describe_json_error(object: &Map<String, Value>) -> Option<String> {
-    match error_fields(object, &|text| text) {
+fn describe_json_error(object: &Map<String, Value>, redactor: &Redactor) -> Option<String> {
+    match error_fields(object, &|text| redactor.redact(&text)) {
         (Some(error), Some(description)) => Some(format!("{error:?}: {description}")),
         (Some(error), None) => Some(format!("{error:?}")),
         _ => None,
@@ -266,6 +315,16 @@ fn truncate(text: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn none() -> Redactor {
+        Redactor::new()
+    }
+
+    fn redacting(secret: &str) -> Redactor {
+        let mut redactor = Redactor::new();
+        redactor.add_client_secret("app", secret);
+        redactor
+    }
+
     fn jwt(claims: &str) -> String {
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64(claims))
@@ -275,6 +334,7 @@ mod tests {
     fn success_per_rfc() {
         let grant = parse_success(
             br#"{"access_token":"abc","token_type":"Bearer","expires_in":3600,"scope":"read write"}"#,
+            &none(),
         )
         .unwrap();
         assert_eq!(grant.access_token.expose(), "abc");
@@ -289,17 +349,21 @@ mod tests {
             r#"{"access_token":"a","token_type":"BEARER","expires_in":899}"#,
             r#"{"access_token":"a","expires_in":899}"#,
         ] {
-            assert!(parse_success(body.as_bytes()).is_ok(), "{body}");
+            assert!(parse_success(body.as_bytes(), &none()).is_ok(), "{body}");
         }
-        let err = parse_success(br#"{"access_token":"a","token_type":"mac"}"#).unwrap_err();
-        assert!(err.0.contains("\"mac\""), "{err}");
+        let err =
+            parse_success(br#"{"access_token":"a","token_type":"mac"}"#, &none()).unwrap_err();
+        assert!(err.reason.contains("\"mac\""), "{err}");
     }
 
     #[test]
     fn expires_in_number_or_string() {
         let parse = |v: &str| {
-            parse_success(format!(r#"{{"access_token":"a","expires_in":{v}}}"#).as_bytes())
-                .map(|g| g.expires_in)
+            parse_success(
+                format!(r#"{{"access_token":"a","expires_in":{v}}}"#).as_bytes(),
+                &none(),
+            )
+            .map(|g| g.expires_in)
         };
         assert_eq!(parse("86400"), Ok(Some(Duration::from_secs(86400))));
         assert_eq!(parse(r#""3600""#), Ok(Some(Duration::from_secs(3600))));
@@ -312,14 +376,18 @@ mod tests {
 
     #[test]
     fn missing_token_quotes_the_error_not_the_body() {
-        let err =
-            parse_success(br#"{"error":"invalid_scope","error_description":"bad"}"#).unwrap_err();
+        let err = parse_success(
+            br#"{"error":"invalid_scope","error_description":"bad"}"#,
+            &none(),
+        )
+        .unwrap_err();
+        assert_eq!(err.reason, "no access_token");
         assert_eq!(
-            err.0,
+            err.to_string(),
             r#"no access_token; the body says "invalid_scope": bad"#
         );
-        let err = parse_success(b"access_token=s3cr3t&token_type=bearer").unwrap_err();
-        assert!(!err.0.contains("s3cr3t"), "{err}");
+        let err = parse_success(b"access_token=s3cr3t&token_type=bearer", &none()).unwrap_err();
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
     }
 
     #[test]
@@ -344,7 +412,7 @@ mod tests {
         let e = parse_error(
             StatusCode::UNAUTHORIZED,
             br#"{"error":"invalid_client","error_description":"Client authentication failed"}"#,
-            None,
+            &none(),
         );
         assert_eq!(e.error.as_deref(), Some("invalid_client"));
         assert_eq!(
@@ -359,7 +427,7 @@ mod tests {
         let e = parse_error(
             StatusCode::UNAUTHORIZED,
             br#"{"result":"Unauthorized","location":"/api/2.0/oauth/token","error":"Bad credentials"}"#,
-            None,
+            &none(),
         );
         assert_eq!(e.error.as_deref(), Some("Bad credentials"));
         assert_eq!(
@@ -370,7 +438,7 @@ mod tests {
         let e = parse_error(
             StatusCode::FORBIDDEN,
             br#"{"code":"forbidden","detail":"Invalid credentials"}"#,
-            None,
+            &none(),
         );
         assert_eq!(e.error, None);
         assert_eq!(
@@ -381,7 +449,7 @@ mod tests {
         let e = parse_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             br#"{"error":"server_error","message":"Try later","status":"500","path":"/oauth/token"}"#,
-            None,
+            &none(),
         );
         assert_eq!(e.error.as_deref(), Some("server_error"));
         assert_eq!(e.description.as_deref(), Some("Try later"));
@@ -396,7 +464,7 @@ mod tests {
         let e = parse_error(
             StatusCode::BAD_GATEWAY,
             body.as_bytes(),
-            Some(&Secret::new("hunter2")),
+            &redacting("hunter2"),
         );
         let description = e.description.unwrap();
         assert!(
@@ -405,18 +473,73 @@ mod tests {
         );
         assert!(description.contains("[redacted]"));
         assert!(!description.contains("hunter2"));
-        let e = parse_error(
-            StatusCode::BAD_GATEWAY,
-            body.as_bytes(),
-            Some(&Secret::new("h@ck")),
-        );
+        let e = parse_error(StatusCode::BAD_GATEWAY, body.as_bytes(), &redacting("h@ck"));
         assert!(!e.description.unwrap().contains("h%40ck"));
         assert!(description.chars().count() <= EXCERPT_CHARS + 1);
         assert_eq!(
-            parse_error(StatusCode::BAD_GATEWAY, b"", None)
+            parse_error(StatusCode::BAD_GATEWAY, b"", &none())
                 .description
                 .as_deref(),
             Some("(empty body)")
         );
+    }
+
+    #[test]
+    fn an_echoed_request_leaves_no_secret_in_what_is_quoted() {
+        let redactor = redacting("s3cr3t pw");
+        let basic = base64::engine::general_purpose::STANDARD.encode("app:s3cr3t+pw");
+        // A 200 without a token, echoing the request: form body and Basic header.
+        let body = format!(
+            r#"{{"error":"invalid_request","error_description":"got client_secret=s3cr3t+pw and Basic {basic}"}}"#
+        );
+        let err = parse_success(body.as_bytes(), &redactor).unwrap_err();
+        let shown = err.to_string();
+        assert!(!redactor.finds_in(&shown), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
+        // The same as an error body, and as a `Location`-style percent-encoded echo.
+        let escaped = basic.replace('=', "%3D").replace('+', "%2B");
+        let e = parse_error(
+            StatusCode::BAD_REQUEST,
+            format!("echo: Basic {basic} /x?a={escaped}").as_bytes(),
+            &redactor,
+        );
+        assert!(!redactor.finds_in(&e.to_string()), "{e}");
+    }
+
+    #[test]
+    fn only_a_well_formed_error_code_is_offered_to_the_app() {
+        let code = |error: &str| {
+            let body = serde_json::json!({ "error": error }).to_string();
+            parse_error(
+                StatusCode::BAD_REQUEST,
+                body.as_bytes(),
+                &redacting("s3cr3t"),
+            )
+            .code()
+            .map(str::to_owned)
+        };
+        assert_eq!(code("invalid_client").as_deref(), Some("invalid_client"));
+        assert_eq!(code("Bad credentials").as_deref(), Some("Bad credentials"));
+        assert_eq!(code("leaked s3cr3t"), None);
+        assert_eq!(code("line\nbreak"), None);
+        assert_eq!(code(&"x".repeat(65)), None);
+        assert_eq!(code("<script>\"</script>"), None);
+    }
+
+    #[test]
+    fn absurd_lifetimes_parse_without_overflow() {
+        for v in ["1e300", "10000000000000000000", "\"18446744073709551615\""] {
+            let body = format!(r#"{{"access_token":"a","expires_in":{v}}}"#);
+            let grant = parse_success(body.as_bytes(), &none()).unwrap();
+            assert!(
+                grant.expires_in.unwrap() > Duration::from_secs(1 << 40),
+                "{v}"
+            );
+        }
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        for exp in ["1e300", "18446744073709551615"] {
+            let token = jwt(&format!(r#"{{"exp":{exp}}}"#));
+            assert!(matches!(jwt_lifetime(&token, now), Some(Ok(_))), "{exp}");
+        }
     }
 }

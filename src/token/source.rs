@@ -12,9 +12,14 @@
 //! rejected token however many requests report it, and at most once per
 //! [`REJECTION_REFETCH_INTERVAL`], so an upstream that answers 401 for reasons of its own
 //! cannot turn into a storm of token requests.
+//!
+//! The refresher runs under a supervisor: should it ever end for any reason but shutdown (a
+//! panic on input nobody foresaw), the supervisor logs it at ERROR, counts it, reports the
+//! source down (`/healthz` answers 503), and starts it again after a backoff, keeping the
+//! token it held.
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -45,6 +50,11 @@ pub enum Phase {
         /// When the next try is due.
         next: Instant,
     },
+    /// The refresher ended unexpectedly and is started again at `next`.
+    Restarting {
+        /// When it starts again.
+        next: Instant,
+    },
     /// The source has stopped (shutdown).
     Stopped,
 }
@@ -56,10 +66,9 @@ pub struct State {
     pub token: Option<Arc<Token>>,
     /// What the refresher is doing.
     pub phase: Phase,
-    /// Why the last fetch failed, if it did; never holds a secret.
-    pub last_error: Option<Arc<str>>,
-    /// When a fetch last succeeded.
-    pub last_success: Option<SystemTime>,
+    /// Why the last fetch failed, if it did. Its `Display` is for the log (redacted); what
+    /// the app and `/readyz` see is its [`FetchError::summary`].
+    pub last_error: Option<Arc<FetchError>>,
     /// Failed fetches since the last success.
     pub failures: u32,
     /// The newest token generation whose rejection by an upstream the refresher has acted on
@@ -73,10 +82,14 @@ impl State {
         self.token.as_ref().filter(|t| t.is_usable_at(now))
     }
 
-    /// Why no usable token is held, for the app and for readiness.
+    /// Why no usable token is held, for the app and for readiness: never text the token
+    /// endpoint chose beyond its status and error code.
     pub fn why_unusable(&self) -> String {
         match (&self.last_error, &self.token) {
-            (Some(error), _) => error.to_string(),
+            (Some(error), _) => error.summary(),
+            (None, _) if matches!(self.phase, Phase::Restarting { .. }) => {
+                "token source restarting after a failure".to_owned()
+            }
             (None, Some(_)) => "token expired".to_owned(),
             (None, None) => "no token yet".to_owned(),
         }
@@ -104,6 +117,12 @@ impl Handle {
     /// The current state, for readiness and metrics.
     pub fn state(&self) -> State {
         self.state.borrow().clone()
+    }
+
+    /// Whether the source is down: its refresher ended unexpectedly and awaits its restart.
+    /// `/healthz` fails while any source is.
+    pub fn is_down(&self) -> bool {
+        matches!(self.state.borrow().phase, Phase::Restarting { .. })
     }
 
     /// A usable token: at once when one is held, else after the fetch under way, if any.
@@ -173,10 +192,12 @@ impl Handle {
 
 fn unavailable(state: &State, now: Instant) -> Unavailable {
     match state.phase {
-        Phase::Scheduled { next } | Phase::BackingOff { next } => Unavailable {
-            detail: state.why_unusable(),
-            retry_after: next.saturating_duration_since(now),
-        },
+        Phase::Scheduled { next } | Phase::BackingOff { next } | Phase::Restarting { next } => {
+            Unavailable {
+                detail: state.why_unusable(),
+                retry_after: next.saturating_duration_since(now),
+            }
+        }
         Phase::Fetching => Unavailable {
             detail: state.why_unusable(),
             retry_after: Duration::from_secs(1),
@@ -220,8 +241,8 @@ pub struct Observers {
 /// [`Observers`] as the refresher and the sidecar share them.
 pub type SharedObservers = Arc<RwLock<Observers>>;
 
-/// Starts the refresher for `fetcher` on `tasks`; it fetches at once and runs until
-/// `shutdown` is cancelled, reporting each fetch to `observers`.
+/// Starts the refresher for `fetcher` on `tasks`, under its supervisor; it fetches at once
+/// and runs until `shutdown` is cancelled, reporting each fetch to `observers`.
 pub fn spawn(
     fetcher: Arc<dyn Fetch>,
     policy: RefreshPolicy,
@@ -233,27 +254,121 @@ pub fn spawn(
         token: None,
         phase: Phase::Fetching,
         last_error: None,
-        last_success: None,
         failures: 0,
         rejection_handled: 0,
     });
-    let (rejections, rejected) = watch::channel(0);
-    let refresher = Refresher {
+    let (rejections, _) = watch::channel(0);
+    let supervisor = Supervisor {
         fetcher,
         policy,
         observers,
-        publish,
-        generations: 0,
+        publish: Arc::new(publish),
+        rejections: rejections.clone(),
+        tasks: tasks.clone(),
     };
-    tasks.spawn(refresher.run(rejected, shutdown));
+    tasks.spawn(supervisor.run(shutdown));
     Handle { state, rejections }
+}
+
+/// Runs the refresher, and runs it again if it ever ends before shutdown.
+struct Supervisor {
+    fetcher: Arc<dyn Fetch>,
+    policy: RefreshPolicy,
+    observers: SharedObservers,
+    /// Shared with the refresher, so that the channel, and the token on it, outlive a
+    /// refresher that died.
+    publish: Arc<watch::Sender<State>>,
+    rejections: watch::Sender<u64>,
+    tasks: TaskTracker,
+}
+
+impl Supervisor {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut restarts: u32 = 0;
+        loop {
+            let refresher = Refresher {
+                fetcher: Arc::clone(&self.fetcher),
+                policy: self.policy.clone(),
+                observers: Arc::clone(&self.observers),
+                publish: Arc::clone(&self.publish),
+                // Generations go on counting across restarts: a 401 names a token by them.
+                generations: self
+                    .publish
+                    .borrow()
+                    .token
+                    .as_ref()
+                    .map_or(0, |t| t.generation),
+            };
+            let started = Instant::now();
+            let ended = self
+                .tasks
+                .spawn(refresher.run(self.rejections.subscribe(), shutdown.clone()))
+                .await;
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // A refresher that ran well for a while starts again at the shortest backoff.
+            if started.elapsed() > self.policy.backoff_cap {
+                restarts = 0;
+            }
+            restarts = restarts.saturating_add(1);
+            let why = match ended {
+                Ok(()) => "it returned".to_owned(),
+                Err(error) if error.is_panic() => panic_message(error.into_panic()),
+                Err(error) => error.to_string(),
+            };
+            let delay = schedule::backoff(
+                restarts,
+                self.policy.backoff_base,
+                self.policy.backoff_cap,
+                fastrand::f64(),
+                None,
+            );
+            let label = self
+                .observers
+                .read()
+                .map(|o| o.label.clone())
+                .unwrap_or_default();
+            tracing::error!(
+                upstream = %label,
+                why = %why,
+                restarts,
+                restart_in_ms = delay.as_millis() as u64,
+                "token source stopped unexpectedly: restarting it"
+            );
+            if let Ok(observers) = self.observers.read() {
+                for metrics in &observers.metrics {
+                    metrics.token_source_restarted();
+                }
+            }
+            let next = Instant::now() + delay;
+            self.publish
+                .send_modify(|s| s.phase = Phase::Restarting { next });
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+        self.publish.send_modify(|s| s.phase = Phase::Stopped);
+    }
+}
+
+/// The message a panic carried, when it is text.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(message) => format!("panic: {message}"),
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(message) => format!("panic: {message}"),
+            Err(_) => "panic".to_owned(),
+        },
+    }
 }
 
 struct Refresher {
     fetcher: Arc<dyn Fetch>,
     policy: RefreshPolicy,
     observers: SharedObservers,
-    publish: watch::Sender<State>,
+    publish: Arc<watch::Sender<State>>,
     /// Tokens published so far.
     generations: u64,
 }
@@ -274,10 +389,7 @@ impl Refresher {
             loop {
                 tokio::select! {
                     () = &mut sleep => break,
-                    () = shutdown.cancelled() => {
-                        self.publish.send_modify(|s| s.phase = Phase::Stopped);
-                        return;
-                    }
+                    () = shutdown.cancelled() => return,
                     Ok(()) = rejected.changed() => {
                         let generation = *rejected.borrow_and_update();
                         if !self.is_news(generation) {
@@ -309,7 +421,6 @@ impl Refresher {
                 }
             }
         }
-        self.publish.send_modify(|s| s.phase = Phase::Stopped);
     }
 
     /// Whether a rejection of `generation` is news: it names the token held (not one already
@@ -360,7 +471,6 @@ impl Refresher {
                     s.token = Some(Arc::new(token));
                     s.phase = Phase::Scheduled { next };
                     s.last_error = None;
-                    s.last_success = Some(SystemTime::now());
                     s.failures = 0;
                 });
                 delay
@@ -390,10 +500,10 @@ impl Refresher {
                     "token fetch failed"
                 );
                 let next = Instant::now() + delay;
-                let message: Arc<str> = error.to_string().into();
+                let error = Arc::new(error);
                 self.publish.send_modify(|s| {
                     s.phase = Phase::BackingOff { next };
-                    s.last_error = Some(message);
+                    s.last_error = Some(error);
                     s.failures = failures;
                 });
                 delay
@@ -411,14 +521,20 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
+    /// What a scripted fetch does: `Ok(lifetime)`, `Err(why)`; [`PANIC`] panics instead.
+    type Outcome = Result<Duration, &'static str>;
+
+    /// A scripted failure that panics rather than return, as a bug on hostile input would.
+    const PANIC: Outcome = Err("panic");
+
     /// Hands out scripted outcomes and counts the calls.
     struct Scripted {
         calls: AtomicUsize,
-        outcomes: Mutex<VecDeque<Result<Duration, &'static str>>>,
+        outcomes: Mutex<VecDeque<Outcome>>,
     }
 
     impl Scripted {
-        fn new(outcomes: impl IntoIterator<Item = Result<Duration, &'static str>>) -> Arc<Self> {
+        fn new(outcomes: impl IntoIterator<Item = Outcome>) -> Arc<Self> {
             Arc::new(Self {
                 calls: AtomicUsize::new(0),
                 outcomes: Mutex::new(outcomes.into_iter().collect()),
@@ -431,6 +547,10 @@ mod tests {
             let call = self.calls.fetch_add(1, Ordering::SeqCst);
             let outcome = self.outcomes.lock().unwrap().pop_front();
             Box::pin(async move {
+                #[allow(clippy::panic)] // the very thing under test
+                if outcome == Some(PANIC) {
+                    panic!("overflow when adding duration to instant");
+                }
                 match outcome {
                     Some(Ok(lifetime)) => Ok(Token {
                         authorization: http::HeaderValue::try_from(format!("Bearer t{call}"))
@@ -438,11 +558,14 @@ mod tests {
                         lifetime,
                         lifetime_source: crate::token::LifetimeSource::ExpiresIn,
                         usable_until: Instant::now() + schedule::usable_for(lifetime),
-                        expires_at: SystemTime::now() + lifetime,
+                        expires_at: std::time::SystemTime::now() + lifetime,
                         scope: None,
                         generation: 0,
                     }),
-                    Some(Err(why)) => Err(FetchError::Connect(why.into())),
+                    Some(Err(why)) => Err(FetchError::Connect {
+                        endpoint: "auth.example".into(),
+                        source: why.into(),
+                    }),
                     None => std::future::pending().await,
                 }
             })
@@ -507,8 +630,8 @@ mod tests {
         let failed = watch.wait_for(|s| s.failures == 1).await.unwrap().clone();
         assert!(failed.token.is_some());
         assert_eq!(
-            failed.last_error.as_deref(),
-            Some("cannot reach the token endpoint: down")
+            failed.last_error.as_ref().map(|e| e.to_string()).as_deref(),
+            Some("cannot reach the token endpoint auth.example: down")
         );
         assert_eq!(handle.token().await.unwrap().authorization(), "Bearer t0");
 
@@ -517,7 +640,7 @@ mod tests {
             .await
             .unwrap()
             .clone();
-        assert_eq!(recovered.last_error, None);
+        assert!(recovered.last_error.is_none());
         assert_eq!(handle.token().await.unwrap().authorization(), "Bearer t3");
     }
 
@@ -529,7 +652,7 @@ mod tests {
         let unavailable = handle.token().await.unwrap_err();
         assert_eq!(
             unavailable.detail,
-            "cannot reach the token endpoint: connection refused"
+            "cannot reach the token endpoint auth.example: connection refused"
         );
         assert!(unavailable.retry_after >= schedule::DEFAULT_BACKOFF_BASE);
     }
@@ -595,7 +718,10 @@ mod tests {
         let (handle, _shutdown, _tasks) = start(Arc::clone(&fetcher));
         let rejected = handle.token().await.unwrap();
         let error = handle.replacement_for(&rejected).await.unwrap_err();
-        assert_eq!(error.detail, "cannot reach the token endpoint: down");
+        assert_eq!(
+            error.detail,
+            "cannot reach the token endpoint auth.example: down"
+        );
         assert_eq!(fetcher.calls.load(Ordering::SeqCst), 2);
         // Reported again: the refresher already acted on this token; no new fetch.
         assert!(handle.replacement_for(&rejected).await.is_err());
@@ -625,5 +751,45 @@ mod tests {
             .unwrap();
         assert!(replaced_at.elapsed() >= REJECTION_REFETCH_INTERVAL);
         assert_eq!(fetcher.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresher_that_panics_is_restarted_and_keeps_its_token() {
+        let hour = Duration::from_secs(3600);
+        let fetcher = Scripted::new([Ok(hour), PANIC, Ok(hour)]);
+        let (handle, _shutdown, _tasks) = start(Arc::clone(&fetcher));
+        let first = handle.token().await.unwrap();
+        assert_eq!(first.generation, 1);
+
+        // The refresh panics: the source is down, the token it held is still served.
+        let mut watch = handle.state.clone();
+        watch
+            .wait_for(|s| matches!(s.phase, Phase::Restarting { .. }))
+            .await
+            .unwrap();
+        assert!(handle.is_down());
+        assert_eq!(handle.token().await.unwrap().generation, 1);
+
+        // Restarted after the backoff, it fetches again and counts on from where it was.
+        let replaced = watch
+            .wait_for(|s| s.token.as_ref().is_some_and(|t| t.generation == 2))
+            .await
+            .unwrap()
+            .clone();
+        assert!(!handle.is_down());
+        assert!(matches!(replaced.phase, Phase::Scheduled { .. }));
+        assert_eq!(fetcher.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_on_a_fetch_that_panics_is_answered() {
+        let fetcher = Scripted::new([PANIC]);
+        let (handle, _shutdown, _tasks) = start(fetcher);
+        let unavailable = handle.token().await.unwrap_err();
+        assert_eq!(
+            unavailable.detail,
+            "token source restarting after a failure"
+        );
+        assert!(unavailable.retry_after >= schedule::DEFAULT_BACKOFF_BASE);
     }
 }
