@@ -16,7 +16,17 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
     let mut sources = HashSet::new();
     // Writing to a String cannot fail; the results are ignored for that reason.
     let _ = writeln!(out, "config {}: valid", config.path.display());
-    let _ = writeln!(out, "admin: listen {}", config.admin.listen);
+    let _ = writeln!(
+        out,
+        "admin: listen {} (at most {} connections)",
+        config.admin.listen, config.admin.max_connections
+    );
+    let _ = writeln!(
+        out,
+        "server: request bodies idle at most {}, {} bytes kept for 401 replays",
+        humantime::format_duration(config.server.body_idle_timeout),
+        config.server.replay_memory
+    );
     for upstream in &config.upstreams {
         let token = &upstream.token;
         sources.insert((&upstream.token, &upstream.tls));
@@ -29,6 +39,27 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
             humantime::format_duration(upstream.connect_timeout),
             humantime::format_duration(upstream.response_header_timeout),
         );
+        match &upstream.allow_from {
+            Some(networks) => {
+                let networks: Vec<String> = networks.iter().map(ToString::to_string).collect();
+                let _ = writeln!(out, "  peers allowed: {}", networks.join(", "));
+            }
+            None => {
+                let _ = writeln!(out, "  peers allowed: this machine only (loopback)");
+            }
+        }
+        if !upstream.listen.ip().is_loopback() {
+            let _ = writeln!(
+                out,
+                "  WARNING: listens beyond loopback: the peers above can call the upstream with bearerd's token"
+            );
+        }
+        if upstream.allow_plain_http {
+            let _ = writeln!(
+                out,
+                "  WARNING: allow_plain_http: requests and the token go to the upstream unencrypted"
+            );
+        }
         let _ = write!(
             out,
             "  token: POST {} as client {:?}, auth {}, secret from {}",
@@ -48,10 +79,17 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
         }
         let _ = writeln!(
             out,
-            " (timeout {}, lifetime if unstated {})",
+            " (timeout {}, lifetime if unstated {}, at most {})",
             humantime::format_duration(token.timeout),
-            humantime::format_duration(token.default_lifetime)
+            humantime::format_duration(token.default_lifetime),
+            humantime::format_duration(token.max_lifetime)
         );
+        if token.allow_plain_http {
+            let _ = writeln!(
+                out,
+                "  WARNING: allow_plain_http: the client credentials go to the token endpoint unencrypted"
+            );
+        }
         let roots = match upstream.tls.roots {
             Roots::Webpki => "webpki roots",
             Roots::Native => "system roots",

@@ -700,17 +700,25 @@ impl Validator<'_> {
             DEFAULT_MAX_TOKEN_LIFETIME,
         );
         if default_lifetime > max_lifetime {
-            self.problem(
-                raw.default_lifetime
-                    .as_ref()
-                    .or(raw.max_lifetime.as_ref())
-                    .map_or(0..0, Spanned::span),
-                format!("{key}.default_lifetime"),
-                format!(
-                    "is longer than max_lifetime ({})",
-                    humantime::format_duration(max_lifetime)
+            // Name the key that was written: the other one is a default.
+            match (&raw.default_lifetime, &raw.max_lifetime) {
+                (Some(written), _) => self.problem(
+                    written.span(),
+                    format!("{key}.default_lifetime"),
+                    format!(
+                        "is longer than max_lifetime ({})",
+                        humantime::format_duration(max_lifetime)
+                    ),
                 ),
-            );
+                (None, written) => self.problem(
+                    written.as_ref().map_or(0..0, Spanned::span),
+                    format!("{key}.max_lifetime"),
+                    format!(
+                        "is shorter than default_lifetime ({})",
+                        humantime::format_duration(default_lifetime)
+                    ),
+                ),
+            }
         }
         let optional = |v: &Option<Spanned<String>>| v.as_ref().map(|s| s.get_ref().clone());
         Some(TokenSettings {

@@ -97,6 +97,39 @@ fn check_describes_what_would_run_without_the_secret() {
         "{stdout}"
     );
     assert!(!stdout.contains("do-not-print-me") && !stderr.contains("do-not-print-me"));
+    assert!(
+        stdout.contains("  peers allowed: this machine only (loopback)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("WARNING"), "{stdout}");
+}
+
+#[test]
+fn check_says_what_is_exposed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), "s\n").unwrap();
+    let exposed = CHECK_CONFIG
+        .replace(
+            "listen = \"127.0.0.1:8081\"",
+            "listen = \"0.0.0.0:8081\"\nallow_from = [\"10.0.0.0/8\"]",
+        )
+        .replace(
+            "url = \"https://auth.example.com/oauth/token\"",
+            "url = \"http://auth.example.com/oauth/token\"\nallow_plain_http = true",
+        );
+    let path = write_config(dir.path(), &exposed);
+    let output = bearerd(&["--check", "--config", &path]);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("  peers allowed: 10.0.0.0/8\n"), "{stdout}");
+    assert!(
+        stdout.contains("  WARNING: listens beyond loopback"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  WARNING: allow_plain_http: the client credentials go to the token endpoint unencrypted"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -306,3 +306,142 @@ fn missing_file_names_it() {
         "{error}"
     );
 }
+
+#[test]
+fn a_listener_off_loopback_needs_allow_from() {
+    let text = VALID.replace("127.0.0.1:8081", "0.0.0.0:8081");
+    let message = errors(&text);
+    assert!(
+        message.starts_with("/etc/bearerd/bearerd.toml:3:10: upstream[0].listen: 0.0.0.0:8081 is not a loopback address: whoever reaches it calls the upstream with bearerd's token."),
+        "{message}"
+    );
+    for listen in ["[::]:8081", "10.1.2.3:8081"] {
+        let text = VALID.replace("127.0.0.1:8081", listen);
+        assert!(errors(&text).contains("set allow_from"), "{listen}");
+    }
+    let allowed = VALID.replace(
+        "listen = \"127.0.0.1:8081\"",
+        "listen = \"0.0.0.0:8081\"\nallow_from = [\"10.0.0.0/8\", \"fd00::/8\", \"192.168.1.7\"]",
+    );
+    let config = Config::parse(Path::new("/etc/bearerd/bearerd.toml"), &allowed).unwrap();
+    let networks: Vec<String> = config.upstreams[0]
+        .allow_from
+        .iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(networks, ["10.0.0.0/8", "fd00::/8", "192.168.1.7/32"]);
+
+    let empty = VALID.replace(
+        "listen = \"127.0.0.1:8081\"",
+        "listen = \"127.0.0.1:8081\"\nallow_from = []",
+    );
+    assert_eq!(
+        errors(&empty),
+        "/etc/bearerd/bearerd.toml:4:14: upstream[0].allow_from: is empty, so no one could connect: list the networks that may, such as \"10.0.0.0/8\""
+    );
+    let wrong = VALID.replace(
+        "listen = \"127.0.0.1:8081\"",
+        "listen = \"127.0.0.1:8081\"\nallow_from = [\"10.0.0.0/33\"]",
+    );
+    assert_eq!(
+        errors(&wrong),
+        "/etc/bearerd/bearerd.toml:4:15: upstream[0].allow_from: \"10.0.0.0/33\" is not a network such as \"10.0.0.0/8\", \"fd00::/8\" or an address"
+    );
+}
+
+#[test]
+fn urls_with_a_password_are_refused_without_echoing_it() {
+    for (from, to, key) in [
+        (
+            "https://api.example.com/v2",
+            "https://user:hunter2@api.example.com/v2",
+            "upstream[0].url",
+        ),
+        (
+            "https://auth.example.com/oauth/token",
+            "https://id:hunter2@auth.example.com:99999/t",
+            "upstream[0].token.url",
+        ),
+    ] {
+        let message = errors(&VALID.replace(from, to));
+        assert!(
+            message.contains(&format!("{key}: must not hold a user name or password")),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+}
+
+#[test]
+fn plain_http_to_a_remote_host_needs_allow_plain_http() {
+    let text = VALID.replace("https://auth.example.com", "http://auth.example.com");
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:7:7: upstream[0].token.url: \"http://auth.example.com/oauth/token\" is plain http to a host that is not loopback: credentials and tokens would cross the network in the clear. Use https, or set allow_plain_http = true in this table"
+    );
+    let allowed = text.replace(
+        "client_id = \"abc\"",
+        "client_id = \"abc\"\nallow_plain_http = true",
+    );
+    assert!(
+        Config::parse(Path::new("/b.toml"), &allowed)
+            .unwrap()
+            .upstreams[0]
+            .token
+            .allow_plain_http
+    );
+
+    let text = VALID.replace("https://api.example.com", "http://api.example.com");
+    assert!(errors(&text).contains("upstream[0].url: \"http://api.example.com/v2\" is plain http"));
+    let allowed = text.replace(
+        "url = \"http://api",
+        "allow_plain_http = true\nurl = \"http://api",
+    );
+    assert!(
+        Config::parse(Path::new("/b.toml"), &allowed)
+            .unwrap()
+            .upstreams[0]
+            .allow_plain_http
+    );
+    // Loopback needs no permission: the traffic never leaves the machine.
+    for local in [
+        "http://127.0.0.1:8080",
+        "http://localhost:8080",
+        "http://[::1]:8080",
+    ] {
+        let text = VALID.replace("https://api.example.com", local);
+        assert!(
+            Config::parse(Path::new("/b.toml"), &text).is_ok(),
+            "{local}"
+        );
+    }
+}
+
+#[test]
+fn lifetimes_bodies_and_durations_are_bounded() {
+    let config = Config::parse(Path::new("/b.toml"), VALID).unwrap();
+    assert_eq!(
+        config.upstreams[0].token.max_lifetime,
+        Duration::from_secs(86400)
+    );
+    assert_eq!(config.server.body_idle_timeout, Duration::from_secs(30));
+    assert_eq!(config.server.replay_memory, 16 << 20);
+    assert_eq!(config.admin.max_connections, 64);
+
+    let text = VALID.replace(
+        "client_id = \"abc\"",
+        "client_id = \"abc\"\nmax_lifetime = \"1m\"\ntimeout = \"400d\"",
+    );
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:9:16: upstream[0].token.max_lifetime: is shorter than default_lifetime (5m)\n\
+         /etc/bearerd/bearerd.toml:10:11: upstream[0].token.timeout: must be at most a year (\"366d\")"
+    );
+    let text = format!("[server]\nreplay_memory = \"16MB\"\nbody_idle_timeout = \"0s\"\n{VALID}");
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:2:17: server.replay_memory: \"16MB\" is not a size such as \"16MiB\", \"512KiB\" or \"0\"\n\
+         /etc/bearerd/bearerd.toml:3:21: server.body_idle_timeout: must be longer than zero"
+    );
+}

@@ -164,7 +164,10 @@ async fn trace_logs_in_json_hold_no_secret() {
     assert!(log.contains(r#""message":"token fetched""#), "{log}");
     assert!(log.contains(r#""message":"token fetch failed""#), "{log}");
     // The endpoint's echo is logged, with the secret redacted out of it.
-    assert!(log.contains("bad body: grant_type=client_credentials"), "{log}");
+    assert!(
+        log.contains("bad body: grant_type=client_credentials"),
+        "{log}"
+    );
     assert!(log.contains("[redacted]"), "{log}");
     assert!(
         log.contains(r#""endpoint_error":"invalid_client""#),

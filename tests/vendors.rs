@@ -156,7 +156,10 @@ async fn auth0_rejects_basic_auth() {
     );
     let (answer, sidecar) = one_request(&endpoint.url("/oauth/token"), &config).await;
     let (told, _) = reported(&answer, &sidecar);
-    assert!(told.ends_with("status 401 Unauthorized, error \"access_denied\""), "{told}");
+    assert!(
+        told.ends_with("status 401 Unauthorized, error \"access_denied\""),
+        "{told}"
+    );
     sidecar.stop().await;
 }
 
@@ -300,7 +303,13 @@ async fn standard_metrics_without_trailing_slash_is_a_400() {
     let endpoint = token_endpoint(standard_metrics).await;
     let (answer, sidecar) = one_request(&endpoint.url("/o/token"), &basic_config()).await;
     let (told, logged) = reported(&answer, &sidecar);
-    assert!(told.ends_with("status 400 Bad Request, error \"invalid_request\""), "{told}");
-    assert!(logged.ends_with("status 400 Bad Request, error \"invalid_request\": path /o/token"), "{logged}");
+    assert!(
+        told.ends_with("status 400 Bad Request, error \"invalid_request\""),
+        "{told}"
+    );
+    assert!(
+        logged.ends_with("status 400 Bad Request, error \"invalid_request\": path /o/token"),
+        "{logged}"
+    );
     sidecar.stop().await;
 }

@@ -19,6 +19,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 pub mod daemon;
+pub mod raw;
 pub mod vendors;
 
 use base64::Engine;
