@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build test lint test-deps check-deploy interop demo clean
+.PHONY: all build test lint test-deps check-deploy deny interop demo clean
 
 all: build
 
@@ -10,7 +10,7 @@ build:
 	$(CARGO) build --release --bin bearerd
 
 ## Formatting, lints, and every test. This is what CI runs (.ci/run).
-test: lint test-deps check-deploy
+test: lint test-deps check-deploy deny
 	$(CARGO) test --all-targets --locked
 	$(CARGO) test --doc --locked
 	$(MAKE) --no-print-directory interop
@@ -28,6 +28,10 @@ test-deps:
 check-deploy:
 	bash scripts/check-deploy.sh
 
+## cargo-deny (deny.toml): licences, bans, sources offline; RustSec advisories when reachable.
+deny:
+	bash scripts/deny.sh
+
 ## bearerd against a real Django OAuth Toolkit server (tests/interop.rs), in a Python
 ## virtualenv under target/ that scripts/interop.sh makes or updates from PyPI.
 interop:
@@ -43,6 +47,11 @@ demo:
 bench:
 	$(CARGO) build --release --bin bearerd
 	python3 scripts/bench/run.py
+
+## cargo-fuzz (libFuzzer) on the parsers, FUZZ_SECONDS (60) per target; not part of test (fuzz/).
+.PHONY: fuzz
+fuzz:
+	CARGO="$(CARGO)" bash scripts/fuzz.sh
 
 clean:
 	$(CARGO) clean

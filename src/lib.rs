@@ -6,11 +6,14 @@
 //!
 //! Modules, in the order data flows through them:
 //! - [`config`]: the TOML file, validated into runtime types (`config/file.rs` is the raw
-//!   form); [`secret`]: the client secret, redacted everywhere;
+//!   form); [`secret`]: the client secret, redacted everywhere, and the redactor that removes
+//!   it, in every encoding, from what a token endpoint says;
 //! - [`tls`]: trust anchors and the pooled HTTPS client used for every outbound request;
 //! - [`token`]: fetch (`fetch`, `response`), refresh timing (`schedule`), and the refresher
-//!   task with the handle requests read tokens through (`source`);
-//! - [`proxy`]: the local listeners, request rewriting and forwarding, error answers;
+//!   task, its supervisor and the handle requests read tokens through (`source`);
+//! - [`proxy`]: the local listeners (and who may use them), what is refused before a token is
+//!   attached, request rewriting and forwarding, the app's body under its deadline, error
+//!   answers;
 //! - [`metrics`] and [`admin`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`;
 //! - [`sidecar`]: all of the above started from a config, reloaded, and shut down;
 //! - [`check`]: what `bearerd --check` prints.
