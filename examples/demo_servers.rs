@@ -471,8 +471,22 @@ async fn echo(request: Request<Incoming>) -> Response<Full<Bytes>> {
     };
     tracing::info!("echo: {} {path} with token {token}", request.method());
 
+    // Read the body to its end, as a real API does: an upstream that answers before it has
+    // read the request closes the connection under the next one.
+    let (parts, body) = request.into_parts();
+    let mut body = std::pin::pin!(body);
+    let mut body_bytes: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                body_bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            Err(_) => break,
+        }
+    }
+
     let mut headers = Map::new();
-    for (name, value) in request.headers() {
+    for (name, value) in &parts.headers {
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
         match headers.get_mut(name.as_str()) {
             // A repeated header: join the values, as a proxy may.
@@ -488,9 +502,10 @@ async fn echo(request: Request<Incoming>) -> Response<Full<Bytes>> {
     json_response(
         StatusCode::OK,
         &json!({
-            "method": request.method().as_str(),
+            "method": parts.method.as_str(),
             "path": path,
             "headers": headers,
+            "body_bytes": body_bytes,
         }),
     )
 }

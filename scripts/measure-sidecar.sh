@@ -134,3 +134,7 @@ load 1000 5 -s "$work/post64k.lua"
 echo "== after the load, idle 2 s"
 sleep 2
 memory
+
+echo "== answers, by status, and bearerd's warnings"
+curl -fsS "http://$HOST:$admin_port/metrics" | grep '^bearerd_requests_total' | sed 's/^/  /'
+grep -E ' WARN ' "$work/bearerd.log" | sed -E 's/^[^ ]+ +//' | sort | uniq -c | sort -rn | head -5 | sed 's/^/  /'

@@ -114,8 +114,9 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// The smallest `max_header_bytes` allowed (hyper's minimum read buffer).
 pub const MIN_MAX_HEADER_BYTES: usize = 8192;
 /// `[server] max_connections` when not set: app connections per listener; more are
-/// answered 503 and closed.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// answered 503 and closed. Chosen with the 128 MiB memory limit of `deploy/`: 512
+/// connections each sending a 64 KiB body measured 110 MiB at most (README, sizing).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 /// `[server] max_connections` at most: far above what one sidecar serves, and within what a
 /// listener's connection count (a semaphore) can hold.
 pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;

@@ -28,7 +28,7 @@ fn example_config_loads_with_every_key() {
     );
     assert_eq!(config.server.limits.idle_timeout, Duration::from_secs(60));
     assert_eq!(config.server.limits.max_header_bytes, 65536);
-    assert_eq!(config.server.limits.max_connections, 1024);
+    assert_eq!(config.server.limits.max_connections, 512);
     let [upstream] = config.upstreams.as_slice() else {
         panic!("one upstream expected")
     };

@@ -422,6 +422,8 @@ level = "warn"
 
 [server]
 shutdown_grace = "1s"
+# The cold-start herd sends BENCH_HERD (1000) requests at once: above the default 512.
+max_connections = 4096
 
 [[upstream]]
 name = "bench"
