@@ -350,8 +350,13 @@ async fn cold_start_herd_of_1000_causes_one_token_request() {
     .await;
     let upstream = serve(echo).await;
     // The whole herd is in at once: the listener must hold more than the default 512.
-    let config = support::config("api", &upstream.url(""), &endpoint.url("/token"), SECRET_LINE)
-        .replace("[admin]\n", "[server]\nmax_connections = 2000\n[admin]\n");
+    let config = support::config(
+        "api",
+        &upstream.url(""),
+        &endpoint.url("/token"),
+        SECRET_LINE,
+    )
+    .replace("[admin]\n", "[server]\nmax_connections = 2000\n[admin]\n");
     let sidecar = Sidecar::start(&config).await;
     let url = sidecar.url("api", "/herd");
     let herd: Vec<_> = (0..HERD)
