@@ -324,11 +324,7 @@ impl Supervisor {
                 fastrand::f64(),
                 None,
             );
-            let label = self
-                .observers
-                .read()
-                .map(|o| o.label.clone())
-                .unwrap_or_default();
+            let label = label_of(&self.observers);
             tracing::error!(
                 upstream = %label,
                 why = %why,
@@ -351,6 +347,14 @@ impl Supervisor {
         }
         self.publish.send_modify(|s| s.phase = Phase::Stopped);
     }
+}
+
+/// The names of the upstreams a source serves, for logs.
+fn label_of(observers: &SharedObservers) -> String {
+    observers
+        .read()
+        .map(|o| o.label.clone())
+        .unwrap_or_default()
 }
 
 /// The message a panic carried, when it is text.
@@ -436,10 +440,7 @@ impl Refresher {
 
     /// The source's upstreams, for logs.
     fn label(&self) -> String {
-        self.observers
-            .read()
-            .map(|o| o.label.clone())
-            .unwrap_or_default()
+        label_of(&self.observers)
     }
 
     /// Publishes the outcome of a fetch and returns how long to wait before the next.
