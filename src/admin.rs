@@ -14,7 +14,8 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Metrics, UpstreamMetrics};
+use crate::metrics::Metrics;
+use crate::token::metrics::TokenSeries;
 use crate::token::source::Handle;
 
 /// The content type of the Prometheus text exposition format.
@@ -36,7 +37,7 @@ pub struct Watched {
     /// Its token source.
     pub token: Handle,
     /// Its metric series.
-    pub metrics: Arc<UpstreamMetrics>,
+    pub metrics: Arc<TokenSeries>,
 }
 
 impl Admin {
@@ -191,16 +192,9 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(crate::proxy::ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
+        let Some((stream, _)) = crate::listener::accept(&listener, "[admin]", &shutdown).await
+        else {
+            break;
         };
         let Ok(permit) = Arc::clone(&capacity).try_acquire_owned() else {
             tracing::debug!(max_connections, "admin connection refused: listener full");

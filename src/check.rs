@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::fmt::Write;
 
 use crate::config::{Config, Roots};
+use crate::token::client_auth;
 
 /// Reads every secret and trust-anchor file of `config`. Returns the description of what would
 /// run, or every problem found.
@@ -62,8 +63,10 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
         }
         let _ = write!(
             out,
-            "  token: POST {} as client {:?}, auth {}, secret from {}",
-            token.url, token.client_id, token.auth, token.client_secret
+            "  token: POST {} as client {:?}, {}",
+            token.url,
+            token.client_id,
+            client_auth::describe(&token.auth)
         );
         for (name, value) in [
             ("scope", &token.scope),
@@ -99,7 +102,7 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
             Some(ca_file) => writeln!(out, "  tls: {roots} + ca_file {}", ca_file.display()),
             None => writeln!(out, "  tls: {roots}"),
         };
-        if let Err(e) = token.client_secret.read() {
+        if let Err(e) = client_auth::check(&token.auth) {
             problems.push(format!("upstream {}: {e}", upstream.name));
         }
         if let Err(e) = crate::tls::client_config(&upstream.tls) {

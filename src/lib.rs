@@ -24,6 +24,8 @@
 pub mod admin;
 pub mod check;
 pub mod config;
+mod errors;
+mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod secret;

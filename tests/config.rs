@@ -22,13 +22,10 @@ fn example_config_loads_with_every_key() {
     assert_eq!(config.log.format, bearerd::config::LogFormat::Text);
     assert!(!config.log.access);
     assert_eq!(config.server.shutdown_grace, Duration::from_secs(20));
-    assert_eq!(
-        config.server.limits.header_read_timeout,
-        Duration::from_secs(10)
-    );
-    assert_eq!(config.server.limits.idle_timeout, Duration::from_secs(60));
-    assert_eq!(config.server.limits.max_header_bytes, 65536);
-    assert_eq!(config.server.limits.max_connections, 512);
+    assert_eq!(config.server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(config.server.idle_timeout, Duration::from_secs(60));
+    assert_eq!(config.server.max_header_bytes, 65536);
+    assert_eq!(config.server.max_connections, 512);
     let [upstream] = config.upstreams.as_slice() else {
         panic!("one upstream expected")
     };
@@ -42,10 +39,11 @@ fn example_config_loads_with_every_key() {
     assert_eq!(token.url, "https://auth.example.com/oauth/token");
     assert_eq!(token.client_id, "abc");
     assert_eq!(
-        token.client_secret,
-        SecretSource::File("/var/run/secrets/payments/client_secret".into())
+        token.auth,
+        ClientAuth::Basic {
+            secret: SecretSource::File("/var/run/secrets/payments/client_secret".into())
+        }
     );
-    assert_eq!(token.auth, ClientAuth::Basic);
     assert_eq!(token.scope.as_deref(), Some("read write"));
     assert_eq!(token.audience.as_deref(), Some("https://api.example.com"));
     assert_eq!(token.resource.as_deref(), Some("https://api.example.com"));
@@ -86,10 +84,11 @@ fn minimal_config_gets_the_defaults() {
     let config = Config::parse(Path::new("/etc/bearerd/bearerd.toml"), VALID).unwrap();
     assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9464");
     let upstream = &config.upstreams[0];
-    assert_eq!(upstream.token.auth, ClientAuth::Basic);
     assert_eq!(
-        upstream.token.client_secret,
-        SecretSource::Env("PAYMENTS_SECRET".into())
+        upstream.token.auth,
+        ClientAuth::Basic {
+            secret: SecretSource::Env("PAYMENTS_SECRET".into())
+        }
     );
     assert_eq!(
         upstream.connect_timeout,
@@ -108,8 +107,8 @@ fn relative_paths_are_taken_from_the_config_directory() {
     let config = Config::parse(Path::new("/etc/bearerd/bearerd.toml"), &text).unwrap();
     let upstream = &config.upstreams[0];
     assert_eq!(
-        upstream.token.client_secret,
-        SecretSource::File("/etc/bearerd/secrets/payments".into())
+        upstream.token.auth.secret(),
+        Some(&SecretSource::File("/etc/bearerd/secrets/payments".into()))
     );
     assert_eq!(
         upstream.tls.ca_file.as_deref(),

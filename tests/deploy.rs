@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bearerd::config::Config;
-use bearerd::metrics::Metrics;
 use bearerd::secret::SecretSource;
+use bearerd::sidecar::MetricFamilies;
 
 /// The files whose queries must name real metrics.
 const QUERYING_FILES: &[&str] = &[
@@ -39,12 +39,14 @@ fn repo_file(relative: &str) -> (PathBuf, String) {
 /// Metric families bearerd exports, by name, with their type (`counter`, `histogram`, ...),
 /// from the `# TYPE` lines of a scrape of a fresh registry with one upstream.
 fn exported_families() -> BTreeMap<String, String> {
-    let metrics = Metrics::new().unwrap();
-    let upstream = metrics.upstream("x");
+    let families = MetricFamilies::new().unwrap();
+    let upstream = families.upstream("x");
     // bearerd_requests_total has a series per status code, made when the code first occurs;
     // until then the family is not in a scrape at all.
-    upstream.request_answered(http::StatusCode::OK, Duration::ZERO);
-    let text = metrics.render().unwrap();
+    upstream
+        .proxy
+        .request_answered(http::StatusCode::OK, Duration::ZERO);
+    let text = families.registry.render().unwrap();
     let families: BTreeMap<String, String> = text
         .lines()
         .filter_map(|line| {
@@ -213,7 +215,7 @@ fn kubernetes_config_loads_and_fits_the_pod() {
             "{}: proxy listeners stay on loopback",
             upstream.name
         );
-        let SecretSource::File(secret) = &upstream.token.client_secret else {
+        let Some(SecretSource::File(secret)) = upstream.token.auth.secret() else {
             panic!(
                 "{}: the secret should come from a mounted file",
                 upstream.name

@@ -600,10 +600,11 @@ async fn healthz_fails_while_a_token_source_is_down_and_recovers_when_it_restart
     use bearerd::token::source::{self, Phase, RefreshPolicy, SharedObservers};
     use std::sync::Arc;
 
-    let metrics = Arc::new(bearerd::metrics::Metrics::new().unwrap());
-    let upstream_metrics = Arc::new(metrics.upstream("api"));
+    let families = bearerd::sidecar::MetricFamilies::new().unwrap();
+    let metrics = Arc::clone(&families.registry);
+    let series = families.upstream("api");
     let observers = SharedObservers::default();
-    observers.write().unwrap().metrics = vec![Arc::clone(&upstream_metrics)];
+    observers.write().unwrap().metrics = vec![Arc::clone(&series.token)];
     let tasks = tokio_util::task::TaskTracker::new();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let fetcher = Arc::new(PanicsOnce(std::sync::atomic::AtomicUsize::new(0)));
@@ -618,7 +619,7 @@ async fn healthz_fails_while_a_token_source_is_down_and_recovers_when_it_restart
     admin.watch(vec![bearerd::admin::Watched {
         name: "api".into(),
         token: handle.clone(),
-        metrics: upstream_metrics,
+        metrics: series.token,
     }]);
     let health = || admin.answer(&http::Method::GET, "/healthz").status();
 

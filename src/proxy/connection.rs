@@ -39,6 +39,17 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
+impl From<&crate::config::Server> for Limits {
+    fn from(server: &crate::config::Server) -> Self {
+        Self {
+            header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            max_header_bytes: server.max_header_bytes,
+            max_connections: server.max_connections,
+        }
+    }
+}
+
 /// `Activity::head_started` when no request head is arriving.
 const NOT_STARTED: u64 = u64::MAX;
 
@@ -329,21 +340,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-}
-
-/// The answer to a connection over `max_connections`, written before closing it.
-pub fn over_capacity_response(upstream: &str) -> Vec<u8> {
-    let body = serde_json::json!({
-        "error": "too_many_connections",
-        "upstream": upstream,
-        "detail": "bearerd holds its maximum number of connections on this listener",
-    })
-    .to_string();
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
 }
 
 #[cfg(test)]

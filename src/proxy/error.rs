@@ -6,62 +6,177 @@
 //! whose request body stalls → 408. The body is JSON an app or a person can read, and never
 //! holds a token or a secret.
 
+use std::error::Error;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderValue, Response, StatusCode};
+use http::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
+use super::body::{AppBodyError, ResponseBody};
 use super::pool::ConnectError;
-use super::ResponseBody;
-use crate::token::fetch::error_chain;
+use crate::errors;
 use crate::token::source::Unavailable;
 
-/// Why a request was answered by bearerd rather than by the upstream.
-#[derive(Debug)]
+/// Why a request was answered by bearerd rather than by the upstream. Grouped by whose fault
+/// it is ([`Fault`]); each variant keeps its cause.
+#[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// No usable token: the request was not sent.
+    #[error("{}", .0.detail)]
     TokenUnavailable(Unavailable),
-    /// The app's request cannot be forwarded: a target bearerd does not serve, or a body
-    /// whose framing is broken.
-    BadRequest(String),
+
+    /// The app's request names a target bearerd does not serve, or one it cannot rewrite.
+    #[error("{reason}")]
+    BadRequest {
+        /// Why, in bearerd's words.
+        reason: String,
+    },
     /// A method that must never carry the token (`TRACE` echoes it back, `CONNECT` would open
     /// a tunnel bearerd cannot see into).
-    MethodNotAllowed(String),
+    #[error("{reason}")]
+    MethodNotAllowed {
+        /// Why this method is not forwarded.
+        reason: &'static str,
+    },
     /// A transfer coding bearerd does not know (RFC 9112 §6.1: 501).
-    NotImplemented(String),
-    /// The app's request body made no progress for `body_idle_timeout`.
-    RequestBodyTimeout(String),
-    /// The upstream could not be reached: DNS, TCP connect, or TLS handshake.
-    UpstreamUnreachable(String),
-    /// The upstream did not connect or answer in time.
-    UpstreamTimeout(String),
+    #[error("transfer coding {coding:?} is not supported; only chunked is")]
+    UnknownTransferCoding {
+        /// The coding, cut to 40 characters.
+        coding: String,
+    },
+    /// The app's request body stalled for `body_idle_timeout` (408), or its framing broke
+    /// (400). The source is the [`AppBodyError`], or the upstream exchange it ended.
+    #[error("{}", app_body_detail(.source.as_ref()))]
+    RequestBody {
+        /// No progress for the idle timeout, rather than broken.
+        stalled: bool,
+        /// What failed.
+        #[source]
+        source: Box<dyn Error + Send + Sync>,
+    },
+    /// No route of the listener matches the request.
+    #[error("no route of this listener matches the request")]
+    NoRoute,
+
+    /// The upstream could not be reached: DNS, TCP connect, TLS or HTTP handshake.
+    #[error("{}", errors::chain(.source))]
+    UpstreamUnreachable {
+        /// What failed.
+        #[source]
+        source: ConnectError,
+    },
+    /// Connecting to the upstream took longer than `connect_timeout`.
+    #[error("{}", errors::chain(.source))]
+    ConnectTimeout {
+        /// The connector's timeout error.
+        #[source]
+        source: ConnectError,
+    },
+    /// The upstream sent no response headers within `response_header_timeout`.
+    #[error("no response headers from {authority} within {}", humantime::format_duration(*.after))]
+    ResponseTimeout {
+        /// The upstream's authority.
+        authority: String,
+        /// The timeout that passed.
+        after: Duration,
+    },
     /// The upstream broke the exchange (reset, malformed response).
-    UpstreamFailed(String),
+    #[error("{}", errors::chain(.source))]
+    UpstreamFailed {
+        /// hyper's error.
+        #[source]
+        source: hyper::Error,
+    },
+
+    /// The listener already holds `max_connections`.
+    #[error("bearerd holds its maximum number of connections on this listener")]
+    ListenerFull,
+}
+
+/// Whose fault a [`ProxyError`] is: what an operator looks at first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// No token could be had (the token endpoint, the credentials, or the network to it).
+    TokenSource,
+    /// The app sent what bearerd will not forward.
+    App,
+    /// The upstream could not be reached, was too slow, or broke the exchange.
+    Upstream,
+    /// bearerd's own limits.
+    Bearerd,
 }
 
 impl ProxyError {
     /// Classifies a failure to connect to the upstream.
-    pub fn from_connect(error: &ConnectError) -> Self {
-        let detail = error_chain(error);
-        if is_timeout(error) {
-            Self::UpstreamTimeout(detail)
+    pub fn from_connect(source: ConnectError) -> Self {
+        // `ConnectError` is transparent: its own chain starts below the dial error.
+        let timed_out = match &source {
+            ConnectError::Dial(dial) => is_timeout(dial.as_ref()),
+            ConnectError::Handshake(handshake) => is_timeout(handshake),
+        };
+        if timed_out {
+            Self::ConnectTimeout { source }
         } else {
-            Self::UpstreamUnreachable(detail)
+            Self::UpstreamUnreachable { source }
+        }
+    }
+
+    /// Classifies a failed exchange: the app's fault when its body failed (it stalled, or its
+    /// framing broke), else the upstream's.
+    pub fn from_send(source: hyper::Error) -> Self {
+        match AppBodyError::find(&source) {
+            Some(found) => Self::RequestBody {
+                stalled: matches!(found, AppBodyError::Stalled(_)),
+                source: Box::new(source),
+            },
+            None => Self::UpstreamFailed { source },
+        }
+    }
+
+    /// The app's body failed before anything was sent.
+    pub fn from_app_body(source: AppBodyError) -> Self {
+        Self::RequestBody {
+            stalled: matches!(source, AppBodyError::Stalled(_)),
+            source: Box::new(source),
+        }
+    }
+
+    /// Whose fault it is.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::TokenUnavailable(_) => Fault::TokenSource,
+            Self::BadRequest { .. }
+            | Self::MethodNotAllowed { .. }
+            | Self::UnknownTransferCoding { .. }
+            | Self::RequestBody { .. }
+            | Self::NoRoute => Fault::App,
+            Self::UpstreamUnreachable { .. }
+            | Self::ConnectTimeout { .. }
+            | Self::ResponseTimeout { .. }
+            | Self::UpstreamFailed { .. } => Fault::Upstream,
+            Self::ListenerFull => Fault::Bearerd,
         }
     }
 
     /// The status the app receives.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
-            Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::TokenUnavailable(_) | Self::ListenerFull => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BadRequest { .. } | Self::RequestBody { stalled: false, .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::RequestBody { stalled: true, .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UnknownTransferCoding { .. } => StatusCode::NOT_IMPLEMENTED,
+            Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::UpstreamUnreachable { .. } | Self::UpstreamFailed { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
         }
     }
 
@@ -69,41 +184,57 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::TokenUnavailable(_) => "token_unavailable",
-            Self::BadRequest(_) => "bad_request",
-            Self::MethodNotAllowed(_) => "method_not_allowed",
-            Self::NotImplemented(_) => "not_implemented",
-            Self::RequestBodyTimeout(_) => "request_body_timeout",
-            Self::UpstreamUnreachable(_) => "upstream_unreachable",
-            Self::UpstreamTimeout(_) => "upstream_timeout",
-            Self::UpstreamFailed(_) => "upstream_failed",
+            Self::BadRequest { .. } | Self::RequestBody { stalled: false, .. } => "bad_request",
+            Self::RequestBody { stalled: true, .. } => "request_body_timeout",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::UnknownTransferCoding { .. } => "not_implemented",
+            Self::NoRoute => "no_route",
+            Self::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => "upstream_timeout",
+            Self::UpstreamFailed { .. } => "upstream_failed",
+            Self::ListenerFull => "too_many_connections",
         }
     }
 
-    /// What went wrong, for the JSON body and the log; never holds a secret.
-    pub fn detail(&self) -> &str {
-        match self {
-            Self::TokenUnavailable(unavailable) => &unavailable.detail,
-            Self::BadRequest(detail)
-            | Self::MethodNotAllowed(detail)
-            | Self::NotImplemented(detail)
-            | Self::RequestBodyTimeout(detail)
-            | Self::UpstreamUnreachable(detail)
-            | Self::UpstreamTimeout(detail)
-            | Self::UpstreamFailed(detail) => detail,
-        }
-    }
-
-    /// The answer to the app: `{"error","upstream","detail"}` with the matching status, and
-    /// `Retry-After` when no token is available.
+    /// The answer to the app: `{"error","upstream","detail"}` with the matching status,
+    /// `Retry-After` when waiting helps, and `Connection: close` when the connection cannot
+    /// carry another request.
     pub fn into_response(self, upstream: &str) -> Response<ResponseBody> {
+        let (status, headers, body) = self.answer(upstream);
+        let mut response = Response::new(Either::Right(Full::new(body)));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
+    }
+
+    /// The same answer as raw HTTP/1.1 bytes, for a connection refused before hyper serves it.
+    pub fn into_http1_bytes(self, upstream: &str) -> Vec<u8> {
+        let (status, headers, body) = self.answer(upstream);
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_str(),
+            status.canonical_reason().unwrap_or("")
+        )
+        .into_bytes();
+        for (name, value) in &headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("{CONTENT_LENGTH}: {}\r\n\r\n", body.len()).as_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn answer(self, upstream: &str) -> (StatusCode, HeaderMap, Bytes) {
+        let detail = self.to_string();
         let body = serde_json::json!({
             "error": self.code(),
             "upstream": upstream,
-            "detail": self.detail(),
+            "detail": detail,
         });
-        let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
-        *response.status_mut() = self.status();
-        let headers = response.headers_mut();
+        let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         match &self {
             Self::TokenUnavailable(unavailable) => {
@@ -111,7 +242,7 @@ impl ProxyError {
             }
             // RFC 9110 §15.5.6: a 405 says which methods are allowed. Any other method is
             // forwarded, so these stand for "the usual ones".
-            Self::MethodNotAllowed(_) => {
+            Self::MethodNotAllowed { .. } => {
                 headers.insert(
                     ALLOW,
                     HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
@@ -119,12 +250,28 @@ impl ProxyError {
             }
             // The rest of the app's body was not read: the connection cannot carry another
             // request.
-            Self::BadRequest(_) | Self::NotImplemented(_) | Self::RequestBodyTimeout(_) => {
+            Self::BadRequest { .. }
+            | Self::UnknownTransferCoding { .. }
+            | Self::RequestBody { .. } => {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Self::ListenerFull => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
                 headers.insert(CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
-        response
+        (self.status(), headers, Bytes::from(body.to_string()))
+    }
+}
+
+/// What the app is told of its body's failure: the [`AppBodyError`] in the chain, with its
+/// causes when the framing broke.
+fn app_body_detail(error: &(dyn Error + 'static)) -> String {
+    match AppBodyError::find(error) {
+        Some(found @ AppBodyError::Stalled(_)) => found.to_string(),
+        Some(found) => errors::chain(found),
+        None => errors::chain(error),
     }
 }
 
@@ -175,17 +322,105 @@ mod tests {
         );
     }
 
+    fn dial_error(kind: std::io::ErrorKind) -> ConnectError {
+        ConnectError::Dial(Box::new(std::io::Error::new(kind, "dial failed")))
+    }
+
     #[test]
-    fn statuses() {
-        let d = String::new;
-        assert_eq!(ProxyError::UpstreamUnreachable(d()).status(), 502);
-        assert_eq!(ProxyError::UpstreamFailed(d()).status(), 502);
-        assert_eq!(ProxyError::UpstreamTimeout(d()).status(), 504);
-        assert_eq!(ProxyError::BadRequest(d()).status(), 400);
-        assert_eq!(ProxyError::MethodNotAllowed(d()).status(), 405);
-        assert_eq!(ProxyError::NotImplemented(d()).status(), 501);
-        assert_eq!(ProxyError::RequestBodyTimeout(d()).status(), 408);
+    fn statuses_and_faults() {
+        let refused = ProxyError::from_connect(dial_error(std::io::ErrorKind::ConnectionRefused));
+        let slow = ProxyError::from_connect(dial_error(std::io::ErrorKind::TimedOut));
+        let cases = [
+            (refused, 502, "upstream_unreachable", Fault::Upstream),
+            (slow, 504, "upstream_timeout", Fault::Upstream),
+            (
+                ProxyError::ResponseTimeout {
+                    authority: "api.example.com".into(),
+                    after: Duration::from_secs(30),
+                },
+                504,
+                "upstream_timeout",
+                Fault::Upstream,
+            ),
+            (
+                ProxyError::BadRequest { reason: "x".into() },
+                400,
+                "bad_request",
+                Fault::App,
+            ),
+            (
+                ProxyError::MethodNotAllowed { reason: "x" },
+                405,
+                "method_not_allowed",
+                Fault::App,
+            ),
+            (
+                ProxyError::UnknownTransferCoding {
+                    coding: "gzip".into(),
+                },
+                501,
+                "not_implemented",
+                Fault::App,
+            ),
+            (
+                ProxyError::from_app_body(AppBodyError::Stalled(Duration::from_secs(30))),
+                408,
+                "request_body_timeout",
+                Fault::App,
+            ),
+            (ProxyError::NoRoute, 404, "no_route", Fault::App),
+            (
+                ProxyError::ListenerFull,
+                503,
+                "too_many_connections",
+                Fault::Bearerd,
+            ),
+        ];
+        for (error, status, code, fault) in cases {
+            assert_eq!(
+                (error.status().as_u16(), error.code(), error.fault()),
+                (status, code, fault),
+                "{error:?}"
+            );
+        }
         assert_eq!(retry_after_seconds(Duration::ZERO), "1");
         assert_eq!(retry_after_seconds(Duration::from_secs(30)), "30");
+    }
+
+    #[test]
+    fn errors_keep_their_cause() {
+        let error = ProxyError::from_connect(dial_error(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(error.to_string(), "dial failed");
+        assert!(error.source().is_some());
+        let stalled = ProxyError::from_app_body(AppBodyError::Stalled(Duration::from_secs(30)));
+        assert_eq!(
+            stalled.to_string(),
+            "the request body made no progress for 30s"
+        );
+        assert!(stalled
+            .source()
+            .is_some_and(|cause| cause.downcast_ref::<AppBodyError>().is_some()));
+    }
+
+    #[test]
+    fn a_full_listener_answers_in_raw_http1() {
+        let bytes = ProxyError::ListenerFull.into_http1_bytes("payments");
+        let text = String::from_utf8(bytes).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{head}"
+        );
+        for line in [
+            "content-type: application/json",
+            "retry-after: 1",
+            "connection: close",
+            &format!("content-length: {}", body.len()),
+        ] {
+            assert!(head.contains(line), "{line} in {head}");
+        }
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "too_many_connections");
+        assert_eq!(json["upstream"], "payments");
     }
 }

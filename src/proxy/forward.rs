@@ -13,12 +13,11 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::body::{AppBody, AppBodyError, ReplayBudget};
+use super::body::{AppBody, ReplayBudget, RequestBody, ResponseBody};
 use super::error::ProxyError;
 use super::pool::{SendError, Slot};
 use super::rewrite::strip_hop_by_hop;
-use super::{RequestBody, ResponseBody, Upstream};
-use crate::token::fetch::error_chain;
+use super::route::{Listener, Route};
 use crate::token::Token;
 
 /// Request bodies up to this size (by `Content-Length`) are kept, so that a request the
@@ -26,9 +25,28 @@ use crate::token::Token;
 /// streamed and their 401 passed back.
 pub const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
-/// Forwards `request` to `upstream`, answering with the upstream's response or an error JSON.
+/// Forwards `request` to the route of `listener` it matches, answering with the upstream's
+/// response or an error JSON.
 pub async fn forward(
-    upstream: &Upstream,
+    listener: &Listener,
+    slot: &Slot,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    match listener.routes.choose(&request) {
+        Some(route) => forward_to(route, slot, request).await,
+        None => {
+            let response = ProxyError::NoRoute.into_response(&listener.name);
+            listener
+                .metrics
+                .request_answered(response.status(), std::time::Duration::ZERO);
+            response
+        }
+    }
+}
+
+/// Forwards `request` to `upstream`, answering with the upstream's response or an error JSON.
+async fn forward_to(
+    upstream: &Route,
     slot: &Slot,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
@@ -47,7 +65,8 @@ pub async fn forward(
                 tracing::warn!(
                     upstream = %upstream.name,
                     error = error.code(),
-                    detail = error.detail(),
+                    fault = ?error.fault(),
+                    detail = %error,
                     "request failed"
                 );
             }
@@ -73,7 +92,7 @@ pub async fn forward(
 }
 
 async fn try_forward(
-    upstream: &Upstream,
+    upstream: &Route,
     slot: &Slot,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -89,7 +108,9 @@ async fn try_forward(
     let path_and_query = upstream
         .target
         .path_and_query_for(std::mem::take(&mut parts.uri))
-        .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        .map_err(|e| ProxyError::BadRequest {
+            reason: e.to_string(),
+        })?;
     strip_hop_by_hop(&mut parts.headers);
     // hyper already answered `100 Continue` to the app when the body was first read.
     parts.headers.remove(EXPECT);
@@ -138,21 +159,18 @@ async fn try_forward(
 }
 
 /// Refuses, before any token is taken, the requests that must never carry one.
-fn refuse_unforwardable(
-    upstream: &Upstream,
-    request: &Request<Incoming>,
-) -> Result<(), ProxyError> {
+fn refuse_unforwardable(upstream: &Route, request: &Request<Incoming>) -> Result<(), ProxyError> {
     match *request.method() {
         // RFC 9110 §9.3.8: the upstream echoes the request back, Authorization included.
         Method::TRACE => {
-            return Err(ProxyError::MethodNotAllowed(
-                "TRACE is not forwarded: the upstream would echo the request, token included, back to the caller".into(),
-            ))
+            return Err(ProxyError::MethodNotAllowed {
+                reason: "TRACE is not forwarded: the upstream would echo the request, token included, back to the caller",
+            })
         }
         Method::CONNECT => {
-            return Err(ProxyError::MethodNotAllowed(
-                "CONNECT is not supported: a TLS tunnel cannot carry an injected token; send plain http:// requests to bearerd, which speaks https to the upstream".into(),
-            ))
+            return Err(ProxyError::MethodNotAllowed {
+                reason: "CONNECT is not supported: a TLS tunnel cannot carry an injected token; send plain http:// requests to bearerd, which speaks https to the upstream",
+            })
         }
         _ => {}
     }
@@ -161,10 +179,12 @@ fn refuse_unforwardable(
     // request meant for someone else, or send it where the app did not mean.
     if let Some(authority) = request.uri().authority() {
         if !upstream.target.serves(authority) {
-            return Err(ProxyError::BadRequest(format!(
-                "this listener forwards to {} only, and the request names another host",
-                upstream.target.authority()
-            )));
+            return Err(ProxyError::BadRequest {
+                reason: format!(
+                    "this listener forwards to {} only, and the request names another host",
+                    upstream.target.authority()
+                ),
+            });
         }
     }
     // hyper has framed the body by `chunked`; any other coding would reach the upstream still
@@ -176,10 +196,9 @@ fn refuse_unforwardable(
             .map(|coding| coding.split(';').next().unwrap_or_default().trim())
             .find(|coding| !coding.eq_ignore_ascii_case("chunked"))
         {
-            let shown: String = unknown.chars().take(40).collect();
-            return Err(ProxyError::NotImplemented(format!(
-                "transfer coding {shown:?} is not supported; only chunked is"
-            )));
+            return Err(ProxyError::UnknownTransferCoding {
+                coding: unknown.chars().take(40).collect(),
+            });
         }
     }
     Ok(())
@@ -188,7 +207,7 @@ fn refuse_unforwardable(
 /// Where a request goes: the upstream, the app connection's hold on an upstream connection,
 /// and the path and query there.
 struct Destination<'a> {
-    upstream: &'a Upstream,
+    upstream: &'a Route,
     slot: &'a Slot,
     path_and_query: &'a PathAndQuery,
 }
@@ -214,7 +233,7 @@ impl Destination<'_> {
                 Some(sender) => sender,
                 None => Box::pin(upstream.pool.acquire())
                     .await
-                    .map_err(|e| ProxyError::from_connect(&e))?,
+                    .map_err(ProxyError::from_connect)?,
             };
             let request = self.address(Request::from_parts(parts, body), sender.is_http2())?;
             let sent = match sender.send(request).await {
@@ -223,7 +242,7 @@ impl Destination<'_> {
                 Err(SendError::NotSent(request, _)) => {
                     sender = Box::pin(upstream.pool.connect())
                         .await
-                        .map_err(|e| ProxyError::from_connect(&e))?;
+                        .map_err(ProxyError::from_connect)?;
                     let request = self.address(*request, sender.is_http2())?;
                     sender.send(request).await
                 }
@@ -231,17 +250,16 @@ impl Destination<'_> {
             };
             self.slot.put(&upstream.pool, sender);
             sent.map_err(|e| match e {
-                SendError::NotSent(_, error) | SendError::Failed(error) => from_send(&error),
+                SendError::NotSent(_, error) | SendError::Failed(error) => {
+                    ProxyError::from_send(error)
+                }
             })
         };
         tokio::time::timeout(upstream.response_header_timeout, exchange)
             .await
-            .map_err(|_| {
-                ProxyError::UpstreamTimeout(format!(
-                    "no response headers from {} within {}",
-                    upstream.target.authority(),
-                    humantime::format_duration(upstream.response_header_timeout)
-                ))
+            .map_err(|_| ProxyError::ResponseTimeout {
+                authority: upstream.target.authority().to_string(),
+                after: upstream.response_header_timeout,
             })?
     }
 
@@ -255,9 +273,11 @@ impl Destination<'_> {
     ) -> Result<Request<RequestBody>, ProxyError> {
         let target = &self.upstream.target;
         if http2 {
-            *request.uri_mut() = target
-                .absolute(self.path_and_query.clone())
-                .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+            *request.uri_mut() = target.absolute(self.path_and_query.clone()).map_err(|e| {
+                ProxyError::BadRequest {
+                    reason: e.to_string(),
+                }
+            })?;
             *request.version_mut() = Version::HTTP_2;
             request.headers_mut().remove(HOST);
         } else {
@@ -266,22 +286,6 @@ impl Destination<'_> {
             request.headers_mut().insert(HOST, target.host().clone());
         }
         Ok(request)
-    }
-}
-
-/// A failed exchange: the app's fault when its body failed (it stalled, or its framing broke),
-/// else the upstream's.
-fn from_send(error: &hyper::Error) -> ProxyError {
-    match AppBodyError::find(error) {
-        Some(body_error) => from_app_body(body_error),
-        None => ProxyError::UpstreamFailed(error_chain(error)),
-    }
-}
-
-fn from_app_body(error: &AppBodyError) -> ProxyError {
-    match error {
-        AppBodyError::Stalled(_) => ProxyError::RequestBodyTimeout(error.to_string()),
-        AppBodyError::Malformed(_) => ProxyError::BadRequest(error_chain(error)),
     }
 }
 
@@ -303,7 +307,7 @@ async fn keep_if_small(
     let Some(reserved) = budget.reserve(length) else {
         return Ok(Err(body));
     };
-    let bytes = body.collect().await.map_err(|e| from_app_body(&e))?;
+    let bytes = body.collect().await.map_err(ProxyError::from_app_body)?;
     Ok(Ok((bytes, Some(reserved))))
 }
 

@@ -1,24 +1,25 @@
-//! The proxy: one local listener per upstream, forwarding each request with a token.
+//! The proxy: local listeners, forwarding each request with a token.
 //!
 //! In data-flow order:
 //! - [`serve`] (here): accept app connections (HTTP/1.1) from the peers `allow_from` admits,
 //!   within the [`connection`] limits, and drain them on shutdown;
+//! - [`route`]: what a listener serves, and the route each request goes to;
 //! - [`forward`]: refuse what must never carry the token, take a token, rewrite the request
 //!   ([`rewrite`]), send it on the app connection's upstream connection ([`pool`]) with the
 //!   app's body under its deadline ([`body`]), stream the answer back;
-//! - [`error`]: failures to statuses and JSON bodies.
+//! - [`error`]: failures to statuses and JSON bodies; [`metrics`]: the proxy's metric families.
 
 pub mod body;
 pub mod connection;
 pub mod error;
 pub mod forward;
+pub mod metrics;
 pub mod pool;
 pub mod rewrite;
+pub mod route;
 
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::net::IpAddr;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -27,63 +28,22 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Refusal;
-use crate::token::source::Handle;
-pub use body::{RequestBody, ResponseBody};
 use connection::{Activity, Limits, Tracked, Watched};
-
-/// Wait after a failed `accept` (such as running out of file descriptors) before the next, so
-/// that the loop does not spin while the condition lasts.
-pub(crate) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-
-/// Everything needed to forward one upstream's requests.
-pub struct Upstream {
-    /// The configured name.
-    pub name: Arc<str>,
-    /// Where requests go.
-    pub target: rewrite::Target,
-    /// The token source this upstream reads.
-    pub token: Handle,
-    /// Connections to the upstream.
-    pub pool: Arc<pool::Pool>,
-    /// From sending a request to the upstream's response headers.
-    pub response_header_timeout: Duration,
-    /// This upstream's metric series.
-    pub metrics: Arc<crate::metrics::UpstreamMetrics>,
-    /// Whether to log one line per request.
-    pub access_log: bool,
-    /// Whether to replay a request the upstream answers 401, with a new token.
-    pub retry_on_401: bool,
-    /// The networks whose peers may connect; `None` for every peer (a loopback listener).
-    pub allow_from: Option<Vec<ipnet::IpNet>>,
-    /// How long the app's request body may make no progress.
-    pub body_idle_timeout: Duration,
-    /// Memory for request bodies kept for a replay, shared by all listeners.
-    pub replay_budget: body::ReplayBudget,
-}
-
-impl Upstream {
-    /// Whether a peer at `ip` may use this listener.
-    pub fn admits(&self, ip: IpAddr) -> bool {
-        // A listener on `[::]` sees IPv4 peers as `::ffff:a.b.c.d`.
-        let ip = ip.to_canonical();
-        self.allow_from.as_ref().map_or(true, |networks| {
-            networks.iter().any(|net| net.contains(&ip))
-        })
-    }
-}
+use error::ProxyError;
+use metrics::Refusal;
+pub use route::{Listener, Route, Routes};
 
 /// Accepts app connections on `listener` until `shutdown`, then waits up to `grace` for the
 /// requests in flight to finish. Each request is forwarded with the upstream settings current
 /// when it arrives, so a reload takes effect on kept-alive connections too.
 pub async fn serve(
-    listener: TcpListener,
-    upstream: watch::Receiver<Arc<Upstream>>,
+    socket: TcpListener,
+    listener: watch::Receiver<Arc<Listener>>,
     limits: Limits,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let name = Arc::clone(&upstream.borrow().name);
+    let name = Arc::clone(&listener.borrow().name);
     // Cancelled when the grace period is over: connections still open are dropped.
     let force_close = CancellationToken::new();
     // One permit per open connection: all of them back means every connection has ended.
@@ -95,23 +55,15 @@ pub async fn serve(
         .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(upstream = %name, %error, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
+        let Some((stream, peer)) = crate::listener::accept(&socket, &name, &shutdown).await else {
+            break;
         };
         // A stranger is closed on before a byte is read: it must not learn even that this is
         // bearerd, let alone use its token.
-        if !upstream.borrow().admits(peer.ip()) {
+        if !listener.borrow().admits(peer.ip()) {
             // Debug, not warn: a scan would flood the log; the counter tells the story.
             tracing::debug!(upstream = %name, %peer, "connection refused: peer not in allow_from");
-            upstream
+            listener
                 .borrow()
                 .metrics
                 .connection_refused(Refusal::NotAllowed);
@@ -120,7 +72,7 @@ pub async fn serve(
         }
         let Ok(permit) = Arc::clone(&capacity).try_acquire_owned() else {
             tracing::warn!(upstream = %name, max_connections = limits.max_connections, "connection refused: listener full");
-            upstream
+            listener
                 .borrow()
                 .metrics
                 .connection_refused(Refusal::ListenerFull);
@@ -131,17 +83,17 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
         let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
-        let current = upstream.clone();
+        let current = listener.clone();
         let requests = Arc::clone(&activity);
         // The upstream connection this app connection holds, from its first request on.
         let slot = Arc::new(pool::Slot::default());
         let held = Arc::clone(&slot);
         let service = service_fn(move |request| {
-            let upstream = Arc::clone(&current.borrow());
+            let listener = Arc::clone(&current.borrow());
             let guard = requests.request_started();
             let slot = Arc::clone(&held);
             async move {
-                let response = forward::forward(&upstream, &slot, request).await;
+                let response = forward::forward(&listener, &slot, request).await;
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
@@ -168,7 +120,7 @@ pub async fn serve(
     }
     // Stop accepting before draining: the listener closes here. The watchdogs have seen
     // `shutdown` too and are draining their connections.
-    drop(listener);
+    drop(socket);
     tokio::select! {
         _ = capacity.acquire_many(max_connections) => {}
         () = tokio::time::sleep(grace) => {
@@ -189,7 +141,7 @@ impl Drop for ReleaseOnDrop {
 
 /// Answers a connection over the limit with 503 and closes it, without waiting long.
 async fn refuse(mut stream: tokio::net::TcpStream, name: Arc<str>) {
-    let answer = connection::over_capacity_response(&name);
+    let answer = ProxyError::ListenerFull.into_http1_bytes(&name);
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await;
     let _ = stream.shutdown().await;
 }

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
-use super::RequestBody;
+use super::body::RequestBody;
 use crate::tls::Connector;
 
 /// How long an idle upstream connection is kept. Below the 60 s or more that common servers

@@ -4,17 +4,19 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
-use base64::Engine;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::Instant;
 
+use super::client_auth::{self, Credentials};
+use super::metrics::FetchOutcome;
 use super::response::{self, EndpointError};
 use super::{schedule, LifetimeSource, Token};
-use crate::config::{ClientAuth, TokenSettings};
-use crate::secret::{Redactor, Secret, SecretError};
+use crate::config::TokenSettings;
+use crate::errors;
+use crate::secret::{Redactor, SecretError};
 use crate::tls::HttpsClient;
 
 /// Largest token response read. Tokens, even JWTs with many claims, are a few KiB; a larger
@@ -52,7 +54,7 @@ pub enum FetchError {
         after: Duration,
     },
     /// Connecting, the TLS handshake, or the exchange itself failed.
-    #[error("cannot reach the token endpoint {endpoint}: {}", error_chain(.source.as_ref()))]
+    #[error("cannot reach the token endpoint {endpoint}: {}", errors::chain(.source.as_ref()))]
     Connect {
         /// The token endpoint's authority.
         endpoint: String,
@@ -91,6 +93,19 @@ pub enum FetchError {
 }
 
 impl FetchError {
+    /// How the request ended, for `bearerd_token_fetch_total`; `None` when none was sent (the
+    /// credentials could not be read or used, or bearerd could not build its request).
+    pub fn outcome(&self) -> Option<FetchOutcome> {
+        match self {
+            Self::Secret(_) | Self::BuildRequest { .. } => None,
+            Self::Timeout { .. } => Some(FetchOutcome::Timeout),
+            Self::Connect { .. } => Some(FetchOutcome::ConnectError),
+            Self::Rejected { .. } => Some(FetchOutcome::Rejected),
+            Self::ServerError { .. } => Some(FetchOutcome::ServerError),
+            Self::InvalidResponse { .. } => Some(FetchOutcome::InvalidResponse),
+        }
+    }
+
     /// What the endpoint answered, when it answered with an error status.
     pub fn endpoint(&self) -> Option<&EndpointError> {
         match self {
@@ -171,11 +186,12 @@ impl Fetcher {
     }
 
     async fn fetch_once(&self) -> Result<Token, FetchError> {
-        let secret = self.settings.client_secret.read()?;
-        // Whatever comes back is scrubbed of every form in which the request carried the secret.
+        // Whatever comes back is scrubbed of every form in which the request carried the
+        // client's credentials.
         let mut redactor = Redactor::new();
-        redactor.add_client_secret(&self.settings.client_id, secret.expose());
-        let request = build_request(&self.settings, &secret)?;
+        let credentials =
+            client_auth::present(&self.settings.auth, &self.settings.client_id, &mut redactor)?;
+        let request = build_request(&self.settings, credentials)?;
         let timeout = self.settings.timeout;
         let endpoint = self.endpoint();
         let invalid = |problem| FetchError::InvalidResponse {
@@ -215,7 +231,7 @@ impl Fetcher {
                     invalid(response::InvalidResponse {
                         reason: format!(
                             "status {status}, body unreadable: {}",
-                            error_chain(e.as_ref())
+                            errors::chain(e.as_ref())
                         ),
                         said: None,
                     })
@@ -324,7 +340,7 @@ impl Fetch for Fetcher {
 /// The token request: a form POST with the client authenticated as configured.
 fn build_request(
     settings: &TokenSettings,
-    secret: &Secret,
+    credentials: Credentials,
 ) -> Result<Request<Full<Bytes>>, FetchError> {
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("grant_type", "client_credentials");
@@ -332,17 +348,11 @@ fn build_request(
         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
         .header(ACCEPT, "application/json")
         .header(USER_AGENT, USER_AGENT_VALUE);
-    match settings.auth {
-        ClientAuth::Basic => {
-            request = request.header(
-                AUTHORIZATION,
-                basic_credentials(&settings.client_id, secret)?,
-            );
-        }
-        ClientAuth::Post => {
-            form.append_pair("client_id", &settings.client_id);
-            form.append_pair("client_secret", secret.expose());
-        }
+    if let Some(authorization) = credentials.authorization {
+        request = request.header(AUTHORIZATION, authorization);
+    }
+    for (name, value) in &credentials.form {
+        form.append_pair(name, value.expose());
     }
     let optional = [
         ("scope", &settings.scope),
@@ -364,21 +374,6 @@ fn build_request(
         })
 }
 
-/// `Basic base64(urlencode(id) ":" urlencode(secret))`: RFC 6749 §2.3.1 has both encoded with
-/// `application/x-www-form-urlencoded` first, which leaves the usual alphanumeric ids alone.
-fn basic_credentials(client_id: &str, secret: &Secret) -> Result<HeaderValue, FetchError> {
-    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let pair = format!("{}:{}", encode(client_id), encode(secret.expose()));
-    let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
-    let mut value = HeaderValue::try_from(format!("Basic {encoded}")).map_err(|e| {
-        FetchError::BuildRequest {
-            reason: format!("the Basic header: {e}"),
-        }
-    })?;
-    value.set_sensitive(true);
-    Ok(value)
-}
-
 /// `Retry-After` in its delay-seconds form (RFC 9110 §10.2.3); an HTTP-date is ignored.
 fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
     value
@@ -390,34 +385,18 @@ fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
-/// An error and its causes on one line: hyper's top-level messages ("client error (Connect)")
-/// say little without the cause ("connection refused", "invalid peer certificate").
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::SecretSource;
+    use crate::config::ClientAuth;
+    use crate::secret::{Secret, SecretSource};
     use std::collections::BTreeMap;
 
-    fn settings(auth: ClientAuth) -> TokenSettings {
+    fn settings(auth: fn(SecretSource) -> ClientAuth) -> TokenSettings {
         TokenSettings {
             url: "https://auth.example.com/oauth/token".parse().unwrap(),
             client_id: "my app".into(),
-            client_secret: SecretSource::Inline(Secret::new("p@ss:word")),
-            auth,
+            auth: auth(SecretSource::Inline(Secret::new("p@ss:word"))),
             scope: Some("read write".into()),
             audience: Some("https://api.example.com".into()),
             resource: None,
@@ -431,40 +410,37 @@ mod tests {
         }
     }
 
-    async fn body_of(request: Request<Full<Bytes>>) -> String {
-        let bytes = request.into_body().collect().await.unwrap().to_bytes();
-        String::from_utf8(bytes.to_vec()).unwrap()
+    async fn request_for(settings: &TokenSettings) -> (http::request::Parts, String) {
+        let credentials =
+            client_auth::present(&settings.auth, &settings.client_id, &mut Redactor::new())
+                .unwrap();
+        let (parts, body) = build_request(settings, credentials).unwrap().into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (parts, String::from_utf8(bytes.to_vec()).unwrap())
     }
 
     #[tokio::test]
-    async fn basic_encodes_id_and_secret_per_rfc_6749_2_3_1() {
-        let s = settings(ClientAuth::Basic);
-        let request = build_request(&s, &s.client_secret.read().unwrap()).unwrap();
-        let auth = request.headers()[AUTHORIZATION]
+    async fn basic_leaves_the_form_to_the_grant() {
+        let (parts, body) = request_for(&settings(|secret| ClientAuth::Basic { secret })).await;
+        assert!(parts.headers[AUTHORIZATION].is_sensitive());
+        assert!(parts.headers[AUTHORIZATION]
             .to_str()
             .unwrap()
-            .to_owned();
-        assert!(request.headers()[AUTHORIZATION].is_sensitive());
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(auth.strip_prefix("Basic ").unwrap())
-            .unwrap();
-        assert_eq!(String::from_utf8(decoded).unwrap(), "my+app:p%40ss%3Aword");
+            .starts_with("Basic "));
         assert_eq!(
-            body_of(request).await,
+            body,
             "grant_type=client_credentials&scope=read+write&audience=https%3A%2F%2Fapi.example.com&organization=org_1"
         );
     }
 
     #[tokio::test]
     async fn post_puts_credentials_in_the_body() {
-        let s = settings(ClientAuth::Post);
-        let request = build_request(&s, &s.client_secret.read().unwrap()).unwrap();
-        assert!(request.headers().get(AUTHORIZATION).is_none());
+        let (parts, body) = request_for(&settings(|secret| ClientAuth::Post { secret })).await;
+        assert!(parts.headers.get(AUTHORIZATION).is_none());
         assert_eq!(
-            request.headers()[CONTENT_TYPE],
+            parts.headers[CONTENT_TYPE],
             "application/x-www-form-urlencoded"
         );
-        let body = body_of(request).await;
         assert!(
             body.starts_with(
                 "grant_type=client_credentials&client_id=my+app&client_secret=p%40ss%3Aword&"

@@ -2,14 +2,18 @@
 //! handed to requests.
 //!
 //! In data-flow order:
-//! - [`fetch`]: one token request (RFC 6749 §4.4.2) and its outcome;
+//! - [`fetch`]: one token request (RFC 6749 §4.4.2) and its outcome, with the client
+//!   authenticated as configured ([`client_auth`]);
 //! - [`response`]: what the token endpoint answered, success (§5.1) or error (§5.2 and the
 //!   vendors' own shapes);
 //! - [`schedule`]: pure arithmetic of when to refresh and how long to back off;
 //! - [`source`]: the refresher task that keeps one token fresh, and the handle requests read
-//!   it through.
+//!   it through;
+//! - [`metrics`]: the token metric families, and each upstream's series of them.
 
+pub mod client_auth;
 pub mod fetch;
+pub mod metrics;
 pub mod response;
 pub mod schedule;
 pub mod source;
@@ -18,7 +22,29 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
+
+use crate::config::{TlsSettings, TokenSettings};
 use tokio::time::Instant;
+
+/// What makes two upstreams share one token source: equal token settings, reached with equal
+/// TLS settings. A source is known by it across reloads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    /// `[upstream.token]`
+    pub token: TokenSettings,
+    /// `[upstream.tls]`, which the token endpoint is reached with too.
+    pub tls: TlsSettings,
+}
+
+impl SourceKey {
+    /// The source `upstream` reads its tokens from.
+    pub fn of(upstream: &crate::config::Upstream) -> Self {
+        Self {
+            token: upstream.token.clone(),
+            tls: upstream.tls.clone(),
+        }
+    }
+}
 
 /// A token ready to be sent: the `Authorization` value is built once, when the token arrives,
 /// so that requests only clone it.

@@ -18,10 +18,6 @@ pub const MAX_REFRESH_DELAY: Duration = Duration::from_secs(12 * 3600);
 /// less), so that a request in flight, or a clock a little ahead at the upstream, does not
 /// see it expire.
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
-/// First wait after a failed fetch.
-pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
-/// Longest wait after failed fetches.
-pub const DEFAULT_BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// Longest `Retry-After` honoured from a token endpoint; a larger one is taken as this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 

@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::fetch::{Fetch, FetchError};
+use super::metrics::{FetchOutcome, TokenSeries};
 use super::{schedule, Token};
-use crate::metrics::{FetchOutcome, UpstreamMetrics};
 
 /// Shortest time between two fetches caused by upstream 401s. A rejection sooner than this
 /// after the last one is answered from the token held (the request gets the upstream's 401),
@@ -221,8 +221,17 @@ pub struct RefreshPolicy {
 impl Default for RefreshPolicy {
     fn default() -> Self {
         Self {
-            backoff_base: schedule::DEFAULT_BACKOFF_BASE,
-            backoff_cap: schedule::DEFAULT_BACKOFF_CAP,
+            backoff_base: crate::config::DEFAULT_BACKOFF_BASE,
+            backoff_cap: crate::config::DEFAULT_BACKOFF_CAP,
+        }
+    }
+}
+
+impl From<&crate::config::TokenSettings> for RefreshPolicy {
+    fn from(settings: &crate::config::TokenSettings) -> Self {
+        Self {
+            backoff_base: settings.backoff_base,
+            backoff_cap: settings.backoff_cap,
         }
     }
 }
@@ -235,7 +244,7 @@ pub struct Observers {
     /// The upstreams' names, joined by commas.
     pub label: String,
     /// The upstreams' metric series.
-    pub metrics: Vec<Arc<UpstreamMetrics>>,
+    pub metrics: Vec<Arc<TokenSeries>>,
 }
 
 /// [`Observers`] as the refresher and the sidecar share them.
@@ -334,7 +343,7 @@ impl Supervisor {
             );
             if let Ok(observers) = self.observers.read() {
                 for metrics in &observers.metrics {
-                    metrics.token_source_restarted();
+                    metrics.source_restarted();
                 }
             }
             let next = Instant::now() + delay;
@@ -446,9 +455,13 @@ impl Refresher {
     /// Publishes the outcome of a fetch and returns how long to wait before the next.
     fn record(&mut self, outcome: Result<Token, FetchError>, started: Instant) -> Duration {
         let elapsed = started.elapsed();
+        let fetch_outcome = match &outcome {
+            Ok(_) => Some(FetchOutcome::Success),
+            Err(error) => error.outcome(),
+        };
         if let Ok(observers) = self.observers.read() {
             for metrics in &observers.metrics {
-                metrics.fetch_finished(outcome.as_ref().map(|_| ()), elapsed);
+                metrics.fetch_finished(fetch_outcome, elapsed);
             }
         }
         let label = self.label();
@@ -489,7 +502,7 @@ impl Refresher {
                 let endpoint = error.endpoint();
                 tracing::warn!(
                     upstream = %label,
-                    outcome = FetchOutcome::of(&error).map_or("secret_error", FetchOutcome::label),
+                    outcome = fetch_outcome.map_or("secret_error", FetchOutcome::label),
                     duration_ms = elapsed.as_millis() as u64,
                     status = endpoint.map(|e| e.status.as_u16()),
                     endpoint_error = endpoint.and_then(|e| e.error.as_deref()),
@@ -655,7 +668,7 @@ mod tests {
             unavailable.detail,
             "cannot reach the token endpoint auth.example: connection refused"
         );
-        assert!(unavailable.retry_after >= schedule::DEFAULT_BACKOFF_BASE);
+        assert!(unavailable.retry_after >= crate::config::DEFAULT_BACKOFF_BASE);
     }
 
     #[tokio::test(start_paused = true)]
@@ -791,6 +804,6 @@ mod tests {
             unavailable.detail,
             "token source restarting after a failure"
         );
-        assert!(unavailable.retry_after >= schedule::DEFAULT_BACKOFF_BASE);
+        assert!(unavailable.retry_after >= crate::config::DEFAULT_BACKOFF_BASE);
     }
 }

@@ -7,6 +7,11 @@
 //! whose settings did not change keep their token; a listener whose address did not change
 //! keeps its socket and its connections, and serves the next request with the new settings;
 //! a listener that goes away stops accepting and drains the requests it has.
+//!
+//! What to keep, start and stop is a [`plan::Plan`], worked out from the two configs alone;
+//! this file carries it out.
+
+mod plan;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,12 +23,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
-use crate::config::{self, Config, TlsSettings, TokenSettings};
-use crate::metrics::{Metrics, MetricsError, UpstreamMetrics};
-use crate::proxy::{self, body::ReplayBudget, rewrite::Target};
+use crate::config::{self, Config};
+use crate::metrics::{Metrics, MetricsError};
+use crate::proxy::metrics::{ProxyMetrics, RouteSeries};
+use crate::proxy::{self, body::ReplayBudget, connection::Limits, rewrite::Target};
 use crate::tls;
 use crate::token::fetch::Fetcher;
+use crate::token::metrics::{TokenMetrics, TokenSeries};
 use crate::token::source::{self, Handle, Observers, RefreshPolicy, SharedObservers};
+use crate::token::SourceKey;
+use plan::{ListenerKey, Plan, Serving, Step};
 
 /// The sidecar could not start, or a reload could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -67,24 +76,45 @@ pub enum StartError {
     },
 }
 
-/// Upstreams with equal token and TLS settings share one token source.
-type SourceKey = (TokenSettings, TlsSettings);
-
-/// A listener is known by its address; port 0 (any free port, as tests use) never matches
-/// another, so such listeners are known by their upstream's name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum ListenerKey {
-    Addr(SocketAddr),
-    AnyPort(String),
+/// Every metric family, each registered by the part that owns it.
+pub struct MetricFamilies {
+    /// The registry they are in, which `/metrics` renders.
+    pub registry: Arc<Metrics>,
+    token: TokenMetrics,
+    proxy: ProxyMetrics,
 }
 
-impl ListenerKey {
-    fn of(upstream: &config::Upstream) -> Self {
-        if upstream.listen.port() == 0 {
-            Self::AnyPort(upstream.name.clone())
-        } else {
-            Self::Addr(upstream.listen)
+/// One upstream's series in each family.
+pub struct UpstreamSeries {
+    /// What its token source reports.
+    pub token: Arc<TokenSeries>,
+    /// What its listener and route report.
+    pub proxy: Arc<RouteSeries>,
+}
+
+impl MetricFamilies {
+    /// A registry with every family registered.
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Metrics::new()?;
+        Ok(Self {
+            token: TokenMetrics::register(&registry)?,
+            proxy: ProxyMetrics::register(&registry)?,
+            registry: Arc::new(registry),
+        })
+    }
+
+    /// The series of upstream `name`, exported (at 0) from now on.
+    pub fn upstream(&self, name: &str) -> UpstreamSeries {
+        UpstreamSeries {
+            token: Arc::new(self.token.series(name)),
+            proxy: Arc::new(self.proxy.series(name)),
         }
+    }
+
+    /// Stops exporting the series of an upstream that a reload removed.
+    pub fn forget(&self, series: &UpstreamSeries) {
+        self.token.forget(&series.token);
+        self.proxy.forget(&series.proxy);
     }
 }
 
@@ -97,19 +127,22 @@ struct Source {
 struct Listener {
     /// The address bound (the real port when 0 was asked for).
     addr: SocketAddr,
-    /// What it serves now, and the access-log setting it was built with.
-    config: (config::Upstream, bool),
-    current: watch::Sender<Arc<proxy::Upstream>>,
+    /// What it serves now.
+    serving: Serving,
+    current: watch::Sender<Arc<proxy::Listener>>,
     stop: CancellationToken,
 }
 
 /// A started sidecar.
 pub struct Running {
     config: Config,
-    metrics: Arc<Metrics>,
+    metrics: MetricFamilies,
     admin: Arc<Admin>,
     admin_addr: SocketAddr,
-    upstream_metrics: HashMap<String, Arc<UpstreamMetrics>>,
+    /// Each upstream's series, by name: kept across reloads while the name stays.
+    series: HashMap<String, UpstreamSeries>,
+    /// Whether anything runs yet: the first apply plans from nothing.
+    started: bool,
     sources: HashMap<SourceKey, Source>,
     listeners: HashMap<ListenerKey, Listener>,
     stop_listeners: CancellationToken,
@@ -123,11 +156,14 @@ pub struct Running {
 /// Starts token sources and listeners for `config`. Token sources fetch at once; listeners
 /// accept at once, and requests that arrive before the first token wait for it.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
-    let metrics = Arc::new(Metrics::new()?);
+    let metrics = MetricFamilies::new()?;
     let stop_listeners = CancellationToken::new();
     let stop_sources = CancellationToken::new();
     let source_tasks = TaskTracker::new();
-    let admin = Arc::new(Admin::new(Arc::clone(&metrics), stop_listeners.clone()));
+    let admin = Arc::new(Admin::new(
+        Arc::clone(&metrics.registry),
+        stop_listeners.clone(),
+    ));
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .map_err(|source| StartError::AdminBind {
@@ -153,7 +189,8 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         metrics,
         admin,
         admin_addr,
-        upstream_metrics: HashMap::new(),
+        series: HashMap::new(),
+        started: false,
         sources: HashMap::new(),
         listeners: HashMap::new(),
         stop_listeners,
@@ -169,13 +206,11 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     Ok(running)
 }
 
-/// What applying a config needs for one upstream, gathered before anything changes.
-struct Prepared<'a> {
-    upstream: &'a config::Upstream,
+/// What applying a config needs for one listener, gathered before anything changes.
+struct Prepared {
     tls: rustls::ClientConfig,
     target: Target,
-    key: ListenerKey,
-    /// A new socket, when no listener holds this address yet.
+    /// A new socket, when the plan starts the listener.
     bound: Option<(TcpListener, SocketAddr)>,
 }
 
@@ -187,23 +222,21 @@ impl Running {
 
     /// The metrics registry.
     pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+        &self.metrics.registry
     }
 
     /// The address an upstream's listener is bound to (useful with port 0).
     pub fn local_addr(&self, upstream: &str) -> Option<SocketAddr> {
         self.listeners
             .values()
-            .find(|l| l.config.0.name == upstream)
+            .find(|l| l.serving.upstream.name == upstream)
             .map(|l| l.addr)
     }
 
     /// The token source of an upstream.
     pub fn token_source(&self, upstream: &str) -> Option<&Handle> {
         let config = self.config.upstreams.iter().find(|u| u.name == upstream)?;
-        self.sources
-            .get(&(config.token.clone(), config.tls.clone()))
-            .map(|s| &s.handle)
+        self.sources.get(&SourceKey::of(config)).map(|s| &s.handle)
     }
 
     /// Applies a new config, or leaves the running one untouched if it cannot be applied.
@@ -232,115 +265,79 @@ impl Running {
     }
 
     async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
-        let prepared = self.prepare(config).await?;
+        let plan = Plan::between(self.started.then_some(&self.config), config);
+        let mut prepared = self.prepare(&plan).await?;
 
         // Nothing below fails: the new config is applied whole.
-        let mut sources: HashMap<SourceKey, Source> = HashMap::new();
-        let mut listeners: HashMap<ListenerKey, Listener> = HashMap::new();
-        let mut upstream_metrics = HashMap::new();
-        let mut watched = Vec::new();
-        let mut sharing: HashMap<SourceKey, Vec<(String, Arc<UpstreamMetrics>)>> = HashMap::new();
-        for Prepared {
-            upstream,
-            tls,
-            target,
-            key,
-            bound,
-        } in prepared
-        {
-            let metrics = self
-                .upstream_metrics
-                .remove(&upstream.name)
-                .unwrap_or_else(|| Arc::new(self.metrics.upstream(&upstream.name)));
-            upstream_metrics.insert(upstream.name.clone(), Arc::clone(&metrics));
-            let source_key = (upstream.token.clone(), upstream.tls.clone());
-            sharing
-                .entry(source_key.clone())
-                .or_default()
-                .push((upstream.name.clone(), Arc::clone(&metrics)));
-            let handle = if let Some(source) = sources.get(&source_key) {
-                source.handle.clone()
-            } else {
-                let source = self
-                    .sources
-                    .remove(&source_key)
-                    .unwrap_or_else(|| self.spawn_source(upstream, tls.clone()));
-                let handle = source.handle.clone();
-                sources.insert(source_key, source);
-                handle
-            };
-            watched.push(admin::Watched {
-                name: upstream.name.clone(),
-                token: handle.clone(),
-                metrics: Arc::clone(&metrics),
-            });
-
-            let wanted = (upstream.clone(), config.log.access);
-            let dial = target.dial();
-            let build = || {
-                Arc::new(proxy::Upstream {
-                    name: upstream.name.as_str().into(),
-                    target,
-                    token: handle,
-                    pool: Arc::new(proxy::pool::Pool::new(
-                        tls::connector(tls, upstream.connect_timeout),
-                        dial,
-                        self.config.server.limits.max_connections,
-                    )),
-                    response_header_timeout: upstream.response_header_timeout,
-                    metrics,
-                    access_log: config.log.access,
-                    retry_on_401: upstream.retry_on_401,
-                    allow_from: upstream.allow_from.clone(),
-                    body_idle_timeout: self.config.server.body_idle_timeout,
-                    replay_budget: self.replay_budget.clone(),
-                })
-            };
-            let listener = match (self.listeners.remove(&key), bound) {
-                (Some(mut existing), _) => {
-                    // Same address: keep the socket and its connections. Unchanged settings
-                    // keep their client too, and with it the upstream connection pool.
-                    if existing.config != wanted {
-                        existing.current.send_replace(build());
-                        existing.config = wanted;
-                    }
-                    existing
-                }
-                (None, Some((socket, addr))) => self.spawn_listener(socket, addr, wanted, build()),
-                (None, None) => continue, // `prepare` binds every address not yet held.
-            };
-            listeners.insert(key, listener);
-        }
-
-        for (key, users) in &sharing {
-            if let Some(source) = sources.get(key) {
-                let mut observers = source
-                    .observers
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                observers.label = users
-                    .iter()
-                    .map(|(n, _)| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(",");
-                observers.metrics = users.iter().map(|(_, m)| Arc::clone(m)).collect();
+        for name in &plan.gone {
+            if let Some(series) = self.series.remove(name) {
+                self.metrics.forget(&series);
             }
         }
-        // What the new config no longer has: listeners drain, sources stop, series go.
-        for (_, listener) in self.listeners.drain() {
-            tracing::info!(upstream = %listener.config.0.name, listen = %listener.addr, "listener removed: draining");
-            listener.stop.cancel();
+        for upstream in &config.upstreams {
+            if !self.series.contains_key(&upstream.name) {
+                let series = self.metrics.upstream(&upstream.name);
+                self.series.insert(upstream.name.clone(), series);
+            }
         }
-        for (_, source) in self.sources.drain() {
-            source.stop.cancel();
+        let mut sources = HashMap::with_capacity(plan.sources.len());
+        for wanted in &plan.sources {
+            let source = match (wanted.step, self.sources.remove(&wanted.key)) {
+                (Step::Keep, Some(running)) => running,
+                // The TLS settings are part of the key: any user's prepared config will do.
+                _ => self.spawn_source(&wanted.key, prepared[&wanted.users[0].name].tls.clone()),
+            };
+            self.observe(&source, &wanted.users);
+            sources.insert(wanted.key.clone(), source);
         }
-        for (_, metrics) in self.upstream_metrics.drain() {
-            self.metrics.forget(&metrics);
+        let mut listeners = HashMap::with_capacity(plan.listeners.len());
+        let mut watched = Vec::with_capacity(plan.listeners.len());
+        for wanted in plan.listeners {
+            let upstream = wanted.upstream;
+            let series = &self.series[&upstream.name];
+            let token = sources[&SourceKey::of(upstream)].handle.clone();
+            watched.push(admin::Watched {
+                name: upstream.name.clone(),
+                token: token.clone(),
+                metrics: Arc::clone(&series.token),
+            });
+            let Some(Prepared { tls, target, bound }) = prepared.remove(&upstream.name) else {
+                continue; // `prepare` prepares every listener of the plan.
+            };
+            let running = self.listeners.remove(&wanted.key);
+            let build = || self.listener_value(upstream, config, tls, target, token, series);
+            let listener = match (wanted.step, running, bound) {
+                // Unchanged settings keep their pool too, and the connections in it.
+                (Step::Keep, Some(running), _) => running,
+                (_, Some(mut running), _) => {
+                    running.current.send_replace(build());
+                    running.serving = wanted.serving;
+                    running
+                }
+                (_, None, Some((socket, addr))) => {
+                    self.spawn_listener(socket, addr, wanted.serving, build())
+                }
+                (_, None, None) => continue, // `prepare` binds every listener the plan starts.
+            };
+            listeners.insert(wanted.key, listener);
+        }
+
+        // What the new config no longer has: listeners drain, sources stop.
+        for key in &plan.stop_listeners {
+            if let Some(listener) = self.listeners.remove(key) {
+                tracing::info!(upstream = %listener.serving.upstream.name, listen = %listener.addr, "listener removed: draining");
+                listener.stop.cancel();
+            }
+        }
+        for key in &plan.stop_sources {
+            if let Some(source) = self.sources.remove(key) {
+                source.stop.cancel();
+            }
         }
         self.admin.watch(watched);
         self.sources = sources;
         self.listeners = listeners;
-        self.upstream_metrics = upstream_metrics;
+        self.started = true;
         // What a reload cannot change stays as it runs, so that new listeners get the running
         // limits and the next reload compares against what really runs.
         let mut running = config.clone();
@@ -352,10 +349,13 @@ impl Running {
         Ok(())
     }
 
-    /// Everything that can fail, done before anything changes.
-    async fn prepare<'a>(&self, config: &'a Config) -> Result<Vec<Prepared<'a>>, StartError> {
-        let mut prepared = Vec::with_capacity(config.upstreams.len());
-        for upstream in &config.upstreams {
+    /// Everything that can fail, done before anything changes: TLS settings loaded, targets
+    /// checked, the sockets of new listeners bound (and closed again, by drop, if a later one
+    /// fails).
+    async fn prepare(&self, plan: &Plan<'_>) -> Result<HashMap<String, Prepared>, StartError> {
+        let mut prepared = HashMap::with_capacity(plan.listeners.len());
+        for wanted in &plan.listeners {
+            let upstream = wanted.upstream;
             let tls = tls::client_config(&upstream.tls).map_err(|source| StartError::Tls {
                 upstream: upstream.name.clone(),
                 source,
@@ -364,33 +364,74 @@ impl Running {
                 upstream: upstream.name.clone(),
                 source,
             })?;
-            let key = ListenerKey::of(upstream);
-            let bound = if self.listeners.contains_key(&key) {
-                None
-            } else {
-                // Dropped, and so closed again, if a later step fails.
-                Some(bind(upstream).await?)
+            let bound = match wanted.step {
+                Step::Start => Some(bind(upstream).await?),
+                Step::Keep | Step::Update => None,
             };
-            prepared.push(Prepared {
-                upstream,
-                tls,
-                target,
-                key,
-                bound,
-            });
+            prepared.insert(upstream.name.clone(), Prepared { tls, target, bound });
         }
         Ok(prepared)
     }
 
-    fn spawn_source(&self, upstream: &config::Upstream, tls: rustls::ClientConfig) -> Source {
+    /// What a listener serves for `upstream`: its one route.
+    fn listener_value(
+        &self,
+        upstream: &config::Upstream,
+        config: &Config,
+        tls: rustls::ClientConfig,
+        target: Target,
+        token: Handle,
+        series: &UpstreamSeries,
+    ) -> Arc<proxy::Listener> {
+        let name: Arc<str> = upstream.name.as_str().into();
+        let dial = target.dial();
+        let route = proxy::Route {
+            name: Arc::clone(&name),
+            target,
+            token,
+            pool: Arc::new(proxy::pool::Pool::new(
+                tls::connector(tls, upstream.connect_timeout),
+                dial,
+                self.config.server.max_connections,
+            )),
+            response_header_timeout: upstream.response_header_timeout,
+            metrics: Arc::clone(&series.proxy),
+            access_log: config.log.access,
+            retry_on_401: upstream.retry_on_401,
+            body_idle_timeout: self.config.server.body_idle_timeout,
+            replay_budget: self.replay_budget.clone(),
+        };
+        Arc::new(proxy::Listener {
+            name,
+            allow_from: upstream.allow_from.clone(),
+            metrics: Arc::clone(&series.proxy),
+            routes: proxy::Routes::one(route),
+        })
+    }
+
+    /// Points a source's logs and metrics at the upstreams that now use it.
+    fn observe(&self, source: &Source, users: &[&config::Upstream]) {
+        let mut observers = source
+            .observers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        observers.label = users
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        observers.metrics = users
+            .iter()
+            .map(|u| Arc::clone(&self.series[&u.name].token))
+            .collect();
+    }
+
+    fn spawn_source(&self, key: &SourceKey, tls: rustls::ClientConfig) -> Source {
         let observers = SharedObservers::new(RwLock::new(Observers::default()));
         let stop = self.stop_sources.child_token();
         let handle = source::spawn(
-            Arc::new(Fetcher::new(upstream.token.clone(), tls)),
-            RefreshPolicy {
-                backoff_base: upstream.token.backoff_base,
-                backoff_cap: upstream.token.backoff_cap,
-            },
+            Arc::new(Fetcher::new(key.token.clone(), tls)),
+            RefreshPolicy::from(&key.token),
             Arc::clone(&observers),
             &self.source_tasks,
             stop.clone(),
@@ -406,10 +447,10 @@ impl Running {
         &self,
         socket: TcpListener,
         addr: SocketAddr,
-        wanted: (config::Upstream, bool),
-        forwarding: Arc<proxy::Upstream>,
+        serving: Serving,
+        forwarding: Arc<proxy::Listener>,
     ) -> Listener {
-        let upstream = &wanted.0;
+        let upstream = &serving.upstream;
         tracing::info!(upstream = %upstream.name, listen = %addr, url = %upstream.url, "listening");
         warn_about_exposure(upstream, addr);
         let (current, receiver) = watch::channel(forwarding);
@@ -417,13 +458,13 @@ impl Running {
         self.listener_tasks.spawn(proxy::serve(
             socket,
             receiver,
-            self.config.server.limits,
+            Limits::from(&self.config.server),
             stop.clone(),
             self.config.server.shutdown_grace,
         ));
         Listener {
             addr,
-            config: wanted,
+            serving,
             current,
             stop,
         }

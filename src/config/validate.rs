@@ -1,0 +1,368 @@
+//! The validator: walks the raw file ([`super::file`]), collecting every problem with the
+//! line and key it concerns, and builds the runtime types of [`crate::config`] from it.
+//!
+//! Token settings are checked in `token.rs`, single values (addresses, URLs, durations,
+//! sizes) in `values.rs`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use toml::Spanned;
+
+use super::values::parse_size;
+use super::*;
+
+/// Walks the raw file, collecting problems as it goes.
+pub(super) struct Validator<'a> {
+    pub(super) text: &'a str,
+    pub(super) base_dir: &'a Path,
+    pub(super) problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    pub(super) fn file(&mut self, path: &Path) -> Option<Config> {
+        let raw = self.deserialize()?;
+        let admin_listen = match raw.admin.as_ref().and_then(|a| a.get_ref().listen.as_ref()) {
+            Some(listen) => self.socket_addr(listen, "admin.listen"),
+            #[allow(clippy::expect_used)] // a constant that a unit test parses
+            None => Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid default")),
+        };
+        let admin_max_connections = self.count(
+            raw.admin
+                .as_ref()
+                .and_then(|a| a.get_ref().max_connections.as_ref()),
+            "admin.max_connections",
+            DEFAULT_ADMIN_MAX_CONNECTIONS,
+            1..=MAX_MAX_CONNECTIONS,
+        );
+        let log = self.log(raw.log.as_ref());
+        let server = self.server(raw.server.as_ref());
+        if raw.upstream.is_empty() {
+            self.problem(0..0, "upstream", "no [[upstream]] is configured");
+        }
+        let upstreams: Vec<Option<Upstream>> = raw
+            .upstream
+            .iter()
+            .enumerate()
+            .map(|(i, u)| self.upstream(&format!("upstream[{i}]"), u.get_ref()))
+            .collect();
+        self.check_unique(&raw, admin_listen);
+        Some(Config {
+            path: path.to_owned(),
+            admin: Admin {
+                listen: admin_listen?,
+                max_connections: admin_max_connections,
+            },
+            log,
+            server,
+            upstreams: upstreams.into_iter().collect::<Option<_>>()?,
+        })
+    }
+
+    /// Serde's pass: syntax, types, unknown and missing keys. It stops at the first problem.
+    fn deserialize(&mut self) -> Option<file::File> {
+        let deserializer = match toml::Deserializer::parse(self.text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(e.span().unwrap_or(0..0), "(syntax)", e.message());
+                return None;
+            }
+        };
+        match serde_path_to_error::deserialize::<_, file::File>(deserializer) {
+            Ok(file) => Some(file),
+            Err(e) => {
+                let key = key_path(e.path());
+                let inner = e.into_inner();
+                self.problem(inner.span().unwrap_or(0..0), key, inner.message());
+                None
+            }
+        }
+    }
+
+    fn server(&mut self, raw: Option<&file::Server>) -> Server {
+        let duration =
+            |v: &mut Self,
+             pick: fn(&file::Server) -> Option<&Spanned<String>>,
+             key: &str,
+             default| { v.duration(raw.and_then(pick), key, default) };
+        let shutdown_grace = duration(
+            self,
+            |s| s.shutdown_grace.as_ref(),
+            "server.shutdown_grace",
+            DEFAULT_SHUTDOWN_GRACE,
+        );
+        let header_read_timeout = duration(
+            self,
+            |s| s.header_read_timeout.as_ref(),
+            "server.header_read_timeout",
+            DEFAULT_HEADER_READ_TIMEOUT,
+        );
+        let idle_timeout = duration(
+            self,
+            |s| s.idle_timeout.as_ref(),
+            "server.idle_timeout",
+            DEFAULT_IDLE_TIMEOUT,
+        );
+        let max_header_bytes = self.count(
+            raw.and_then(|s| s.max_header_bytes.as_ref()),
+            "server.max_header_bytes",
+            DEFAULT_MAX_HEADER_BYTES,
+            MIN_MAX_HEADER_BYTES..=usize::MAX,
+        );
+        let max_connections = self.count(
+            raw.and_then(|s| s.max_connections.as_ref()),
+            "server.max_connections",
+            DEFAULT_MAX_CONNECTIONS,
+            1..=MAX_MAX_CONNECTIONS,
+        );
+        let body_idle_timeout = duration(
+            self,
+            |s| s.body_idle_timeout.as_ref(),
+            "server.body_idle_timeout",
+            DEFAULT_BODY_IDLE_TIMEOUT,
+        );
+        let replay_memory = match raw.and_then(|s| s.replay_memory.as_ref()) {
+            None => DEFAULT_REPLAY_MEMORY,
+            Some(value) => match parse_size(value.get_ref()) {
+                Some(bytes) => bytes,
+                None => {
+                    self.problem(
+                        value.span(),
+                        "server.replay_memory",
+                        format!(
+                            "{:?} is not a size such as \"16MiB\", \"512KiB\" or \"0\"",
+                            value.get_ref()
+                        ),
+                    );
+                    DEFAULT_REPLAY_MEMORY
+                }
+            },
+        };
+        Server {
+            shutdown_grace,
+            header_read_timeout,
+            idle_timeout,
+            max_header_bytes,
+            max_connections,
+            body_idle_timeout,
+            replay_memory,
+        }
+    }
+
+    fn log(&mut self, raw: Option<&file::Log>) -> Log {
+        let level = match raw.and_then(|l| l.level.as_ref()) {
+            Some(level) => {
+                if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level.get_ref()) {
+                    self.problem(
+                        level.span(),
+                        "log.level",
+                        format!("{:?} is not a level or filter: {e}", level.get_ref()),
+                    );
+                }
+                level.get_ref().clone()
+            }
+            None => DEFAULT_LOG_LEVEL.to_owned(),
+        };
+        Log {
+            level,
+            format: match raw.and_then(|l| l.format) {
+                None | Some(file::LogFormat::Text) => LogFormat::Text,
+                Some(file::LogFormat::Json) => LogFormat::Json,
+            },
+            access: raw.and_then(|l| l.access).unwrap_or(false),
+        }
+    }
+
+    fn upstream(&mut self, key: &str, raw: &file::Upstream) -> Option<Upstream> {
+        let name = raw.name.get_ref();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            self.problem(
+                raw.name.span(),
+                format!("{key}.name"),
+                format!("{name:?} is not a valid name: use letters, digits, '-', '_' and '.'"),
+            );
+        }
+        let listen = self.socket_addr(&raw.listen, &format!("{key}.listen"));
+        let allow_from = raw
+            .allow_from
+            .as_ref()
+            .map(|list| self.networks(list, &format!("{key}.allow_from")));
+        if let Some(addr) = listen {
+            if !addr.ip().is_loopback() && allow_from.is_none() {
+                self.problem(
+                    raw.listen.span(),
+                    format!("{key}.listen"),
+                    format!(
+                        "{addr} is not a loopback address: whoever reaches it calls the upstream with bearerd's token. Listen on 127.0.0.1, or set allow_from to the networks that may connect ([\"0.0.0.0/0\", \"::/0\"] for anyone)"
+                    ),
+                );
+            }
+        }
+        let allow_plain_http = raw.allow_plain_http.unwrap_or(false);
+        let url = self.http_url(&raw.url, &format!("{key}.url"), allow_plain_http);
+        if let Some(url) = &url {
+            if url.query().is_some() {
+                self.problem(
+                    raw.url.span(),
+                    format!("{key}.url"),
+                    "must not have a query: the app's query is passed through",
+                );
+            }
+        }
+        let connect_timeout = self.duration(
+            raw.connect_timeout.as_ref(),
+            &format!("{key}.connect_timeout"),
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let response_header_timeout = self.duration(
+            raw.response_header_timeout.as_ref(),
+            &format!("{key}.response_header_timeout"),
+            DEFAULT_RESPONSE_HEADER_TIMEOUT,
+        );
+        let token = self.token(&format!("{key}.token"), &raw.token);
+        let tls = match &raw.tls {
+            None => TlsSettings {
+                roots: Roots::default(),
+                ca_file: None,
+            },
+            Some(spanned) => {
+                let tls = spanned.get_ref();
+                let settings = TlsSettings {
+                    roots: match tls.roots {
+                        None | Some(file::Roots::Webpki) => Roots::Webpki,
+                        Some(file::Roots::Native) => Roots::Native,
+                        Some(file::Roots::None) => Roots::None,
+                    },
+                    ca_file: tls
+                        .ca_file
+                        .as_ref()
+                        .map(|p| self.base_dir.join(p.get_ref())),
+                };
+                if settings.roots == Roots::None && settings.ca_file.is_none() {
+                    self.problem(
+                        spanned.span(),
+                        format!("{key}.tls.ca_file"),
+                        "roots = \"none\" needs a ca_file, or nothing would be trusted",
+                    );
+                }
+                settings
+            }
+        };
+        Some(Upstream {
+            name: name.clone(),
+            listen: listen?,
+            url: url?,
+            connect_timeout,
+            response_header_timeout,
+            retry_on_401: raw.retry_on_401.unwrap_or(true),
+            allow_from,
+            allow_plain_http,
+            token: token?,
+            tls,
+        })
+    }
+
+    /// Two listeners on one address would fail at bind time with a vaguer message; names
+    /// must be unique because metrics and logs tell upstreams apart by them.
+    fn check_unique(&mut self, raw: &file::File, admin: Option<SocketAddr>) {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
+        if let Some(admin) = admin {
+            addrs.insert(admin, "[admin]".into());
+        }
+        for (i, upstream) in raw.upstream.iter().enumerate() {
+            let upstream = upstream.get_ref();
+            let name = upstream.name.get_ref().as_str();
+            if let Some(first) = names.insert(name, i) {
+                self.problem(
+                    upstream.name.span(),
+                    format!("upstream[{i}].name"),
+                    format!("{name:?} is already the name of upstream[{first}]"),
+                );
+            }
+            // Port 0 asks the OS for a free port, so it never collides (tests use it).
+            if let Ok(addr) = upstream.listen.get_ref().parse::<SocketAddr>() {
+                if addr.port() != 0 {
+                    if let Some(owner) = addrs.insert(addr, format!("upstream {name:?}")) {
+                        self.problem(
+                            upstream.listen.span(),
+                            format!("upstream[{i}].listen"),
+                            format!("{addr} is already the listen address of {owner}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn problem(
+        &mut self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let (line, column) = line_and_column(self.text, span.start);
+        self.problems.push(Problem {
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// `upstream[0].token.url` out of serde's path, without the segments `Spanned` adds.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut key = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                if name.starts_with("$__serde_spanned") {
+                    continue;
+                }
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(name);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    if key.is_empty() {
+        "(top level)".into()
+    } else {
+        key
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column_count_from_one() {
+        let text = "a = 1\nbé = 2\n";
+        assert_eq!(line_and_column(text, 0), (1, 1));
+        assert_eq!(line_and_column(text, 6), (2, 1));
+        assert_eq!(line_and_column(text, text.find('=').unwrap()), (1, 3));
+        assert_eq!(line_and_column(text, text.rfind('=').unwrap()), (2, 4));
+        assert_eq!(line_and_column(text, 1000), (3, 1));
+    }
+}

@@ -1,0 +1,258 @@
+//! The token sources' metric families, and the series of one upstream, resolved once.
+
+use std::time::{Duration, SystemTime};
+
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts,
+};
+
+use crate::metrics::{unix_seconds, Metrics, MetricsError, RemoveUpstream};
+
+/// Buckets for token fetches: from a fast local endpoint to the 10 s default timeout.
+const FETCH_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// How a token request ended, as the `outcome` label of `bearerd_token_fetch_total` says it.
+/// [`FetchError::outcome`](super::fetch::FetchError::outcome) classifies failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchOutcome {
+    /// A usable token arrived.
+    Success,
+    /// The endpoint answered 4xx.
+    Rejected,
+    /// The endpoint answered 5xx.
+    ServerError,
+    /// No complete answer in time.
+    Timeout,
+    /// Connecting, TLS or the exchange failed.
+    ConnectError,
+    /// An answer bearerd cannot use.
+    InvalidResponse,
+}
+
+impl FetchOutcome {
+    /// Every outcome, so that each series exists from the start (at 0).
+    pub const ALL: [Self; 6] = [
+        Self::Success,
+        Self::Rejected,
+        Self::ServerError,
+        Self::Timeout,
+        Self::ConnectError,
+        Self::InvalidResponse,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Rejected => "rejected",
+            Self::ServerError => "server_error",
+            Self::Timeout => "timeout",
+            Self::ConnectError => "connect_error",
+            Self::InvalidResponse => "invalid_response",
+        }
+    }
+}
+
+/// The families token sources report to.
+pub struct TokenMetrics {
+    fetch_total: IntCounterVec,
+    fetch_duration_seconds: HistogramVec,
+    expiry_timestamp_seconds: GaugeVec,
+    last_success_timestamp_seconds: GaugeVec,
+    valid: IntGaugeVec,
+    secret_errors_total: IntCounterVec,
+    source_restarts_total: IntCounterVec,
+}
+
+impl TokenMetrics {
+    /// Creates the families and registers them in `metrics`.
+    pub fn register(metrics: &Metrics) -> Result<Self, MetricsError> {
+        let upstream = &["upstream"];
+        Ok(Self {
+            fetch_total: metrics.register(IntCounterVec::new(
+                Opts::new("bearerd_token_fetch_total", "Token requests, by outcome."),
+                &["upstream", "outcome"],
+            )?)?,
+            fetch_duration_seconds: metrics.register(HistogramVec::new(
+                HistogramOpts::new(
+                    "bearerd_token_fetch_duration_seconds",
+                    "Time taken by token requests, whatever their outcome.",
+                )
+                .buckets(FETCH_BUCKETS.to_vec()),
+                upstream,
+            )?)?,
+            expiry_timestamp_seconds: metrics.register(GaugeVec::new(
+                Opts::new(
+                    "bearerd_token_expiry_timestamp_seconds",
+                    "Unix time at which the held token expires (0 when none is held).",
+                ),
+                upstream,
+            )?)?,
+            last_success_timestamp_seconds: metrics.register(GaugeVec::new(
+                Opts::new(
+                    "bearerd_token_last_success_timestamp_seconds",
+                    "Unix time of the last successful token request (0 before the first).",
+                ),
+                upstream,
+            )?)?,
+            valid: metrics.register(IntGaugeVec::new(
+                Opts::new(
+                    "bearerd_token_valid",
+                    "1 when a usable token is held, else 0.",
+                ),
+                upstream,
+            )?)?,
+            secret_errors_total: metrics.register(IntCounterVec::new(
+                Opts::new(
+                    "bearerd_token_secret_errors_total",
+                    "Token requests not sent because the client credentials could not be read or used.",
+                ),
+                upstream,
+            )?)?,
+            source_restarts_total: metrics.register(IntCounterVec::new(
+                Opts::new(
+                    "bearerd_token_source_restarts_total",
+                    "Token sources started again after their refresher ended unexpectedly.",
+                ),
+                upstream,
+            )?)?,
+        })
+    }
+
+    /// The series of upstream `name`, created now so they are exported (at 0) from the start.
+    pub fn series(&self, name: &str) -> TokenSeries {
+        let fetch =
+            |outcome: FetchOutcome| self.fetch_total.with_label_values(&[name, outcome.label()]);
+        TokenSeries {
+            name: name.to_owned(),
+            success: fetch(FetchOutcome::Success),
+            rejected: fetch(FetchOutcome::Rejected),
+            server_error: fetch(FetchOutcome::ServerError),
+            timeout: fetch(FetchOutcome::Timeout),
+            connect_error: fetch(FetchOutcome::ConnectError),
+            invalid_response: fetch(FetchOutcome::InvalidResponse),
+            fetch_duration: self.fetch_duration_seconds.with_label_values(&[name]),
+            secret_errors: self.secret_errors_total.with_label_values(&[name]),
+            expiry: self.expiry_timestamp_seconds.with_label_values(&[name]),
+            last_success: self
+                .last_success_timestamp_seconds
+                .with_label_values(&[name]),
+            valid: self.valid.with_label_values(&[name]),
+            source_restarts: self.source_restarts_total.with_label_values(&[name]),
+        }
+    }
+
+    /// Stops exporting the series of an upstream that a reload removed.
+    pub fn forget(&self, series: &TokenSeries) {
+        let name = series.name.as_str();
+        for outcome in FetchOutcome::ALL {
+            let _ = self
+                .fetch_total
+                .remove_label_values(&[name, outcome.label()]);
+        }
+        for family in [
+            &self.fetch_duration_seconds as &dyn RemoveUpstream,
+            &self.expiry_timestamp_seconds,
+            &self.last_success_timestamp_seconds,
+            &self.valid,
+            &self.secret_errors_total,
+            &self.source_restarts_total,
+        ] {
+            family.remove_upstream(name);
+        }
+    }
+}
+
+/// One upstream's token series.
+pub struct TokenSeries {
+    name: String,
+    success: IntCounter,
+    rejected: IntCounter,
+    server_error: IntCounter,
+    timeout: IntCounter,
+    connect_error: IntCounter,
+    invalid_response: IntCounter,
+    fetch_duration: Histogram,
+    secret_errors: IntCounter,
+    expiry: Gauge,
+    last_success: Gauge,
+    valid: IntGauge,
+    source_restarts: IntCounter,
+}
+
+impl TokenSeries {
+    /// A token fetch ended after `elapsed`: with `outcome`, or with no request sent (`None`:
+    /// the credentials could not be read or used).
+    pub fn fetch_finished(&self, outcome: Option<FetchOutcome>, elapsed: Duration) {
+        let Some(outcome) = outcome else {
+            self.secret_errors.inc();
+            return;
+        };
+        self.fetch_duration.observe(elapsed.as_secs_f64());
+        match outcome {
+            FetchOutcome::Success => &self.success,
+            FetchOutcome::Rejected => &self.rejected,
+            FetchOutcome::ServerError => &self.server_error,
+            FetchOutcome::Timeout => &self.timeout,
+            FetchOutcome::ConnectError => &self.connect_error,
+            FetchOutcome::InvalidResponse => &self.invalid_response,
+        }
+        .inc();
+        if outcome == FetchOutcome::Success {
+            self.last_success.set(unix_seconds(SystemTime::now()));
+        }
+    }
+
+    /// The token source's refresher ended unexpectedly and is started again.
+    pub fn source_restarted(&self) {
+        self.source_restarts.inc();
+    }
+
+    /// Sets the token gauges from the source's state; called before each scrape, so that
+    /// validity reflects the time of the scrape.
+    pub fn token_state(&self, expires_at: Option<SystemTime>, valid: bool) {
+        self.expiry.set(expires_at.map_or(0.0, unix_seconds));
+        self.valid.set(i64::from(valid));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_exist_from_the_start_count_by_outcome_and_go() {
+        let metrics = Metrics::new().unwrap();
+        let families = TokenMetrics::register(&metrics).unwrap();
+        let series = families.series("payments");
+        let line = |outcome: &str| {
+            format!(r#"bearerd_token_fetch_total{{outcome="{outcome}",upstream="payments"}}"#)
+        };
+        let text = metrics.render().unwrap();
+        for outcome in FetchOutcome::ALL {
+            assert!(
+                text.contains(&format!("{} 0", line(outcome.label()))),
+                "{text}"
+            );
+        }
+
+        series.fetch_finished(Some(FetchOutcome::Rejected), Duration::from_millis(5));
+        series.fetch_finished(Some(FetchOutcome::Success), Duration::from_millis(5));
+        series.fetch_finished(None, Duration::ZERO);
+        let text = metrics.render().unwrap();
+        assert!(text.contains(&format!("{} 1", line("rejected"))));
+        assert!(text.contains(&format!("{} 1", line("success"))));
+        assert!(text.contains(&format!("{} 0", line("timeout"))));
+        assert!(text.contains(r#"bearerd_token_secret_errors_total{upstream="payments"} 1"#));
+        assert!(
+            text.contains(r#"bearerd_token_fetch_duration_seconds_count{upstream="payments"} 2"#)
+        );
+
+        families.forget(&series);
+        let text = metrics.render().unwrap();
+        assert!(!text.contains(r#"upstream="payments""#), "{text}");
+    }
+}
