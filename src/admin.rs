@@ -178,7 +178,7 @@ const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from
 
 /// Serves `admin` on `listener` until `shutdown`, holding at most `max_connections` at once:
 /// more are closed at once, so that no peer can take the file descriptors the proxy needs.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     admin: Arc<Admin>,
     max_connections: usize,

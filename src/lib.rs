@@ -5,17 +5,21 @@
 //! (RFC 6749 §4.4) and refreshing it before it expires.
 //!
 //! Modules, in the order data flows through them:
-//! - [`config`]: the TOML file, validated into runtime types (`config/file.rs` is the raw
-//!   form); [`secret`]: the client secret, redacted everywhere, and the redactor that removes
-//!   it, in every encoding, from what a token endpoint says;
-//! - [`tls`]: trust anchors and the pooled HTTPS client used for every outbound request;
-//! - [`token`]: fetch (`fetch`, `response`), refresh timing (`schedule`), and the refresher
-//!   task, its supervisor and the handle requests read tokens through (`source`);
-//! - [`proxy`]: the local listeners (and who may use them), what is refused before a token is
-//!   attached, request rewriting and forwarding, the app's body under its deadline, error
-//!   answers;
-//! - [`metrics`] and [`admin`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`;
-//! - [`sidecar`]: all of the above started from a config, reloaded, and shut down;
+//! - [`config`]: the TOML file, validated into plain runtime types (`config/file.rs` is the
+//!   raw form); [`secret`]: the client secret, redacted everywhere, and the redactor that
+//!   removes it, in every encoding, from what a token endpoint says;
+//! - `tls`: trust anchors and the pooled HTTPS client used for every outbound request;
+//! - [`token`]: client authentication (`client_auth`), fetch (`fetch`, `response`), refresh
+//!   timing (`schedule`), the refresher task and its supervisor (`refresher`), and the handle
+//!   requests read tokens through (`source`); upstreams with equal settings share one source
+//!   ([`token::SourceKey`]);
+//! - [`proxy`]: the local listeners (and who may use them), each serving a table of routes;
+//!   what is refused before a token is attached, request rewriting and forwarding, the app's
+//!   body under its deadline, error answers;
+//! - [`metrics`] and [`admin`]: the Prometheus registry (each part registers the families it
+//!   owns), `/metrics`, `/healthz`, `/readyz`;
+//! - [`sidecar`]: all of the above started from a config, reloaded by a plan (what to keep,
+//!   start and stop), and shut down;
 //! - [`check`]: what `bearerd --check` prints.
 //!
 //! [`start`] returns a [`Running`] sidecar; tests start one in-process on port 0 and read its
@@ -30,22 +34,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod secret;
 pub mod sidecar;
-pub mod tls;
+mod tls;
 pub mod token;
 
-use std::future::Future;
-
 pub use sidecar::{start, Running, StartError};
-
-/// Runs `config` until `shutdown` completes, then shuts down gracefully.
-pub async fn run(
-    config: &config::Config,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), StartError> {
-    let running = start(config).await?;
-    shutdown.await;
-    tracing::info!("shutting down: no new connections, letting requests in flight finish");
-    running.shutdown().await;
-    tracing::info!("stopped");
-    Ok(())
-}

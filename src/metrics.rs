@@ -44,7 +44,10 @@ impl Metrics {
     }
 
     /// Registers a family and hands it back, for its owner to keep.
-    pub fn register<C: Collector + Clone + 'static>(&self, family: C) -> Result<C, MetricsError> {
+    pub(crate) fn register<C: Collector + Clone + 'static>(
+        &self,
+        family: C,
+    ) -> Result<C, MetricsError> {
         self.registry.register(Box::new(family.clone()))?;
         Ok(family)
     }

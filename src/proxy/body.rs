@@ -140,6 +140,7 @@ impl ReplayBudget {
     }
 
     /// Bytes not reserved now.
+    #[cfg(test)]
     pub fn available(&self) -> usize {
         self.0.available_permits()
     }

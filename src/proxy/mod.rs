@@ -1,22 +1,22 @@
 //! The proxy: local listeners, forwarding each request with a token.
 //!
 //! In data-flow order:
-//! - [`serve`] (here): accept app connections (HTTP/1.1) from the peers `allow_from` admits,
-//!   within the [`connection`] limits, and drain them on shutdown;
-//! - [`route`]: what a listener serves, and the route each request goes to;
-//! - [`forward`]: refuse what must never carry the token, take a token, rewrite the request
-//!   ([`rewrite`]), send it on the app connection's upstream connection ([`pool`]) with the
-//!   app's body under its deadline ([`body`]), stream the answer back;
-//! - [`error`]: failures to statuses and JSON bodies; [`metrics`]: the proxy's metric families.
+//! - `serve` (here): accept app connections (HTTP/1.1) from the peers `allow_from` admits,
+//!   within the `connection` limits, and drain them on shutdown;
+//! - `route`: what a listener serves, and the route each request goes to;
+//! - `forward`: refuse what must never carry the token, take a token, rewrite the request
+//!   ([`rewrite`]), send it on the app connection's upstream connection (`pool`) with the
+//!   app's body under its deadline (`body`), stream the answer back;
+//! - `error`: failures to statuses and JSON bodies; `metrics`: the proxy's metric families.
 
-pub mod body;
-pub mod connection;
-pub mod error;
-pub mod forward;
-pub mod metrics;
-pub mod pool;
+pub(crate) mod body;
+pub(crate) mod connection;
+pub(crate) mod error;
+mod forward;
+pub(crate) mod metrics;
+pub(crate) mod pool;
 pub mod rewrite;
-pub mod route;
+mod route;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,12 +31,12 @@ use tokio_util::sync::CancellationToken;
 use connection::{Activity, Limits, Tracked, Watched};
 use error::ProxyError;
 use metrics::Refusal;
-pub use route::{Listener, Route, Routes};
+pub(crate) use route::{Listener, Route, Routes};
 
 /// Accepts app connections on `listener` until `shutdown`, then waits up to `grace` for the
 /// requests in flight to finish. Each request is forwarded with the upstream settings current
 /// when it arrives, so a reload takes effect on kept-alive connections too.
-pub async fn serve(
+pub(crate) async fn serve(
     socket: TcpListener,
     listener: watch::Receiver<Arc<Listener>>,
     limits: Limits,

@@ -151,11 +151,6 @@ impl Target {
         parts.path_and_query = Some(path_and_query);
         Uri::from_parts(parts).map_err(|e| BadTarget(e.to_string()))
     }
-
-    /// The absolute upstream URI for an app's request target.
-    pub fn uri_for(&self, app: Uri) -> Result<Uri, BadTarget> {
-        self.absolute(self.path_and_query_for(app)?)
-    }
 }
 
 #[cfg(test)]
@@ -166,11 +161,12 @@ mod tests {
         Target::new(&url.parse().unwrap()).unwrap()
     }
 
+    /// The upstream URI an HTTP/2 request for `app` is sent to (HTTP/1.1 sends its path and
+    /// query part).
     fn joined(url: &str, app: &str) -> String {
-        target(url)
-            .uri_for(app.parse().unwrap())
-            .unwrap()
-            .to_string()
+        let target = target(url);
+        let path_and_query = target.path_and_query_for(app.parse().unwrap()).unwrap();
+        target.absolute(path_and_query).unwrap().to_string()
     }
 
     #[test]
@@ -242,7 +238,7 @@ mod tests {
     #[test]
     fn asterisk_form_is_refused() {
         assert!(target("https://api.example.com")
-            .uri_for("*".parse().unwrap())
+            .path_and_query_for("*".parse().unwrap())
             .is_err());
     }
 

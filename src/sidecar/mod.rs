@@ -8,10 +8,12 @@
 //! keeps its socket and its connections, and serves the next request with the new settings;
 //! a listener that goes away stops accepting and drains the requests it has.
 //!
-//! What to keep, start and stop is a [`plan::Plan`], worked out from the two configs alone;
+//! What to keep, start and stop is a `plan::Plan`, worked out from the two configs alone;
 //! this file carries it out.
 
+mod apply;
 mod plan;
+mod series;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,14 +27,13 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, Admin};
 use crate::config::{self, Config};
 use crate::metrics::{Metrics, MetricsError};
-use crate::proxy::metrics::{ProxyMetrics, RouteSeries};
-use crate::proxy::{self, body::ReplayBudget, connection::Limits, rewrite::Target};
+use crate::proxy::{self, body::ReplayBudget, connection::Limits};
 use crate::tls;
 use crate::token::fetch::Fetcher;
-use crate::token::metrics::{TokenMetrics, TokenSeries};
 use crate::token::source::{self, Handle, Observers, RefreshPolicy, SharedObservers};
 use crate::token::SourceKey;
-use plan::{ListenerKey, Plan, Serving, Step};
+use plan::{ListenerKey, Serving};
+pub use series::{MetricFamilies, UpstreamSeries};
 
 /// The sidecar could not start, or a reload could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -74,48 +75,6 @@ pub enum StartError {
         /// Why.
         source: proxy::rewrite::BadTarget,
     },
-}
-
-/// Every metric family, each registered by the part that owns it.
-pub struct MetricFamilies {
-    /// The registry they are in, which `/metrics` renders.
-    pub registry: Arc<Metrics>,
-    token: TokenMetrics,
-    proxy: ProxyMetrics,
-}
-
-/// One upstream's series in each family.
-pub struct UpstreamSeries {
-    /// What its token source reports.
-    pub token: Arc<TokenSeries>,
-    /// What its listener and route report.
-    pub proxy: Arc<RouteSeries>,
-}
-
-impl MetricFamilies {
-    /// A registry with every family registered.
-    pub fn new() -> Result<Self, MetricsError> {
-        let registry = Metrics::new()?;
-        Ok(Self {
-            token: TokenMetrics::register(&registry)?,
-            proxy: ProxyMetrics::register(&registry)?,
-            registry: Arc::new(registry),
-        })
-    }
-
-    /// The series of upstream `name`, exported (at 0) from now on.
-    pub fn upstream(&self, name: &str) -> UpstreamSeries {
-        UpstreamSeries {
-            token: Arc::new(self.token.series(name)),
-            proxy: Arc::new(self.proxy.series(name)),
-        }
-    }
-
-    /// Stops exporting the series of an upstream that a reload removed.
-    pub fn forget(&self, series: &UpstreamSeries) {
-        self.token.forget(&series.token);
-        self.proxy.forget(&series.proxy);
-    }
 }
 
 struct Source {
@@ -206,14 +165,6 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     Ok(running)
 }
 
-/// What applying a config needs for one listener, gathered before anything changes.
-struct Prepared {
-    tls: rustls::ClientConfig,
-    target: Target,
-    /// A new socket, when the plan starts the listener.
-    bound: Option<(TcpListener, SocketAddr)>,
-}
-
 impl Running {
     /// The address the admin listener is bound to.
     pub fn admin_addr(&self) -> SocketAddr {
@@ -262,168 +213,6 @@ impl Running {
         self.apply(config).await?;
         tracing::info!(upstreams = config.upstreams.len(), "config reloaded");
         Ok(())
-    }
-
-    async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
-        let plan = Plan::between(self.started.then_some(&self.config), config);
-        let mut prepared = self.prepare(&plan).await?;
-
-        // Nothing below fails: the new config is applied whole.
-        for name in &plan.gone {
-            if let Some(series) = self.series.remove(name) {
-                self.metrics.forget(&series);
-            }
-        }
-        for upstream in &config.upstreams {
-            if !self.series.contains_key(&upstream.name) {
-                let series = self.metrics.upstream(&upstream.name);
-                self.series.insert(upstream.name.clone(), series);
-            }
-        }
-        let mut sources = HashMap::with_capacity(plan.sources.len());
-        for wanted in &plan.sources {
-            let source = match (wanted.step, self.sources.remove(&wanted.key)) {
-                (Step::Keep, Some(running)) => running,
-                // The TLS settings are part of the key: any user's prepared config will do.
-                _ => self.spawn_source(&wanted.key, prepared[&wanted.users[0].name].tls.clone()),
-            };
-            self.observe(&source, &wanted.users);
-            sources.insert(wanted.key.clone(), source);
-        }
-        let mut listeners = HashMap::with_capacity(plan.listeners.len());
-        let mut watched = Vec::with_capacity(plan.listeners.len());
-        for wanted in plan.listeners {
-            let upstream = wanted.upstream;
-            let series = &self.series[&upstream.name];
-            let token = sources[&SourceKey::of(upstream)].handle.clone();
-            watched.push(admin::Watched {
-                name: upstream.name.clone(),
-                token: token.clone(),
-                metrics: Arc::clone(&series.token),
-            });
-            let Some(Prepared { tls, target, bound }) = prepared.remove(&upstream.name) else {
-                continue; // `prepare` prepares every listener of the plan.
-            };
-            let running = self.listeners.remove(&wanted.key);
-            let build = || self.listener_value(upstream, config, tls, target, token, series);
-            let listener = match (wanted.step, running, bound) {
-                // Unchanged settings keep their pool too, and the connections in it.
-                (Step::Keep, Some(running), _) => running,
-                (_, Some(mut running), _) => {
-                    running.current.send_replace(build());
-                    running.serving = wanted.serving;
-                    running
-                }
-                (_, None, Some((socket, addr))) => {
-                    self.spawn_listener(socket, addr, wanted.serving, build())
-                }
-                (_, None, None) => continue, // `prepare` binds every listener the plan starts.
-            };
-            listeners.insert(wanted.key, listener);
-        }
-
-        // What the new config no longer has: listeners drain, sources stop.
-        for key in &plan.stop_listeners {
-            if let Some(listener) = self.listeners.remove(key) {
-                tracing::info!(upstream = %listener.serving.upstream.name, listen = %listener.addr, "listener removed: draining");
-                listener.stop.cancel();
-            }
-        }
-        for key in &plan.stop_sources {
-            if let Some(source) = self.sources.remove(key) {
-                source.stop.cancel();
-            }
-        }
-        self.admin.watch(watched);
-        self.sources = sources;
-        self.listeners = listeners;
-        self.started = true;
-        // What a reload cannot change stays as it runs, so that new listeners get the running
-        // limits and the next reload compares against what really runs.
-        let mut running = config.clone();
-        running.admin = self.config.admin.clone();
-        running.server = self.config.server;
-        running.log.level = self.config.log.level.clone();
-        running.log.format = self.config.log.format;
-        self.config = running;
-        Ok(())
-    }
-
-    /// Everything that can fail, done before anything changes: TLS settings loaded, targets
-    /// checked, the sockets of new listeners bound (and closed again, by drop, if a later one
-    /// fails).
-    async fn prepare(&self, plan: &Plan<'_>) -> Result<HashMap<String, Prepared>, StartError> {
-        let mut prepared = HashMap::with_capacity(plan.listeners.len());
-        for wanted in &plan.listeners {
-            let upstream = wanted.upstream;
-            let tls = tls::client_config(&upstream.tls).map_err(|source| StartError::Tls {
-                upstream: upstream.name.clone(),
-                source,
-            })?;
-            let target = Target::new(&upstream.url).map_err(|source| StartError::Target {
-                upstream: upstream.name.clone(),
-                source,
-            })?;
-            let bound = match wanted.step {
-                Step::Start => Some(bind(upstream).await?),
-                Step::Keep | Step::Update => None,
-            };
-            prepared.insert(upstream.name.clone(), Prepared { tls, target, bound });
-        }
-        Ok(prepared)
-    }
-
-    /// What a listener serves for `upstream`: its one route.
-    fn listener_value(
-        &self,
-        upstream: &config::Upstream,
-        config: &Config,
-        tls: rustls::ClientConfig,
-        target: Target,
-        token: Handle,
-        series: &UpstreamSeries,
-    ) -> Arc<proxy::Listener> {
-        let name: Arc<str> = upstream.name.as_str().into();
-        let dial = target.dial();
-        let route = proxy::Route {
-            name: Arc::clone(&name),
-            target,
-            token,
-            pool: Arc::new(proxy::pool::Pool::new(
-                tls::connector(tls, upstream.connect_timeout),
-                dial,
-                self.config.server.max_connections,
-            )),
-            response_header_timeout: upstream.response_header_timeout,
-            metrics: Arc::clone(&series.proxy),
-            access_log: config.log.access,
-            retry_on_401: upstream.retry_on_401,
-            body_idle_timeout: self.config.server.body_idle_timeout,
-            replay_budget: self.replay_budget.clone(),
-        };
-        Arc::new(proxy::Listener {
-            name,
-            allow_from: upstream.allow_from.clone(),
-            metrics: Arc::clone(&series.proxy),
-            routes: proxy::Routes::one(route),
-        })
-    }
-
-    /// Points a source's logs and metrics at the upstreams that now use it.
-    fn observe(&self, source: &Source, users: &[&config::Upstream]) {
-        let mut observers = source
-            .observers
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        observers.label = users
-            .iter()
-            .map(|u| u.name.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
-        observers.metrics = users
-            .iter()
-            .map(|u| Arc::clone(&self.series[&u.name].token))
-            .collect();
     }
 
     fn spawn_source(&self, key: &SourceKey, tls: rustls::ClientConfig) -> Source {

@@ -3,17 +3,18 @@
 //!
 //! In data-flow order:
 //! - [`fetch`]: one token request (RFC 6749 §4.4.2) and its outcome, with the client
-//!   authenticated as configured ([`client_auth`]);
+//!   authenticated as configured (`client_auth`);
 //! - [`response`]: what the token endpoint answered, success (§5.1) or error (§5.2 and the
 //!   vendors' own shapes);
 //! - [`schedule`]: pure arithmetic of when to refresh and how long to back off;
 //! - [`source`]: the refresher task that keeps one token fresh, and the handle requests read
 //!   it through;
-//! - [`metrics`]: the token metric families, and each upstream's series of them.
+//! - `metrics`: the token metric families, and each upstream's series of them.
 
-pub mod client_auth;
+pub(crate) mod client_auth;
 pub mod fetch;
-pub mod metrics;
+pub(crate) mod metrics;
+mod refresher;
 pub mod response;
 pub mod schedule;
 pub mod source;

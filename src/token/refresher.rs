@@ -1,0 +1,262 @@
+//! The refresher task that keeps one source's token fresh, and the supervisor that starts it
+//! again should it ever end before shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::fetch::{Fetch, FetchError};
+use super::metrics::FetchOutcome;
+use super::source::{Phase, RefreshPolicy, SharedObservers, State, REJECTION_REFETCH_INTERVAL};
+use super::{schedule, Token};
+
+/// Runs the refresher, and runs it again if it ever ends before shutdown.
+pub(super) struct Supervisor {
+    pub(super) fetcher: Arc<dyn Fetch>,
+    pub(super) policy: RefreshPolicy,
+    pub(super) observers: SharedObservers,
+    /// Shared with the refresher, so that the channel, and the token on it, outlive a
+    /// refresher that died.
+    pub(super) publish: Arc<watch::Sender<State>>,
+    pub(super) rejections: watch::Sender<u64>,
+    pub(super) tasks: TaskTracker,
+}
+
+impl Supervisor {
+    pub(super) async fn run(self, shutdown: CancellationToken) {
+        let mut restarts: u32 = 0;
+        loop {
+            let refresher = Refresher {
+                fetcher: Arc::clone(&self.fetcher),
+                policy: self.policy.clone(),
+                observers: Arc::clone(&self.observers),
+                publish: Arc::clone(&self.publish),
+                // Generations go on counting across restarts: a 401 names a token by them.
+                generations: self
+                    .publish
+                    .borrow()
+                    .token
+                    .as_ref()
+                    .map_or(0, |t| t.generation),
+            };
+            let started = Instant::now();
+            let ended = self
+                .tasks
+                .spawn(refresher.run(self.rejections.subscribe(), shutdown.clone()))
+                .await;
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // A refresher that ran well for a while starts again at the shortest backoff.
+            if started.elapsed() > self.policy.backoff_cap {
+                restarts = 0;
+            }
+            restarts = restarts.saturating_add(1);
+            let why = match ended {
+                Ok(()) => "it returned".to_owned(),
+                Err(error) if error.is_panic() => panic_message(error.into_panic()),
+                Err(error) => error.to_string(),
+            };
+            let delay = schedule::backoff(
+                restarts,
+                self.policy.backoff_base,
+                self.policy.backoff_cap,
+                fastrand::f64(),
+                None,
+            );
+            let label = label_of(&self.observers);
+            tracing::error!(
+                upstream = %label,
+                why = %why,
+                restarts,
+                restart_in_ms = delay.as_millis() as u64,
+                "token source stopped unexpectedly: restarting it"
+            );
+            if let Ok(observers) = self.observers.read() {
+                for metrics in &observers.metrics {
+                    metrics.source_restarted();
+                }
+            }
+            let next = Instant::now() + delay;
+            self.publish
+                .send_modify(|s| s.phase = Phase::Restarting { next });
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+        self.publish.send_modify(|s| s.phase = Phase::Stopped);
+    }
+}
+
+/// The names of the upstreams a source serves, for logs.
+fn label_of(observers: &SharedObservers) -> String {
+    observers
+        .read()
+        .map(|o| o.label.clone())
+        .unwrap_or_default()
+}
+
+/// The message a panic carried, when it is text.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(message) => format!("panic: {message}"),
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(message) => format!("panic: {message}"),
+            Err(_) => "panic".to_owned(),
+        },
+    }
+}
+
+struct Refresher {
+    fetcher: Arc<dyn Fetch>,
+    policy: RefreshPolicy,
+    observers: SharedObservers,
+    publish: Arc<watch::Sender<State>>,
+    /// Tokens published so far.
+    generations: u64,
+}
+
+impl Refresher {
+    async fn run(mut self, mut rejected: watch::Receiver<u64>, shutdown: CancellationToken) {
+        let mut last_rejection_fetch: Option<Instant> = None;
+        loop {
+            self.publish.send_modify(|s| s.phase = Phase::Fetching);
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                outcome = self.fetcher.fetch() => outcome,
+                () = shutdown.cancelled() => break,
+            };
+            let delay = self.record(outcome, started);
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = &mut sleep => break,
+                    () = shutdown.cancelled() => return,
+                    Ok(()) = rejected.changed() => {
+                        let generation = *rejected.borrow_and_update();
+                        if !self.is_news(generation) {
+                            continue;
+                        }
+                        let now = Instant::now();
+                        let allowed = last_rejection_fetch
+                            .map_or(now, |last| last + REJECTION_REFETCH_INTERVAL);
+                        if allowed <= now {
+                            tracing::info!(upstream = %self.label(), "upstream rejected the token: fetching a new one");
+                            // One update, so that waiters see the fetch coming.
+                            self.publish.send_modify(|s| {
+                                s.rejection_handled = generation;
+                                s.phase = Phase::Fetching;
+                            });
+                            last_rejection_fetch = Some(now);
+                            break;
+                        }
+                        // Too soon after the last one: the waiting requests get the
+                        // upstream's 401, and the fetch happens when the interval has passed,
+                        // unless the schedule comes first.
+                        tracing::info!(upstream = %self.label(), "upstream rejected the token again soon: fetching a new one later");
+                        self.publish.send_modify(|s| s.rejection_handled = generation);
+                        if allowed < sleep.deadline() {
+                            sleep.as_mut().reset(allowed);
+                            last_rejection_fetch = Some(allowed);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a rejection of `generation` is news: it names the token held (not one already
+    /// replaced) and has not been acted on.
+    fn is_news(&self, generation: u64) -> bool {
+        let state = self.publish.borrow();
+        let holds_rejected = state
+            .token
+            .as_ref()
+            .is_some_and(|t| t.generation == generation);
+        holds_rejected && generation > state.rejection_handled
+    }
+
+    /// The source's upstreams, for logs.
+    fn label(&self) -> String {
+        label_of(&self.observers)
+    }
+
+    /// Publishes the outcome of a fetch and returns how long to wait before the next.
+    fn record(&mut self, outcome: Result<Token, FetchError>, started: Instant) -> Duration {
+        let elapsed = started.elapsed();
+        let fetch_outcome = match &outcome {
+            Ok(_) => Some(FetchOutcome::Success),
+            Err(error) => error.outcome(),
+        };
+        if let Ok(observers) = self.observers.read() {
+            for metrics in &observers.metrics {
+                metrics.fetch_finished(fetch_outcome, elapsed);
+            }
+        }
+        let label = self.label();
+        match outcome {
+            Ok(mut token) => {
+                self.generations += 1;
+                token.generation = self.generations;
+                let delay = schedule::refresh_delay(token.lifetime, fastrand::f64());
+                tracing::info!(
+                    upstream = %label,
+                    outcome = "success",
+                    duration_ms = elapsed.as_millis() as u64,
+                    expires_in = token.lifetime.as_secs(),
+                    lifetime_from = %token.lifetime_source,
+                    refresh_in = delay.as_secs(),
+                    scope = token.scope.as_deref().unwrap_or(""),
+                    "token fetched"
+                );
+                let next = Instant::now() + delay;
+                self.publish.send_modify(|s| {
+                    s.token = Some(Arc::new(token));
+                    s.phase = Phase::Scheduled { next };
+                    s.last_error = None;
+                    s.failures = 0;
+                });
+                delay
+            }
+            Err(error) => {
+                let failures = self.publish.borrow().failures.saturating_add(1);
+                let delay = schedule::backoff(
+                    failures,
+                    self.policy.backoff_base,
+                    self.policy.backoff_cap,
+                    fastrand::f64(),
+                    error.retry_after(),
+                );
+                let holding = self.publish.borrow().usable_token(Instant::now()).is_some();
+                let endpoint = error.endpoint();
+                tracing::warn!(
+                    upstream = %label,
+                    outcome = fetch_outcome.map_or("secret_error", FetchOutcome::label),
+                    duration_ms = elapsed.as_millis() as u64,
+                    status = endpoint.map(|e| e.status.as_u16()),
+                    endpoint_error = endpoint.and_then(|e| e.error.as_deref()),
+                    endpoint_error_description = endpoint.and_then(|e| e.description.as_deref()),
+                    failures,
+                    retry_in_ms = delay.as_millis() as u64,
+                    still_holding_valid_token = holding,
+                    error = %error,
+                    "token fetch failed"
+                );
+                let next = Instant::now() + delay;
+                let error = Arc::new(error);
+                self.publish.send_modify(|s| {
+                    s.phase = Phase::BackingOff { next };
+                    s.last_error = Some(error);
+                    s.failures = failures;
+                });
+                delay
+            }
+        }
+    }
+}
