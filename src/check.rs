@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::fmt::Write;
 
 use crate::config::{Config, Roots};
-use crate::token::client_auth;
+use crate::token::{client_auth, SourceKey};
 
 /// Reads every secret and trust-anchor file of `config`. Returns the description of what would
 /// run, or every problem found.
@@ -30,7 +30,7 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
     );
     for upstream in &config.upstreams {
         let token = &upstream.token;
-        sources.insert((&upstream.token, &upstream.tls));
+        sources.insert(SourceKey::of(upstream));
         let _ = writeln!(
             out,
             "upstream {}: listen {} -> {} (connect timeout {}, response header timeout {})",
