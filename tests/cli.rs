@@ -20,6 +20,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
+use support::config::{payments, string, ConfigBuilder, Token, Upstream};
 use support::daemon::{Daemon, BIN, PATIENCE};
 use support::{echo, serve, token_endpoint, token_ok};
 
@@ -56,23 +57,25 @@ fn help_and_version() {
     );
 }
 
-const CHECK_CONFIG: &str = r#"
-[[upstream]]
-name = "payments"
-listen = "127.0.0.1:8081"
-url = "https://api.example.com/v2"
-[upstream.token]
-url = "https://auth.example.com/oauth/token"
-client_id = "abc"
-client_secret_file = "secret"
-audience = "https://api.example.com"
-"#;
+/// The example upstream's token table, its secret in the file `secret`, up to `audience`.
+fn check_token(url: &str) -> Token {
+    Token::new(url, "abc").secret_file("secret")
+}
+
+/// The config `--check` is shown: the example upstream, with an audience.
+fn check_config() -> String {
+    ConfigBuilder::empty()
+        .upstream(payments().token(
+            check_token("https://auth.example.com/oauth/token").audience("https://api.example.com"),
+        ))
+        .render()
+}
 
 #[test]
 fn check_describes_what_would_run_without_the_secret() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), "do-not-print-me\n").unwrap();
-    let path = write_config(dir.path(), CHECK_CONFIG);
+    let path = write_config(dir.path(), &check_config());
     // The config path may come from the environment.
     let output = Command::new(BIN)
         .arg("--check")
@@ -108,15 +111,18 @@ fn check_describes_what_would_run_without_the_secret() {
 fn check_says_what_is_exposed() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), "s\n").unwrap();
-    let exposed = CHECK_CONFIG
-        .replace(
-            "listen = \"127.0.0.1:8081\"",
-            "listen = \"0.0.0.0:8081\"\nallow_from = [\"10.0.0.0/8\"]",
+    let exposed = ConfigBuilder::empty()
+        .upstream(
+            payments()
+                .listen("0.0.0.0:8081")
+                .allow_from(&["10.0.0.0/8"])
+                .token(
+                    check_token("http://auth.example.com/oauth/token")
+                        .allow_plain_http(true)
+                        .audience("https://api.example.com"),
+                ),
         )
-        .replace(
-            "url = \"https://auth.example.com/oauth/token\"",
-            "url = \"http://auth.example.com/oauth/token\"\nallow_plain_http = true",
-        );
+        .render();
     let path = write_config(dir.path(), &exposed);
     let output = bearerd(&["--check", "--config", &path]);
     let stdout = String::from_utf8(output.stdout).unwrap();
@@ -135,7 +141,7 @@ fn check_says_what_is_exposed() {
 #[test]
 fn check_reports_a_missing_secret_by_its_source() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), CHECK_CONFIG);
+    let path = write_config(dir.path(), &check_config());
     let output = bearerd(&["--config", &path, "--check"]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8(output.stderr).unwrap();
@@ -152,7 +158,16 @@ fn check_reports_a_missing_secret_by_its_source() {
 #[test]
 fn invalid_config_exits_2_naming_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &CHECK_CONFIG.replace("audience", "audiense"));
+    // `audiense` is line 10: the upstream's 4, a blank line, the token table's header and 3.
+    let misspelt = ConfigBuilder::empty()
+        .upstream(
+            payments().token(
+                check_token("https://auth.example.com/oauth/token")
+                    .set("audiense", string("https://api.example.com")),
+            ),
+        )
+        .render();
+    let path = write_config(dir.path(), &misspelt);
     let output = bearerd(&["--config", &path, "--check"]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8(output.stderr).unwrap();
@@ -173,20 +188,18 @@ fn start_daemon(
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         dir.path(),
-        &daemon_config(upstream_url, &endpoint.url("/token")),
+        &daemon_config(upstream_url, &endpoint.url("/token"), "pw"),
     );
     let daemon = Daemon::start(&path);
     let addr = daemon.listen_addr("api");
     (daemon, addr, dir)
 }
 
-fn daemon_config(upstream: &str, token_url: &str) -> String {
-    support::config(
-        "api",
-        upstream,
-        token_url,
-        "client_id = \"app\"\nclient_secret = \"pw\"\n",
-    )
+/// One upstream `api` at `upstream`, client `app` with the secret `secret`.
+fn daemon_config(upstream: &str, token_url: &str, secret: &str) -> String {
+    ConfigBuilder::new()
+        .upstream(Upstream::new("api", upstream).token(Token::new(token_url, "app").secret(secret)))
+        .render()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,7 +304,7 @@ async fn streams_100_mib_each_way_without_buffering() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         dir.path(),
-        &daemon_config(&upstream.url(""), &endpoint.url("/token")),
+        &daemon_config(&upstream.url(""), &endpoint.url("/token"), "pw"),
     );
     let daemon = Daemon::start(&path);
     let addr = daemon.listen_addr("api");
@@ -350,7 +363,7 @@ async fn sighup_reloads_and_a_bad_config_keeps_the_running_one() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         dir.path(),
-        &daemon_config(&upstream.url("/v1"), &endpoint.url("/token")),
+        &daemon_config(&upstream.url("/v1"), &endpoint.url("/token"), "pw"),
     );
     let mut daemon = Daemon::start(&path);
     let addr = daemon.listen_addr("api");
@@ -361,7 +374,7 @@ async fn sighup_reloads_and_a_bad_config_keeps_the_running_one() {
 
     write_config(
         dir.path(),
-        &daemon_config(&upstream.url("/v2"), &endpoint.url("/token")),
+        &daemon_config(&upstream.url("/v2"), &endpoint.url("/token"), "pw"),
     );
     daemon.signal("HUP");
     daemon.wait_for_log("config reloaded");
@@ -430,7 +443,7 @@ async fn fetch_token_reports_the_outcome_and_hides_the_token_unless_asked() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         dir.path(),
-        &daemon_config("http://127.0.0.1:9/", &endpoint.url("/token")),
+        &daemon_config("http://127.0.0.1:9/", &endpoint.url("/token"), "pw"),
     );
     let run = |extra: &[&str]| {
         let mut args = vec![
@@ -471,8 +484,7 @@ async fn fetch_token_reports_the_outcome_and_hides_the_token_unless_asked() {
 
     let wrong = write_config(
         dir.path(),
-        &daemon_config("http://127.0.0.1:9/", &endpoint.url("/token"))
-            .replace("\"pw\"", "\"wrong\""),
+        &daemon_config("http://127.0.0.1:9/", &endpoint.url("/token"), "wrong"),
     );
     let output = bearerd_async(vec![
         "--config".into(),

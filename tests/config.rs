@@ -7,11 +7,16 @@
     clippy::needless_pass_by_value
 )]
 
+mod support;
+
 use std::path::Path;
 use std::time::Duration;
 
 use bearerd::config::{ClientAuth, Config, ConfigError, Roots};
 use bearerd::secret::SecretSource;
+use support::config::{
+    payments, payments_token, string, Admin, ConfigBuilder, Server, Tls, Token, Upstream, VALID,
+};
 
 #[test]
 fn example_config_loads_with_every_key() {
@@ -59,16 +64,16 @@ fn example_config_loads_with_every_key() {
     );
 }
 
-const VALID: &str = r#"[[upstream]]
-name = "payments"
-listen = "127.0.0.1:8081"
-url = "https://api.example.com/v2"
+/// A file of `upstream` alone. Its lines are numbered as in [`VALID`]: one line per setting,
+/// in the order set, and a blank line before `[upstream.token]`.
+fn only(upstream: Upstream) -> String {
+    ConfigBuilder::empty().upstream(upstream).render()
+}
 
-[upstream.token]
-url = "https://auth.example.com/oauth/token"
-client_id = "abc"
-client_secret_env = "PAYMENTS_SECRET"
-"#;
+/// The token table of [`VALID`] without its secret.
+fn token() -> Token {
+    Token::new("https://auth.example.com/oauth/token", "abc")
+}
 
 /// The problems reported for `text`, as printed.
 fn errors(text: &str) -> String {
@@ -77,6 +82,34 @@ fn errors(text: &str) -> String {
         Err(error @ ConfigError::Invalid { .. }) => error.to_string(),
         Err(other) => panic!("unexpected {other:?}"),
     }
+}
+
+#[test]
+fn the_builder_writes_the_valid_config_to_the_byte() {
+    assert_eq!(only(payments()), VALID);
+}
+
+#[test]
+fn the_builder_escapes_what_it_writes() {
+    let awkward = "a \"quoted\" \\ 'back\tslash'\nnew line\u{1}\u{7f} ü #not a comment";
+    let text = only(
+        payments().token(
+            Token::new("https://auth.example.com/t", awkward)
+                .secret(awkward)
+                .params(&[("odd key", awkward)]),
+        ),
+    );
+    // One line per setting, whatever the value holds.
+    assert_eq!(text.lines().count(), VALID.lines().count() + 1, "{text}");
+    let config =
+        Config::parse(Path::new("/b.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let token = &config.upstreams[0].token;
+    assert_eq!(token.client_id, awkward);
+    assert_eq!(
+        token.client_secret,
+        SecretSource::Inline(bearerd::secret::Secret::new(awkward))
+    );
+    assert_eq!(token.params["odd key"], awkward);
 }
 
 #[test]
@@ -100,9 +133,10 @@ fn minimal_config_gets_the_defaults() {
 
 #[test]
 fn relative_paths_are_taken_from_the_config_directory() {
-    let text = VALID.replace(
-        "client_secret_env = \"PAYMENTS_SECRET\"",
-        "client_secret_file = \"secrets/payments\"\n[upstream.tls]\nca_file = \"ca.pem\"",
+    let text = only(
+        payments()
+            .token(token().secret_file("secrets/payments"))
+            .tls(Tls::new().ca_file("ca.pem")),
     );
     let config = Config::parse(Path::new("/etc/bearerd/bearerd.toml"), &text).unwrap();
     let upstream = &config.upstreams[0];
@@ -118,7 +152,15 @@ fn relative_paths_are_taken_from_the_config_directory() {
 
 #[test]
 fn unknown_key() {
-    let text = VALID.replace("client_id", "scopes = \"x\"\nclient_id");
+    let text = only(
+        payments().token(
+            Token::empty()
+                .url("https://auth.example.com/oauth/token")
+                .set("scopes", string("x")) // line 8
+                .client_id("abc")
+                .secret_env("PAYMENTS_SECRET"),
+        ),
+    );
     assert!(
         errors(&text).starts_with(
             "/etc/bearerd/bearerd.toml:8:1: upstream[0].token.scopes: unknown field `scopes`, expected one of"
@@ -137,7 +179,11 @@ fn unknown_key() {
 
 #[test]
 fn missing_required_key() {
-    let text = VALID.replace("url = \"https://api.example.com/v2\"\n", "");
+    let text = only(
+        Upstream::named("payments")
+            .listen("127.0.0.1:8081")
+            .token(payments_token()),
+    );
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:1:1: upstream[0]: missing field `url`"
@@ -146,15 +192,12 @@ fn missing_required_key() {
 
 #[test]
 fn secret_sources_two_or_none() {
-    let text = VALID.replace(
-        "client_secret_env = \"PAYMENTS_SECRET\"",
-        "client_secret_env = \"PAYMENTS_SECRET\"\nclient_secret = \"inline\"",
-    );
+    let text = only(payments().token(payments_token().secret("inline")));
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:10:17: upstream[0].token.client_secret: more than one client secret source: set only one of client_secret_file, client_secret_env or client_secret"
     );
-    let text = VALID.replace("client_secret_env = \"PAYMENTS_SECRET\"\n", "");
+    let text = only(payments().token(token()));
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:6:1: upstream[0].token.client_secret_file: no client secret: set one of client_secret_file, client_secret_env or client_secret"
@@ -163,13 +206,18 @@ fn secret_sources_two_or_none() {
 
 #[test]
 fn two_upstreams_on_one_address() {
-    let second = VALID.replace("\"payments\"", "\"orders\"");
-    let text = format!("{VALID}\n{second}");
+    let text = ConfigBuilder::empty()
+        .upstream(payments())
+        .upstream(payments().name("orders"))
+        .render();
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:13:10: upstream[1].listen: 127.0.0.1:8081 is already the listen address of upstream \"payments\""
     );
-    let text = format!("[admin]\nlisten = \"127.0.0.1:8081\"\n{VALID}");
+    let text = ConfigBuilder::empty()
+        .admin(Admin::new().listen("127.0.0.1:8081"))
+        .upstream(payments())
+        .render();
     assert!(
         errors(&text).contains(
             "upstream[0].listen: 127.0.0.1:8081 is already the listen address of [admin]"
@@ -181,8 +229,10 @@ fn two_upstreams_on_one_address() {
 
 #[test]
 fn duplicate_names() {
-    let second = VALID.replace("8081", "8082");
-    let text = format!("{VALID}\n{second}");
+    let text = ConfigBuilder::empty()
+        .upstream(payments())
+        .upstream(payments().listen("127.0.0.1:8082"))
+        .render();
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:12:8: upstream[1].name: \"payments\" is already the name of upstream[0]"
@@ -191,23 +241,17 @@ fn duplicate_names() {
 
 #[test]
 fn non_http_urls() {
-    let text = VALID.replace("https://api.example.com/v2", "ftp://api.example.com/v2");
+    let text = only(payments().url("ftp://api.example.com/v2"));
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:4:7: upstream[0].url: \"ftp://api.example.com/v2\": scheme \"ftp\" is not http or https"
     );
-    let text = VALID.replace(
-        "https://auth.example.com/oauth/token",
-        "auth.example.com/oauth/token",
-    );
+    let text = only(payments().token(payments_token().url("auth.example.com/oauth/token")));
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:7:7: upstream[0].token.url: \"auth.example.com/oauth/token\" is not an absolute http or https URL"
     );
-    let text = VALID.replace(
-        "https://api.example.com/v2",
-        "https://api.example.com/v2?key=1",
-    );
+    let text = only(payments().url("https://api.example.com/v2?key=1"));
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:4:7: upstream[0].url: must not have a query: the app's query is passed through"
@@ -216,16 +260,19 @@ fn non_http_urls() {
 
 #[test]
 fn bad_values() {
-    let text = VALID.replace("127.0.0.1:8081", "localhost").replace(
-        "client_id = \"abc\"",
-        "client_id = \"abc\"\ntimeout = \"ten seconds\"",
+    let text = only(
+        payments().listen("localhost").token(
+            token()
+                .timeout("ten seconds") // line 9
+                .secret_env("PAYMENTS_SECRET"),
+        ),
     );
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:3:10: upstream[0].listen: \"localhost\" is not an IP address and port such as \"127.0.0.1:8081\"\n\
          /etc/bearerd/bearerd.toml:9:11: upstream[0].token.timeout: \"ten seconds\" is not a duration such as \"10s\" or \"2m\": expected number at 0"
     );
-    let text = VALID.replace("client_id = \"abc\"", "client_id = \"abc\"\nauth = \"jwt\"");
+    let text = only(payments().token(token().auth("jwt").secret_env("PAYMENTS_SECRET")));
     assert!(
         errors(&text).starts_with(
             "/etc/bearerd/bearerd.toml:9:8: upstream[0].token.auth: unknown variant `jwt`, expected `basic` or `post`"
@@ -233,41 +280,50 @@ fn bad_values() {
         "{}",
         errors(&text)
     );
-    let text = VALID.replace(
-        "client_id = \"abc\"",
-        "client_id = \"abc\"\nparams = { grant_type = \"password\" }",
+    let text = only(
+        payments().token(
+            token()
+                .params(&[("grant_type", "password")])
+                .secret_env("PAYMENTS_SECRET"),
+        ),
     );
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:9:10: upstream[0].token.params.grant_type: grant_type is set by bearerd; use the dedicated key instead"
     );
-    let text = VALID.replace(
-        "https://api.example.com/v2",
-        "https://api.example.com:128081/v2",
-    );
+    let text = only(payments().url("https://api.example.com:128081/v2"));
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:4:7: upstream[0].url: \"https://api.example.com:128081/v2\": the port is not a number from 0 to 65535"
     );
-    let text = format!("[server]\nmax_header_bytes = 100\nmax_connections = 0\n{VALID}");
+    let text = ConfigBuilder::empty()
+        .server(Server::new().max_header_bytes(100).max_connections(0))
+        .upstream(payments())
+        .render();
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:2:20: server.max_header_bytes: must be a whole number of at least 8192\n\
          /etc/bearerd/bearerd.toml:3:19: server.max_connections: must be a whole number from 1 to 1000000"
     );
     // The listener's connection count is a semaphore's size: bounded so that it cannot panic.
-    let text = format!("[server]\nmax_connections = 10000000000000000000\n{VALID}");
+    let text = ConfigBuilder::empty()
+        .server(Server::new().set("max_connections", "10000000000000000000"))
+        .upstream(payments())
+        .render();
     assert!(
         errors(&text).contains("server.max_connections"),
         "{}",
         errors(&text)
     );
-    let text = format!("[server]\nmax_connections = 4000000000\n{VALID}");
+    let text = ConfigBuilder::empty()
+        .server(Server::new().max_connections(4_000_000_000))
+        .upstream(payments())
+        .render();
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:2:19: server.max_connections: must be a whole number from 1 to 1000000"
     );
-    let text = VALID.replace("name = \"payments\"", "name = \"pay ments\"");
+    let text = only(payments().name("pay ments"));
     assert!(errors(&text).contains("upstream[0].name: \"pay ments\" is not a valid name"));
 }
 
@@ -285,7 +341,7 @@ fn syntax_error_and_empty_file() {
 
 #[test]
 fn wrong_type_names_the_key() {
-    let text = VALID.replace("client_id = \"abc\"", "client_id = 42");
+    let text = only(payments().token(payments_token().set("client_id", 42)));
     assert!(
         errors(&text).starts_with(
             "/etc/bearerd/bearerd.toml:8:13: upstream[0].token.client_id: invalid type: integer `42`, expected a string"
@@ -308,20 +364,21 @@ fn missing_file_names_it() {
 
 #[test]
 fn a_listener_off_loopback_needs_allow_from() {
-    let text = VALID.replace("127.0.0.1:8081", "0.0.0.0:8081");
+    let text = only(payments().listen("0.0.0.0:8081"));
     let message = errors(&text);
     assert!(
         message.starts_with("/etc/bearerd/bearerd.toml:3:10: upstream[0].listen: 0.0.0.0:8081 is not a loopback address: whoever reaches it calls the upstream with bearerd's token."),
         "{message}"
     );
     for listen in ["[::]:8081", "10.1.2.3:8081"] {
-        let text = VALID.replace("127.0.0.1:8081", listen);
+        let text = only(payments().listen(listen));
         assert!(errors(&text).contains("set allow_from"), "{listen}");
     }
-    let allowed = VALID.replace(
-        "listen = \"127.0.0.1:8081\"",
-        "listen = \"0.0.0.0:8081\"\nallow_from = [\"10.0.0.0/8\", \"fd00::/8\", \"192.168.1.7\"]",
-    );
+    let allowed = only(payments().listen("0.0.0.0:8081").allow_from(&[
+        "10.0.0.0/8",
+        "fd00::/8",
+        "192.168.1.7",
+    ]));
     let config = Config::parse(Path::new("/etc/bearerd/bearerd.toml"), &allowed).unwrap();
     let networks: Vec<String> = config.upstreams[0]
         .allow_from
@@ -331,18 +388,22 @@ fn a_listener_off_loopback_needs_allow_from() {
         .collect();
     assert_eq!(networks, ["10.0.0.0/8", "fd00::/8", "192.168.1.7/32"]);
 
-    let empty = VALID.replace(
-        "listen = \"127.0.0.1:8081\"",
-        "listen = \"127.0.0.1:8081\"\nallow_from = []",
-    );
+    // allow_from on line 4, right after listen.
+    let allowing = |networks: &[&str]| {
+        only(
+            Upstream::named("payments")
+                .listen("127.0.0.1:8081")
+                .allow_from(networks)
+                .url("https://api.example.com/v2")
+                .token(payments_token()),
+        )
+    };
+    let empty = allowing(&[]);
     assert_eq!(
         errors(&empty),
         "/etc/bearerd/bearerd.toml:4:14: upstream[0].allow_from: is empty, so no one could connect: list the networks that may, such as \"10.0.0.0/8\""
     );
-    let wrong = VALID.replace(
-        "listen = \"127.0.0.1:8081\"",
-        "listen = \"127.0.0.1:8081\"\nallow_from = [\"10.0.0.0/33\"]",
-    );
+    let wrong = allowing(&["10.0.0.0/33"]);
     assert_eq!(
         errors(&wrong),
         "/etc/bearerd/bearerd.toml:4:15: upstream[0].allow_from: \"10.0.0.0/33\" is not a network such as \"10.0.0.0/8\", \"fd00::/8\" or an address"
@@ -351,19 +412,20 @@ fn a_listener_off_loopback_needs_allow_from() {
 
 #[test]
 fn urls_with_a_password_are_refused_without_echoing_it() {
-    for (from, to, key) in [
+    for (text, key) in [
         (
-            "https://api.example.com/v2",
-            "https://user:hunter2@api.example.com/v2",
+            only(payments().url("https://user:hunter2@api.example.com/v2")),
             "upstream[0].url",
         ),
         (
-            "https://auth.example.com/oauth/token",
-            "https://id:hunter2@auth.example.com:99999/t",
+            only(
+                payments()
+                    .token(payments_token().url("https://id:hunter2@auth.example.com:99999/t")),
+            ),
             "upstream[0].token.url",
         ),
     ] {
-        let message = errors(&VALID.replace(from, to));
+        let message = errors(&text);
         assert!(
             message.contains(&format!("{key}: must not hold a user name or password")),
             "{message}"
@@ -374,15 +436,13 @@ fn urls_with_a_password_are_refused_without_echoing_it() {
 
 #[test]
 fn plain_http_to_a_remote_host_needs_allow_plain_http() {
-    let text = VALID.replace("https://auth.example.com", "http://auth.example.com");
+    let plain_token = payments_token().url("http://auth.example.com/oauth/token");
+    let text = only(payments().token(plain_token.clone()));
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:7:7: upstream[0].token.url: \"http://auth.example.com/oauth/token\" is plain http to a host that is not loopback: credentials and tokens would cross the network in the clear. Use https, or set allow_plain_http = true in this table"
     );
-    let allowed = text.replace(
-        "client_id = \"abc\"",
-        "client_id = \"abc\"\nallow_plain_http = true",
-    );
+    let allowed = only(payments().token(plain_token.allow_plain_http(true)));
     assert!(
         Config::parse(Path::new("/b.toml"), &allowed)
             .unwrap()
@@ -391,12 +451,10 @@ fn plain_http_to_a_remote_host_needs_allow_plain_http() {
             .allow_plain_http
     );
 
-    let text = VALID.replace("https://api.example.com", "http://api.example.com");
+    let plain = payments().url("http://api.example.com/v2");
+    let text = only(plain.clone());
     assert!(errors(&text).contains("upstream[0].url: \"http://api.example.com/v2\" is plain http"));
-    let allowed = text.replace(
-        "url = \"http://api",
-        "allow_plain_http = true\nurl = \"http://api",
-    );
+    let allowed = only(plain.allow_plain_http(true));
     assert!(
         Config::parse(Path::new("/b.toml"), &allowed)
             .unwrap()
@@ -409,7 +467,7 @@ fn plain_http_to_a_remote_host_needs_allow_plain_http() {
         "http://localhost:8080",
         "http://[::1]:8080",
     ] {
-        let text = VALID.replace("https://api.example.com", local);
+        let text = only(payments().url(&format!("{local}/v2")));
         assert!(
             Config::parse(Path::new("/b.toml"), &text).is_ok(),
             "{local}"
@@ -428,16 +486,23 @@ fn lifetimes_bodies_and_durations_are_bounded() {
     assert_eq!(config.server.replay_memory, 16 << 20);
     assert_eq!(config.admin.max_connections, 64);
 
-    let text = VALID.replace(
-        "client_id = \"abc\"",
-        "client_id = \"abc\"\nmax_lifetime = \"1m\"\ntimeout = \"400d\"",
+    let text = only(
+        payments().token(
+            token()
+                .max_lifetime("1m") // line 9
+                .timeout("400d")
+                .secret_env("PAYMENTS_SECRET"),
+        ),
     );
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:9:16: upstream[0].token.max_lifetime: is shorter than default_lifetime (5m)\n\
          /etc/bearerd/bearerd.toml:10:11: upstream[0].token.timeout: must be at most a year (\"366d\")"
     );
-    let text = format!("[server]\nreplay_memory = \"16MB\"\nbody_idle_timeout = \"0s\"\n{VALID}");
+    let text = ConfigBuilder::empty()
+        .server(Server::new().replay_memory("16MB").body_idle_timeout("0s"))
+        .upstream(payments())
+        .render();
     assert_eq!(
         errors(&text),
         "/etc/bearerd/bearerd.toml:2:17: server.replay_memory: \"16MB\" is not a size such as \"16MiB\", \"512KiB\" or \"0\"\n\

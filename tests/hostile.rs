@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use http::StatusCode;
+use support::config::{Admin, ConfigBuilder, Log, Server, Token, Upstream};
 use support::daemon::{Daemon, BIN, PATIENCE};
 use support::raw::{exchange, read_to_close, status_of, RecordingUpstream};
 use support::{
@@ -161,16 +162,18 @@ async fn an_echoing_token_endpoint_leaks_the_secret_nowhere() {
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), format!("{SECRET}\n")).unwrap();
-    let mut config = String::from("[admin]\nlisten = \"127.0.0.1:0\"\n[log]\naccess = true\n");
+    let mut config = ConfigBuilder::new().log(Log::new().access(true));
     for (name, path, auth) in SHAPES {
-        config.push_str(&format!(
-            "\n[[upstream]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nurl = \"{}\"\n[upstream.token]\nurl = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"secret\"\nauth = \"{auth}\"\n",
-            upstream.url(),
-            endpoint.url(path),
-        ));
+        config = config.upstream(
+            Upstream::new(name, &upstream.url()).token(
+                Token::new(&endpoint.url(path), CLIENT_ID)
+                    .secret_file("secret")
+                    .auth(auth),
+            ),
+        );
     }
     let path = dir.path().join("bearerd.toml");
-    std::fs::write(&path, &config).unwrap();
+    std::fs::write(&path, config.render()).unwrap();
     let path = path.to_str().unwrap().to_owned();
 
     let mut daemon = Daemon::start_with(&path, &[("RUST_LOG", "trace")]);
@@ -274,13 +277,14 @@ async fn absurd_lifetimes_are_clamped_and_the_source_keeps_running() {
         })
         .await;
         let upstream = serve(echo).await;
-        let sidecar = Sidecar::start(&support::config(
-            "api",
-            &upstream.url(""),
-            &endpoint.url("/token"),
-            "client_id = \"app\"\nclient_secret = \"pw\"\nmax_lifetime = \"2h\"",
-        ))
-        .await;
+        let config = ConfigBuilder::new().upstream(
+            Upstream::new("api", &upstream.url("")).token(
+                Token::new(&endpoint.url("/token"), "app")
+                    .secret("pw")
+                    .max_lifetime("2h"),
+            ),
+        );
+        let sidecar = Sidecar::start(&config.render()).await;
         let answer = get(&sidecar.url("api", "/x")).await;
         assert_eq!(
             answer.echo().header("authorization"),
@@ -312,24 +316,19 @@ async fn absurd_lifetimes_are_clamped_and_the_source_keeps_running() {
 // 3. Strangers: allow_from, and a capped admin listener.
 // ---------------------------------------------------------------------------------------------
 
-/// A config whose one upstream listens on `listen` with `listener_extra` in its table.
-fn listener_config(listen: &str, listener_extra: &str, upstream: &str, token: &str) -> String {
-    format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[upstream]]\nname = \"api\"\nlisten = \"{listen}\"\nurl = \"{upstream}\"\n{listener_extra}\n[upstream.token]\nurl = \"{token}\"\nclient_id = \"app\"\nclient_secret = \"pw\"\n"
-    )
+/// The upstream `api` at `upstream`, listening on 127.0.0.1:0, client `app` of `token`.
+fn api(upstream: &str, token: &str) -> Upstream {
+    Upstream::new("api", upstream).token(Token::new(token, "app").secret("pw"))
 }
 
 #[tokio::test]
 async fn peers_outside_allow_from_are_closed_on_before_a_byte_is_read() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let upstream = RecordingUpstream::start().await;
-    let sidecar = Sidecar::start(&listener_config(
-        "127.0.0.1:0",
-        "allow_from = [\"10.0.0.0/8\", \"fd00::/8\"]",
-        &upstream.url(),
-        &endpoint.url("/token"),
-    ))
-    .await;
+    let config = ConfigBuilder::new().upstream(
+        api(&upstream.url(), &endpoint.url("/token")).allow_from(&["10.0.0.0/8", "fd00::/8"]),
+    );
+    let sidecar = Sidecar::start(&config.render()).await;
     let addr = sidecar.running().local_addr("api").unwrap();
     let mut stream = TcpStream::connect(addr).await.unwrap();
     // Whatever the peer sends, it gets nothing back but the close.
@@ -354,13 +353,12 @@ async fn peers_outside_allow_from_are_closed_on_before_a_byte_is_read() {
 async fn a_listener_off_loopback_serves_the_peers_allow_from_admits() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let upstream = serve(echo).await;
-    let sidecar = Sidecar::start(&listener_config(
-        "0.0.0.0:0",
-        "allow_from = [\"127.0.0.0/8\"]",
-        &upstream.url(""),
-        &endpoint.url("/token"),
-    ))
-    .await;
+    let config = ConfigBuilder::new().upstream(
+        api(&upstream.url(""), &endpoint.url("/token"))
+            .listen("0.0.0.0:0")
+            .allow_from(&["127.0.0.0/8"]),
+    );
+    let sidecar = Sidecar::start(&config.render()).await;
     let port = sidecar.running().local_addr("api").unwrap().port();
     let answer = get(&format!("http://127.0.0.1:{port}/x")).await;
     assert_eq!(answer.echo().header("authorization"), Some("Bearer tok"));
@@ -370,9 +368,10 @@ async fn a_listener_off_loopback_serves_the_peers_allow_from_admits() {
 #[tokio::test]
 async fn the_admin_listener_holds_at_most_its_max_connections() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
-    let config = listener_config("127.0.0.1:0", "", "http://127.0.0.1:9", &endpoint.url("/t"))
-        .replace("[admin]\n", "[admin]\nmax_connections = 2\n");
-    let sidecar = Sidecar::start(&config).await;
+    let config = ConfigBuilder::new()
+        .admin(Admin::new().max_connections(2))
+        .upstream(api("http://127.0.0.1:9", &endpoint.url("/t")));
+    let sidecar = Sidecar::start(&config.render()).await;
     let admin = sidecar.running().admin_addr();
     let probe = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
     // Two kept-alive connections, each served once, fill the listener.
@@ -423,10 +422,11 @@ async fn requests_that_must_not_carry_the_token_never_reach_the_upstream() {
     let endpoint = token_endpoint(|_, _| async { token_ok("the-token", 3600) }).await;
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = listener_config("127.0.0.1:0", "", &upstream.url(), &endpoint.url("/token"))
-        .replace("[admin]\n", "[log]\naccess = true\n[admin]\n");
+    let config = ConfigBuilder::new()
+        .log(Log::new().access(true))
+        .upstream(api(&upstream.url(), &endpoint.url("/token")));
     let path = dir.path().join("bearerd.toml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, config.render()).unwrap();
     let daemon = Daemon::start(path.to_str().unwrap());
     let addr = daemon.listen_addr("api");
     let admin = daemon.listen_addr("admin");
@@ -501,12 +501,10 @@ async fn requests_that_must_not_carry_the_token_never_reach_the_upstream() {
 async fn a_body_that_stalls_is_answered_408_and_its_connection_closed() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let upstream = RecordingUpstream::start().await;
-    let config = listener_config("127.0.0.1:0", "", &upstream.url(), &endpoint.url("/token"))
-        .replace(
-            "[admin]\n",
-            "[server]\nbody_idle_timeout = \"200ms\"\n[admin]\n",
-        );
-    let sidecar = Sidecar::start(&config).await;
+    let config = ConfigBuilder::new()
+        .server(Server::new().body_idle_timeout("200ms"))
+        .upstream(api(&upstream.url(), &endpoint.url("/token")));
+    let sidecar = Sidecar::start(&config.render()).await;
     let addr = sidecar.running().local_addr("api").unwrap();
     // Kept whole for a replay: nothing is sent upstream before the body is complete.
     let answer = exchange(
@@ -529,10 +527,7 @@ async fn a_body_that_stalls_is_answered_408_and_its_connection_closed() {
 
 #[tokio::test]
 async fn bodies_beyond_the_replay_budget_stream_without_a_replay() {
-    for (replay_memory, expected) in [
-        ("\"16MiB\"", StatusCode::OK),
-        ("\"0\"", StatusCode::UNAUTHORIZED),
-    ] {
+    for (replay_memory, expected) in [("16MiB", StatusCode::OK), ("0", StatusCode::UNAUTHORIZED)] {
         let endpoint = token_endpoint(|n, _| async move { token_ok(&format!("t{n}"), 3600) }).await;
         // The first token is refused; a replay with the next one succeeds.
         let upstream = serve(|request: http::Request<hyper::body::Incoming>| async move {
@@ -543,17 +538,10 @@ async fn bodies_beyond_the_replay_budget_stream_without_a_replay() {
             }
         })
         .await;
-        let config = listener_config(
-            "127.0.0.1:0",
-            "",
-            &upstream.url(""),
-            &endpoint.url("/token"),
-        )
-        .replace(
-            "[admin]\n",
-            &format!("[server]\nreplay_memory = {replay_memory}\n[admin]\n"),
-        );
-        let sidecar = Sidecar::start(&config).await;
+        let config = ConfigBuilder::new()
+            .server(Server::new().replay_memory(replay_memory))
+            .upstream(api(&upstream.url(""), &endpoint.url("/token")));
+        let sidecar = Sidecar::start(&config.render()).await;
         let answer = support::send(
             http::Request::post(sidecar.url("api", "/x"))
                 .body(http_body_util::Full::new(bytes::Bytes::from_static(
@@ -562,7 +550,7 @@ async fn bodies_beyond_the_replay_budget_stream_without_a_replay() {
                 .unwrap(),
         )
         .await;
-        assert_eq!(answer.status, expected, "replay_memory = {replay_memory}");
+        assert_eq!(answer.status, expected, "replay_memory = {replay_memory:?}");
         sidecar.stop().await;
     }
 }

@@ -18,6 +18,8 @@
     clippy::needless_pass_by_value
 )]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,6 +35,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 use serde_json::Value;
+use support::config::{payments, payments_token, string as toml_string, Admin, ConfigBuilder};
 
 /// `cases` cases, and no `proptest-regressions` files written next to the tests.
 fn config(cases: u32) -> ProptestConfig {
@@ -702,34 +705,14 @@ fn jwt_lifetime_is_never_zero() {
 // Config loader.
 // ---------------------------------------------------------------------------------------------
 
-const VALID: &str = r#"[admin]
-listen = "127.0.0.1:9464"
-
-[[upstream]]
-name = "payments"
-listen = "127.0.0.1:8081"
-url = "https://api.example.com/v2"
-
-[upstream.token]
-url = "https://auth.example.com/oauth/token"
-client_id = "abc"
-client_secret_env = "PAYMENTS_SECRET"
-scope = "read write"
-"#;
-
-/// A TOML basic string holding `s`.
-fn toml_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// The file the mutations start from: `VALID` of tests/support/config.rs with an `[admin]`
+/// table before it and a `scope` after it, so that every table but `[server]` and `[log]` has
+/// lines to mutate.
+fn base() -> String {
+    ConfigBuilder::empty()
+        .admin(Admin::new().listen("127.0.0.1:9464"))
+        .upstream(payments().token(payments_token().scope("read write")))
+        .render()
 }
 
 /// TOML values of every kind, valid or nearly so, and strings shaped like what each key takes
@@ -1065,7 +1048,7 @@ fn check_config(path: &Path, text: &str) -> Result<(), TestCaseError> {
 
 #[test]
 fn the_base_config_is_valid() {
-    let config = Config::parse(Path::new("/etc/bearerd/config.toml"), VALID)
+    let config = Config::parse(Path::new("/etc/bearerd/config.toml"), &base())
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.upstreams.len(), 1);
 }
@@ -1089,7 +1072,7 @@ proptest! {
         path in config_path(),
         mutations in prop::collection::vec(mutation(), 1..6),
     ) {
-        let text = mutations.iter().fold(VALID.to_owned(), |text, m| apply(&text, m));
+        let text = mutations.iter().fold(base(), |text, m| apply(&text, m));
         check_config(&path, &text)?;
     }
 
@@ -1098,7 +1081,7 @@ proptest! {
         path in config_path(),
         settings in prop::collection::vec(set_key(), 1..5),
     ) {
-        let text = settings.iter().fold(VALID.to_owned(), |text, m| apply(&text, m));
+        let text = settings.iter().fold(base(), |text, m| apply(&text, m));
         check_config(&path, &text)?;
     }
 }

@@ -16,18 +16,26 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
+use support::config::{ConfigBuilder, Server, Tls, Token, Upstream};
 use support::{echo, get, send, serve, token_endpoint, token_ok, Sidecar, TestCa};
 
-const SECRET_LINE: &str = "client_id = \"app\"\nclient_secret = \"pw\"\n";
+/// The client `app` with the secret `pw`, at the token endpoint `url`.
+fn app(url: &str) -> Token {
+    Token::new(url, "app").secret("pw")
+}
+
+/// The upstream `api` at `upstream_url`, getting its token from `endpoint`.
+fn api(upstream_url: &str, endpoint: &support::TokenEndpoint) -> Upstream {
+    Upstream::new("api", upstream_url).token(app(&endpoint.url("/token")))
+}
 
 /// bearerd with one upstream `api` at `upstream_url`, getting its token from `endpoint`.
 async fn sidecar_for(upstream_url: &str, endpoint: &support::TokenEndpoint) -> Sidecar {
-    Sidecar::start(&support::config(
-        "api",
-        upstream_url,
-        &endpoint.url("/token"),
-        SECRET_LINE,
-    ))
+    Sidecar::start(
+        &ConfigBuilder::new()
+            .upstream(api(upstream_url, endpoint))
+            .render(),
+    )
     .await
 }
 
@@ -141,13 +149,10 @@ async fn token_endpoint_down_gives_503_and_nothing_reaches_the_upstream() {
         echo(request)
     })
     .await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &upstream.url(""),
-        &format!("http://{closed}/token"),
-        SECRET_LINE,
-    ))
-    .await;
+    let config = ConfigBuilder::new().upstream(
+        Upstream::new("api", &upstream.url("")).token(app(&format!("http://{closed}/token"))),
+    );
+    let sidecar = Sidecar::start(&config.render()).await;
     let answer = get(&sidecar.url("api", "/x")).await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     let retry_after: u64 = answer.headers["retry-after"]
@@ -197,17 +202,9 @@ async fn upstream_too_slow_gives_504() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     // Never answers: the only way out is bearerd's response header timeout.
     let upstream = serve(|_| std::future::pending()).await;
-    let config = support::config(
-        "api",
-        &upstream.url(""),
-        &endpoint.url("/token"),
-        SECRET_LINE,
-    )
-    .replace(
-        "[upstream.token]",
-        "response_header_timeout = \"300ms\"\n\n[upstream.token]",
-    );
-    let sidecar = Sidecar::start(&config).await;
+    let config = ConfigBuilder::new()
+        .upstream(api(&upstream.url(""), &endpoint).response_header_timeout("300ms"));
+    let sidecar = Sidecar::start(&config.render()).await;
     let answer = get(&sidecar.url("api", "/slow")).await;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
     let body = answer.json();
@@ -244,16 +241,12 @@ async fn tls_upstream_and_token_endpoint_behind_a_test_ca() {
     let upstream = support::serve_tls(echo, &ca).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), &ca.ca_pem).unwrap();
-    let config = format!(
-        "{}\n[upstream.tls]\nroots = \"none\"\nca_file = \"ca.pem\"\n",
-        support::config(
-            "api",
-            &upstream.https_url("/base"),
-            &endpoint.server.https_url("/oauth/token"),
-            SECRET_LINE,
-        )
+    let config = ConfigBuilder::new().upstream(
+        Upstream::new("api", &upstream.https_url("/base"))
+            .token(app(&endpoint.server.https_url("/oauth/token")))
+            .tls(Tls::new().roots("none").ca_file("ca.pem")),
     );
-    let sidecar = Sidecar::start_in(dir, &config).await;
+    let sidecar = Sidecar::start_in(dir, &config.render()).await;
     let echoed = get(&sidecar.url("api", "/x")).await.echo();
     assert_eq!(echoed.header("authorization"), Some("Bearer tls-tok"));
     assert_eq!(echoed.uri, format!("https://{}/base/x", upstream.addr));
@@ -270,16 +263,11 @@ async fn rotated_secret_file_is_used_at_the_next_token_request() {
     let upstream = serve(echo).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), "first-secret\n").unwrap();
-    let sidecar = Sidecar::start_in(
-        dir,
-        &support::config(
-            "api",
-            &upstream.url(""),
-            &endpoint.url("/token"),
-            "client_id = \"app\"\nclient_secret_file = \"secret\"\n",
-        ),
-    )
-    .await;
+    let config = ConfigBuilder::new().upstream(
+        Upstream::new("api", &upstream.url(""))
+            .token(Token::new(&endpoint.url("/token"), "app").secret_file("secret")),
+    );
+    let sidecar = Sidecar::start_in(dir, &config.render()).await;
     endpoint.wait_for_requests(1).await;
     std::fs::write(sidecar.file("secret"), "second-secret\n").unwrap();
     endpoint.wait_for_requests(2).await;
@@ -298,33 +286,12 @@ async fn rotated_secret_file_is_used_at_the_next_token_request() {
 async fn upstreams_with_the_same_token_settings_share_one_token() {
     let endpoint = token_endpoint(|n, _| async move { token_ok(&format!("tok-{n}"), 3600) }).await;
     let upstream = serve(echo).await;
-    let token = format!("url = \"{}\"\n{SECRET_LINE}", endpoint.url("/token"));
-    let config = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:0"
-[[upstream]]
-name = "a"
-listen = "127.0.0.1:0"
-url = "{u}"
-[upstream.token]
-{token}
-[[upstream]]
-name = "b"
-listen = "127.0.0.1:0"
-url = "{u}/other"
-[upstream.token]
-{token}
-[[upstream]]
-name = "c"
-listen = "127.0.0.1:0"
-url = "{u}"
-[upstream.token]
-{token}scope = "different"
-"#,
-        u = upstream.url("")
-    );
-    let sidecar = Sidecar::start(&config).await;
+    let token = app(&endpoint.url("/token"));
+    let config = ConfigBuilder::new()
+        .upstream(Upstream::new("a", &upstream.url("")).token(token.clone()))
+        .upstream(Upstream::new("b", &upstream.url("/other")).token(token.clone()))
+        .upstream(Upstream::new("c", &upstream.url("")).token(token.scope("different")));
+    let sidecar = Sidecar::start(&config.render()).await;
     let a = get(&sidecar.url("a", "/")).await.echo();
     let b = get(&sidecar.url("b", "/")).await.echo();
     let c = get(&sidecar.url("c", "/")).await.echo();
@@ -350,14 +317,10 @@ async fn cold_start_herd_of_1000_causes_one_token_request() {
     .await;
     let upstream = serve(echo).await;
     // The whole herd is in at once: the listener must hold more than the default 512.
-    let config = support::config(
-        "api",
-        &upstream.url(""),
-        &endpoint.url("/token"),
-        SECRET_LINE,
-    )
-    .replace("[admin]\n", "[server]\nmax_connections = 2000\n[admin]\n");
-    let sidecar = Sidecar::start(&config).await;
+    let config = ConfigBuilder::new()
+        .server(Server::new().max_connections(2000))
+        .upstream(api(&upstream.url(""), &endpoint));
+    let sidecar = Sidecar::start(&config.render()).await;
     let url = sidecar.url("api", "/herd");
     let herd: Vec<_> = (0..HERD)
         .map(|_| tokio::spawn(support::get_owned(url.clone())))

@@ -11,25 +11,25 @@
 mod support;
 
 use http::StatusCode;
+use support::config::{ConfigBuilder, Server, Tls, Token, Upstream};
 use support::{echo, get, serve, token_endpoint, token_ok, Sidecar};
 
-fn upstream_block(name: &str, listen: &str, url: &str, token_url: &str) -> String {
-    format!(
-        r#"
-[[upstream]]
-name = "{name}"
-listen = "{listen}"
-url = "{url}"
-[upstream.token]
-url = "{token_url}"
-client_id = "app"
-client_secret = "pw"
-"#
-    )
+/// The upstream `name` at `url`, listening on 127.0.0.1:0, client `app` of `token_url`.
+fn upstream_block(name: &str, url: &str, token_url: &str) -> Upstream {
+    Upstream::new(name, url).token(app(token_url))
 }
 
-fn with_admin(blocks: &[String]) -> String {
-    format!("[admin]\nlisten = \"127.0.0.1:0\"\n{}", blocks.concat())
+/// The client `app` with the secret `pw`.
+fn app(token_url: &str) -> Token {
+    Token::new(token_url, "app").secret("pw")
+}
+
+/// A config of `upstreams` (and `[admin]` on port 0).
+fn with_admin(upstreams: &[Upstream]) -> String {
+    upstreams
+        .iter()
+        .fold(ConfigBuilder::new(), |config, u| config.upstream(u.clone()))
+        .render()
 }
 
 fn load(sidecar: &Sidecar, text: &str) -> bearerd::config::Config {
@@ -45,7 +45,6 @@ async fn reload_changes_routes_keeps_unchanged_tokens_and_adds_listeners() {
     let token_url = endpoint.url("/token");
     let mut sidecar = Sidecar::start(&with_admin(&[upstream_block(
         "a",
-        "127.0.0.1:0",
         &upstream.url("/v1"),
         &token_url,
     )]))
@@ -57,8 +56,8 @@ async fn reload_changes_routes_keeps_unchanged_tokens_and_adds_listeners() {
     let config = load(
         &sidecar,
         &with_admin(&[
-            upstream_block("a", "127.0.0.1:0", &upstream.url("/v2"), &token_url),
-            upstream_block("b", "127.0.0.1:0", &upstream.url("/b"), &token_url),
+            upstream_block("a", &upstream.url("/v2"), &token_url),
+            upstream_block("b", &upstream.url("/b"), &token_url),
         ]),
     );
     sidecar
@@ -89,12 +88,8 @@ async fn reload_changes_routes_keeps_unchanged_tokens_and_adds_listeners() {
     // Changed token settings make a new source, and so a new token.
     let config = load(
         &sidecar,
-        &with_admin(&[
-            upstream_block("a", "127.0.0.1:0", &upstream.url("/v2"), &token_url).replace(
-                "client_secret = \"pw\"",
-                "client_secret = \"pw\"\nscope = \"more\"",
-            ),
-        ]),
+        &with_admin(&[upstream_block("a", &upstream.url("/v2"), &token_url)
+            .token(app(&token_url).scope("more"))]),
     );
     sidecar
         .running
@@ -124,10 +119,10 @@ async fn removed_listener_drains_its_request_in_flight() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let upstream = support::Holding::start().await;
     let token_url = endpoint.url("/token");
-    let keep = upstream_block("keep", "127.0.0.1:0", &upstream.url(""), &token_url);
+    let keep = upstream_block("keep", &upstream.url(""), &token_url);
     let mut sidecar = Sidecar::start(&with_admin(&[
         keep.clone(),
-        upstream_block("gone", "127.0.0.1:0", &upstream.url(""), &token_url),
+        upstream_block("gone", &upstream.url(""), &token_url),
     ]))
     .await;
     let gone = sidecar.running().local_addr("gone").unwrap();
@@ -162,27 +157,22 @@ async fn a_reload_that_cannot_apply_keeps_the_running_config() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let upstream = serve(echo).await;
     let token_url = endpoint.url("/token");
-    let block = upstream_block("a", "127.0.0.1:0", &upstream.url("/v1"), &token_url);
-    let mut sidecar = Sidecar::start(&with_admin(std::slice::from_ref(&block))).await;
+    let mut sidecar = Sidecar::start(&with_admin(&[upstream_block(
+        "a",
+        &upstream.url("/v1"),
+        &token_url,
+    )]))
+    .await;
 
     // A missing CA file, and a listen address another socket holds.
-    let bad_ca = format!(
-        "{}\n[upstream.tls]\nca_file = \"missing.pem\"\n",
-        block.replace("/v1", "/v2")
-    );
+    let moved = upstream_block("a", &upstream.url("/v2"), &token_url);
+    let bad_ca = moved.clone().tls(Tls::new().ca_file("missing.pem"));
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let bad_listen = upstream_block(
-        "b",
-        &taken.local_addr().unwrap().to_string(),
-        &upstream.url("/b"),
-        &token_url,
-    );
+    let bad_listen = upstream_block("b", &upstream.url("/b"), &token_url)
+        .listen(&taken.local_addr().unwrap().to_string());
     for (bad, expected) in [
         (with_admin(&[bad_ca]), "missing.pem"),
-        (
-            with_admin(&[block.replace("/v1", "/v2"), bad_listen]),
-            "cannot listen on",
-        ),
+        (with_admin(&[moved, bad_listen]), "cannot listen on"),
     ] {
         let config = load(&sidecar, &bad);
         let error = sidecar
@@ -206,19 +196,25 @@ async fn server_settings_stay_as_they_run_until_a_restart() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let upstream = serve(echo).await;
     let token_url = endpoint.url("/token");
-    let a = upstream_block("a", "127.0.0.1:0", &upstream.url(""), &token_url);
-    let mut sidecar = Sidecar::start(&format!(
-        "[server]\nmax_connections = 1\n{}",
-        with_admin(std::slice::from_ref(&a))
-    ))
+    let a = upstream_block("a", &upstream.url(""), &token_url);
+    let mut sidecar = Sidecar::start(
+        &ConfigBuilder::new()
+            .server(Server::new().max_connections(1))
+            .upstream(a.clone())
+            .render(),
+    )
     .await;
 
     // The reload asks for more connections and adds a listener: the new listener still gets
     // the running limit of one connection.
-    let b = upstream_block("b", "127.0.0.1:0", &upstream.url(""), &token_url);
+    let b = upstream_block("b", &upstream.url(""), &token_url);
     let config = load(
         &sidecar,
-        &format!("[server]\nmax_connections = 100\n{}", with_admin(&[a, b])),
+        &ConfigBuilder::new()
+            .server(Server::new().max_connections(100))
+            .upstream(a)
+            .upstream(b)
+            .render(),
     );
     sidecar
         .running

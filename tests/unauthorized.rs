@@ -16,6 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
+use support::config::{ConfigBuilder, Token, Upstream};
 use support::{echo, json, send, serve, token_endpoint, token_ok, Server, Sidecar};
 
 /// An upstream that takes only tokens `tok-N` with N at least `accepted_from`, and answers
@@ -43,14 +44,19 @@ async fn revoking_upstream(accepted_from: Arc<AtomicUsize>) -> Server {
     .await
 }
 
-fn config(upstream: &Server, token_url: &str, extra: &str) -> String {
-    support::config(
-        "api",
-        &upstream.url(""),
-        token_url,
-        "client_id = \"app\"\nclient_secret = \"pw\"\n",
-    )
-    .replace("[upstream.token]", &format!("{extra}\n[upstream.token]"))
+/// The upstream `api` at `upstream`, client `app` of `token_url`.
+fn api(upstream: &Server, token_url: &str) -> Upstream {
+    Upstream::new("api", &upstream.url("")).token(app(token_url))
+}
+
+/// The client `app` with the secret `pw`.
+fn app(token_url: &str) -> Token {
+    Token::new(token_url, "app").secret("pw")
+}
+
+/// A config of the upstream `api` alone.
+fn config(upstream: Upstream) -> String {
+    ConfigBuilder::new().upstream(upstream).render()
 }
 
 #[tokio::test]
@@ -58,7 +64,7 @@ async fn revoked_token_is_replaced_and_the_request_replayed() {
     let endpoint = token_endpoint(|n, _| async move { token_ok(&format!("tok-{n}"), 3600) }).await;
     let accepted_from = Arc::new(AtomicUsize::new(0));
     let upstream = revoking_upstream(Arc::clone(&accepted_from)).await;
-    let sidecar = Sidecar::start(&config(&upstream, &endpoint.url("/token"), "")).await;
+    let sidecar = Sidecar::start(&config(api(&upstream, &endpoint.url("/token")))).await;
 
     let post = |body: &'static str| {
         Request::post(sidecar.url("api", "/items"))
@@ -101,7 +107,7 @@ async fn many_401s_at_once_cause_one_token_request() {
     let endpoint = token_endpoint(|n, _| async move { token_ok(&format!("tok-{n}"), 3600) }).await;
     let accepted_from = Arc::new(AtomicUsize::new(0));
     let upstream = revoking_upstream(Arc::clone(&accepted_from)).await;
-    let sidecar = Sidecar::start(&config(&upstream, &endpoint.url("/token"), "")).await;
+    let sidecar = Sidecar::start(&config(api(&upstream, &endpoint.url("/token")))).await;
     support::get(&sidecar.url("api", "/warm")).await.echo();
 
     accepted_from.store(1, Ordering::SeqCst);
@@ -124,7 +130,7 @@ async fn large_body_is_not_replayed_but_the_token_is_replaced() {
     let endpoint = token_endpoint(|n, _| async move { token_ok(&format!("tok-{n}"), 3600) }).await;
     let accepted_from = Arc::new(AtomicUsize::new(1));
     let upstream = revoking_upstream(Arc::clone(&accepted_from)).await;
-    let sidecar = Sidecar::start(&config(&upstream, &endpoint.url("/token"), "")).await;
+    let sidecar = Sidecar::start(&config(api(&upstream, &endpoint.url("/token")))).await;
 
     let big = Bytes::from(vec![b'x'; 100 * 1024]);
     let answer = send(
@@ -156,9 +162,7 @@ async fn retry_on_401_off_passes_the_401_back() {
     let endpoint = token_endpoint(|n, _| async move { token_ok(&format!("tok-{n}"), 3600) }).await;
     let upstream = revoking_upstream(Arc::new(AtomicUsize::new(1))).await;
     let sidecar = Sidecar::start(&config(
-        &upstream,
-        &endpoint.url("/token"),
-        "retry_on_401 = false",
+        api(&upstream, &endpoint.url("/token")).retry_on_401(false),
     ))
     .await;
     let answer = support::get(&sidecar.url("api", "/x")).await;
@@ -182,9 +186,12 @@ async fn failed_replacement_passes_the_upstreams_401_back() {
     .await;
     let upstream = revoking_upstream(Arc::new(AtomicUsize::new(1))).await;
     // A long backoff: the only token requests are the first and the one the 401 caused.
-    let sidecar = Sidecar::start(&format!(
-        "{}backoff_base = \"1h\"\nbackoff_cap = \"1h\"\n",
-        config(&upstream, &endpoint.url("/token"), "")
+    let sidecar = Sidecar::start(&config(
+        api(&upstream, &endpoint.url("/token")).token(
+            app(&endpoint.url("/token"))
+                .backoff_base("1h")
+                .backoff_cap("1h"),
+        ),
     ))
     .await;
     let answer = support::get(&sidecar.url("api", "/x")).await;

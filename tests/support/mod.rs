@@ -1,6 +1,7 @@
 //! In-process fixtures for the integration tests, all on loopback port 0: HTTP and HTTPS
 //! servers with scripted handlers, a token endpoint that records and counts what it gets, an
-//! echo upstream, a throwaway CA, and a bearerd sidecar started from a TOML snippet.
+//! echo upstream, a throwaway CA, and a bearerd sidecar started from a TOML snippet (which
+//! `config::ConfigBuilder` writes).
 
 #![allow(
     dead_code,
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+pub mod config;
 pub mod daemon;
 pub mod raw;
 pub mod vendors;
