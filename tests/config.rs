@@ -106,8 +106,8 @@ fn the_builder_escapes_what_it_writes() {
     let token = &config.upstreams[0].token;
     assert_eq!(token.client_id, awkward);
     assert_eq!(
-        token.client_secret,
-        SecretSource::Inline(bearerd::secret::Secret::new(awkward))
+        token.auth.secret(),
+        Some(&SecretSource::Inline(bearerd::secret::Secret::new(awkward)))
     );
     assert_eq!(token.params["odd key"], awkward);
 }
