@@ -25,27 +25,17 @@ use crate::token::Token;
 /// streamed and their 401 passed back.
 pub const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
-/// Forwards `request` to the route of `listener` it matches, answering with the upstream's
-/// response or an error JSON.
-pub async fn forward(
-    listener: &Listener,
-    slot: &Slot,
-    request: Request<Incoming>,
-) -> Response<ResponseBody> {
-    match listener.routes.choose(&request) {
-        Some(route) => forward_to(route, slot, request).await,
-        None => {
-            let response = ProxyError::NoRoute.into_response(&listener.name);
-            listener
-                .metrics
-                .request_answered(response.status(), std::time::Duration::ZERO);
-            response
-        }
-    }
+/// The answer to a request no route of `listener` matches.
+pub(super) fn unrouted(listener: &Listener) -> Response<ResponseBody> {
+    let response = ProxyError::NoRoute.into_response(&listener.name);
+    listener
+        .metrics
+        .request_answered(response.status(), std::time::Duration::ZERO);
+    response
 }
 
 /// Forwards `request` to `upstream`, answering with the upstream's response or an error JSON.
-async fn forward_to(
+pub(super) async fn forward(
     upstream: &Route,
     slot: &Slot,
     request: Request<Incoming>,
