@@ -42,12 +42,20 @@ impl Running {
                 self.series.insert(upstream.name.clone(), series);
             }
         }
+        // The lookups below by name and key find what `prepare` and the lines above made for
+        // every upstream of the plan; each `else` is there only so that nothing can panic.
         let mut sources = HashMap::with_capacity(plan.sources.len());
         for wanted in &plan.sources {
             let source = match (wanted.step, self.sources.remove(&wanted.key)) {
                 (Step::Keep, Some(running)) => running,
-                // The TLS settings are part of the key: any user's prepared config will do.
-                _ => self.spawn_source(&wanted.key, prepared[&wanted.users[0].name].tls.clone()),
+                _ => {
+                    // The TLS settings are part of the key: any user's prepared config will do.
+                    let Some(prepared) = wanted.users.first().and_then(|u| prepared.get(&u.name))
+                    else {
+                        continue;
+                    };
+                    self.spawn_source(&wanted.key, prepared.tls.clone())
+                }
             };
             self.observe(&source, &wanted.users);
             sources.insert(wanted.key.clone(), source);
@@ -56,15 +64,20 @@ impl Running {
         let mut watched = Vec::with_capacity(plan.listeners.len());
         for wanted in plan.listeners {
             let upstream = wanted.upstream;
-            let series = &self.series[&upstream.name];
-            let token = sources[&SourceKey::of(upstream)].handle.clone();
+            let (Some(series), Some(source)) = (
+                self.series.get(&upstream.name),
+                sources.get(&SourceKey::of(upstream)),
+            ) else {
+                continue;
+            };
+            let token = source.handle.clone();
             watched.push(admin::Watched {
                 name: upstream.name.clone(),
                 token: token.clone(),
                 metrics: Arc::clone(&series.token),
             });
             let Some(Prepared { tls, target, bound }) = prepared.remove(&upstream.name) else {
-                continue; // `prepare` prepares every listener of the plan.
+                continue;
             };
             let running = self.listeners.remove(&wanted.key);
             let build = || self.listener_value(upstream, config, tls, target, token, series);
@@ -79,7 +92,8 @@ impl Running {
                 (_, None, Some((socket, addr))) => {
                     self.spawn_listener(socket, addr, wanted.serving, build())
                 }
-                (_, None, None) => continue, // `prepare` binds every listener the plan starts.
+                // `prepare` binds every listener the plan starts.
+                (_, None, None) => continue,
             };
             listeners.insert(wanted.key, listener);
         }
@@ -184,7 +198,8 @@ impl Running {
             .join(",");
         observers.metrics = users
             .iter()
-            .map(|u| Arc::clone(&self.series[&u.name].token))
+            .filter_map(|u| self.series.get(&u.name))
+            .map(|series| Arc::clone(&series.token))
             .collect();
     }
 }
