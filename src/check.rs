@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::fmt::Write;
 
 use crate::config::{Config, Roots};
+use crate::token::setup::SourceSetup;
 use crate::token::{client_auth, SourceKey};
 
 /// Reads every secret and trust-anchor file of `config`. Returns the description of what would
@@ -61,11 +62,14 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
                 "  WARNING: allow_plain_http: requests and the token go to the upstream unencrypted"
             );
         }
+        let client = match &token.client_id {
+            Some(id) => format!("as client {id:?}"),
+            None => "with no client_id (the assertion names the client)".to_owned(),
+        };
         let _ = write!(
             out,
-            "  token: POST {} as client {:?}, {}",
+            "  token: POST {} {client}, {}",
             token.url,
-            token.client_id,
             client_auth::describe(&token.auth)
         );
         for (name, value) in [
@@ -99,14 +103,55 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
             Roots::None => "no built-in roots",
         };
         let _ = match &upstream.tls.ca_file {
-            Some(ca_file) => writeln!(out, "  tls: {roots} + ca_file {}", ca_file.display()),
-            None => writeln!(out, "  tls: {roots}"),
+            Some(ca_file) => write!(out, "  tls: {roots} + ca_file {}", ca_file.display()),
+            None => write!(out, "  tls: {roots}"),
         };
-        if let Err(e) = client_auth::check(&token.auth) {
-            problems.push(format!("upstream {}: {e}", upstream.name));
+        match &upstream.tls.identity {
+            Some(identity) => match crate::tls::LoadedIdentity::read(identity) {
+                Ok(loaded) => {
+                    let _ = writeln!(
+                        out,
+                        "; client certificate {} (sha256 {}) to the upstream",
+                        identity.cert_file.display(),
+                        loaded.fingerprint()
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(out);
+                    problems.push(format!("upstream {}: {e}", upstream.name));
+                }
+            },
+            None => {
+                let _ = writeln!(out);
+            }
         }
-        if let Err(e) = crate::tls::client_config(&upstream.tls) {
-            problems.push(format!("upstream {}: {e}", upstream.name));
+        let tls_key = upstream.tls.identity.as_ref().map(|i| i.key_file.as_path());
+        for path in token.key_files().into_iter().chain(tls_key) {
+            if crate::secret::readable_by_others(path) {
+                let _ = writeln!(
+                    out,
+                    "  WARNING: key file {} is readable by group or others",
+                    path.display()
+                );
+            }
+        }
+        match client_auth::check(&token.auth) {
+            Ok(found) => {
+                let _ = writeln!(out, "  credentials: {found}");
+            }
+            Err(e) => problems.push(format!("upstream {}: {e}", upstream.name)),
+        }
+        match SourceSetup::new(&SourceKey::of(upstream)) {
+            Ok(setup) => {
+                if let Some(key) = &setup.dpop {
+                    let kept = match token.dpop.as_ref().and_then(|d| d.key_file.as_ref()) {
+                        Some(path) => format!("from {}", path.display()),
+                        None => "made at start (a restart makes a new one)".to_owned(),
+                    };
+                    let _ = writeln!(out, "  dpop: {}, key {kept}", key.describe());
+                }
+            }
+            Err(e) => problems.push(format!("upstream {}: {e}", upstream.name)),
         }
     }
     let _ = writeln!(out, "token sources: {}", sources.len());
@@ -131,9 +176,14 @@ pub async fn fetch_token(
             names.join(", ")
         ));
     };
-    let tls =
-        crate::tls::client_config(&found.tls).map_err(|e| format!("upstream {upstream}: {e}"))?;
-    let fetcher = crate::token::fetch::Fetcher::new(found.token.clone(), tls);
+    let setup =
+        SourceSetup::new(&SourceKey::of(found)).map_err(|e| format!("upstream {upstream}: {e}"))?;
+    let fetcher = crate::token::fetch::Fetcher::new(
+        found.token.clone(),
+        setup.tls,
+        setup.dpop,
+        Box::new(|| {}),
+    );
     let started = tokio::time::Instant::now();
     let token = crate::token::fetch::Fetch::fetch(&fetcher)
         .await
@@ -150,7 +200,12 @@ pub async fn fetch_token(
         found.token.url,
         started.elapsed().as_millis()
     );
-    let _ = writeln!(out, "  token type: Bearer");
+    let token_type = if found.token.dpop.is_some() {
+        "DPoP"
+    } else {
+        "Bearer"
+    };
+    let _ = writeln!(out, "  token type: {token_type}");
     let _ = writeln!(
         out,
         "  scope: {}",
@@ -171,7 +226,9 @@ pub async fn fetch_token(
         let _ = writeln!(
             out,
             "  access token: {}",
-            header.strip_prefix("Bearer ").unwrap_or(header)
+            header
+                .split_once(' ')
+                .map_or(header, |(_scheme, token)| token)
         );
     }
     Ok(out)

@@ -12,6 +12,21 @@ use std::path::PathBuf;
 use base64::Engine;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
+/// Whether the file at `path` may be read by its group or by others (Unix permissions): a
+/// key file should be readable by its owner alone. `false` where it cannot be told.
+pub(crate) fn readable_by_others(path: &std::path::Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
 /// A value that must never reach a log line, an error body or `Debug` output.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(Box<str>);

@@ -5,6 +5,8 @@
 //! HTTP/2 where the server offers it by ALPN and HTTP/1.1 otherwise, and plain HTTP for
 //! `http://` URLs.
 
+mod identity;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 
-use crate::config::{Roots, TlsSettings};
+use crate::config::{self, Roots, TlsSettings};
+pub(crate) use identity::{Identity, Loaded as LoadedIdentity};
 
 /// The pooled client used for token requests.
 pub type HttpsClient<B> = Client<Connector, B>;
@@ -59,13 +62,25 @@ pub enum TlsError {
     /// `roots = "native"` found no usable certificate in the system's store.
     #[error("roots = \"native\": no usable certificate in the system's trust store ({0})")]
     NativeRoots(String),
+    /// A client certificate or its key could not be read or used.
+    #[error("client certificate: {}: {reason}", path.display())]
+    Identity {
+        /// The file at fault.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// rustls refused the configuration.
     #[error("TLS setup failed: {0}")]
     Rustls(#[from] rustls::Error),
 }
 
-/// Builds the rustls client configuration for `settings`.
-pub fn client_config(settings: &TlsSettings) -> Result<rustls::ClientConfig, TlsError> {
+/// Builds the rustls client configuration for `settings`, presenting `identity` (a client
+/// certificate) when given.
+pub fn client_config(
+    settings: &TlsSettings,
+    identity: Option<&config::Identity>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     match settings.roots {
         Roots::Webpki => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -109,9 +124,11 @@ pub fn client_config(settings: &TlsSettings) -> Result<rustls::ClientConfig, Tls
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(config)
+    .with_root_certificates(roots);
+    Ok(match identity {
+        Some(files) => config.with_client_cert_resolver(Arc::new(Identity::new(files)?)),
+        None => config.with_no_client_auth(),
+    })
 }
 
 /// A pooled client over `tls`, for bodies of type `B`.
@@ -151,24 +168,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.pem");
         let settings = |ca_file: &std::path::Path| TlsSettings {
+            identity: None,
             roots: Roots::None,
             ca_file: Some(ca_file.to_owned()),
         };
-        let message = client_config(&settings(&missing)).unwrap_err().to_string();
+        let message = client_config(&settings(&missing), None)
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("missing.pem"), "{message}");
 
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
-        let message = client_config(&settings(&empty)).unwrap_err().to_string();
+        let message = client_config(&settings(&empty), None)
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("holds no PEM certificate"), "{message}");
     }
 
     #[test]
     fn webpki_roots_need_no_file() {
         let settings = TlsSettings {
+            identity: None,
             roots: Roots::Webpki,
             ca_file: None,
         };
-        assert!(client_config(&settings).is_ok());
+        assert!(client_config(&settings, None).is_ok());
     }
 }

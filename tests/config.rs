@@ -42,7 +42,7 @@ fn example_config_loads_with_every_key() {
     assert!(upstream.retry_on_401);
     let token = &upstream.token;
     assert_eq!(token.url, "https://auth.example.com/oauth/token");
-    assert_eq!(token.client_id, "abc");
+    assert_eq!(token.client_id.as_deref(), Some("abc"));
     assert_eq!(
         token.auth,
         ClientAuth::Basic {
@@ -104,7 +104,7 @@ fn the_builder_escapes_what_it_writes() {
     let config =
         Config::parse(Path::new("/b.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let token = &config.upstreams[0].token;
-    assert_eq!(token.client_id, awkward);
+    assert_eq!(token.client_id.as_deref(), Some(awkward));
     assert_eq!(
         token.auth.secret(),
         Some(&SecretSource::Inline(bearerd::secret::Secret::new(awkward)))
@@ -275,7 +275,7 @@ fn bad_values() {
     let text = only(payments().token(token().auth("jwt").secret_env("PAYMENTS_SECRET")));
     assert!(
         errors(&text).starts_with(
-            "/etc/bearerd/bearerd.toml:9:8: upstream[0].token.auth: unknown variant `jwt`, expected `basic` or `post`"
+            "/etc/bearerd/bearerd.toml:9:8: upstream[0].token.auth: unknown variant `jwt`, expected one of `basic`, `post`, `client_secret_jwt`, `private_key_jwt`, `client_assertion_file`, `tls_client_auth`"
         ),
         "{}",
         errors(&text)

@@ -116,8 +116,8 @@ pub struct Upstream {
 pub struct Token {
     /// The token endpoint.
     pub url: Spanned<String>,
-    /// The OAuth2 client identifier.
-    pub client_id: Spanned<String>,
+    /// The OAuth2 client identifier (optional with `client_assertion_file` only).
+    pub client_id: Option<Spanned<String>>,
     /// Path of a file holding the client secret.
     pub client_secret_file: Option<Spanned<PathBuf>>,
     /// Name of an environment variable holding the client secret.
@@ -126,7 +126,31 @@ pub struct Token {
     pub client_secret: Option<Spanned<String>>,
     /// How the client authenticates to the token endpoint.
     #[serde(default)]
-    pub auth: Option<ClientAuth>,
+    pub auth: Option<Spanned<ClientAuth>>,
+    /// `private_key_jwt`: the PEM private key that signs the assertion.
+    pub private_key_file: Option<Spanned<PathBuf>>,
+    /// `private_key_jwt`: the signing algorithm, when not the key's usual one.
+    pub assertion_alg: Option<Spanned<String>>,
+    /// `private_key_jwt`: the `kid` of the assertion's header.
+    pub key_id: Option<Spanned<String>>,
+    /// `private_key_jwt`: a PEM certificate of the key, for `x5t#S256`.
+    pub certificate_file: Option<Spanned<PathBuf>>,
+    /// Both JWT methods: the assertion's `aud`, when not the token URL.
+    pub assertion_audience: Option<Spanned<String>>,
+    /// Both JWT methods: how long an assertion is valid.
+    pub assertion_lifetime: Option<Spanned<String>>,
+    /// `client_assertion_file`: the file holding an assertion made by someone else.
+    pub assertion_file: Option<Spanned<PathBuf>>,
+    /// `tls_client_auth`: the PEM client certificate (chain).
+    pub cert_file: Option<Spanned<PathBuf>>,
+    /// `tls_client_auth`: the PEM private key of `cert_file`.
+    pub key_file: Option<Spanned<PathBuf>>,
+    /// RFC 9449: DPoP-bound tokens.
+    pub dpop: Option<Spanned<bool>>,
+    /// The DPoP key (PEM, PKCS#8), so that a restart keeps it.
+    pub dpop_key_file: Option<Spanned<PathBuf>>,
+    /// The algorithm of a DPoP key bearerd makes.
+    pub dpop_alg: Option<Spanned<String>>,
     /// `scope` form field.
     pub scope: Option<Spanned<String>>,
     /// `audience` form field.
@@ -150,14 +174,23 @@ pub struct Token {
     pub backoff_cap: Option<Spanned<String>>,
 }
 
-/// `auth = "basic" | "post"`; serde names the allowed values in its error.
+/// `auth = "basic" | "post" | ...`; serde names the allowed values in its error.
+#[allow(clippy::enum_variant_names)] // the variants spell the values, `tls_client_auth` too
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     /// `client_secret_basic`.
     Basic,
     /// `client_secret_post`.
     Post,
+    /// A JWT assertion signed HS256 with the client secret.
+    ClientSecretJwt,
+    /// A JWT assertion signed with a private key.
+    PrivateKeyJwt,
+    /// A JWT assertion read from a file.
+    ClientAssertionFile,
+    /// A client certificate in the TLS handshake (RFC 8705).
+    TlsClientAuth,
 }
 
 /// `[upstream.tls]`
@@ -169,6 +202,10 @@ pub struct Tls {
     pub roots: Option<Roots>,
     /// PEM file of extra trust anchors.
     pub ca_file: Option<Spanned<PathBuf>>,
+    /// PEM client certificate (chain) presented to the upstream.
+    pub cert_file: Option<Spanned<PathBuf>>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<Spanned<PathBuf>>,
 }
 
 /// `roots = "webpki" | "native" | "none"`

@@ -1,8 +1,6 @@
 //! `[upstream.token]`: the token endpoint, the client and how it authenticates, what is asked
 //! for, and the refresh timing.
 
-use std::ops::Range;
-
 use toml::Spanned;
 
 use super::validate::Validator;
@@ -17,10 +15,9 @@ impl Validator<'_> {
         let raw = spanned.get_ref();
         let allow_plain_http = raw.allow_plain_http.unwrap_or(false);
         let url = self.http_url(&raw.url, &format!("{key}.url"), allow_plain_http);
-        if raw.client_id.get_ref().is_empty() {
-            self.problem(raw.client_id.span(), format!("{key}.client_id"), "is empty");
-        }
         let auth = self.client_auth(key, spanned);
+        let client_id = self.client_id(key, spanned, auth.as_ref());
+        let dpop = self.dpop(key, raw);
         let params = raw
             .params
             .as_ref()
@@ -92,12 +89,13 @@ impl Validator<'_> {
         let optional = |v: &Option<Spanned<String>>| v.as_ref().map(|s| s.get_ref().clone());
         Some(TokenSettings {
             url: url?,
-            client_id: raw.client_id.get_ref().clone(),
+            client_id,
             auth: auth?,
             scope: optional(&raw.scope),
             audience: optional(&raw.audience),
             resource: optional(&raw.resource),
             params,
+            dpop,
             timeout: self.duration(
                 raw.timeout.as_ref(),
                 &format!("{key}.timeout"),
@@ -112,72 +110,13 @@ impl Validator<'_> {
     }
 }
 
-impl Validator<'_> {
-    /// `auth` and the credentials its method needs; validation asks for those only.
-    fn client_auth(&mut self, key: &str, spanned: &Spanned<file::Token>) -> Option<ClientAuth> {
-        let raw = spanned.get_ref();
-        match raw.auth {
-            None | Some(file::ClientAuth::Basic) => {
-                let secret = self.client_secret(key, spanned)?;
-                Some(ClientAuth::Basic { secret })
-            }
-            Some(file::ClientAuth::Post) => {
-                let secret = self.client_secret(key, spanned)?;
-                Some(ClientAuth::Post { secret })
-            }
-        }
-    }
-
-    /// Exactly one of `client_secret_file`, `client_secret_env` and `client_secret`.
-    fn client_secret(&mut self, key: &str, spanned: &Spanned<file::Token>) -> Option<SecretSource> {
-        let raw = spanned.get_ref();
-        let sources: Vec<(SecretSource, Range<usize>)> = [
-            raw.client_secret_file.as_ref().map(|p| {
-                (
-                    SecretSource::File(self.base_dir.join(p.get_ref())),
-                    p.span(),
-                )
-            }),
-            raw.client_secret_env
-                .as_ref()
-                .map(|v| (SecretSource::Env(v.get_ref().clone()), v.span())),
-            raw.client_secret.as_ref().map(|s| {
-                (
-                    SecretSource::Inline(crate::secret::Secret::new(s.get_ref().as_str())),
-                    s.span(),
-                )
-            }),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        match <[_; 1]>::try_from(sources) {
-            Ok([(source, _)]) => Some(source),
-            Err(sources) if sources.is_empty() => {
-                self.problem(
-                    spanned.span(),
-                    format!("{key}.client_secret_file"),
-                    "no client secret: set one of client_secret_file, client_secret_env or client_secret",
-                );
-                None
-            }
-            Err(sources) => {
-                self.problem(
-                    sources[1].1.clone(),
-                    format!("{key}.client_secret"),
-                    "more than one client secret source: set only one of client_secret_file, client_secret_env or client_secret",
-                );
-                None
-            }
-        }
-    }
-}
-
 /// Form fields bearerd sets itself; `params` may not override them.
 const RESERVED_FORM_FIELDS: &[&str] = &[
     "grant_type",
     "client_id",
     "client_secret",
+    "client_assertion",
+    "client_assertion_type",
     "scope",
     "audience",
     "resource",

@@ -230,6 +230,7 @@ impl Validator<'_> {
             None => TlsSettings {
                 roots: Roots::default(),
                 ca_file: None,
+                identity: None,
             },
             Some(spanned) => {
                 let tls = spanned.get_ref();
@@ -243,6 +244,21 @@ impl Validator<'_> {
                         .ca_file
                         .as_ref()
                         .map(|p| self.base_dir.join(p.get_ref())),
+                    identity: match (&tls.cert_file, &tls.key_file) {
+                        (Some(cert), Some(key)) => Some(Identity {
+                            cert_file: self.base_dir.join(cert.get_ref()),
+                            key_file: self.base_dir.join(key.get_ref()),
+                        }),
+                        (None, None) => None,
+                        (Some(_), None) | (None, Some(_)) => {
+                            self.problem(
+                                spanned.span(),
+                                format!("{key}.tls.cert_file"),
+                                "cert_file and key_file go together: set both, or neither",
+                            );
+                            None
+                        }
+                    },
                 };
                 if settings.roots == Roots::None && settings.ca_file.is_none() {
                     self.problem(

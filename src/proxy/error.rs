@@ -93,6 +93,12 @@ pub enum ProxyError {
     /// The listener already holds `max_connections`.
     #[error("bearerd holds its maximum number of connections on this listener")]
     ListenerFull,
+    /// bearerd failed at its own work (a DPoP proof it could not sign).
+    #[error("{reason}")]
+    Internal {
+        /// Why, in bearerd's words.
+        reason: String,
+    },
 }
 
 /// Whose fault a [`ProxyError`] is: what an operator looks at first.
@@ -156,7 +162,7 @@ impl ProxyError {
             | Self::ConnectTimeout { .. }
             | Self::ResponseTimeout { .. }
             | Self::UpstreamFailed { .. } => Fault::Upstream,
-            Self::ListenerFull => Fault::Bearerd,
+            Self::ListenerFull | Self::Internal { .. } => Fault::Bearerd,
         }
     }
 
@@ -177,6 +183,7 @@ impl ProxyError {
             Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
+            Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -193,6 +200,7 @@ impl ProxyError {
             Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => "upstream_timeout",
             Self::UpstreamFailed { .. } => "upstream_failed",
             Self::ListenerFull => "too_many_connections",
+            Self::Internal { .. } => "internal_error",
         }
     }
 

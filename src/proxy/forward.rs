@@ -18,6 +18,7 @@ use super::error::ProxyError;
 use super::pool::{SendError, Slot};
 use super::rewrite::strip_hop_by_hop;
 use super::route::{Listener, Route};
+use crate::token::dpop::{self, DPOP};
 use crate::token::Token;
 
 /// Request bodies up to this size (by `Content-Length`) are kept, so that a request the
@@ -123,7 +124,11 @@ async fn try_forward(
         Ok(kept) => kept,
         Err(streamed) => {
             let response = to.send(parts, &token, Either::Left(streamed)).await?;
-            if upstream.retry_on_401 && response.status() == StatusCode::UNAUTHORIZED {
+            let wants_nonce = upstream.dpop.is_some() && dpop::asks_for_nonce(response.headers());
+            if upstream.retry_on_401
+                && response.status() == StatusCode::UNAUTHORIZED
+                && !wants_nonce
+            {
                 // Too large to replay, but the next requests should get a new token.
                 upstream.token.reject(&token);
             }
@@ -132,9 +137,20 @@ async fn try_forward(
     };
 
     // The body is kept, so the request can be sent again if the upstream rejects the token.
-    let first = to.send(copy(&parts), &token, full(&kept)).await?;
+    let mut first = to.send(copy(&parts), &token, full(&kept)).await?;
     if first.status() != StatusCode::UNAUTHORIZED {
         return Ok(to_app(first));
+    }
+    // RFC 9449 §9: the upstream wants a (newer) nonce in the proof, not another token.
+    if let Some(dpop) = &upstream.dpop {
+        if dpop::asks_for_nonce(first.headers()) {
+            dpop.retries.inc();
+            drop(first);
+            first = to.send(copy(&parts), &token, full(&kept)).await?;
+            if first.status() != StatusCode::UNAUTHORIZED {
+                return Ok(to_app(first));
+            }
+        }
     }
     match upstream.token.replacement_for(&token).await {
         Ok(replacement) => {
@@ -216,6 +232,21 @@ impl Destination<'_> {
         parts
             .headers
             .insert(AUTHORIZATION, token.authorization().clone());
+        if let Some(dpop) = &upstream.dpop {
+            let htu = upstream.target.htu(self.path_and_query);
+            let proof = dpop
+                .key
+                .proof(
+                    parts.method.as_str(),
+                    &htu,
+                    token.proof_hash.as_deref(),
+                    dpop.nonce.get().as_deref(),
+                )
+                .map_err(|e| ProxyError::Internal {
+                    reason: e.to_string(),
+                })?;
+            parts.headers.insert(DPOP, proof);
+        }
         let exchange = async {
             // Connecting is rare and its future is large (TCP, TLS, HTTP handshake): boxed, it
             // stays out of the future of every request, which hyper moves into place whole.
@@ -239,6 +270,10 @@ impl Destination<'_> {
                 other => other,
             };
             self.slot.put(&upstream.pool, sender);
+            if let (Some(dpop), Ok(response)) = (&upstream.dpop, &sent) {
+                // RFC 9449 §9: any answer may carry the nonce the next proof must hold.
+                dpop.nonce.update(response.headers());
+            }
             sent.map_err(|e| match e {
                 SendError::NotSent(_, error) | SendError::Failed(error) => {
                     ProxyError::from_send(error)

@@ -102,6 +102,20 @@ impl Target {
             && authority.port_u16().map_or(true, |asked| asked == port)
     }
 
+    /// A DPoP proof's `htu` for a request to `path_and_query`: the upstream URL without query
+    /// (RFC 9449 §4.2).
+    pub fn htu(&self, path_and_query: &PathAndQuery) -> String {
+        let path = path_and_query.path();
+        let mut url = String::with_capacity(
+            self.scheme.as_str().len() + 3 + self.authority.as_str().len() + path.len(),
+        );
+        url.push_str(self.scheme.as_str());
+        url.push_str("://");
+        url.push_str(self.authority.as_str());
+        url.push_str(path);
+        url
+    }
+
     /// `Host` for HTTP/1.1 requests.
     pub fn host(&self) -> &HeaderValue {
         &self.host

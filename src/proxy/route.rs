@@ -14,6 +14,7 @@ use super::body::ReplayBudget;
 use super::metrics::RouteSeries;
 use super::pool::Pool;
 use super::rewrite::Target;
+use crate::token::dpop::{DpopKey, Nonce};
 use crate::token::source::Handle;
 
 /// One listener's settings, replaced whole when a reload changes them.
@@ -76,4 +77,16 @@ pub struct Route {
     pub body_idle_timeout: Duration,
     /// Memory for request bodies kept for a replay, shared by all listeners.
     pub replay_budget: ReplayBudget,
+    /// With `dpop = true`: the proofs every request carries.
+    pub dpop: Option<Dpop>,
+}
+
+/// What a route's DPoP proofs need (RFC 9449 §7).
+pub struct Dpop {
+    /// The token source's key.
+    pub key: Arc<DpopKey>,
+    /// The upstream's latest nonce.
+    pub nonce: Nonce,
+    /// Counts requests sent again with the upstream's new nonce.
+    pub retries: prometheus::IntCounter,
 }

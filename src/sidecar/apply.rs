@@ -14,20 +14,43 @@ use crate::admin;
 use crate::config::{self, Config};
 use crate::proxy::{self, rewrite::Target};
 use crate::tls;
+use crate::token::dpop::{DpopKey, Nonce};
+use crate::token::setup::SourceSetup;
 use crate::token::source::Handle;
 use crate::token::SourceKey;
 
 /// What applying a config needs for one listener, gathered before anything changes.
 struct Prepared {
+    /// For the upstream (with its client certificate, if any).
     tls: rustls::ClientConfig,
     target: Target,
     /// A new socket, when the plan starts the listener.
     bound: Option<(TcpListener, SocketAddr)>,
 }
 
+/// The TLS configuration and DPoP key of each source the plan starts.
+fn prepare_sources(plan: &Plan<'_>) -> Result<HashMap<SourceKey, SourceSetup>, StartError> {
+    let mut setups = HashMap::new();
+    for wanted in &plan.sources {
+        if wanted.step == Step::Start {
+            let setup = SourceSetup::new(&wanted.key).map_err(|source| StartError::Source {
+                upstream: wanted
+                    .users
+                    .first()
+                    .map(|u| u.name.clone())
+                    .unwrap_or_default(),
+                source,
+            })?;
+            setups.insert(wanted.key.clone(), setup);
+        }
+    }
+    Ok(setups)
+}
+
 impl Running {
     pub(super) async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
         let plan = Plan::between(self.started.then_some(&self.config), config);
+        let mut setups = prepare_sources(&plan)?;
         let mut prepared = self.prepare(&plan).await?;
 
         // Nothing below fails: the new config is applied whole.
@@ -49,12 +72,10 @@ impl Running {
             let source = match (wanted.step, self.sources.remove(&wanted.key)) {
                 (Step::Keep, Some(running)) => running,
                 _ => {
-                    // The TLS settings are part of the key: any user's prepared config will do.
-                    let Some(prepared) = wanted.users.first().and_then(|u| prepared.get(&u.name))
-                    else {
+                    let Some(setup) = setups.remove(&wanted.key) else {
                         continue;
                     };
-                    self.spawn_source(&wanted.key, prepared.tls.clone())
+                    self.spawn_source(&wanted.key, setup)
                 }
             };
             self.observe(&source, &wanted.users);
@@ -71,6 +92,8 @@ impl Running {
                 continue;
             };
             let token = source.handle.clone();
+            let dpop = source.dpop.clone();
+            series.token.describe_source(&upstream.token);
             watched.push(admin::Watched {
                 name: upstream.name.clone(),
                 token: token.clone(),
@@ -80,7 +103,8 @@ impl Running {
                 continue;
             };
             let running = self.listeners.remove(&wanted.key);
-            let build = || self.listener_value(upstream, config, tls, target, token, series);
+            let build =
+                || self.listener_value(upstream, config, tls, target, (token, dpop), series);
             let listener = match (wanted.step, running, bound) {
                 // Unchanged settings keep their pool too, and the connections in it.
                 (Step::Keep, Some(running), _) => running,
@@ -132,10 +156,12 @@ impl Running {
         let mut prepared = HashMap::with_capacity(plan.listeners.len());
         for wanted in &plan.listeners {
             let upstream = wanted.upstream;
-            let tls = tls::client_config(&upstream.tls).map_err(|source| StartError::Tls {
-                upstream: upstream.name.clone(),
-                source,
-            })?;
+            let tls = tls::client_config(&upstream.tls, upstream.tls.identity.as_ref()).map_err(
+                |source| StartError::Tls {
+                    upstream: upstream.name.clone(),
+                    source,
+                },
+            )?;
             let target = Target::new(&upstream.url).map_err(|source| StartError::Target {
                 upstream: upstream.name.clone(),
                 source,
@@ -156,7 +182,7 @@ impl Running {
         config: &Config,
         tls: rustls::ClientConfig,
         target: Target,
-        token: Handle,
+        (token, dpop): (Handle, Option<Arc<DpopKey>>),
         series: &UpstreamSeries,
     ) -> Arc<proxy::Listener> {
         let name: Arc<str> = upstream.name.as_str().into();
@@ -176,6 +202,11 @@ impl Running {
             retry_on_401: upstream.retry_on_401,
             body_idle_timeout: self.config.server.body_idle_timeout,
             replay_budget: self.replay_budget.clone(),
+            dpop: dpop.map(|key| proxy::RouteDpop {
+                key,
+                nonce: Nonce::default(),
+                retries: series.token.upstream_nonce_retries(),
+            }),
         };
         Arc::new(proxy::Listener {
             name,

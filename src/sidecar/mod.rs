@@ -29,7 +29,10 @@ use crate::config::{self, Config};
 use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::{self, body::ReplayBudget, connection::Limits};
 use crate::tls;
+use crate::token::dpop::DpopKey;
 use crate::token::fetch::Fetcher;
+use crate::token::metrics::NonceAt;
+use crate::token::setup::{SetupError, SourceSetup};
 use crate::token::source::{self, Handle, Observers, RefreshPolicy, SharedObservers};
 use crate::token::SourceKey;
 use plan::{ListenerKey, Serving};
@@ -67,6 +70,14 @@ pub enum StartError {
     /// Metrics could not be set up.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// A token source's TLS settings or DPoP key cannot be used.
+    #[error("upstream {upstream:?}: {source}")]
+    Source {
+        /// The first upstream that uses the source.
+        upstream: String,
+        /// Why.
+        source: SetupError,
+    },
     /// An upstream URL cannot be used as a target.
     #[error("upstream {upstream:?}: {source}")]
     Target {
@@ -81,6 +92,8 @@ struct Source {
     handle: Handle,
     observers: SharedObservers,
     stop: CancellationToken,
+    /// The key its tokens are bound to, which every proxied request's proof is signed with.
+    dpop: Option<Arc<DpopKey>>,
 }
 
 struct Listener {
@@ -215,11 +228,25 @@ impl Running {
         Ok(())
     }
 
-    fn spawn_source(&self, key: &SourceKey, tls: rustls::ClientConfig) -> Source {
+    fn spawn_source(&self, key: &SourceKey, setup: SourceSetup) -> Source {
         let observers = SharedObservers::new(RwLock::new(Observers::default()));
         let stop = self.stop_sources.child_token();
+        let counted = Arc::clone(&observers);
+        let on_nonce_retry = Box::new(move || {
+            if let Ok(observers) = counted.read() {
+                for metrics in &observers.metrics {
+                    metrics.dpop_nonce_retry(NonceAt::TokenEndpoint);
+                }
+            }
+        });
+        let fetcher = Fetcher::new(
+            key.token.clone(),
+            setup.tls,
+            setup.dpop.clone(),
+            on_nonce_retry,
+        );
         let handle = source::spawn(
-            Arc::new(Fetcher::new(key.token.clone(), tls)),
+            Arc::new(fetcher),
             RefreshPolicy::from(&key.token),
             Arc::clone(&observers),
             &self.source_tasks,
@@ -229,6 +256,7 @@ impl Running {
             handle,
             observers,
             stop,
+            dpop: setup.dpop,
         }
     }
 
@@ -242,6 +270,7 @@ impl Running {
         let upstream = &serving.upstream;
         tracing::info!(upstream = %upstream.name, listen = %addr, url = %upstream.url, "listening");
         warn_about_exposure(upstream, addr);
+        warn_about_key_files(upstream);
         let (current, receiver) = watch::channel(forwarding);
         let stop = self.stop_listeners.child_token();
         self.listener_tasks.spawn(proxy::serve(
@@ -295,6 +324,16 @@ fn warn_about_exposure(upstream: &config::Upstream, addr: SocketAddr) {
     }
     if upstream.token.allow_plain_http {
         tracing::warn!(upstream = %upstream.name, token_url = %upstream.token.url, "allow_plain_http: the client credentials go to the token endpoint unencrypted");
+    }
+}
+
+/// Warns about key files that others than their owner may read.
+fn warn_about_key_files(upstream: &config::Upstream) {
+    let tls_key = upstream.tls.identity.as_ref().map(|i| i.key_file.as_path());
+    for path in upstream.token.key_files().into_iter().chain(tls_key) {
+        if crate::secret::readable_by_others(path) {
+            tracing::warn!(upstream = %upstream.name, file = %path.display(), "key file is readable by group or others: make it readable by its owner only (chmod 600, or defaultMode: 0400 on a Kubernetes volume)");
+        }
     }
 }
 

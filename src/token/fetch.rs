@@ -1,7 +1,10 @@
 //! One token request by the client-credentials grant (RFC 6749 §4.4.2), and its outcome.
 
+mod error;
+
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -11,13 +14,14 @@ use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::Instant;
 
 use super::client_auth::{self, Credentials};
-use super::metrics::FetchOutcome;
-use super::response::{self, EndpointError};
+use super::dpop::{self, DpopKey, Nonce};
+use super::response::{self, TokenType};
 use super::{schedule, LifetimeSource, Token};
 use crate::config::TokenSettings;
 use crate::errors;
-use crate::secret::{Redactor, SecretError};
+use crate::secret::Redactor;
 use crate::tls::HttpsClient;
+pub use error::FetchError;
 
 /// Largest token response read. Tokens, even JWTs with many claims, are a few KiB; a larger
 /// body is a misbehaving endpoint and is not buffered.
@@ -31,150 +35,47 @@ pub trait Fetch: Send + Sync + 'static {
     fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + '_>>;
 }
 
-/// Why a token request failed. Messages name statuses, error codes, hosts and sources, never a
-/// secret or a token; what the endpoint said is in them only after redaction.
-#[derive(Debug, thiserror::Error)]
-pub enum FetchError {
-    /// bearerd could not read the client secret; no request was sent.
-    #[error("{0}")]
-    Secret(#[from] SecretError),
-    /// bearerd could not build its own request (a credential unfit for a header, say); no
-    /// request was sent, and the endpoint is not to blame.
-    #[error("cannot build the token request: {reason}")]
-    BuildRequest {
-        /// Why, in bearerd's words.
-        reason: String,
-    },
-    /// No complete answer within the token timeout.
-    #[error("token request to {endpoint} timed out after {}", humantime::format_duration(*.after))]
-    Timeout {
-        /// The token endpoint's authority.
-        endpoint: String,
-        /// The timeout that passed.
-        after: Duration,
-    },
-    /// Connecting, the TLS handshake, or the exchange itself failed.
-    #[error("cannot reach the token endpoint {endpoint}: {}", errors::chain(.source.as_ref()))]
-    Connect {
-        /// The token endpoint's authority.
-        endpoint: String,
-        /// What failed.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// The endpoint refused (4xx): wrong credentials, audience, scope, or too many requests.
-    #[error("token endpoint {endpoint} rejected the request: {error}")]
-    Rejected {
-        /// The token endpoint's authority.
-        endpoint: String,
-        /// What it answered, redacted.
-        error: EndpointError,
-        /// The wait it asked for with `Retry-After`.
-        retry_after: Option<Duration>,
-    },
-    /// The endpoint failed (5xx).
-    #[error("token endpoint {endpoint} failed: {error}")]
-    ServerError {
-        /// The token endpoint's authority.
-        endpoint: String,
-        /// What it answered, redacted.
-        error: EndpointError,
-        /// The wait it asked for with `Retry-After`.
-        retry_after: Option<Duration>,
-    },
-    /// A 2xx answer that holds no usable token, or an answer of another kind.
-    #[error("token endpoint {endpoint} sent an unusable response: {problem}")]
-    InvalidResponse {
-        /// The token endpoint's authority.
-        endpoint: String,
-        /// What is wrong with it.
-        problem: response::InvalidResponse,
-    },
-}
-
-impl FetchError {
-    /// How the request ended, for `bearerd_token_fetch_total`; `None` when none was sent (the
-    /// credentials could not be read or used, or bearerd could not build its request).
-    pub fn outcome(&self) -> Option<FetchOutcome> {
-        match self {
-            Self::Secret(_) | Self::BuildRequest { .. } => None,
-            Self::Timeout { .. } => Some(FetchOutcome::Timeout),
-            Self::Connect { .. } => Some(FetchOutcome::ConnectError),
-            Self::Rejected { .. } => Some(FetchOutcome::Rejected),
-            Self::ServerError { .. } => Some(FetchOutcome::ServerError),
-            Self::InvalidResponse { .. } => Some(FetchOutcome::InvalidResponse),
-        }
-    }
-
-    /// What the endpoint answered, when it answered with an error status.
-    pub fn endpoint(&self) -> Option<&EndpointError> {
-        match self {
-            Self::Rejected { error, .. } | Self::ServerError { error, .. } => Some(error),
-            _ => None,
-        }
-    }
-
-    /// The wait the endpoint asked for with `Retry-After` (on 429 and 503).
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Self::Rejected { retry_after, .. } | Self::ServerError { retry_after, .. } => {
-                *retry_after
-            }
-            _ => None,
-        }
-    }
-
-    /// The failure as the app (in a 503 body) and `/readyz` are told it: the endpoint's host,
-    /// the status and a well-formed `error` code, and bearerd's own words; never text the
-    /// endpoint chose beyond that code. The log gets the whole [`Display`](std::fmt::Display).
-    pub fn summary(&self) -> String {
-        match self {
-            Self::Rejected {
-                endpoint, error, ..
-            } => format!(
-                "token endpoint {endpoint} rejected the request: {}",
-                status_and_code(error)
-            ),
-            Self::ServerError {
-                endpoint, error, ..
-            } => format!(
-                "token endpoint {endpoint} failed: {}",
-                status_and_code(error)
-            ),
-            Self::InvalidResponse { endpoint, problem } => format!(
-                "token endpoint {endpoint} sent an unusable response: {}",
-                problem.reason
-            ),
-            Self::Secret(_)
-            | Self::BuildRequest { .. }
-            | Self::Timeout { .. }
-            | Self::Connect { .. } => self.to_string(),
-        }
-    }
-}
-
-/// `status 401 Unauthorized, error "invalid_client"`: the part of an endpoint's error the app
-/// may see.
-fn status_and_code(error: &EndpointError) -> String {
-    match error.code() {
-        Some(code) => format!("status {}, error {code:?}", error.status),
-        None => format!("status {}", error.status),
-    }
-}
-
 /// Fetches tokens for one [`TokenSettings`] over a pooled HTTPS client.
 pub struct Fetcher {
     settings: TokenSettings,
     client: HttpsClient<Full<Bytes>>,
+    /// The key tokens are bound to, with `dpop = true`.
+    dpop: Option<Arc<DpopKey>>,
+    /// The token endpoint's latest DPoP nonce.
+    nonce: Nonce,
+    /// Called when a token request is sent again with the endpoint's new DPoP nonce.
+    on_nonce_retry: Box<dyn Fn() + Send + Sync>,
+}
+
+/// One answer of the token endpoint, read whole.
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    location: Option<String>,
+    /// It sent a DPoP nonce bearerd did not have.
+    new_nonce: bool,
+    body: Bytes,
 }
 
 impl Fetcher {
-    /// A fetcher that reaches the token endpoint with `tls`.
-    pub fn new(settings: TokenSettings, tls: rustls::ClientConfig) -> Self {
+    /// A fetcher that reaches the token endpoint with `tls` (which presents the client
+    /// certificate of `tls_client_auth`), binding tokens to `dpop` when given.
+    pub(crate) fn new(
+        settings: TokenSettings,
+        tls: rustls::ClientConfig,
+        dpop: Option<Arc<DpopKey>>,
+        on_nonce_retry: Box<dyn Fn() + Send + Sync>,
+    ) -> Self {
         // One timeout bounds the whole request; the connect timeout just keeps the
         // connector's own error when it is the connect that hangs.
         let client = crate::tls::client(tls, settings.timeout);
-        Self { settings, client }
+        Self {
+            settings,
+            client,
+            dpop,
+            nonce: Nonce::default(),
+            on_nonce_retry,
+        }
     }
 
     /// The token endpoint's authority, as messages name it.
@@ -189,68 +90,108 @@ impl Fetcher {
         // Whatever comes back is scrubbed of every form in which the request carried the
         // client's credentials.
         let mut redactor = Redactor::new();
-        let credentials =
-            client_auth::present(&self.settings.auth, &self.settings.client_id, &mut redactor)?;
-        let request = build_request(&self.settings, credentials)?;
         let timeout = self.settings.timeout;
-        let endpoint = self.endpoint();
-        let invalid = |problem| FetchError::InvalidResponse {
-            endpoint: self.endpoint(),
-            problem,
+        let attempts = async {
+            let mut answer = self.exchange(&mut redactor).await?;
+            // RFC 9449 §8: an endpoint that wants a nonce says `use_dpop_nonce` and sends
+            // one; the request goes again, once, with it (and new credentials: an assertion's
+            // `jti` must not be used twice).
+            if self.dpop.is_some() && answer.new_nonce && !answer.status.is_success() {
+                let error = response::parse_error(answer.status, &answer.body, &redactor);
+                if error.error.as_deref() == Some(dpop::USE_DPOP_NONCE) {
+                    (self.on_nonce_retry)();
+                    answer = self.exchange(&mut redactor).await?;
+                }
+            }
+            Ok::<_, FetchError>(answer)
         };
-        let exchange = async {
-            let response =
-                self.client
-                    .request(request)
-                    .await
-                    .map_err(|source| FetchError::Connect {
-                        endpoint: self.endpoint(),
-                        source: Box::new(source),
-                    })?;
-            let status = response.status();
-            // RFC 9110 §10.2.3: Retry-After means "come back later" on 429 and 503.
-            let retry_after = matches!(
-                status,
-                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-            )
-            .then(|| response.headers().get(RETRY_AFTER))
-            .flatten()
-            .and_then(parse_retry_after);
-            // Redirects are not followed (the secret would go along); say where it pointed,
-            // as it usually names the right token URL (a missing trailing slash, say).
-            let location = status
-                .is_redirection()
-                .then(|| response.headers().get(LOCATION))
-                .flatten()
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map_err(|e| {
-                    invalid(response::InvalidResponse {
-                        reason: format!(
-                            "status {status}, body unreadable: {}",
-                            errors::chain(e.as_ref())
-                        ),
-                        said: None,
-                    })
-                })?
-                .to_bytes();
-            Ok::<_, FetchError>((status, retry_after, location, body))
-        };
-        let (status, retry_after, location, body) = tokio::time::timeout(timeout, exchange)
+        let answer = tokio::time::timeout(timeout, attempts)
             .await
             .map_err(|_| FetchError::Timeout {
-                endpoint: endpoint.clone(),
+                endpoint: self.endpoint(),
                 after: timeout,
             })??;
+        self.outcome(answer, &redactor)
+    }
+
+    /// Sends one token request and reads the answer.
+    async fn exchange(&self, redactor: &mut Redactor) -> Result<Answer, FetchError> {
+        let credentials = client_auth::present(&self.settings, redactor)?;
+        let mut request = build_request(&self.settings, credentials)?;
+        if let Some(key) = &self.dpop {
+            let htu = htu(&self.settings.url);
+            let proof = key
+                .proof("POST", &htu, None, self.nonce.get().as_deref())
+                .map_err(|e| FetchError::BuildRequest {
+                    reason: e.to_string(),
+                })?;
+            request.headers_mut().insert(dpop::DPOP, proof);
+        }
+        let response =
+            self.client
+                .request(request)
+                .await
+                .map_err(|source| FetchError::Connect {
+                    endpoint: self.endpoint(),
+                    source: Box::new(source),
+                })?;
+        let status = response.status();
+        let new_nonce = self.dpop.is_some() && self.nonce.update(response.headers());
+        // RFC 9110 §10.2.3: Retry-After means "come back later" on 429 and 503.
+        let retry_after = matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        )
+        .then(|| response.headers().get(RETRY_AFTER))
+        .flatten()
+        .and_then(parse_retry_after);
+        // Redirects are not followed (the secret would go along); say where it pointed, as
+        // it usually names the right token URL (a missing trailing slash, say).
+        let location = status
+            .is_redirection()
+            .then(|| response.headers().get(LOCATION))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| FetchError::InvalidResponse {
+                endpoint: self.endpoint(),
+                problem: response::InvalidResponse {
+                    reason: format!(
+                        "status {status}, body unreadable: {}",
+                        errors::chain(e.as_ref())
+                    ),
+                    said: None,
+                },
+            })?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            retry_after,
+            location,
+            new_nonce,
+            body,
+        })
+    }
+
+    /// What an answer means: a token, or why not.
+    fn outcome(&self, answer: Answer, redactor: &Redactor) -> Result<Token, FetchError> {
+        let Answer {
+            status,
+            retry_after,
+            location,
+            body,
+            ..
+        } = answer;
+        let endpoint = self.endpoint();
         if status.is_success() {
             return self
-                .token_from(&body, &redactor)
+                .token_from(&body, redactor)
                 .map_err(|problem| FetchError::InvalidResponse { endpoint, problem });
         }
-        let error = response::parse_error(status, &body, &redactor);
+        let error = response::parse_error(status, &body, redactor);
         Err(if status.is_server_error() {
             FetchError::ServerError {
                 endpoint,
@@ -290,6 +231,24 @@ impl Fetcher {
         redactor: &Redactor,
     ) -> Result<Token, response::InvalidResponse> {
         let grant = response::parse_success(body, redactor)?;
+        // RFC 9449 §5: a DPoP-bound token says so; a Bearer token where DPoP was asked for
+        // would be refused by the upstream, and a DPoP token cannot be sent as Bearer.
+        let scheme = match (grant.token_type, &self.dpop) {
+            (TokenType::Bearer, None) => "Bearer",
+            (TokenType::DPoP, Some(_)) => "DPoP",
+            (TokenType::Bearer, Some(_)) => {
+                return Err(response::InvalidResponse {
+                    reason: "token_type is Bearer, not DPoP, although dpop = true: the endpoint did not bind the token to bearerd's key (does the client allow DPoP?)".into(),
+                    said: None,
+                })
+            }
+            (TokenType::DPoP, None) => {
+                return Err(response::InvalidResponse {
+                    reason: "token_type is DPoP, but dpop is not set: the token can only be used with proofs; set dpop = true".into(),
+                    said: None,
+                })
+            }
+        };
         let now = SystemTime::now();
         let (said, lifetime_source) = match grant.expires_in {
             Some(lifetime) => (lifetime, LifetimeSource::ExpiresIn),
@@ -312,13 +271,16 @@ impl Fetcher {
             .ok_or_else(too_long)?;
         let expires_at = now.checked_add(lifetime).ok_or_else(too_long)?;
         let mut authorization =
-            HeaderValue::try_from(format!("Bearer {}", grant.access_token.expose())).map_err(
+            HeaderValue::try_from(format!("{scheme} {}", grant.access_token.expose())).map_err(
                 |_| response::InvalidResponse {
                     reason: "access_token has characters not allowed in an HTTP header".into(),
                     said: None,
                 },
             )?;
         authorization.set_sensitive(true);
+        let proof_hash = self.dpop.as_ref().map(|_| {
+            super::jws::sha256_base64url(grant.access_token.expose().as_bytes()).into_boxed_str()
+        });
         Ok(Token {
             authorization,
             lifetime,
@@ -326,6 +288,7 @@ impl Fetcher {
             usable_until,
             expires_at,
             scope: grant.scope,
+            proof_hash,
             generation: 0,
         })
     }
@@ -374,6 +337,18 @@ fn build_request(
         })
 }
 
+/// A DPoP proof's `htu`: the URL without query and fragment (RFC 9449 §4.2).
+fn htu(url: &http::Uri) -> String {
+    let mut htu = String::new();
+    if let (Some(scheme), Some(authority)) = (url.scheme_str(), url.authority()) {
+        htu.push_str(scheme);
+        htu.push_str("://");
+        htu.push_str(authority.as_str());
+    }
+    htu.push_str(url.path());
+    htu
+}
+
 /// `Retry-After` in its delay-seconds form (RFC 9110 §10.2.3); an HTTP-date is ignored.
 fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
     value
@@ -395,12 +370,13 @@ mod tests {
     fn settings(auth: fn(SecretSource) -> ClientAuth) -> TokenSettings {
         TokenSettings {
             url: "https://auth.example.com/oauth/token".parse().unwrap(),
-            client_id: "my app".into(),
+            client_id: Some("my app".into()),
             auth: auth(SecretSource::Inline(Secret::new("p@ss:word"))),
             scope: Some("read write".into()),
             audience: Some("https://api.example.com".into()),
             resource: None,
             params: BTreeMap::from([("organization".into(), "org_1".into())]),
+            dpop: None,
             timeout: Duration::from_secs(1),
             default_lifetime: Duration::from_secs(300),
             max_lifetime: Duration::from_secs(86400),
@@ -411,9 +387,7 @@ mod tests {
     }
 
     async fn request_for(settings: &TokenSettings) -> (http::request::Parts, String) {
-        let credentials =
-            client_auth::present(&settings.auth, &settings.client_id, &mut Redactor::new())
-                .unwrap();
+        let credentials = client_auth::present(settings, &mut Redactor::new()).unwrap();
         let (parts, body) = build_request(settings, credentials).unwrap().into_parts();
         let bytes = body.collect().await.unwrap().to_bytes();
         (parts, String::from_utf8(bytes.to_vec()).unwrap())

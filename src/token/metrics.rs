@@ -56,8 +56,29 @@ impl FetchOutcome {
     }
 }
 
+/// Where a server asked for a (newer) DPoP nonce, as the `at` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceAt {
+    /// The token endpoint, answering a token request.
+    TokenEndpoint,
+    /// The upstream, answering a proxied request.
+    Upstream,
+}
+
+impl NonceAt {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::TokenEndpoint => "token_endpoint",
+            Self::Upstream => "upstream",
+        }
+    }
+}
+
 /// The families token sources report to.
 pub struct TokenMetrics {
+    source_info: IntGaugeVec,
+    dpop_nonce_retries_total: IntCounterVec,
     fetch_total: IntCounterVec,
     fetch_duration_seconds: HistogramVec,
     expiry_timestamp_seconds: GaugeVec,
@@ -72,6 +93,20 @@ impl TokenMetrics {
     pub fn register(metrics: &Metrics) -> Result<Self, MetricsError> {
         let upstream = &["upstream"];
         Ok(Self {
+            source_info: metrics.register(IntGaugeVec::new(
+                Opts::new(
+                    "bearerd_token_source_info",
+                    "Always 1; how the upstream's token source authenticates, in the labels.",
+                ),
+                &["upstream", "auth", "dpop"],
+            )?)?,
+            dpop_nonce_retries_total: metrics.register(IntCounterVec::new(
+                Opts::new(
+                    "bearerd_dpop_nonce_retries_total",
+                    "Requests sent again with a server's new DPoP nonce, by where it asked (token_endpoint, upstream).",
+                ),
+                &["upstream", "at"],
+            )?)?,
             fetch_total: metrics.register(IntCounterVec::new(
                 Opts::new("bearerd_token_fetch_total", "Token requests, by outcome."),
                 &["upstream", "outcome"],
@@ -126,8 +161,16 @@ impl TokenMetrics {
     pub fn series(&self, name: &str) -> TokenSeries {
         let fetch =
             |outcome: FetchOutcome| self.fetch_total.with_label_values(&[name, outcome.label()]);
+        let nonce_retries = |at: NonceAt| {
+            self.dpop_nonce_retries_total
+                .with_label_values(&[name, at.label()])
+        };
         TokenSeries {
             name: name.to_owned(),
+            source_info: self.source_info.clone(),
+            described: std::sync::Mutex::new(None),
+            token_endpoint_nonce_retries: nonce_retries(NonceAt::TokenEndpoint),
+            upstream_nonce_retries: nonce_retries(NonceAt::Upstream),
             success: fetch(FetchOutcome::Success),
             rejected: fetch(FetchOutcome::Rejected),
             server_error: fetch(FetchOutcome::ServerError),
@@ -148,6 +191,12 @@ impl TokenMetrics {
     /// Stops exporting the series of an upstream that a reload removed.
     pub fn forget(&self, series: &TokenSeries) {
         let name = series.name.as_str();
+        series.describe(None);
+        for at in [NonceAt::TokenEndpoint, NonceAt::Upstream] {
+            let _ = self
+                .dpop_nonce_retries_total
+                .remove_label_values(&[name, at.label()]);
+        }
         for outcome in FetchOutcome::ALL {
             let _ = self
                 .fetch_total
@@ -169,6 +218,11 @@ impl TokenMetrics {
 /// One upstream's token series.
 pub struct TokenSeries {
     name: String,
+    source_info: IntGaugeVec,
+    /// The `auth` and `dpop` labels of its `bearerd_token_source_info` series.
+    described: std::sync::Mutex<Option<(&'static str, &'static str)>>,
+    token_endpoint_nonce_retries: IntCounter,
+    upstream_nonce_retries: IntCounter,
     success: IntCounter,
     rejected: IntCounter,
     server_error: IntCounter,
@@ -184,6 +238,52 @@ pub struct TokenSeries {
 }
 
 impl TokenSeries {
+    /// Exports how the source authenticates, in `bearerd_token_source_info`, replacing what a
+    /// previous config said.
+    pub fn describe_source(&self, settings: &crate::config::TokenSettings) {
+        let dpop = if settings.dpop.is_some() {
+            "true"
+        } else {
+            "false"
+        };
+        self.describe(Some((settings.auth.method(), dpop)));
+    }
+
+    fn describe(&self, labels: Option<(&'static str, &'static str)>) {
+        let mut described = self
+            .described
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *described == labels {
+            return;
+        }
+        if let Some((auth, dpop)) = described.take() {
+            let _ = self
+                .source_info
+                .remove_label_values(&[&self.name, auth, dpop]);
+        }
+        if let Some((auth, dpop)) = labels {
+            self.source_info
+                .with_label_values(&[&self.name, auth, dpop])
+                .set(1);
+        }
+        *described = labels;
+    }
+
+    /// A request was sent again with a server's new DPoP nonce.
+    pub fn dpop_nonce_retry(&self, at: NonceAt) {
+        match at {
+            NonceAt::TokenEndpoint => &self.token_endpoint_nonce_retries,
+            NonceAt::Upstream => &self.upstream_nonce_retries,
+        }
+        .inc();
+    }
+
+    /// The counter of upstream nonce retries, for the proxy to count in.
+    pub fn upstream_nonce_retries(&self) -> IntCounter {
+        self.upstream_nonce_retries.clone()
+    }
+
     /// A token fetch ended after `elapsed`: with `outcome`, or with no request sent (`None`:
     /// the credentials could not be read or used).
     pub fn fetch_finished(&self, outcome: Option<FetchOutcome>, elapsed: Duration) {

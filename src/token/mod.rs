@@ -12,11 +12,14 @@
 //! - `metrics`: the token metric families, and each upstream's series of them.
 
 pub(crate) mod client_auth;
+pub(crate) mod dpop;
 pub mod fetch;
+pub(crate) mod jws;
 pub(crate) mod metrics;
 mod refresher;
 pub mod response;
 pub mod schedule;
+pub(crate) mod setup;
 pub mod source;
 
 use std::fmt;
@@ -51,7 +54,7 @@ impl SourceKey {
 /// so that requests only clone it.
 #[derive(Clone)]
 pub struct Token {
-    /// `Bearer <access_token>`, marked sensitive so HTTP/2 never indexes it (RFC 7541 §7.1.3).
+    /// `Bearer <access_token>` (or `DPoP <access_token>`), marked sensitive so HTTP/2 never indexes it (RFC 7541 §7.1.3).
     authorization: HeaderValue,
     /// The lifetime the endpoint granted (or that was assumed).
     pub lifetime: Duration,
@@ -61,6 +64,8 @@ pub struct Token {
     pub expires_at: SystemTime,
     /// The scope the endpoint granted, if it said.
     pub scope: Option<String>,
+    /// For a DPoP-bound token, the `ath` of its proofs: base64url SHA-256 of the token.
+    pub(crate) proof_hash: Option<Box<str>>,
     /// Where `lifetime` came from.
     pub lifetime_source: LifetimeSource,
     /// Which token of its source this is: 1 for the first, then counting up. Set by the

@@ -34,6 +34,17 @@ pub struct Grant {
     pub expires_in: Option<Duration>,
     /// `scope`, when the response has it.
     pub scope: Option<String>,
+    /// `token_type`.
+    pub token_type: TokenType,
+}
+
+/// The kinds of token bearerd can send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenType {
+    /// `Bearer` (RFC 6750), or no `token_type` at all.
+    Bearer,
+    /// `DPoP` (RFC 9449 §5): bound to a key, sent with a proof.
+    DPoP,
 }
 
 /// A 2xx response bearerd cannot use.
@@ -90,20 +101,21 @@ pub fn parse_success(body: &[u8], redactor: &Redactor) -> Result<Grant, InvalidR
             });
         }
     };
-    match object.get("token_type") {
+    let token_type = match object.get("token_type") {
         // §5.1 makes it required, yet some servers leave it out; bearer is what they mean.
-        None | Some(Value::Null) => {}
+        None | Some(Value::Null) => TokenType::Bearer,
         // §5.1: the value is case insensitive.
-        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => TokenType::Bearer,
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("dpop") => TokenType::DPoP,
         Some(Value::String(other)) => {
             let shown = plausible_code(&redactor.redact(other))
                 .map_or_else(|| "of another kind".to_owned(), |t| format!("{t:?}"));
             return Err(InvalidResponse::new(format!(
-                "token_type {shown} is not supported: bearerd sends Bearer tokens only"
+                "token_type {shown} is not supported: bearerd sends Bearer and DPoP tokens only"
             )));
         }
         Some(_) => return Err(InvalidResponse::new("token_type is not a string")),
-    }
+    };
     let expires_in = match object.get("expires_in") {
         None | Some(Value::Null) => None,
         Some(value) => Some(parse_expires_in(value)?),
@@ -116,6 +128,7 @@ pub fn parse_success(body: &[u8], redactor: &Redactor) -> Result<Grant, InvalidR
         access_token,
         expires_in,
         scope,
+        token_type,
     })
 }
 

@@ -46,6 +46,7 @@ impl Fetch for Scripted {
                     usable_until: Instant::now() + schedule::usable_for(lifetime),
                     expires_at: std::time::SystemTime::now() + lifetime,
                     scope: None,
+                    proof_hash: None,
                     generation: 0,
                 }),
                 Some(Err(why)) => Err(FetchError::Connect {
