@@ -12,13 +12,21 @@ use std::path::PathBuf;
 use base64::Engine;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-/// Whether the file at `path` may be read by its group or by others (Unix permissions): a
-/// key file should be readable by its owner alone. `false` where it cannot be told.
+/// Whether the file at `path` may be read by others, or by a group that is not bearerd's
+/// own (Unix permissions): a key file should be readable by its owner alone. Kubernetes makes
+/// Secret files readable by the pod's `fsGroup`, which is bearerd's own group: no warning for
+/// that. `false` where it cannot be told.
 pub(crate) fn readable_by_others(path: &std::path::Path) -> bool {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0)
+        use std::os::unix::fs::MetadataExt;
+        let Ok(file) = std::fs::metadata(path) else {
+            return false;
+        };
+        // `/proc/self` belongs to the process's effective user and group (Linux).
+        let own_group = std::fs::metadata("/proc/self").ok().map(|m| m.gid());
+        let by_group = file.mode() & 0o040 != 0 && own_group != Some(file.gid());
+        file.mode() & 0o004 != 0 || by_group
     }
     #[cfg(not(unix))]
     {
@@ -299,6 +307,23 @@ fn base64_cores(bytes: &[u8], alignment: usize) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(unix)]
+    #[test]
+    fn key_files_readable_by_strangers_are_told_apart() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        std::fs::write(&path, "k").unwrap();
+        let mode = |m| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m)).unwrap();
+        mode(0o600);
+        assert!(!super::readable_by_others(&path));
+        mode(0o644);
+        assert!(super::readable_by_others(&path));
+        // The file is in this process's own group (it made it): group-readable is fine.
+        mode(0o640);
+        assert!(!super::readable_by_others(&path));
+    }
+
     use super::*;
 
     #[test]

@@ -144,3 +144,69 @@ impl ResolvesClientCert for Identity {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate and its key, written to `dir`; returns the files.
+    fn write_identity(dir: &Path) -> config::Identity {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["bearerd-client".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let files = config::Identity {
+            cert_file: dir.join("tls.crt"),
+            key_file: dir.join("tls.key"),
+        };
+        std::fs::write(&files.cert_file, cert.pem()).unwrap();
+        std::fs::write(&files.key_file, key.serialize_pem()).unwrap();
+        files
+    }
+
+    fn presented(identity: &Identity) -> Vec<u8> {
+        identity.current().cert[0].as_ref().to_vec()
+    }
+
+    #[test]
+    fn a_rotated_certificate_is_used_once_it_is_looked_at_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_identity(dir.path());
+        let identity = Identity::new(&files).unwrap();
+        let first = presented(&identity);
+
+        // cert-manager writes a new pair; a half-written one (a key without its certificate)
+        // is never used.
+        std::fs::write(&files.cert_file, "not a certificate").unwrap();
+        let backdate = |identity: &Identity| {
+            let mut current = identity.current.lock().unwrap();
+            current.checked = Instant::now() - RECHECK_INTERVAL;
+            // Modification times may not have moved within the clock's resolution.
+            current.loaded.stamps = (None, None);
+        };
+        backdate(&identity);
+        assert_eq!(
+            presented(&identity),
+            first,
+            "a broken pair keeps the old one"
+        );
+
+        write_identity(dir.path());
+        assert_eq!(presented(&identity), first, "not looked at again yet");
+        backdate(&identity);
+        let second = presented(&identity);
+        assert_ne!(second, first);
+        assert_eq!(Loaded::read(&files).unwrap().key.cert[0].as_ref(), second);
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let (one, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut files = write_identity(one.path());
+        files.key_file = write_identity(other.path()).key_file;
+        let message = Identity::new(&files).unwrap_err().to_string();
+        assert!(message.contains("cannot be used with"), "{message}");
+        assert!(message.contains("tls.key"), "{message}");
+    }
+}
