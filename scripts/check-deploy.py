@@ -3,10 +3,12 @@
   check-deploy.py manifests native|regular:VERSION[,VERSION...]:BUILT.yaml ...
       Every object in BUILT.yaml (the output of `kubectl kustomize`) against the Kubernetes
       JSON schemas of each VERSION (kubernetes-validate, offline, strict: an unknown field is
-      an error); the PodMonitor against the Prometheus Operator's CRD types. Then what
-      bearerd needs of its pod, with bearerd as a native sidecar or a regular container:
-      probes, ports, security context, resources, the config's admin and proxy addresses,
-      the Secret's mount, the grace period, the scrape settings.
+      an error); the PodMonitor and the Certificate against the Prometheus Operator's and
+      cert-manager's CRD types. Then what bearerd needs of its pod, with bearerd as a native
+      sidecar or a regular container: probes, ports, security context, resources, the
+      config's admin and proxy addresses, the mounts of its credentials (a client Secret, a
+      projected service-account token, a certificate's Secret, as the config's auth wants),
+      the grace period, the scrape settings.
 
   check-deploy.py dashboard-rules DASHBOARD.json OUT.yml
       Writes every PromQL expression of the Grafana dashboard as a recording rule, with the
@@ -40,13 +42,29 @@ def check(ok, what):
     return ok
 
 
+def custom_resource(doc):
+    """The pydantic type and the CRD's name for a custom resource kubernetes-validate has no
+    schema for, or None."""
+    kind = (doc["apiVersion"], doc["kind"])
+    if kind == ("monitoring.coreos.com/v1", "PodMonitor"):
+        from cloudcoil.models.prometheus_operator.v1 import PodMonitor
+
+        return PodMonitor, "the Prometheus Operator 0.80.1 CRD"
+    if kind == ("cert-manager.io/v1", "Certificate"):
+        from cloudcoil.models.cert_manager.v1 import Certificate
+
+        return Certificate, "the cert-manager 1.17.1 CRD"
+    return None
+
+
 def validate_schemas(docs, versions):
     import kubernetes_validate.utils as kv
 
     for doc in docs:
         name = f"{doc['kind']}/{doc['metadata']['name']}"
-        if doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PodMonitor":
-            validate_podmonitor(doc, name)
+        custom = custom_resource(doc)
+        if custom:
+            validate_custom(doc, name, *custom)
             continue
         for version in versions:
             try:
@@ -59,27 +77,25 @@ def validate_schemas(docs, versions):
                 check(False, f"{name}: no schema in Kubernetes {version}: {e.message}")
 
 
-def validate_podmonitor(doc, name):
-    """The Prometheus Operator's CRD types (pydantic) ignore unknown fields, so a field that
-    does not survive a round trip through them is reported as unknown."""
-    from cloudcoil.models.prometheus_operator.v1 import PodMonitor
+def validate_custom(doc, name, model, crd):
+    """The CRD types (pydantic) ignore unknown fields, so a field that does not survive a
+    round trip through them is reported as unknown."""
     from pydantic import ValidationError
 
     try:
-        parsed = PodMonitor.model_validate(doc)
+        parsed = model.model_validate(doc)
     except ValidationError as e:
         errors = "; ".join(
             ".".join(str(p) for p in error["loc"]) + ": " + error["msg"] for error in e.errors()
         )
-        check(False, f"{name}: invalid PodMonitor: {errors}")
+        check(False, f"{name}: invalid {doc['kind']}: {errors}")
         return
     back = parsed.model_dump(by_alias=True, exclude_unset=True, mode="json")
     unknown = sorted(unknown_fields(doc, back))
-    crd = "the Prometheus Operator 0.80.1 CRD"
     if unknown:
         check(False, f"{name}: fields unknown to {crd}: {', '.join(unknown)}")
     else:
-        check(True, f"{name}: valid monitoring.coreos.com/v1 PodMonitor ({crd})")
+        check(True, f"{name}: valid {doc['apiVersion']} {doc['kind']} ({crd})")
 
 
 def unknown_fields(given, kept, path=""):
@@ -93,6 +109,90 @@ def unknown_fields(given, kept, path=""):
     elif isinstance(given, list) and isinstance(kept, list):
         for i, (g, k) in enumerate(zip(given, kept)):
             yield from unknown_fields(g, k, f"{path}[{i}]")
+
+
+# The methods that take a client secret; the others refuse one.
+SECRET_AUTHS = ("basic", "post", "client_secret_jwt")
+
+
+def credential_files(upstream):
+    """The upstream's `auth`, and (key, path, holder) for every credential file its config
+    names: holder is "secret" (a mounted Secret's file) or "token" (a projected
+    service-account token)."""
+    token = upstream.get("token", {})
+    auth = token.get("auth", "basic")
+    files = []
+    if auth in SECRET_AUTHS:
+        # The deploy examples keep secrets in files, not in the environment or inline.
+        files.append(("client_secret_file", token.get("client_secret_file", ""), "secret"))
+    elif auth == "private_key_jwt":
+        files.append(("private_key_file", token.get("private_key_file", ""), "secret"))
+        if "certificate_file" in token:
+            files.append(("certificate_file", token["certificate_file"], "secret"))
+    elif auth == "client_assertion_file":
+        files.append(("assertion_file", token.get("assertion_file", ""), "token"))
+    elif auth == "tls_client_auth":
+        files.append(("cert_file", token.get("cert_file", ""), "secret"))
+        files.append(("key_file", token.get("key_file", ""), "secret"))
+    if "dpop_key_file" in token:
+        files.append(("dpop_key_file", token["dpop_key_file"], "secret"))
+    for key in ("cert_file", "key_file"):
+        if key in upstream.get("tls", {}):
+            files.append((f"tls.{key}", upstream["tls"][key], "secret"))
+    return auth, files
+
+
+def check_credential(name, key, path, holder, mounts, docs):
+    """That the file at `path` is in a read-only mount of the right kind of volume."""
+    directory, _, file = path.rpartition("/")
+    mount, volume = mounts.get(directory) or ({}, {})
+    if holder == "secret":
+        secret = volume.get("secret")
+        items = [i["path"] for i in (secret or {}).get("items") or []]
+        check(
+            secret is not None and (not items or file in items),
+            f"config: upstream {name}: {key} {path} is a mounted Secret's file",
+        )
+        certificates = {
+            d["spec"]["secretName"]: d["metadata"]["name"]
+            for d in docs
+            if d["kind"] == "Certificate"
+        }
+        if secret and secret.get("secretName") in certificates:
+            check(
+                True,
+                f"config: upstream {name}: {key} comes from Certificate "
+                f"{certificates[secret['secretName']]} (Secret {secret['secretName']})",
+            )
+    else:
+        sources = (volume.get("projected") or {}).get("sources") or []
+        tokens = [
+            s["serviceAccountToken"]
+            for s in sources
+            if "serviceAccountToken" in s and s["serviceAccountToken"].get("path") == file
+        ]
+        check(
+            len(tokens) == 1,
+            f"config: upstream {name}: {key} {path} is a projected service-account token",
+        )
+        if tokens:
+            # Without an audience of its own the token is one for the API server: a key to
+            # the cluster, handed to the token endpoint.
+            check(
+                bool(tokens[0].get("audience")),
+                f"config: upstream {name}: the token has its own audience "
+                f"({tokens[0].get('audience')}), not the API server's",
+            )
+            seconds = tokens[0].get("expirationSeconds", 3600)
+            check(
+                600 <= seconds <= 86400,
+                f"config: upstream {name}: the token's expirationSeconds {seconds} is "
+                "between 10 min and 24 h",
+            )
+    check(
+        mount.get("readOnly") is True,
+        f"config: upstream {name}: {key}'s volume is mounted read-only",
+    )
 
 
 def probe(container, kind):
@@ -172,8 +272,10 @@ def check_pod(docs, sidecar):
 
     # The config, from the ConfigMap mounted at /etc/bearerd.
     volumes = {v["name"]: v for v in pod.get("volumes") or []}
-    mounts = {m["mountPath"]: volumes.get(m["name"], {}) for m in bearerd.get("volumeMounts") or []}
-    config_map = (mounts.get("/etc/bearerd") or {}).get("configMap", {}).get("name")
+    mounts = {
+        m["mountPath"]: (m, volumes.get(m["name"], {})) for m in bearerd.get("volumeMounts") or []
+    }
+    config_map = mounts.get("/etc/bearerd", ({}, {}))[1].get("configMap", {}).get("name")
     maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     if not check(config_map in maps, f"bearerd: ConfigMap {config_map} mounted at /etc/bearerd"):
         return
@@ -200,14 +302,18 @@ def check_pod(docs, sidecar):
             upstream.get("listen", "").startswith("127.0.0.1:"),
             f"config: upstream {name} listens on 127.0.0.1 only",
         )
-        path = upstream.get("token", {}).get("client_secret_file", "")
-        directory, _, file = path.rpartition("/")
-        secret = (mounts.get(directory) or {}).get("secret")
-        items = [i["path"] for i in (secret or {}).get("items") or []]
-        check(
-            secret is not None and (not items or file in items),
-            f"config: upstream {name}: client_secret_file {path} is a mounted Secret's file",
-        )
+        auth, files = credential_files(upstream)
+        for key, path, holder in files:
+            check_credential(name, key, path, holder, mounts, docs)
+        if any(holder == "token" for _, _, holder in files):
+            # The token's subject names the service account.
+            account = pod.get("serviceAccountName")
+            accounts = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
+            check(
+                account in accounts,
+                f"pod: serviceAccountName {account} is a ServiceAccount of the build "
+                f"(the subject of the {auth} token)",
+            )
 
     # Scraping.
     annotations = template["metadata"].get("annotations") or {}
