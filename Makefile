@@ -33,7 +33,8 @@ deny:
 	bash scripts/deny.sh
 
 ## bearerd against a real Django OAuth Toolkit server (tests/interop.rs), in a Python
-## virtualenv under target/ that scripts/interop.sh makes or updates from PyPI.
+## virtualenv under target/ that scripts/interop.sh makes or updates from PyPI, and against
+## node's oidc-provider (tests/interop_oidc.rs), npm packages from tests/interop/oidc's lock.
 interop:
 	CARGO="$(CARGO)" bash scripts/interop.sh
 

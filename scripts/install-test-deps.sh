@@ -2,11 +2,18 @@
 # Installs what `make test` needs beyond the Rust toolchain, when it is missing, so that the
 # tests run the same on a fresh machine and in CI:
 #   promtool, prometheus  (Debian's prometheus package) for tests/observability.rs
+#   node, npm             (Debian's nodejs and npm packages) for tests/interop_oidc.rs, whose
+#                         npm packages scripts/interop.sh installs
 set -euo pipefail
 
 missing=()
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   missing+=(prometheus)
+fi
+if ! command -v node >/dev/null; then
+  missing+=(nodejs npm)
+elif ! command -v npm >/dev/null; then
+  missing+=(npm)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# Runs tests/interop.rs: bearerd against a real Django OAuth Toolkit server.
+# Runs tests/interop.rs, bearerd against a real Django OAuth Toolkit server, and
+# tests/interop_oidc.rs, bearerd against node's oidc-provider (every client authentication
+# method, DPoP, mutual TLS).
 #
 # Makes the Python virtualenv target/interop-venv from tests/interop/requirements.txt when it
-# is missing or the requirements changed (a stamp in the virtualenv keeps their hash), then
-# runs the interop tests (ignored by a plain `cargo test`) with BEARERD_INTEROP_PYTHON naming
-# its interpreter. Each test starts its own server on a loopback port; nothing else is
-# contacted but PyPI, for the install. Needs python3 (3.10 or later) with venv; installs
-# Debian's python3 and python3-venv with apt-get (as root or through sudo) when missing.
+# is missing or the requirements changed (a stamp in the virtualenv keeps their hash), and
+# tests/interop/oidc/node_modules with `npm ci` when it is missing or package-lock.json
+# changed (a stamp in node_modules keeps its hash); checks the oidc-provider server alone
+# (tests/interop/oidc/selfcheck.mjs), then runs the interop tests (ignored by a plain
+# `cargo test`) with BEARERD_INTEROP_PYTHON naming the virtualenv's interpreter,
+# BEARERD_INTEROP_NODE node and BEARERD_INTEROP_OIDC_SERVER the server script. Each test
+# starts its own servers on loopback ports; nothing else is contacted but PyPI and the npm
+# registry, for the installs. Needs python3 (3.10 or later) with venv, and node (18.12 or
+# later) with npm; installs Debian's python3, python3-venv, nodejs and npm with apt-get (as
+# root or through sudo) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
+NODE="${NODE:-node}"
+NPM="${NPM:-npm}"
 CARGO="${CARGO:-cargo}"
 requirements=tests/interop/requirements.txt
 venv=target/interop-venv
 stamp="$venv/.requirements.sha256"
+oidc=tests/interop/oidc
+node_stamp="$oidc/node_modules/.package-lock.sha256"
 
 say() { echo "interop: $*"; }
 
@@ -56,6 +67,35 @@ else
   say "installed: $("$venv/bin/python" -m pip freeze --disable-pip-version-check | grep -iE '^(django|django-oauth-toolkit|oauthlib|waitress)==' | tr '\n' ' ')"
 fi
 
-say "running: BEARERD_INTEROP_PYTHON=$venv/bin/python $CARGO test --locked --test interop -- --ignored --test-threads=1"
+# node and npm: Debian's nodejs (18 in bookworm, 20 in trixie) runs oidc-provider 8.
+if ! command -v "$NODE" >/dev/null; then
+  [ "$NODE" = node ] || { say "$NODE is missing" >&2; exit 1; }
+  apt_install nodejs npm
+elif ! command -v "$NPM" >/dev/null; then
+  [ "$NPM" = npm ] || { say "$NPM is missing" >&2; exit 1; }
+  apt_install npm
+fi
+"$NODE" -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 18 || (a === 18 && b >= 12) ? 0 : 1)' \
+  || { say "$NODE is $("$NODE" --version); oidc-provider 8 needs 18.12 or later" >&2; exit 1; }
+
+want="$(sha256sum "$oidc/package-lock.json" | cut -d' ' -f1)"
+if [ -f "$node_stamp" ] && [ "$(cat "$node_stamp")" = "$want" ]; then
+  say "$oidc/node_modules is up to date with package-lock.json"
+else
+  say "installing $oidc/package-lock.json (npm ci, node $("$NODE" --version))"
+  (cd "$oidc" && timeout 600 "$NPM" ci --no-audit --no-fund --prefer-offline --loglevel=error)
+  echo "$want" >"$node_stamp"
+  say "installed: $(cd "$oidc" && "$NODE" -p 'const v = (p) => require(`./node_modules/${p}/package.json`).version; `oidc-provider==${v("oidc-provider")} jose==${v("jose")}`')"
+fi
+
+# The oidc-provider server alone, before bearerd meets it: each client authentication
+# method, introspection, and the resource server's DPoP and certificate checks.
+say "checking the oidc-provider server: $NODE $oidc/selfcheck.mjs"
+(cd "$oidc" && timeout 300 "$NODE" selfcheck.mjs)
+
+node_path="$(command -v "$NODE")"
+say "running: BEARERD_INTEROP_PYTHON=$venv/bin/python BEARERD_INTEROP_NODE=$node_path BEARERD_INTEROP_OIDC_SERVER=$oidc/server.mjs $CARGO test --locked --test interop --test interop_oidc -- --ignored --test-threads=1"
 BEARERD_INTEROP_PYTHON="$PWD/$venv/bin/python" \
-  "$CARGO" test --locked --test interop -- --ignored --test-threads=1
+  BEARERD_INTEROP_NODE="$node_path" \
+  BEARERD_INTEROP_OIDC_SERVER="$PWD/$oidc/server.mjs" \
+  "$CARGO" test --locked --test interop --test interop_oidc -- --ignored --test-threads=1
