@@ -199,6 +199,41 @@ fn a_misspelt_or_misused_metric_is_noticed() {
     );
 }
 
+/// The examples without a client secret: each loads, and its credentials are files under
+/// /var/run/secrets/, where their kustomization mounts them.
+#[test]
+fn credential_examples_load_with_their_mounted_files() {
+    use bearerd::config::ClientAuth;
+    for (example, method) in [
+        ("workload-identity", "client_assertion_file"),
+        ("mtls", "tls_client_auth"),
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/kubernetes")
+            .join(example)
+            .join("bearerd.toml");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        for upstream in &config.upstreams {
+            assert_eq!(upstream.token.auth.method(), method, "{example}");
+            assert!(upstream.token.auth.secret().is_none(), "{example}: no secret");
+            let files: Vec<&Path> = match &upstream.token.auth {
+                ClientAuth::AssertionFile { path } => vec![path.as_path()],
+                ClientAuth::TlsClientAuth { identity } => {
+                    vec![identity.cert_file.as_path(), identity.key_file.as_path()]
+                }
+                other => panic!("{example}: {other:?}"),
+            };
+            for file in files {
+                assert!(
+                    file.starts_with("/var/run/secrets/"),
+                    "{example}: {}",
+                    file.display()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn kubernetes_config_loads_and_fits_the_pod() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base/bearerd.toml");
