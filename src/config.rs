@@ -9,6 +9,7 @@
 
 mod client_auth;
 mod file;
+mod listener;
 mod token;
 mod validate;
 mod values;
@@ -59,8 +60,12 @@ pub struct Config {
     pub log: Log,
     /// `[server]`
     pub server: Server,
-    /// `[[upstream]]`, in file order.
+    /// Every route: each `[[upstream]]`, and each `[[listener.route]]`, in file order. Names
+    /// are unique across all of them.
     pub upstreams: Vec<Upstream>,
+    /// The local listeners: one per `[[upstream]]` (with that one route), and each
+    /// `[[listener]]`.
+    pub listeners: Vec<Listener>,
     /// `[cache]`; `None`: tokens live in the process only.
     pub cache: Option<Cache>,
 }
@@ -190,13 +195,52 @@ pub const DEFAULT_BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// `[log] level` when not set.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
-/// One `[[upstream]]`: a local listener and where its requests go.
+/// A local listener and the routes it serves, in match order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// The local address.
+    pub listen: SocketAddr,
+    /// Reverse proxy (the app calls bearerd's address) or forward proxy (`HTTP_PROXY`).
+    pub mode: Mode,
+    /// See [`Upstream::allow_from`].
+    pub allow_from: Option<Vec<ipnet::IpNet>>,
+    /// The names of its routes ([`Config::upstreams`]), in match order.
+    pub routes: Vec<String>,
+}
+
+/// How a listener reads which route a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Requests in origin form (`GET /path`), routed by `Host` and path.
+    #[default]
+    Reverse,
+    /// Requests in absolute form (`GET http://api.example.com/path`), as an app whose
+    /// `HTTP_PROXY` names bearerd sends them, routed by that host and path.
+    Forward,
+}
+
+/// What requests a route takes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteMatch {
+    /// The host, lowercase without a trailing dot: exact, or `*.example.com` for any one
+    /// label before `example.com`; `None` for any host.
+    pub host: Option<String>,
+    /// The path prefix (`/v2`), matched on segment boundaries; `None` for any path.
+    pub path_prefix: Option<String>,
+    /// Whether `path_prefix` is removed from the path sent upstream.
+    pub strip_prefix: bool,
+}
+
+/// One route: an `[[upstream]]` (a listener with one route of its own), or a
+/// `[[listener.route]]`, and where its requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     /// The configured name, used in logs, metrics and error bodies.
     pub name: String,
-    /// The local address the app sends plain HTTP to.
+    /// The local address the app sends plain HTTP to (its listener's).
     pub listen: SocketAddr,
+    /// Which requests of its listener it takes.
+    pub route: RouteMatch,
     /// Scheme, authority and base path of the upstream (no query).
     pub url: Uri,
     /// See [`DEFAULT_CONNECT_TIMEOUT`].

@@ -335,7 +335,7 @@ fn syntax_error_and_empty_file() {
     );
     assert_eq!(
         errors(""),
-        "/etc/bearerd/bearerd.toml:1:1: upstream: no [[upstream]] is configured"
+        "/etc/bearerd/bearerd.toml:1:1: upstream: no [[upstream]] or [[listener]] is configured"
     );
 }
 

@@ -215,7 +215,10 @@ fn credential_examples_load_with_their_mounted_files() {
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         for upstream in &config.upstreams {
             assert_eq!(upstream.token.auth.method(), method, "{example}");
-            assert!(upstream.token.auth.secret().is_none(), "{example}: no secret");
+            assert!(
+                upstream.token.auth.secret().is_none(),
+                "{example}: no secret"
+            );
             let files: Vec<&Path> = match &upstream.token.auth {
                 ClientAuth::AssertionFile { path } => vec![path.as_path()],
                 ClientAuth::TlsClientAuth { identity } => {

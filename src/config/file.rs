@@ -26,6 +26,9 @@ pub struct File {
     /// `[[upstream]]`, one per local listener.
     #[serde(default)]
     pub upstream: Vec<Spanned<Upstream>>,
+    /// `[[listener]]`, each with its routes.
+    #[serde(default)]
+    pub listener: Vec<Spanned<Listener>>,
     /// `[cache]`
     #[serde(default)]
     pub cache: Option<Spanned<Cache>>,
@@ -115,14 +118,47 @@ pub enum LogFormat {
     Json,
 }
 
-/// `[[upstream]]`
+/// `[[listener]]`: one local address serving a table of routes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Local address the app sends plain HTTP to.
+    pub listen: Spanned<String>,
+    /// `"reverse"` (the default) or `"forward"`.
+    #[serde(default)]
+    pub mode: Option<Spanned<Mode>>,
+    /// Networks (CIDRs) whose peers may connect; required for a non-loopback `listen`.
+    pub allow_from: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `[[listener.route]]`, in match order.
+    #[serde(default)]
+    pub route: Vec<Spanned<Upstream>>,
+}
+
+/// `mode = "reverse" | "forward"`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The app calls bearerd's address as if it were the API.
+    Reverse,
+    /// The app's `HTTP_PROXY` points at bearerd.
+    Forward,
+}
+
+/// `[[upstream]]`, and `[[listener.route]]` (which takes `host`, `path_prefix` and
+/// `strip_prefix`, and has its listener's `listen` and `allow_from`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     /// Name used in logs, metrics and error bodies.
     pub name: Spanned<String>,
-    /// Local address the app sends plain HTTP to.
-    pub listen: Spanned<String>,
+    /// Local address the app sends plain HTTP to (`[[upstream]]` only).
+    pub listen: Option<Spanned<String>>,
+    /// A route's host: exact, or `*.example.com` for one label.
+    pub host: Option<Spanned<String>>,
+    /// A route's path prefix, matched on segment boundaries.
+    pub path_prefix: Option<Spanned<String>>,
+    /// Remove `path_prefix` from the path sent upstream.
+    pub strip_prefix: Option<Spanned<bool>>,
     /// Where requests go: scheme, host, optional port and base path.
     pub url: Spanned<String>,
     /// Time allowed to open the TCP connection to the upstream.

@@ -4,8 +4,6 @@
 //! Token settings are checked in `token.rs`, single values (addresses, URLs, durations,
 //! sizes) in `values.rs`.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::Path;
 
@@ -39,15 +37,7 @@ impl Validator<'_> {
         );
         let log = self.log(raw.log.as_ref());
         let server = self.server(raw.server.as_ref());
-        if raw.upstream.is_empty() {
-            self.problem(0..0, "upstream", "no [[upstream]] is configured");
-        }
-        let upstreams: Vec<Option<Upstream>> = raw
-            .upstream
-            .iter()
-            .enumerate()
-            .map(|(i, u)| self.upstream(&format!("upstream[{i}]"), u.get_ref()))
-            .collect();
+        let (upstreams, listeners) = self.listeners(&raw);
         self.check_unique(&raw, admin_listen);
         Some(Config {
             path: path.to_owned(),
@@ -57,7 +47,8 @@ impl Validator<'_> {
             },
             log,
             server,
-            upstreams: upstreams.into_iter().collect::<Option<_>>()?,
+            upstreams: upstreams?,
+            listeners: listeners?,
             cache: match &raw.cache {
                 Some(cache) => Some(self.cache(cache)?),
                 None => None,
@@ -282,148 +273,6 @@ impl Validator<'_> {
                 Some(file::LogFormat::Json) => LogFormat::Json,
             },
             access: raw.and_then(|l| l.access).unwrap_or(false),
-        }
-    }
-
-    fn upstream(&mut self, key: &str, raw: &file::Upstream) -> Option<Upstream> {
-        let name = raw.name.get_ref();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            self.problem(
-                raw.name.span(),
-                format!("{key}.name"),
-                format!("{name:?} is not a valid name: use letters, digits, '-', '_' and '.'"),
-            );
-        }
-        let listen = self.socket_addr(&raw.listen, &format!("{key}.listen"));
-        let allow_from = raw
-            .allow_from
-            .as_ref()
-            .map(|list| self.networks(list, &format!("{key}.allow_from")));
-        if let Some(addr) = listen {
-            if !addr.ip().is_loopback() && allow_from.is_none() {
-                self.problem(
-                    raw.listen.span(),
-                    format!("{key}.listen"),
-                    format!(
-                        "{addr} is not a loopback address: whoever reaches it calls the upstream with bearerd's token. Listen on 127.0.0.1, or set allow_from to the networks that may connect ([\"0.0.0.0/0\", \"::/0\"] for anyone)"
-                    ),
-                );
-            }
-        }
-        let allow_plain_http = raw.allow_plain_http.unwrap_or(false);
-        let url = self.http_url(&raw.url, &format!("{key}.url"), allow_plain_http);
-        if let Some(url) = &url {
-            if url.query().is_some() {
-                self.problem(
-                    raw.url.span(),
-                    format!("{key}.url"),
-                    "must not have a query: the app's query is passed through",
-                );
-            }
-        }
-        let connect_timeout = self.duration(
-            raw.connect_timeout.as_ref(),
-            &format!("{key}.connect_timeout"),
-            DEFAULT_CONNECT_TIMEOUT,
-        );
-        let response_header_timeout = self.duration(
-            raw.response_header_timeout.as_ref(),
-            &format!("{key}.response_header_timeout"),
-            DEFAULT_RESPONSE_HEADER_TIMEOUT,
-        );
-        let token = self.token(&format!("{key}.token"), &raw.token);
-        let tls = match &raw.tls {
-            None => TlsSettings {
-                roots: Roots::default(),
-                ca_file: None,
-                identity: None,
-            },
-            Some(spanned) => {
-                let tls = spanned.get_ref();
-                let settings = TlsSettings {
-                    roots: match tls.roots {
-                        None | Some(file::Roots::Webpki) => Roots::Webpki,
-                        Some(file::Roots::Native) => Roots::Native,
-                        Some(file::Roots::None) => Roots::None,
-                    },
-                    ca_file: tls
-                        .ca_file
-                        .as_ref()
-                        .map(|p| self.base_dir.join(p.get_ref())),
-                    identity: match (&tls.cert_file, &tls.key_file) {
-                        (Some(cert), Some(key)) => Some(Identity {
-                            cert_file: self.base_dir.join(cert.get_ref()),
-                            key_file: self.base_dir.join(key.get_ref()),
-                        }),
-                        (None, None) => None,
-                        (Some(_), None) | (None, Some(_)) => {
-                            self.problem(
-                                spanned.span(),
-                                format!("{key}.tls.cert_file"),
-                                "cert_file and key_file go together: set both, or neither",
-                            );
-                            None
-                        }
-                    },
-                };
-                if settings.roots == Roots::None && settings.ca_file.is_none() {
-                    self.problem(
-                        spanned.span(),
-                        format!("{key}.tls.ca_file"),
-                        "roots = \"none\" needs a ca_file, or nothing would be trusted",
-                    );
-                }
-                settings
-            }
-        };
-        Some(Upstream {
-            name: name.clone(),
-            listen: listen?,
-            url: url?,
-            connect_timeout,
-            response_header_timeout,
-            retry_on_401: raw.retry_on_401.unwrap_or(true),
-            allow_from,
-            allow_plain_http,
-            token: token?,
-            tls,
-        })
-    }
-
-    /// Two listeners on one address would fail at bind time with a vaguer message; names
-    /// must be unique because metrics and logs tell upstreams apart by them.
-    fn check_unique(&mut self, raw: &file::File, admin: Option<SocketAddr>) {
-        let mut names: HashMap<&str, usize> = HashMap::new();
-        let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
-        if let Some(admin) = admin {
-            addrs.insert(admin, "[admin]".into());
-        }
-        for (i, upstream) in raw.upstream.iter().enumerate() {
-            let upstream = upstream.get_ref();
-            let name = upstream.name.get_ref().as_str();
-            if let Some(first) = names.insert(name, i) {
-                self.problem(
-                    upstream.name.span(),
-                    format!("upstream[{i}].name"),
-                    format!("{name:?} is already the name of upstream[{first}]"),
-                );
-            }
-            // Port 0 asks the OS for a free port, so it never collides (tests use it).
-            if let Ok(addr) = upstream.listen.get_ref().parse::<SocketAddr>() {
-                if addr.port() != 0 {
-                    if let Some(owner) = addrs.insert(addr, format!("upstream {name:?}")) {
-                        self.problem(
-                            upstream.listen.span(),
-                            format!("upstream[{i}].listen"),
-                            format!("{addr} is already the listen address of {owner}"),
-                        );
-                    }
-                }
-            }
         }
     }
 

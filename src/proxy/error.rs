@@ -59,6 +59,12 @@ pub enum ProxyError {
     /// No route of the listener matches the request.
     #[error("no route of this listener matches the request")]
     NoRoute,
+    /// A forward listener has no route for the host the request names: bearerd is not an
+    /// open proxy.
+    #[error(
+        "bearerd forwards requests to the hosts of its routes only, and this one is not among them"
+    )]
+    HostNotServed,
 
     /// The upstream could not be reached: DNS, TCP connect, TLS or HTTP handshake.
     #[error("{}", errors::chain(.source))]
@@ -157,7 +163,8 @@ impl ProxyError {
             | Self::MethodNotAllowed { .. }
             | Self::UnknownTransferCoding { .. }
             | Self::RequestBody { .. }
-            | Self::NoRoute => Fault::App,
+            | Self::NoRoute
+            | Self::HostNotServed => Fault::App,
             Self::UpstreamUnreachable { .. }
             | Self::ConnectTimeout { .. }
             | Self::ResponseTimeout { .. }
@@ -177,6 +184,7 @@ impl ProxyError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnknownTransferCoding { .. } => StatusCode::NOT_IMPLEMENTED,
             Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::HostNotServed => StatusCode::FORBIDDEN,
             Self::UpstreamUnreachable { .. } | Self::UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -196,6 +204,7 @@ impl ProxyError {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::UnknownTransferCoding { .. } => "not_implemented",
             Self::NoRoute => "no_route",
+            Self::HostNotServed => "host_not_served",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => "upstream_timeout",
             Self::UpstreamFailed { .. } => "upstream_failed",

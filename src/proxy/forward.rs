@@ -18,6 +18,7 @@ use super::error::ProxyError;
 use super::pool::{SendError, Slot};
 use super::rewrite::strip_hop_by_hop;
 use super::route::{Listener, Route};
+use crate::config::Mode;
 use crate::token::dpop::{self, DPOP};
 use crate::token::Token;
 
@@ -26,18 +27,52 @@ use crate::token::Token;
 /// streamed and their 401 passed back.
 pub const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
-/// The answer to a request no route of `listener` matches.
-pub(super) fn unrouted(listener: &Listener) -> Response<ResponseBody> {
-    let response = ProxyError::NoRoute.into_response(&listener.name);
+/// The route of `listener` that `request` goes to, after refusing the methods that must never
+/// carry a token (before any route is looked at: a forward proxy names the same refusal for
+/// every host).
+pub(super) fn route<'a, B>(
+    listener: &'a Listener,
+    request: &Request<B>,
+) -> Result<&'a std::sync::Arc<Route>, ProxyError> {
+    refuse_method(request.method())?;
+    listener.routes.choose(request, listener.mode)
+}
+
+/// The answer to a request refused before a route was chosen.
+pub(super) fn unrouted<B>(
+    listener: &Listener,
+    request: &Request<B>,
+    error: ProxyError,
+) -> Response<ResponseBody> {
+    tracing::warn!(
+        upstream = %listener.name,
+        error = error.code(),
+        fault = ?error.fault(),
+        detail = %error,
+        "request refused"
+    );
+    let response = error.into_response(&listener.name);
     listener
         .metrics
         .request_answered(response.status(), std::time::Duration::ZERO);
+    if listener.access_log {
+        tracing::info!(
+            target: "bearerd::access",
+            upstream = %listener.name,
+            method = %request.method(),
+            path = %request.uri().path(),
+            status = response.status().as_u16(),
+            duration_ms = 0.0,
+            "request"
+        );
+    }
     response
 }
 
 /// Forwards `request` to `upstream`, answering with the upstream's response or an error JSON.
 pub(super) async fn forward(
     upstream: &Route,
+    mode: Mode,
     slot: &Slot,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
@@ -47,7 +82,7 @@ pub(super) async fn forward(
     let logged = upstream
         .access_log
         .then(|| (request.method().clone(), request.uri().path().to_owned()));
-    let response = match try_forward(upstream, slot, request).await {
+    let response = match try_forward(upstream, mode, slot, request).await {
         Ok(response) => response,
         Err(error) => {
             if let ProxyError::TokenUnavailable(_) = error {
@@ -84,10 +119,11 @@ pub(super) async fn forward(
 
 async fn try_forward(
     upstream: &Route,
+    mode: Mode,
     slot: &Slot,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    refuse_unforwardable(upstream, &request)?;
+    refuse_unforwardable(upstream, mode, &request)?;
     // The token comes next: without one the request never leaves bearerd.
     let token = upstream
         .token
@@ -96,12 +132,18 @@ async fn try_forward(
         .map_err(ProxyError::TokenUnavailable)?;
 
     let (mut parts, body) = request.into_parts();
-    let path_and_query = upstream
-        .target
-        .path_and_query_for(std::mem::take(&mut parts.uri))
-        .map_err(|e| ProxyError::BadRequest {
-            reason: e.to_string(),
-        })?;
+    let uri = std::mem::take(&mut parts.uri);
+    let uri = match upstream.matching.path_prefix.as_deref() {
+        Some(prefix) if upstream.matching.strip_prefix => strip(uri, prefix),
+        _ => uri,
+    };
+    let path_and_query =
+        upstream
+            .target
+            .path_and_query_for(uri)
+            .map_err(|e| ProxyError::BadRequest {
+                reason: e.to_string(),
+            })?;
     strip_hop_by_hop(&mut parts.headers);
     // hyper already answered `100 Continue` to the app when the body was first read.
     parts.headers.remove(EXPECT);
@@ -164,26 +206,31 @@ async fn try_forward(
     }
 }
 
-/// Refuses, before any token is taken, the requests that must never carry one.
-fn refuse_unforwardable(upstream: &Route, request: &Request<Incoming>) -> Result<(), ProxyError> {
-    match *request.method() {
+/// Refuses the methods that must never carry a token.
+fn refuse_method(method: &Method) -> Result<(), ProxyError> {
+    match *method {
         // RFC 9110 §9.3.8: the upstream echoes the request back, Authorization included.
-        Method::TRACE => {
-            return Err(ProxyError::MethodNotAllowed {
-                reason: "TRACE is not forwarded: the upstream would echo the request, token included, back to the caller",
-            })
-        }
-        Method::CONNECT => {
-            return Err(ProxyError::MethodNotAllowed {
-                reason: "CONNECT is not supported: a TLS tunnel cannot carry an injected token; send plain http:// requests to bearerd, which speaks https to the upstream",
-            })
-        }
-        _ => {}
+        Method::TRACE => Err(ProxyError::MethodNotAllowed {
+            reason: "TRACE is not forwarded: the upstream would echo the request, token included, back to the caller",
+        }),
+        Method::CONNECT => Err(ProxyError::MethodNotAllowed {
+            reason: "CONNECT is not supported: a TLS tunnel cannot carry an injected token; send plain http:// requests to bearerd, which speaks https to the upstream",
+        }),
+        _ => Ok(()),
     }
+}
+
+/// Refuses, before any token is taken, the requests that must never carry one.
+fn refuse_unforwardable(
+    upstream: &Route,
+    mode: Mode,
+    request: &Request<Incoming>,
+) -> Result<(), ProxyError> {
     // An absolute-form target (what an app whose HTTP_PROXY points here sends) names the host
     // the app means: forwarding it to this listener's upstream would hand our token to a
     // request meant for someone else, or send it where the app did not mean.
-    if let Some(authority) = request.uri().authority() {
+    // (A forward listener chose the route by that very host.)
+    if let (Some(authority), Mode::Reverse) = (request.uri().authority(), mode) {
         if !upstream.target.serves(authority) {
             return Err(ProxyError::BadRequest {
                 reason: format!(
@@ -312,6 +359,23 @@ impl Destination<'_> {
         }
         Ok(request)
     }
+}
+
+/// `uri` without the route's path prefix: `/v2/users?x=1` is `/users?x=1` under `/v2`.
+fn strip(uri: Uri, prefix: &str) -> Uri {
+    let Some(rest) = uri.path().strip_prefix(prefix) else {
+        return uri;
+    };
+    let mut path = String::with_capacity(rest.len() + 1 + uri.query().map_or(0, |q| q.len() + 1));
+    if !rest.starts_with('/') {
+        path.push('/');
+    }
+    path.push_str(rest);
+    if let Some(query) = uri.query() {
+        path.push('?');
+        path.push_str(query);
+    }
+    PathAndQuery::try_from(path).map_or(uri, Uri::from)
 }
 
 /// A body kept whole for a replay, and its share of the replay budget.

@@ -96,9 +96,9 @@ pub(crate) async fn serve(
             // layer would make every request's future larger, and hyper moves it whole
             // (callgrind: +180 instructions per request).
             async move {
-                let response = match listener.routes.choose(&request) {
-                    Some(route) => forward::forward(route, &slot, request).await,
-                    None => forward::unrouted(&listener),
+                let response = match forward::route(&listener, &request) {
+                    Ok(route) => forward::forward(route, listener.mode, &slot, request).await,
+                    Err(error) => forward::unrouted(&listener, &request, error),
                 };
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             }

@@ -1,8 +1,11 @@
 //! What a listener serves: its routes, each an upstream with its token source and settings, in
 //! a table from which each request chooses one.
 //!
-//! Today every table holds one route, which every request matches (an `[[upstream]]` is a
-//! listener with one route); host and path matching are additions to [`Routes::choose`].
+//! An `[[upstream]]` is a listener with one route that takes every request; a
+//! `[[listener]]` has a table, and each request goes to the route whose host matches and
+//! whose path prefix is the longest on a segment boundary (the first, among equals). A
+//! reverse listener reads the host from `Host`, a forward listener from the absolute-form
+//! target an app with `HTTP_PROXY` sends.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -11,14 +14,20 @@ use std::time::Duration;
 use http::Request;
 
 use super::body::ReplayBudget;
+use super::error::ProxyError;
 use super::metrics::RouteSeries;
 use super::pool::Pool;
 use super::rewrite::Target;
+use crate::config::{Mode, RouteMatch};
 use crate::token::dpop::{DpopKey, Nonce};
 use crate::token::source::Handle;
 
 /// One listener's settings, replaced whole when a reload changes them.
 pub struct Listener {
+    /// Reverse or forward proxy.
+    pub mode: Mode,
+    /// Whether to log one line per request (for those refused before a route is chosen).
+    pub access_log: bool,
     /// The name in logs and metrics (the upstream's, for an `[[upstream]]`).
     pub name: Arc<str>,
     /// The networks whose peers may connect; `None` for every peer (a loopback listener).
@@ -44,14 +53,131 @@ impl Listener {
 pub struct Routes(Vec<Arc<Route>>);
 
 impl Routes {
-    /// A table of one route, which every request matches.
-    pub fn one(route: Route) -> Self {
-        Self(vec![Arc::new(route)])
+    /// A table of `routes`, in match order.
+    pub fn new(routes: Vec<Route>) -> Self {
+        Self(routes.into_iter().map(Arc::new).collect())
     }
 
-    /// The route `request` goes to, if any matches.
-    pub fn choose<B>(&self, _request: &Request<B>) -> Option<&Arc<Route>> {
-        self.0.first()
+    /// The route `request` goes to. A request whose path has `.` or `..` segments is refused:
+    /// an upstream would resolve them, and `/v2/../admin` must not reach `/admin` through the
+    /// route of `/v2` (nor climb out of an upstream's base path).
+    pub fn choose<B>(&self, request: &Request<B>, mode: Mode) -> Result<&Arc<Route>, ProxyError> {
+        let uri = request.uri();
+        if has_dot_segments(uri.path()) {
+            return Err(ProxyError::BadRequest {
+                reason: "the path has . or .. segments (perhaps percent-encoded); send it resolved"
+                    .into(),
+            });
+        }
+        // An `[[upstream]]`: one route that takes everything, nothing to look at.
+        if let [only] = self.0.as_slice() {
+            if mode == Mode::Reverse && only.matching.takes_everything() {
+                return Ok(only);
+            }
+        }
+        let host = match mode {
+            Mode::Forward => uri.host().ok_or_else(|| ProxyError::BadRequest {
+                reason: "this is a forward proxy: send absolute-form requests (set HTTP_PROXY=http://<this address>) for http:// URLs of the hosts it serves".into(),
+            })?,
+            Mode::Reverse => uri.host().or_else(|| host_header(request)).unwrap_or(""),
+        };
+        // Lowercase is compared without copying; the root's trailing dot is ignored.
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let mut best: Option<(&Arc<Route>, usize)> = None;
+        for route in &self.0 {
+            if !route.matching.host_matches(host) {
+                continue;
+            }
+            let Some(length) = route.matching.prefix_length(uri.path()) else {
+                continue;
+            };
+            if best.map_or(true, |(_, longest)| length > longest) {
+                best = Some((route, length));
+            }
+        }
+        match (best, mode) {
+            (Some((route, _)), _) => Ok(route),
+            (None, Mode::Forward) => Err(ProxyError::HostNotServed),
+            (None, Mode::Reverse) => Err(ProxyError::NoRoute),
+        }
+    }
+}
+
+/// The host of the `Host` header, without its port.
+fn host_header<B>(request: &Request<B>) -> Option<&str> {
+    let value = request.headers().get(http::header::HOST)?.to_str().ok()?;
+    Some(match value.strip_prefix('[') {
+        // `[::1]:8080` is `[::1]`, as `Uri::host` gives IPv6 literals.
+        Some(rest) => rest.find(']').map_or(value, |end| &value[..end + 2]),
+        None => value.split(':').next().unwrap_or(value),
+    })
+}
+
+/// Whether a path has a `.` or `..` segment, also percent-encoded (`%2e`, `%2E`).
+fn has_dot_segments(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let mut rest = segment.as_bytes();
+        let mut dots = 0;
+        while !rest.is_empty() {
+            if rest[0] == b'.' {
+                rest = &rest[1..];
+            } else if rest.len() >= 3
+                && rest[0] == b'%'
+                && rest[1] == b'2'
+                && rest[2] | 0x20 == b'e'
+            {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
+    })
+}
+
+/// How a route matches, compared with what a request names.
+trait Matching {
+    fn takes_everything(&self) -> bool;
+    fn host_matches(&self, host: &str) -> bool;
+    fn prefix_length(&self, path: &str) -> Option<usize>;
+}
+
+impl Matching for RouteMatch {
+    fn takes_everything(&self) -> bool {
+        self.host.is_none() && self.path_prefix.is_none()
+    }
+
+    /// Whether `host` (any case, no trailing dot) is the route's (lowercase).
+    fn host_matches(&self, host: &str) -> bool {
+        match self.host.as_deref() {
+            None => true,
+            Some(pattern) => match pattern.strip_prefix("*.") {
+                // One label: `a.example.com`, not `example.com` nor `a.b.example.com`.
+                Some(suffix) => {
+                    host.len() > suffix.len() + 1 && {
+                        let (label, rest) = host.split_at(host.len() - suffix.len() - 1);
+                        rest.as_bytes()[0] == b'.'
+                            && rest[1..].eq_ignore_ascii_case(suffix)
+                            && !label.contains('.')
+                    }
+                }
+                None => host.eq_ignore_ascii_case(pattern),
+            },
+        }
+    }
+
+    /// The length of the route's prefix if `path` falls under it (on a segment boundary), 0
+    /// for a route without one; `None` if it does not.
+    fn prefix_length(&self, path: &str) -> Option<usize> {
+        let Some(prefix) = self.path_prefix.as_deref() else {
+            return Some(0);
+        };
+        if prefix == "/" {
+            return Some(1);
+        }
+        let rest = path.strip_prefix(prefix)?;
+        (rest.is_empty() || rest.starts_with('/')).then_some(prefix.len())
     }
 }
 
@@ -59,6 +185,8 @@ impl Routes {
 pub struct Route {
     /// The configured name, in logs, metrics and error bodies.
     pub name: Arc<str>,
+    /// Which requests it takes.
+    pub matching: RouteMatch,
     /// Where requests go.
     pub target: Target,
     /// The token source this route reads.

@@ -8,25 +8,25 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use super::plan::{Plan, Step};
-use super::{bind, Running, Source, StartError, UpstreamSeries};
+use super::plan::{ListenerKey, Plan, Step};
+use super::{bind, Running, Source, StartError};
 use crate::admin;
 use crate::config::{self, Config};
 use crate::proxy::{self, rewrite::Target};
 use crate::tls;
-use crate::token::dpop::{DpopKey, Nonce};
+use crate::token::dpop::Nonce;
 use crate::token::setup::SourceSetup;
-use crate::token::source::Handle;
 use crate::token::SourceKey;
 
-/// What applying a config needs for one listener, gathered before anything changes.
+/// What applying a config needs for one route, gathered before anything changes.
 struct Prepared {
     /// For the upstream (with its client certificate, if any).
     tls: rustls::ClientConfig,
     target: Target,
-    /// A new socket, when the plan starts the listener.
-    bound: Option<(TcpListener, SocketAddr)>,
 }
+
+/// A new listener's socket, and the address it is bound to.
+type Bound = (TcpListener, SocketAddr);
 
 /// The TLS configuration and DPoP key of each source the plan starts.
 fn prepare_sources(plan: &Plan<'_>) -> Result<HashMap<SourceKey, SourceSetup>, StartError> {
@@ -51,7 +51,7 @@ impl Running {
     pub(super) async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
         let plan = Plan::between(self.started.then_some(&self.config), config);
         let mut setups = prepare_sources(&plan)?;
-        let mut prepared = self.prepare(&plan).await?;
+        let (mut prepared, mut sockets) = self.prepare(&plan).await?;
 
         // Nothing below fails: the new config is applied whole.
         for name in &plan.gone {
@@ -81,40 +81,39 @@ impl Running {
             self.observe(&source, &wanted.users);
             sources.insert(wanted.key.clone(), source);
         }
-        let mut listeners = HashMap::with_capacity(plan.listeners.len());
-        let mut watched = Vec::with_capacity(plan.listeners.len());
-        for wanted in plan.listeners {
-            let upstream = wanted.upstream;
+        let mut watched = Vec::with_capacity(config.upstreams.len());
+        for upstream in &config.upstreams {
             let (Some(series), Some(source)) = (
                 self.series.get(&upstream.name),
                 sources.get(&SourceKey::of(upstream)),
             ) else {
                 continue;
             };
-            let token = source.handle.clone();
-            let dpop = source.dpop.clone();
             series.token.describe_source(&upstream.token);
             watched.push(admin::Watched {
                 name: upstream.name.clone(),
-                token: token.clone(),
+                token: source.handle.clone(),
                 metrics: Arc::clone(&series.token),
             });
-            let Some(Prepared { tls, target, bound }) = prepared.remove(&upstream.name) else {
-                continue;
-            };
+        }
+        let mut listeners = HashMap::with_capacity(plan.listeners.len());
+        for wanted in plan.listeners {
             let running = self.listeners.remove(&wanted.key);
-            let build =
-                || self.listener_value(upstream, config, tls, target, (token, dpop), series);
+            let bound = sockets.remove(&wanted.key);
+            let build = |prepared: &mut HashMap<String, Prepared>| {
+                self.listener_value(wanted.listener, &wanted.routes, config, prepared, &sources)
+            };
             let listener = match (wanted.step, running, bound) {
-                // Unchanged settings keep their pool too, and the connections in it.
+                // Unchanged settings keep their pools too, and the connections in them.
                 (Step::Keep, Some(running), _) => running,
                 (_, Some(mut running), _) => {
-                    running.current.send_replace(build());
+                    running.current.send_replace(build(&mut prepared));
                     running.serving = wanted.serving;
                     running
                 }
                 (_, None, Some((socket, addr))) => {
-                    self.spawn_listener(socket, addr, wanted.serving, build())
+                    let value = build(&mut prepared);
+                    self.spawn_listener(socket, addr, wanted.serving, value)
                 }
                 // `prepare` binds every listener the plan starts.
                 (_, None, None) => continue,
@@ -125,7 +124,7 @@ impl Running {
         // What the new config no longer has: listeners drain, sources stop.
         for key in &plan.stop_listeners {
             if let Some(listener) = self.listeners.remove(key) {
-                tracing::info!(upstream = %listener.serving.upstream.name, listen = %listener.addr, "listener removed: draining");
+                tracing::info!(routes = %listener.serving.listener.routes.join(","), listen = %listener.addr, "listener removed: draining");
                 listener.stop.cancel();
             }
         }
@@ -151,69 +150,95 @@ impl Running {
     }
 
     /// Everything that can fail, done before anything changes: TLS settings loaded, targets
-    /// checked, the sockets of new listeners bound (and closed again, by drop, if a later one
-    /// fails).
-    async fn prepare(&self, plan: &Plan<'_>) -> Result<HashMap<String, Prepared>, StartError> {
-        let mut prepared = HashMap::with_capacity(plan.listeners.len());
+    /// checked (for each route), the sockets of new listeners bound (and closed again, by
+    /// drop, if a later one fails).
+    async fn prepare(
+        &self,
+        plan: &Plan<'_>,
+    ) -> Result<(HashMap<String, Prepared>, HashMap<ListenerKey, Bound>), StartError> {
+        let mut prepared = HashMap::new();
+        let mut sockets = HashMap::new();
         for wanted in &plan.listeners {
-            let upstream = wanted.upstream;
-            let tls = tls::client_config(&upstream.tls, upstream.tls.identity.as_ref()).map_err(
-                |source| StartError::Tls {
+            for upstream in &wanted.routes {
+                let tls = tls::client_config(&upstream.tls, upstream.tls.identity.as_ref())
+                    .map_err(|source| StartError::Tls {
+                        upstream: upstream.name.clone(),
+                        source,
+                    })?;
+                let target = Target::new(&upstream.url).map_err(|source| StartError::Target {
                     upstream: upstream.name.clone(),
                     source,
-                },
-            )?;
-            let target = Target::new(&upstream.url).map_err(|source| StartError::Target {
-                upstream: upstream.name.clone(),
-                source,
-            })?;
-            let bound = match wanted.step {
-                Step::Start => Some(bind(upstream).await?),
-                Step::Keep | Step::Update => None,
-            };
-            prepared.insert(upstream.name.clone(), Prepared { tls, target, bound });
+                })?;
+                prepared.insert(upstream.name.clone(), Prepared { tls, target });
+            }
+            if wanted.step == Step::Start {
+                let name = wanted.listener.routes.first().cloned().unwrap_or_default();
+                sockets.insert(
+                    wanted.key.clone(),
+                    bind(&name, wanted.listener.listen).await?,
+                );
+            }
         }
-        Ok(prepared)
+        Ok((prepared, sockets))
     }
 
-    /// What a listener serves for `upstream`: its one route.
+    /// What a listener serves: its routes, each with its token source, pool and series.
     fn listener_value(
         &self,
-        upstream: &config::Upstream,
+        listener: &config::Listener,
+        routes: &[&config::Upstream],
         config: &Config,
-        tls: rustls::ClientConfig,
-        target: Target,
-        (token, dpop): (Handle, Option<Arc<DpopKey>>),
-        series: &UpstreamSeries,
+        prepared: &mut HashMap<String, Prepared>,
+        sources: &HashMap<SourceKey, Source>,
     ) -> Arc<proxy::Listener> {
-        let name: Arc<str> = upstream.name.as_str().into();
-        let dial = target.dial();
-        let route = proxy::Route {
-            name: Arc::clone(&name),
-            target,
-            token,
-            pool: Arc::new(proxy::pool::Pool::new(
-                tls::connector(tls, upstream.connect_timeout),
-                dial,
-                self.config.server.max_connections,
-            )),
-            response_header_timeout: upstream.response_header_timeout,
-            metrics: Arc::clone(&series.proxy),
-            access_log: config.log.access,
-            retry_on_401: upstream.retry_on_401,
-            body_idle_timeout: self.config.server.body_idle_timeout,
-            replay_budget: self.replay_budget.clone(),
-            dpop: dpop.map(|key| proxy::RouteDpop {
-                key,
-                nonce: Nonce::default(),
-                retries: series.token.upstream_nonce_retries(),
-            }),
-        };
+        let mut table = Vec::with_capacity(routes.len());
+        for upstream in routes {
+            let (Some(Prepared { tls, target }), Some(series), Some(source)) = (
+                prepared.remove(&upstream.name),
+                self.series.get(&upstream.name),
+                sources.get(&SourceKey::of(upstream)),
+            ) else {
+                continue;
+            };
+            let dial = target.dial();
+            table.push(proxy::Route {
+                name: upstream.name.as_str().into(),
+                matching: upstream.route.clone(),
+                target,
+                token: source.handle.clone(),
+                pool: Arc::new(proxy::pool::Pool::new(
+                    tls::connector(tls, upstream.connect_timeout),
+                    dial,
+                    self.config.server.max_connections,
+                )),
+                response_header_timeout: upstream.response_header_timeout,
+                metrics: Arc::clone(&series.proxy),
+                access_log: config.log.access,
+                retry_on_401: upstream.retry_on_401,
+                body_idle_timeout: self.config.server.body_idle_timeout,
+                replay_budget: self.replay_budget.clone(),
+                dpop: source.dpop.clone().map(|key| proxy::RouteDpop {
+                    key,
+                    nonce: Nonce::default(),
+                    retries: series.token.upstream_nonce_retries(),
+                }),
+            });
+        }
+        // Connections refused unserved are counted, and errors answered, under the first
+        // route's name: a listener of one route (an `[[upstream]]`) is that route.
+        let first = routes.first().map_or("", |u| u.name.as_str());
+        let metrics = self
+            .series
+            .get(first)
+            .map(|series| Arc::clone(&series.proxy));
         Arc::new(proxy::Listener {
-            name,
-            allow_from: upstream.allow_from.clone(),
-            metrics: Arc::clone(&series.proxy),
-            routes: proxy::Routes::one(route),
+            mode: listener.mode,
+            access_log: config.log.access,
+            name: first.into(),
+            allow_from: listener.allow_from.clone(),
+            // (Never absent: every route's series are made before its listener.)
+            metrics: metrics.unwrap_or_else(|| self.metrics.upstream(first).proxy),
+            routes: proxy::Routes::new(table),
         })
     }
 

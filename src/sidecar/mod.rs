@@ -209,7 +209,7 @@ impl Running {
     pub fn local_addr(&self, upstream: &str) -> Option<SocketAddr> {
         self.listeners
             .values()
-            .find(|l| l.serving.upstream.name == upstream)
+            .find(|l| l.serving.serves(upstream))
             .map(|l| l.addr)
     }
 
@@ -294,10 +294,11 @@ impl Running {
         serving: Serving,
         forwarding: Arc<proxy::Listener>,
     ) -> Listener {
-        let upstream = &serving.upstream;
-        tracing::info!(upstream = %upstream.name, listen = %addr, url = %upstream.url, "listening");
-        warn_about_exposure(upstream, addr);
-        warn_about_key_files(upstream);
+        for upstream in &serving.routes {
+            tracing::info!(upstream = %upstream.name, listen = %addr, url = %upstream.url, "listening");
+            warn_about_exposure(upstream, addr);
+            warn_about_key_files(upstream);
+        }
         let (current, receiver) = watch::channel(forwarding);
         let stop = self.stop_listeners.child_token();
         self.listener_tasks.spawn(proxy::serve(
@@ -364,13 +365,14 @@ fn warn_about_key_files(upstream: &config::Upstream) {
     }
 }
 
-async fn bind(upstream: &config::Upstream) -> Result<(TcpListener, SocketAddr), StartError> {
+/// Binds a listener's socket; `name` is its first route's, for the message.
+async fn bind(name: &str, listen: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let failed = |source| StartError::Bind {
-        upstream: upstream.name.clone(),
-        addr: upstream.listen,
+        upstream: name.to_owned(),
+        addr: listen,
         source,
     };
-    let socket = TcpListener::bind(upstream.listen).await.map_err(failed)?;
+    let socket = TcpListener::bind(listen).await.map_err(failed)?;
     let addr = socket.local_addr().map_err(failed)?;
     Ok((socket, addr))
 }

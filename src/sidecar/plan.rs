@@ -13,7 +13,7 @@ use crate::config::{self, Config};
 use crate::token::SourceKey;
 
 /// A listener is known by its address; port 0 (any free port, as tests use) never matches
-/// another, so such listeners are known by their upstream's name.
+/// another, so such listeners are known by their first route's name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum ListenerKey {
     Addr(SocketAddr),
@@ -21,11 +21,11 @@ pub(crate) enum ListenerKey {
 }
 
 impl ListenerKey {
-    pub(crate) fn of(upstream: &config::Upstream) -> Self {
-        if upstream.listen.port() == 0 {
-            Self::AnyPort(upstream.name.clone())
+    pub(crate) fn of(listener: &config::Listener) -> Self {
+        if listener.listen.port() == 0 {
+            Self::AnyPort(listener.routes.first().cloned().unwrap_or_default())
         } else {
-            Self::Addr(upstream.listen)
+            Self::Addr(listener.listen)
         }
     }
 }
@@ -33,19 +33,36 @@ impl ListenerKey {
 /// What a running listener was built from: when these are equal, nothing about it changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Serving {
-    /// The upstream it forwards to.
-    pub(crate) upstream: config::Upstream,
+    /// Its address, mode, who may connect, and its routes' names.
+    pub(crate) listener: config::Listener,
+    /// Its routes, in match order.
+    pub(crate) routes: Vec<config::Upstream>,
     /// `[log] access`.
     pub(crate) access_log: bool,
 }
 
 impl Serving {
-    fn of(upstream: &config::Upstream, config: &Config) -> Self {
+    fn of(listener: &config::Listener, config: &Config) -> Self {
         Self {
-            upstream: upstream.clone(),
+            listener: listener.clone(),
+            routes: routes_of(config, listener).into_iter().cloned().collect(),
             access_log: config.log.access,
         }
     }
+
+    /// Whether it serves the route `name`.
+    pub(crate) fn serves(&self, name: &str) -> bool {
+        self.listener.routes.iter().any(|route| route == name)
+    }
+}
+
+/// The routes of `listener`, in its order.
+fn routes_of<'a>(config: &'a Config, listener: &config::Listener) -> Vec<&'a config::Upstream> {
+    listener
+        .routes
+        .iter()
+        .filter_map(|name| config.upstreams.iter().find(|u| &u.name == name))
+        .collect()
 }
 
 /// What happens to one token source or listener the new config has.
@@ -74,7 +91,9 @@ pub(crate) struct SourcePlan<'a> {
 pub(crate) struct ListenerPlan<'a> {
     pub(crate) key: ListenerKey,
     pub(crate) step: Step,
-    pub(crate) upstream: &'a config::Upstream,
+    pub(crate) listener: &'a config::Listener,
+    /// Its routes, in match order.
+    pub(crate) routes: Vec<&'a config::Upstream>,
     pub(crate) serving: Serving,
 }
 
@@ -99,13 +118,34 @@ impl<'a> Plan<'a> {
         let empty = [];
         let old = running.map_or(&empty[..], |c| &c.upstreams[..]);
         let running_sources: HashSet<SourceKey> = old.iter().map(SourceKey::of).collect();
-        let running_listeners: HashMap<ListenerKey, Serving> = old
-            .iter()
-            .filter_map(|u| Some((ListenerKey::of(u), Serving::of(u, running?))))
-            .collect();
+        let running_listeners: HashMap<ListenerKey, Serving> = running
+            .map(|config| {
+                config
+                    .listeners
+                    .iter()
+                    .map(|l| (ListenerKey::of(l), Serving::of(l, config)))
+                    .collect()
+            })
+            .unwrap_or_default();
 
         let mut sources: Vec<SourcePlan<'a>> = Vec::new();
-        let mut listeners = Vec::with_capacity(new.upstreams.len());
+        let mut listeners = Vec::with_capacity(new.listeners.len());
+        for listener in &new.listeners {
+            let key = ListenerKey::of(listener);
+            let serving = Serving::of(listener, new);
+            let step = match running_listeners.get(&key) {
+                Some(running) if *running == serving => Step::Keep,
+                Some(_) => Step::Update,
+                None => Step::Start,
+            };
+            listeners.push(ListenerPlan {
+                key,
+                step,
+                listener,
+                routes: routes_of(new, listener),
+                serving,
+            });
+        }
         for upstream in &new.upstreams {
             let key = SourceKey::of(upstream);
             match sources.iter_mut().find(|s| s.key == key) {
@@ -120,19 +160,6 @@ impl<'a> Plan<'a> {
                     users: vec![upstream],
                 }),
             }
-            let key = ListenerKey::of(upstream);
-            let serving = Serving::of(upstream, new);
-            let step = match running_listeners.get(&key) {
-                Some(running) if *running == serving => Step::Keep,
-                Some(_) => Step::Update,
-                None => Step::Start,
-            };
-            listeners.push(ListenerPlan {
-                key,
-                step,
-                upstream,
-                serving,
-            });
         }
 
         let wanted_sources: HashSet<&SourceKey> = sources.iter().map(|s| &s.key).collect();
@@ -146,10 +173,10 @@ impl<'a> Plan<'a> {
             }
         }
         Plan {
-            stop_listeners: old
-                .iter()
-                .map(ListenerKey::of)
+            stop_listeners: running_listeners
+                .keys()
                 .filter(|key| !wanted_listeners.contains(key))
+                .cloned()
                 .collect(),
             gone: old
                 .iter()
