@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::fmt::Write;
 
-use crate::config::{Config, Roots};
+use crate::config::{self, Config, Roots};
 use crate::token::setup::SourceSetup;
 use crate::token::{client_auth, SourceKey};
 
@@ -154,11 +154,80 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
             Err(e) => problems.push(format!("upstream {}: {e}", upstream.name)),
         }
     }
+    describe_listeners(config, &mut out);
     let _ = writeln!(out, "token sources: {}", sources.len());
     if problems.is_empty() {
         Ok(out)
     } else {
         Err(problems)
+    }
+}
+
+/// Each `[[listener]]`'s route table in match order, and a WARNING for each route that can
+/// never match. (A listener of one `[[upstream]]` is described with its upstream above.)
+fn describe_listeners(config: &Config, out: &mut String) {
+    for listener in &config.listeners {
+        let routes: Vec<&config::Upstream> = listener
+            .routes
+            .iter()
+            .filter_map(|name| config.upstreams.iter().find(|u| &u.name == name))
+            .collect();
+        if let [only] = routes.as_slice() {
+            if only.route == config::RouteMatch::default() && listener.mode == config::Mode::Reverse
+            {
+                continue;
+            }
+        }
+        let mode = match listener.mode {
+            config::Mode::Reverse => "reverse proxy: Host and path",
+            config::Mode::Forward => "forward proxy (HTTP_PROXY): the requested host and path",
+        };
+        let _ = writeln!(
+            out,
+            "listener {} ({mode}), routes in match order:",
+            listener.listen
+        );
+        for (i, route) in routes.iter().enumerate() {
+            let host = route.route.host.as_deref().unwrap_or("any host");
+            let path = match (&route.route.path_prefix, route.route.strip_prefix) {
+                (Some(prefix), true) => format!("{prefix} (stripped)"),
+                (Some(prefix), false) => prefix.clone(),
+                (None, _) => "any path".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  {}. {}: {host}, {path} -> {}",
+                i + 1,
+                route.name,
+                route.url
+            );
+            if let Some(earlier) = routes[..i].iter().find(|e| shadows(&e.route, &route.route)) {
+                let _ = writeln!(
+                    out,
+                    "  WARNING: route {} can never match: {} comes first and takes the same requests",
+                    route.name, earlier.name
+                );
+            }
+        }
+    }
+}
+
+/// Whether every request `later` would take goes to `earlier` instead: the same prefix (the
+/// first among equals wins) and a host `earlier` takes too.
+fn shadows(earlier: &config::RouteMatch, later: &config::RouteMatch) -> bool {
+    if earlier.path_prefix != later.path_prefix {
+        return false;
+    }
+    match (earlier.host.as_deref(), later.host.as_deref()) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(a), Some(b)) if a == b => true,
+        (Some(a), Some(b)) => a.strip_prefix("*.").is_some_and(|suffix| {
+            !b.starts_with("*.")
+                && b.strip_suffix(suffix)
+                    .and_then(|label| label.strip_suffix('.'))
+                    .is_some_and(|label| !label.is_empty() && !label.contains('.'))
+        }),
     }
 }
 

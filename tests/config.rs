@@ -509,3 +509,111 @@ fn lifetimes_bodies_and_durations_are_bounded() {
          /etc/bearerd/bearerd.toml:3:21: server.body_idle_timeout: must be longer than zero"
     );
 }
+
+/// A forward listener with two routes, for the listener tests.
+const LISTENER: &str = r#"
+[[listener]]
+listen = "127.0.0.1:3128"
+mode = "forward"
+
+[[listener.route]]
+name = "payments"
+host = "API.Payments.example."
+path_prefix = "/v2/"
+strip_prefix = true
+url = "https://api.payments.example"
+[listener.route.token]
+url = "https://auth.example.com/token"
+client_id = "app"
+client_secret = "s"
+
+[[listener.route]]
+name = "orders"
+host = "*.orders.example"
+url = "https://orders.example"
+[listener.route.token]
+url = "https://auth.example.com/token"
+client_id = "app"
+client_secret = "s"
+"#;
+
+#[test]
+fn a_listener_serves_its_routes_in_order() {
+    let config = Config::parse(Path::new("/etc/bearerd/bearerd.toml"), LISTENER).unwrap();
+    let [listener] = config.listeners.as_slice() else {
+        panic!("one listener expected")
+    };
+    assert_eq!(listener.mode, bearerd::config::Mode::Forward);
+    assert_eq!(listener.routes, ["payments", "orders"]);
+    let payments = &config.upstreams[0];
+    assert_eq!(payments.listen.to_string(), "127.0.0.1:3128");
+    // Hosts lowercase without the trailing dot; prefixes without the trailing slash.
+    assert_eq!(payments.route.host.as_deref(), Some("api.payments.example"));
+    assert_eq!(payments.route.path_prefix.as_deref(), Some("/v2"));
+    assert!(payments.route.strip_prefix);
+    assert_eq!(
+        config.upstreams[1].route.host.as_deref(),
+        Some("*.orders.example")
+    );
+}
+
+#[test]
+fn listener_and_route_mistakes_name_the_key() {
+    let cases = [
+        (
+            LISTENER.replace("host = \"*.orders.example\"\n", ""),
+            "listener[0].route[1].host: missing: on a forward listener",
+        ),
+        (
+            LISTENER.replace("path_prefix = \"/v2/\"", "path_prefix = \"/v2/../x\""),
+            "listener[0].route[0].path_prefix: \"/v2/../x\" is not a path",
+        ),
+        (
+            LISTENER.replace("*.orders.example", "a.*.example"),
+            "listener[0].route[1].host: \"a.*.example\" is not a host name",
+        ),
+        (
+            LISTENER.replace("name = \"orders\"", "name = \"payments\""),
+            "listener[0].route[1].name: \"payments\" is already the name of listener[0].route[0]",
+        ),
+        (
+            LISTENER.replace(
+                "name = \"orders\"",
+                "name = \"orders\"\nlisten = \"127.0.0.1:1\"",
+            ),
+            "listener[0].route[1].listen: belongs to the [[listener]]",
+        ),
+        (
+            LISTENER.replace("mode = \"forward\"", "mode = \"sideways\""),
+            "unknown variant `sideways`, expected `reverse` or `forward`",
+        ),
+        (
+            LISTENER.replace("127.0.0.1:3128", "0.0.0.0:3128"),
+            "listener[0].listen: 0.0.0.0:3128 is not a loopback address",
+        ),
+    ];
+    for (text, expected) in cases {
+        let message = errors(&text);
+        assert!(message.contains(expected), "{expected:?} in:\n{message}");
+    }
+    // An [[upstream]] takes every request of its address: no host or path there.
+    let upstream = "[[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:8081\"\nurl = \"https://api.example.com\"\nhost = \"api.example.com\"\n[upstream.token]\nurl = \"https://auth.example.com/t\"\nclient_id = \"app\"\nclient_secret = \"s\"\n";
+    assert!(errors(upstream)
+        .contains("upstream[0].host: routes by host and path are for [[listener.route]]"));
+}
+
+#[test]
+fn check_prints_the_route_table_and_shadowed_routes() {
+    let shadowed = LISTENER
+        .replace("*.orders.example", "api.payments.example")
+        .replace(
+            "url = \"https://orders.example\"",
+            "url = \"https://orders.example\"\npath_prefix = \"/v2\"",
+        );
+    let config = Config::parse(Path::new("/etc/bearerd/bearerd.toml"), &shadowed).unwrap();
+    let out = bearerd::check::check(&config).unwrap();
+    assert!(
+        out.contains("listener 127.0.0.1:3128 (forward proxy (HTTP_PROXY): the requested host and path), routes in match order:\n  1. payments: api.payments.example, /v2 (stripped) -> https://api.payments.example/\n  2. orders: api.payments.example, /v2 -> https://orders.example/\n  WARNING: route orders can never match: payments comes first and takes the same requests"),
+        "{out}"
+    );
+}

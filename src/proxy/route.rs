@@ -218,3 +218,89 @@ pub struct Dpop {
     /// Counts requests sent again with the upstream's new nonce.
     pub retries: prometheus::IntCounter,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(host: Option<&str>, prefix: Option<&str>) -> RouteMatch {
+        RouteMatch {
+            host: host.map(str::to_owned),
+            path_prefix: prefix.map(str::to_owned),
+            strip_prefix: false,
+        }
+    }
+
+    #[test]
+    fn hosts_match_exactly_in_any_case_or_by_one_wildcard_label() {
+        let exact = rule(Some("api.example.com"), None);
+        assert!(exact.host_matches("api.example.com"));
+        assert!(exact.host_matches("API.Example.COM"));
+        assert!(!exact.host_matches("api.example.com.evil"));
+        assert!(!exact.host_matches("xapi.example.com"));
+        let wildcard = rule(Some("*.example.com"), None);
+        assert!(wildcard.host_matches("a.example.com"));
+        assert!(wildcard.host_matches("A.EXAMPLE.com"));
+        assert!(!wildcard.host_matches("a.b.example.com"), "one label only");
+        assert!(!wildcard.host_matches("example.com"));
+        assert!(!wildcard.host_matches(".example.com"));
+        assert!(!wildcard.host_matches("aexample.com"));
+        assert!(rule(Some("[::1]"), None).host_matches("[::1]"));
+        assert!(rule(None, None).host_matches("anything"));
+    }
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        let v2 = rule(None, Some("/v2"));
+        assert_eq!(v2.prefix_length("/v2"), Some(3));
+        assert_eq!(v2.prefix_length("/v2/users"), Some(3));
+        assert_eq!(v2.prefix_length("/v2x"), None);
+        assert_eq!(v2.prefix_length("/v"), None);
+        assert_eq!(
+            v2.prefix_length("/v2%2Fusers"),
+            None,
+            "an escaped / is not a boundary"
+        );
+        assert_eq!(rule(None, Some("/")).prefix_length("/anything"), Some(1));
+        assert_eq!(rule(None, None).prefix_length("/x"), Some(0));
+    }
+
+    #[test]
+    fn dot_segments_are_found_also_when_escaped() {
+        for path in [
+            "/v2/../admin",
+            "/v2/./x",
+            "/..",
+            "/v2/%2e%2e/admin",
+            "/v2/%2E./x",
+            "/a/.%2e",
+        ] {
+            assert!(has_dot_segments(path), "{path}");
+        }
+        for path in [
+            "/v2/users",
+            "/.well-known/x",
+            "/a..b",
+            "/.../",
+            "/v2/%2e%2e%2e",
+            "/",
+        ] {
+            assert!(!has_dot_segments(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn the_host_header_loses_its_port() {
+        let request = |host: &str| Request::get("/").header("host", host).body(()).unwrap();
+        assert_eq!(
+            host_header(&request("api.example.com:8080")),
+            Some("api.example.com")
+        );
+        assert_eq!(
+            host_header(&request("api.example.com")),
+            Some("api.example.com")
+        );
+        assert_eq!(host_header(&request("[::1]:8443")), Some("[::1]"));
+        assert_eq!(host_header(&request("[::1]")), Some("[::1]"));
+    }
+}

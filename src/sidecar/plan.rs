@@ -343,4 +343,38 @@ mod tests {
             (vec![Step::Keep], vec![Step::Keep])
         );
     }
+
+    /// A `[[listener]]` on 127.0.0.1:3128 with routes of the given (name, path prefix).
+    fn listener(routes: &[(&str, &str)]) -> Config {
+        let mut text = "[[listener]]\nlisten = \"127.0.0.1:3128\"\n".to_owned();
+        for (name, prefix) in routes {
+            text.push_str(&format!(
+                "[[listener.route]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nurl = \"https://api.example.com\"\n\
+                 [listener.route.token]\nurl = \"{AUTH}\"\nclient_id = \"app\"\nclient_secret = \"s\"\n"
+            ));
+        }
+        Config::parse(Path::new("/etc/bearerd.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn a_changed_route_table_updates_its_listener_in_place() {
+        let old = listener(&[("a", "/a"), ("b", "/b")]);
+        let new = listener(&[("a", "/a"), ("b", "/bee"), ("c", "/c")]);
+        let plan = Plan::between(Some(&old), &new);
+        // One source for all three routes (equal token settings), kept.
+        assert_eq!(steps(&plan), (vec![Step::Keep], vec![Step::Update]));
+        assert_eq!(plan.sources[0].users.len(), 3);
+        let names: Vec<&str> = plan.listeners[0]
+            .routes
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert!(plan.stop_listeners.is_empty() && plan.gone.is_empty());
+        // Removing a route keeps the listener; its series go.
+        let fewer = listener(&[("a", "/a")]);
+        let plan = Plan::between(Some(&new), &fewer);
+        assert_eq!(steps(&plan), (vec![Step::Keep], vec![Step::Update]));
+        assert_eq!(plan.gone, ["b", "c"]);
+    }
 }
