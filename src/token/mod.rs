@@ -11,7 +11,7 @@
 //!   it through;
 //! - `metrics`: the token metric families, and each upstream's series of them.
 
-pub mod cache;
+pub(crate) mod cache;
 pub(crate) mod client_auth;
 pub(crate) mod dpop;
 pub mod fetch;
