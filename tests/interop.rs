@@ -18,7 +18,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -83,15 +82,7 @@ impl Dot {
             .unwrap_or_else(|e| panic!("cannot run {python:?} (BEARERD_INTEROP_PYTHON): {e}"));
         let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = support::lines_of(stdout);
         let mut dot = Self {
             child,
             _stdin: stdin,

@@ -22,7 +22,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -79,15 +78,7 @@ impl Oidc {
             .unwrap_or_else(|e| panic!("cannot run {node:?} (BEARERD_INTEROP_NODE): {e}"));
         let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = support::lines_of(stdout);
         let mut oidc = Self {
             child,
             _stdin: stdin,
