@@ -9,10 +9,15 @@ One run measures, against one fast upstream (nginx `return 200`, 401 without a B
   bearerd-dpop  the same binary with `dpop = true` (RFC 9449) and its own token endpoint, which
            answers token_type DPoP to a request with a proof: every request it forwards carries
            `Authorization: DPoP <token>` and a fresh `DPoP` proof (one ES256 signature each);
+  bearerd-routes50  the same binary with one reverse [[listener]] of 50 routes (hosts
+           api1.bench .. api50.bench, all to the same upstream, equal token settings so one
+           token source, its own token endpoint), and wrk sending `Host: api50.bench`, so that
+           every request matches the last route: the route lookup's worst case;
 with wrk at 1, 16 and 128 connections, BENCH_SECONDS (10) each, in BENCH_ROUNDS (3) rounds.
-The order reverses every other round (1 conn: direct nginx bearerd bearerd-dpop, 16: ...,
-128: ...; then the whole sequence backwards), so that drift hits every target alike; the
-"DPoP proof cost" section pairs bearerd-dpop with bearerd of the same round. The proxy under
+The order reverses every other round (1 conn: direct nginx bearerd bearerd-dpop
+bearerd-routes50, 16: ..., 128: ...; then the whole sequence backwards), so that drift hits
+every target alike; the "DPoP proof cost" and "Route lookup cost" sections pair bearerd-dpop
+and bearerd-routes50 with bearerd of the same round. The proxy under
 test and the upstream share one core; wrk (one thread) has the other. Then the cold-start herd:
 BENCH_HERD (1000) concurrent requests at a fresh bearerd whose token endpoint answers after
 BENCH_HERD_DELAY (0.2) seconds.
@@ -26,7 +31,8 @@ seconds per target before round 1), BENCH_HERD (0 skips it), BENCH_HERD_DELAY,
 BENCH_SERVER_CPU / BENCH_LOAD_CPU (cores; default the first two this process may use),
 BEARERD_BIN (default $CARGO_TARGET_DIR or target, /release/bearerd), BENCH_KEEP=1 (keep the
 temporary directory with configs and logs), BENCH_OUT (also write the report to this file),
-BENCH_DPOP=0 (skip the bearerd-dpop target and its section).
+BENCH_DPOP=0 (skip the bearerd-dpop target and its section), BENCH_ROUTES=0 (skip the
+bearerd-routes50 target and its section).
 
 Needs nginx and wrk (installed with apt-get when missing, as root or through sudo) and
 Python 3.11 (standard library only). Every process it starts is stopped by PID at the end,
@@ -57,7 +63,11 @@ HOST = "127.0.0.1"
 PROXIES = ("nginx", "bearerd")
 TARGETS = ("direct",) + PROXIES
 DPOP_TARGET = "bearerd-dpop"  # measured too unless BENCH_DPOP=0
-ALL_TARGETS = TARGETS + (DPOP_TARGET,)  # the order within a round (reversed every other one)
+ROUTES_TARGET = "bearerd-routes50"  # measured too unless BENCH_ROUTES=0
+ROUTES_N = 50  # routes in its table; wrk's Host matches the last one
+ROUTES_HOST = f"api{ROUTES_N}.bench"
+# The order within a round (reversed every other one).
+ALL_TARGETS = TARGETS + (DPOP_TARGET, ROUTES_TARGET)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Targets from the issue (see docs/benchmarks.md).
@@ -452,6 +462,54 @@ dpop = true
     return path
 
 
+def bearerd_routes_config(directory, name, listen, admin, upstream, token, n=ROUTES_N):
+    """One reverse [[listener]] with n routes, hosts api1.bench .. apiN.bench, all to the same
+    upstream with the same token settings (so bearerd keeps one token source for them)."""
+    routes = "".join(f"""
+[[listener.route]]
+name = "r{i}"
+host = "api{i}.bench"
+url = "http://{HOST}:{upstream}"
+
+[listener.route.token]
+url = "http://{HOST}:{token}/oauth/token"
+client_id = "bench"
+client_secret = "bench-secret"
+""" for i in range(1, n + 1))
+    path = directory / f"{name}.toml"
+    path.write_text(f"""\
+# Written by scripts/bench/run.py for one bench run: {n} routes on one listener.
+[admin]
+listen = "{HOST}:{admin}"
+
+[log]
+level = "warn"
+
+[server]
+shutdown_grace = "1s"
+max_connections = 4096
+
+[[listener]]
+listen = "{HOST}:{listen}"
+mode = "reverse"
+""" + routes)
+    return path
+
+
+def route_requests(admin_port):
+    """{route name: requests answered} from bearerd's /metrics (bearerd_requests_total)."""
+    status, body = http_get(f"http://{HOST}:{admin_port}/metrics")
+    if status != 200:
+        raise HarnessError(f"{ROUTES_TARGET}: /metrics answered {status}")
+    counts = {}
+    for match in re.finditer(r'^bearerd_requests_total\{([^}]*)\} (\d+)', body.decode(),
+                             re.MULTILINE):
+        route = re.search(r'upstream="([^"]*)"', match[1])
+        if route:
+            counts[route[1]] = counts.get(route[1], 0) + int(match[2])
+    return counts
+
+
 # ---------------------------------------------------------------------------------------------
 # wrk
 
@@ -573,6 +631,7 @@ def main():
     herd_n = env_number("BENCH_HERD", 1000, int)
     herd_delay = env_number("BENCH_HERD_DELAY", 0.2)
     dpop = env_number("BENCH_DPOP", 1, int) != 0
+    routes = env_number("BENCH_ROUTES", 1, int) != 0
     connections = [int(c) for c in os.environ.get("BENCH_CONNECTIONS", "1,16,128").split(",")]
     cores = sorted(os.sched_getaffinity(0))
     server_cpu = env_number("BENCH_SERVER_CPU", cores[0], int)
@@ -608,7 +667,7 @@ def main():
     signal.signal(signal.SIGTERM, on_term)
     try:
         report = run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup,
-                     connections, server_cpu, load_cpu, herd_n, herd_delay, dpop)
+                     connections, server_cpu, load_cpu, herd_n, herd_delay, dpop, routes)
     except Exception:
         keep = True  # for a look at the configs and logs; not on Ctrl-C
         raise
@@ -629,8 +688,9 @@ def main():
 
 
 def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, connections,
-        server_cpu, load_cpu, herd_n, herd_delay, dpop):
-    names = ALL_TARGETS if dpop else TARGETS
+        server_cpu, load_cpu, herd_n, herd_delay, dpop, routes):
+    names = tuple(t for t in ALL_TARGETS
+                  if (t != DPOP_TARGET or dpop) and (t != ROUTES_TARGET or routes))
     report = ["## Machine and conditions", ""]
     report += [f"- {line}" for line in machine_description(bearerd_src, nginx)]
     pinning = ("no pinning (one core)" if server_cpu is None else
@@ -674,6 +734,19 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
                                    server_cpu, tmp / f"{DPOP_TARGET}.log")
         wait_for_port(bearerd_dpop, dpop_port)
         targets[DPOP_TARGET] = (f"http://{HOST}:{dpop_port}/", [], bearerd_dpop.popen.pid)
+    bearerd_routes = routes_token_port = routes_admin_port = None
+    if routes:
+        # Its own token endpoint too: its count shows whether the 50 routes share one source.
+        _, routes_token_port = start_token_endpoint(procs, tmp, "routes token endpoint",
+                                                    server_cpu, 0)
+        routes_port, routes_admin_port = free_ports(2)
+        routes_config = bearerd_routes_config(tmp, ROUTES_TARGET, routes_port,
+                                              routes_admin_port, up_port, routes_token_port)
+        bearerd_routes = procs.start(ROUTES_TARGET, [bearerd_bin, "--config", routes_config],
+                                     server_cpu, tmp / f"{ROUTES_TARGET}.log")
+        wait_for_port(bearerd_routes, routes_port)
+        targets[ROUTES_TARGET] = (f"http://{HOST}:{routes_port}/", [f"Host: {ROUTES_HOST}"],
+                                  bearerd_routes.popen.pid)
     hwm_resettable = all(reset_hwm(pid) for _, _, pid in targets.values() if pid is not None)
 
     # --- sanity: the upstream refuses a request without a token; each target gets 200
@@ -698,8 +771,23 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
                                f"request(s), {counts['dpop']} with a DPoP header; expected "
                                "every one with it")
         dpop_check = counts
-    log(f"sanity: upstream 401 without a token; {', '.join(targets)} answer 200 "
-        f"(temp dir {tmp})")
+    routes_check = None
+    if routes:
+        # The 200 above (Host api50.bench) must have gone to the last route, r50, and a Host
+        # no route has must get 404.
+        served = route_requests(routes_admin_port)
+        if not served.get(f"r{ROUTES_N}") or set(served) - {f"r{ROUTES_N}"}:
+            raise HarnessError(f"{ROUTES_TARGET}: Host {ROUTES_HOST} was not served by route "
+                               f"r{ROUTES_N} alone: requests per route {served}")
+        unknown = "unknown.bench"
+        status, body = http_get(targets[ROUTES_TARGET][0], {"Host": unknown})
+        if status != 404 or b"no_route" not in body:
+            raise HarnessError(f"{ROUTES_TARGET}: Host {unknown} answered {status}: "
+                               f"{body[:200]!r}; expected 404 no_route")
+        routes_check = {"unknown": unknown, "served": served}
+    log(f"sanity: upstream 401 without a token; {', '.join(targets)} answer 200"
+        + (f"; {ROUTES_TARGET} 404 to an unknown Host" if routes else "")
+        + f" (temp dir {tmp})")
 
     if warmup > 0:
         for name, (url, headers, _) in targets.items():
@@ -738,16 +826,18 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
                 noise=noise(cores_before, cores_after, ours),
             )
             results.append(numbers)
-            log(f"  {name:12} c={c:<3} {numbers['rps']:>9.0f} req/s  p50 "
+            log(f"  {name:16} c={c:<3} {numbers['rps']:>9.0f} req/s  p50 "
                 f"{fmt_us(numbers['p50_us'])} µs  p99 {fmt_us(numbers['p99_us'])} µs  "
                 f"errors {numbers['errors']}")
     token_requests = token_count(token_port)
     if dpop:
         dpop_check = dict(dpop_check, at_end=token_counts(dpop_token_port))
+    if routes:
+        routes_check = dict(routes_check, token_requests=token_count(routes_token_port))
     loads.append(os.getloadavg()[0])
 
     # --- stop the throughput proxies before the herd (the upstream stays)
-    for started in (bearerd_dpop, bearerd, proxy):
+    for started in (bearerd_routes, bearerd_dpop, bearerd, proxy):
         if started is not None:
             procs.stop(started)
 
@@ -768,7 +858,7 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
     if not hwm_resettable:
         report += ["- VmHWM could not be reset between phases: peak RSS is since start"]
     report += summarise(results, rounds, connections, token_requests, herd, herd_delay,
-                        dpop_check)
+                        dpop_check, routes_check)
     return report
 
 
@@ -861,8 +951,47 @@ def dpop_section(by, med, rounds, connections, check):
     return lines
 
 
+def routes_section(by, med, rounds, connections, check):
+    """bearerd-routes50 against bearerd: what choosing the last of 50 routes costs."""
+    lines = ["", "## Route lookup cost", "",
+             f"{ROUTES_TARGET} (one reverse `[[listener]]` of {ROUTES_N} routes, hosts "
+             f"api1.bench … {ROUTES_HOST}, every request sent with `Host: {ROUTES_HOST}` so "
+             "that it matches the last route: the lookup's worst case) against bearerd. "
+             "bearerd's single `[[upstream]]` is the one-route case: a listener whose table "
+             "is one route that takes every request, chosen without looking at the Host. "
+             "*÷ bearerd*: the median over rounds of the paired ratio (both in the same "
+             f"round); *extra*: {ROUTES_TARGET}'s median minus bearerd's.", "",
+             f"| conns | bearerd req/s | {ROUTES_TARGET} req/s | ÷ bearerd (paired) "
+             f"| bearerd CPU µs/req | {ROUTES_TARGET} CPU µs/req | extra CPU µs/req "
+             "| extra p50 µs |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in connections:
+        b, x = med.get((c, "bearerd")), med.get((c, ROUTES_TARGET))
+        if b is None or x is None:
+            continue
+        ratio = median(
+            by[(r, c, ROUTES_TARGET)]["rps"] / by[(r, c, "bearerd")]["rps"]
+            for r in range(1, rounds + 1)
+            if (r, c, ROUTES_TARGET) in by and by.get((r, c, "bearerd"), {}).get("rps"))
+        extra = {key: None if x[key] is None or b[key] is None else x[key] - b[key]
+                 for key in ("cpu_us", "p50_us")}
+        lines.append(
+            f"| {c} | {b['rps']:.0f} | {x['rps']:.0f} | {fmt(ratio, '.2f')} "
+            f"| {fmt(b['cpu_us'], '.2f')} | {fmt(x['cpu_us'], '.2f')} "
+            f"| {fmt(extra['cpu_us'], '+.2f')} | {fmt(extra['p50_us'], '+.1f')} |")
+    lines += [
+        "",
+        f"Checked before round 1: a request with `Host: {ROUTES_HOST}` through "
+        f"{ROUTES_TARGET} answered 200 and was counted on route r{ROUTES_N} alone "
+        f"(`bearerd_requests_total`); one with `Host: {check['unknown']}` answered 404 "
+        f"`no_route`. Its token endpoint over the whole run: {check['token_requests']} "
+        f"request(s) (1 expected: equal token settings, one source for the {ROUTES_N} routes).",
+    ]
+    return lines
+
+
 def summarise(results, rounds, connections, token_requests, herd, herd_delay,
-              dpop_check=None):
+              dpop_check=None, routes_check=None):
     names = [t for t in ALL_TARGETS if any(x["target"] == t for x in results)]
     by = {(x["round"], x["connections"], x["target"]): x for x in results}
 
@@ -916,6 +1045,8 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay,
     lines += ["", f"Token endpoint requests over the whole run: {token_requests}"]
     if dpop_check is not None:
         lines += dpop_section(by, med, rounds, connections, dpop_check)
+    if routes_check is not None:
+        lines += routes_section(by, med, rounds, connections, routes_check)
 
     # --- targets
     def check(goal, measured, ok):
