@@ -51,6 +51,13 @@ impl Secret {
     }
 }
 
+impl Drop for Secret {
+    /// Wiped, so that a secret or token does not linger in freed memory.
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut *self.0);
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret([redacted])")

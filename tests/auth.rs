@@ -623,3 +623,33 @@ async fn tls_client_auth_and_mtls_to_the_upstream_present_the_same_certificate()
     assert_eq!(body["presented"], client.as_str());
     assert_eq!(body["authorization"], format!("Bearer bound-to-{client}"));
 }
+
+#[tokio::test]
+async fn fetch_token_uses_the_configured_method_and_dpop() {
+    let endpoint = token_endpoint(|_, request| async move {
+        assert!(request.form.contains_key("client_assertion"));
+        assert!(request.headers.contains_key("dpop"));
+        answer(
+            StatusCode::OK,
+            json!({"access_token": "checked-token", "token_type": "DPoP", "expires_in": 600}),
+        )
+    })
+    .await;
+    let token = Token::new(&endpoint.url("/token"), "app")
+        .auth("private_key_jwt")
+        .set(
+            "private_key_file",
+            string(fixture("ed25519.pem").to_str().unwrap()),
+        )
+        .set("dpop", true);
+    let text = ConfigBuilder::new()
+        .upstream(Upstream::new("api", "https://api.example.com").token(token))
+        .render();
+    let config = bearerd::config::Config::parse(Path::new("/etc/bearerd.toml"), &text).unwrap();
+    let out = bearerd::check::fetch_token(&config, "api", true)
+        .await
+        .unwrap();
+    assert!(out.contains("token type: DPoP"), "{out}");
+    assert!(out.contains("access token: checked-token"), "{out}");
+    assert_eq!(endpoint.count(), 1);
+}
