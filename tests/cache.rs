@@ -390,7 +390,10 @@ fn cache_up(backend: &str) -> String {
     format!(r#"bearerd_token_cache_up{{backend="{backend}"}}"#)
 }
 
-/// Successful token requests of upstream `name`, by this process.
+/// `bearerd_token_fetch_total{outcome="success"}` of upstream `name`: the tokens this process
+/// obtained. Whether a token taken from the cache counts there is the implementation's choice,
+/// so the tests count token requests at the endpoint, and read this only where no token can
+/// have come from the cache.
 fn fetched(name: &str) -> String {
     format!(r#"bearerd_token_fetch_total{{outcome="success",upstream="{name}"}}"#)
 }
@@ -692,7 +695,6 @@ async fn a_restart_with_the_file_cache_makes_no_token_request() {
     );
     assert_eq!(issuer.count(), 1, "no token request after the restart");
     assert_eq!(counter(&scrape, &op("api", "file", "get", "hit")), 1.0);
-    assert_eq!(counter(&scrape, &fetched("api")), 0.0);
     upstream.assert_only_issued_tokens(&issuer);
     second.stop();
 }
@@ -738,7 +740,12 @@ async fn a_restart_with_redis_makes_no_token_request() {
         1,
         "no token request after the restart"
     );
-    assert_eq!(counter(&second.scrape().await, &fetched("api")), 0.0);
+    let scrape = second.scrape().await;
+    assert_eq!(counter(&scrape, &op("api", "redis", "get", "hit")), 1.0);
+    assert_eq!(
+        counter(&scrape, &op("api", "redis", "lease", "acquired")),
+        0.0
+    );
     setup.upstream.assert_only_issued_tokens(&setup.issuer);
     second.stop();
 }
@@ -814,14 +821,16 @@ async fn redis_killed_under_traffic_fails_no_request_and_each_process_fetches_fo
     let seen = authorizations(&newcomers, "api").await;
     let shared: BTreeSet<&String> = seen.iter().collect();
     assert_eq!(shared.len(), 1, "the new processes share a token: {seen:?}");
-    let mut fetched_by_newcomers = 0.0;
-    for node in &newcomers {
-        fetched_by_newcomers += counter(&node.scrape().await, &fetched("api"));
-    }
+    // The old processes' tokens, fetched during the outage, are not due for seconds yet: what
+    // was asked for meanwhile, the newcomers asked for. (Should an old process refresh all the
+    // same, through the cache, the newcomers would take its token: still not more than one.)
+    let asked = setup.issuer.count() - before;
+    println!(
+        "cache-measure: outage: Redis back: {NEWCOMERS} new processes: {asked} token request(s)"
+    );
     assert!(
-        fetched_by_newcomers <= 1.0,
-        "{fetched_by_newcomers} token requests by {NEWCOMERS} processes started on the Redis \
-         that came back"
+        asked <= 1,
+        "{asked} token requests by {NEWCOMERS} processes started on the Redis that came back"
     );
     for node in &newcomers {
         traffic.add(node.proxy("api"));
@@ -1169,7 +1178,10 @@ async fn a_fleet_on_redis_refreshes_about_once_per_lifetime() {
     for node in &nodes {
         traffic.add(node.proxy("api"));
     }
-    setup.issuer.wait_for(1, PATIENCE).await;
+    eventually(PATIENCE, "the first token", || async {
+        !setup.issuer.times().is_empty()
+    })
+    .await;
     let first = setup.issuer.times()[0];
     let window = LIFETIME * LIFETIMES;
     let mut most_tokens_at_once = 0;
@@ -1239,15 +1251,14 @@ async fn cache_metrics_and_a_rejected_token() {
     assert_eq!(counter(&scrape, &op("api", "redis", "put", "stored")), 1.0);
     assert_eq!(counter(&scrape, &op("api", "redis", "get", "error")), 0.0);
     assert_eq!(gauge(&scrape, &cache_up("redis")), 1.0);
-    assert_eq!(counter(&scrape, &fetched("api")), 1.0);
     let scrape = b.scrape().await;
     assert_eq!(counter(&scrape, &op("api", "redis", "get", "hit")), 1.0);
     assert_eq!(
         counter(&scrape, &op("api", "redis", "lease", "acquired")),
         0.0
     );
-    assert_eq!(counter(&scrape, &fetched("api")), 0.0);
     assert_eq!(gauge(&scrape, &cache_up("redis")), 1.0);
+    assert_eq!(setup.issuer.count(), 1, "B took A's token");
 
     // The upstream rejects tok-api-0: A replaces it and deletes it from Redis.
     setup.upstream.revoke("tok-api-0");
@@ -1270,7 +1281,6 @@ async fn cache_metrics_and_a_rejected_token() {
         counter(&scrape, &op("api", "redis", "delete", "deleted")),
         0.0
     );
-    assert_eq!(counter(&scrape, &fetched("api")), 0.0);
     let d = start_node(&config, &["api"]);
     assert_eq!(d.authorization("api").await, "Bearer tok-api-1");
     assert_eq!(setup.issuer.count(), 2, "the replacement was not deleted");
@@ -1282,7 +1292,7 @@ async fn cache_metrics_and_a_rejected_token() {
     let scrape = e.scrape().await;
     assert_eq!(gauge(&scrape, &cache_up("redis")), 0.0);
     assert!(counter(&scrape, &op("api", "redis", "get", "error")) >= 1.0);
-    assert_eq!(counter(&scrape, &fetched("api")), 1.0);
+    assert_eq!(setup.issuer.count(), 3, "E fetched for itself");
     let families: BTreeSet<&str> = scrape
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
