@@ -61,7 +61,49 @@ pub struct Config {
     pub server: Server,
     /// `[[upstream]]`, in file order.
     pub upstreams: Vec<Upstream>,
+    /// `[cache]`; `None`: tokens live in the process only.
+    pub cache: Option<Cache>,
 }
+
+/// `[cache]`: where tokens are kept beyond the process, so that a restart, or a fleet of
+/// replicas, needs no new token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cache {
+    /// A file per token source in `dir` (an `emptyDir` survives a container restart).
+    File {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// One Redis shared by every replica, entries encrypted with the key of `key_file`.
+    Redis {
+        /// `redis://` or `rediss://` (TLS) URL, without a password.
+        url: String,
+        /// The password, read at start.
+        password_file: Option<PathBuf>,
+        /// 32 random bytes in base64.
+        key_file: PathBuf,
+        /// Prefix of every key bearerd writes.
+        key_prefix: String,
+        /// Time allowed for each Redis call.
+        timeout: Duration,
+    },
+}
+
+impl Cache {
+    /// The backend's name, as metrics and logs say it.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::File { .. } => "file",
+            Self::Redis { .. } => "redis",
+        }
+    }
+}
+
+/// `[cache] key_prefix` when not set.
+pub const DEFAULT_CACHE_KEY_PREFIX: &str = "bearerd:";
+/// `[cache] timeout` when not set: Redis answers in well under a millisecond on a healthy
+/// network; a slower one must not hold a token request up.
+pub const DEFAULT_CACHE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// `[admin]`
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,10 +6,14 @@ One run measures, against one fast upstream (nginx `return 200`, 401 without a B
   nginx    nginx (Debian package) as a reverse proxy adding `Authorization: Bearer x`
            over a keep-alive upstream pool, one worker;
   bearerd  target/release/bearerd with a token endpoint that counts its requests;
+  bearerd-dpop  the same binary with `dpop = true` (RFC 9449) and its own token endpoint, which
+           answers token_type DPoP to a request with a proof: every request it forwards carries
+           `Authorization: DPoP <token>` and a fresh `DPoP` proof (one ES256 signature each);
 with wrk at 1, 16 and 128 connections, BENCH_SECONDS (10) each, in BENCH_ROUNDS (3) rounds.
-The order reverses every other round (1 conn: direct nginx bearerd, 16: ..., 128: ...; then
-the whole sequence backwards), so that drift hits every target alike. The proxy under test and
-the upstream share one core; wrk (one thread) has the other. Then the cold-start herd:
+The order reverses every other round (1 conn: direct nginx bearerd bearerd-dpop, 16: ...,
+128: ...; then the whole sequence backwards), so that drift hits every target alike; the
+"DPoP proof cost" section pairs bearerd-dpop with bearerd of the same round. The proxy under
+test and the upstream share one core; wrk (one thread) has the other. Then the cold-start herd:
 BENCH_HERD (1000) concurrent requests at a fresh bearerd whose token endpoint answers after
 BENCH_HERD_DELAY (0.2) seconds.
 
@@ -21,7 +25,8 @@ Environment: BENCH_SECONDS, BENCH_ROUNDS, BENCH_CONNECTIONS ("1,16,128"), BENCH_
 seconds per target before round 1), BENCH_HERD (0 skips it), BENCH_HERD_DELAY,
 BENCH_SERVER_CPU / BENCH_LOAD_CPU (cores; default the first two this process may use),
 BEARERD_BIN (default $CARGO_TARGET_DIR or target, /release/bearerd), BENCH_KEEP=1 (keep the
-temporary directory with configs and logs), BENCH_OUT (also write the report to this file).
+temporary directory with configs and logs), BENCH_OUT (also write the report to this file),
+BENCH_DPOP=0 (skip the bearerd-dpop target and its section).
 
 Needs nginx and wrk (installed with apt-get when missing, as root or through sudo) and
 Python 3.11 (standard library only). Every process it starts is stopped by PID at the end,
@@ -51,6 +56,8 @@ ROOT = HERE.parents[1]
 HOST = "127.0.0.1"
 PROXIES = ("nginx", "bearerd")
 TARGETS = ("direct",) + PROXIES
+DPOP_TARGET = "bearerd-dpop"  # measured too unless BENCH_DPOP=0
+ALL_TARGETS = TARGETS + (DPOP_TARGET,)  # the order within a round (reversed every other one)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Targets from the issue (see docs/benchmarks.md).
@@ -403,14 +410,19 @@ def start_token_endpoint(procs, directory, name, cpu, delay):
     return started, int(line)
 
 
-def token_count(port):
+def token_counts(port):
+    """{"count": POSTs so far, "dpop": how many of them carried a DPoP proof}."""
     status, body = http_get(f"http://{HOST}:{port}/count")
     if status != 200:
         raise HarnessError(f"token endpoint /count answered {status}")
-    return json.loads(body)["count"]
+    return json.loads(body)
 
 
-def bearerd_config(directory, name, listen, admin, upstream, token):
+def token_count(port):
+    return token_counts(port)["count"]
+
+
+def bearerd_config(directory, name, listen, admin, upstream, token, dpop=False):
     path = directory / f"{name}.toml"
     path.write_text(f"""\
 # Written by scripts/bench/run.py for one bench run.
@@ -434,7 +446,9 @@ url = "http://{HOST}:{upstream}"
 url = "http://{HOST}:{token}/oauth/token"
 client_id = "bench"
 client_secret = "bench-secret"
-""")
+""" + ("""# RFC 9449: a key made at start (ES256), a proof on the token request and on each request.
+dpop = true
+""" if dpop else ""))
     return path
 
 
@@ -558,6 +572,7 @@ def main():
     warmup = env_number("BENCH_WARMUP", 2, int)
     herd_n = env_number("BENCH_HERD", 1000, int)
     herd_delay = env_number("BENCH_HERD_DELAY", 0.2)
+    dpop = env_number("BENCH_DPOP", 1, int) != 0
     connections = [int(c) for c in os.environ.get("BENCH_CONNECTIONS", "1,16,128").split(",")]
     cores = sorted(os.sched_getaffinity(0))
     server_cpu = env_number("BENCH_SERVER_CPU", cores[0], int)
@@ -593,7 +608,7 @@ def main():
     signal.signal(signal.SIGTERM, on_term)
     try:
         report = run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup,
-                     connections, server_cpu, load_cpu, herd_n, herd_delay)
+                     connections, server_cpu, load_cpu, herd_n, herd_delay, dpop)
     except Exception:
         keep = True  # for a look at the configs and logs; not on Ctrl-C
         raise
@@ -614,7 +629,8 @@ def main():
 
 
 def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, connections,
-        server_cpu, load_cpu, herd_n, herd_delay):
+        server_cpu, load_cpu, herd_n, herd_delay, dpop):
+    names = ALL_TARGETS if dpop else TARGETS
     report = ["## Machine and conditions", ""]
     report += [f"- {line}" for line in machine_description(bearerd_src, nginx)]
     pinning = ("no pinning (one core)" if server_cpu is None else
@@ -622,7 +638,8 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
                f"wrk (-t1) on core {load_cpu}")
     report += [
         f"- {pinning}",
-        f"- {rounds} round(s) × {len(connections)} connection counts × 3 targets × {seconds} s; "
+        f"- {rounds} round(s) × {len(connections)} connection counts × {len(names)} targets "
+        f"({', '.join(names)}) × {seconds} s; "
         f"warm-up {warmup} s per target before round 1",
     ]
 
@@ -645,7 +662,19 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
         "nginx": (f"http://{HOST}:{nginx_port}/", [], nginx_worker),
         "bearerd": (f"http://{HOST}:{bearerd_port}/", [], bearerd.popen.pid),
     }
-    hwm_resettable = reset_hwm(bearerd.popen.pid) and reset_hwm(nginx_worker)
+    bearerd_dpop = dpop_token_port = None
+    if dpop:
+        # Its own token endpoint, so that each endpoint's count speaks for one bearerd.
+        _, dpop_token_port = start_token_endpoint(procs, tmp, "dpop token endpoint",
+                                                  server_cpu, 0)
+        dpop_port, dpop_admin_port = free_ports(2)
+        dpop_config = bearerd_config(tmp, DPOP_TARGET, dpop_port, dpop_admin_port, up_port,
+                                     dpop_token_port, dpop=True)
+        bearerd_dpop = procs.start(DPOP_TARGET, [bearerd_bin, "--config", dpop_config],
+                                   server_cpu, tmp / f"{DPOP_TARGET}.log")
+        wait_for_port(bearerd_dpop, dpop_port)
+        targets[DPOP_TARGET] = (f"http://{HOST}:{dpop_port}/", [], bearerd_dpop.popen.pid)
+    hwm_resettable = all(reset_hwm(pid) for _, _, pid in targets.values() if pid is not None)
 
     # --- sanity: the upstream refuses a request without a token; each target gets 200
     status, _ = http_get(targets["direct"][0])
@@ -655,7 +684,21 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
         status, body = http_get(url, dict(h.split(": ", 1) for h in headers))
         if status != 200:
             raise HarnessError(f"{name}: {url} answered {status}: {body[:200]!r}")
-    log(f"sanity: upstream 401 without a token; direct, nginx and bearerd answer 200 "
+    dpop_check = None
+    if dpop:
+        # The upstream takes `Authorization: DPoP` only with a JWT-shaped DPoP header, and
+        # bearerd-dpop's 200 above came with a token its endpoint bound to a proof.
+        status, _ = http_get(targets["direct"][0], {"Authorization": "DPoP x"})
+        if status != 401:
+            raise HarnessError(f"the upstream answered {status} to `Authorization: DPoP` "
+                               "without a DPoP header; expected 401")
+        counts = token_counts(dpop_token_port)
+        if counts["count"] < 1 or counts["dpop"] != counts["count"]:
+            raise HarnessError(f"{DPOP_TARGET}'s token endpoint saw {counts['count']} "
+                               f"request(s), {counts['dpop']} with a DPoP header; expected "
+                               "every one with it")
+        dpop_check = counts
+    log(f"sanity: upstream 401 without a token; {', '.join(targets)} answer 200 "
         f"(temp dir {tmp})")
 
     if warmup > 0:
@@ -667,7 +710,7 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
     results = []  # dicts: round, connections, target, wrk numbers, cpu, rss
     loads = []
     for r in range(rounds):
-        sequence = [(c, t) for c in connections for t in TARGETS]
+        sequence = [(c, t) for c in connections for t in names]
         if r % 2:
             sequence.reverse()
         loads.append(os.getloadavg()[0])
@@ -695,15 +738,18 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
                 noise=noise(cores_before, cores_after, ours),
             )
             results.append(numbers)
-            log(f"  {name:7} c={c:<3} {numbers['rps']:>9.0f} req/s  p50 "
+            log(f"  {name:12} c={c:<3} {numbers['rps']:>9.0f} req/s  p50 "
                 f"{fmt_us(numbers['p50_us'])} µs  p99 {fmt_us(numbers['p99_us'])} µs  "
                 f"errors {numbers['errors']}")
     token_requests = token_count(token_port)
+    if dpop:
+        dpop_check = dict(dpop_check, at_end=token_counts(dpop_token_port))
     loads.append(os.getloadavg()[0])
 
     # --- stop the throughput proxies before the herd (the upstream stays)
-    for started in (bearerd, proxy):
-        procs.stop(started)
+    for started in (bearerd_dpop, bearerd, proxy):
+        if started is not None:
+            procs.stop(started)
 
     herd = None
     if herd_n > 0:
@@ -721,7 +767,8 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
                        f"steal median {median(steals):.1f}%"]
     if not hwm_resettable:
         report += ["- VmHWM could not be reset between phases: peak RSS is since start"]
-    report += summarise(results, rounds, connections, token_requests, herd, herd_delay)
+    report += summarise(results, rounds, connections, token_requests, herd, herd_delay,
+                        dpop_check)
     return report
 
 
@@ -776,7 +823,47 @@ def run_herd(procs, tmp, bearerd_bin, up_port, server_cpu, load_cpu, n, delay):
     return result
 
 
-def summarise(results, rounds, connections, token_requests, herd, herd_delay):
+def dpop_section(by, med, rounds, connections, check):
+    """bearerd-dpop against bearerd: what a proof per request costs."""
+    lines = ["", "## DPoP proof cost", "",
+             f"{DPOP_TARGET} (`dpop = true`: `Authorization: DPoP`, and a fresh ES256 `DPoP` "
+             "proof on every request) against bearerd (Bearer). *÷ bearerd*: the median over "
+             "rounds of the paired ratio (both in the same round); *extra*: bearerd-dpop's "
+             "median minus bearerd's.", "",
+             "| conns | bearerd req/s | bearerd-dpop req/s | ÷ bearerd (paired) "
+             "| bearerd CPU µs/req | bearerd-dpop CPU µs/req | extra CPU µs/req "
+             "| extra upstream CPU µs/req | extra p50 µs |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in connections:
+        b, d = med.get((c, "bearerd")), med.get((c, DPOP_TARGET))
+        if b is None or d is None:
+            continue
+        ratio = median(
+            by[(r, c, DPOP_TARGET)]["rps"] / by[(r, c, "bearerd")]["rps"]
+            for r in range(1, rounds + 1)
+            if (r, c, DPOP_TARGET) in by and by.get((r, c, "bearerd"), {}).get("rps"))
+        extra = {key: None if d[key] is None or b[key] is None else d[key] - b[key]
+                 for key in ("cpu_us", "upstream_cpu_us", "p50_us")}
+        lines.append(
+            f"| {c} | {b['rps']:.0f} | {d['rps']:.0f} | {fmt(ratio, '.2f')} "
+            f"| {fmt(b['cpu_us'], '.2f')} | {fmt(d['cpu_us'], '.2f')} "
+            f"| {fmt(extra['cpu_us'], '+.2f')} | {fmt(extra['upstream_cpu_us'], '+.2f')} "
+            f"| {fmt(extra['p50_us'], '+.1f')} |")
+    end = check["at_end"]
+    lines += [
+        "",
+        f"Checked before round 1: a request through {DPOP_TARGET} answered 200 from the "
+        "upstream, which answers 401 to `Authorization: DPoP` without a JWT-shaped `DPoP` "
+        f"header; its token endpoint had {check['count']} request(s), {check['dpop']} with a "
+        "`DPoP` proof (answered token_type DPoP). Over the whole run: "
+        f"{end['count']} token request(s), {end['dpop']} with a proof (1 expected).",
+    ]
+    return lines
+
+
+def summarise(results, rounds, connections, token_requests, herd, herd_delay,
+              dpop_check=None):
+    names = [t for t in ALL_TARGETS if any(x["target"] == t for x in results)]
     by = {(x["round"], x["connections"], x["target"]): x for x in results}
 
     def at(c):
@@ -792,7 +879,7 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay):
              "| other CPU % (steal %) |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in sorted(results, key=lambda x: (x["round"], x["connections"],
-                                            TARGETS.index(x["target"]))):
+                                            ALL_TARGETS.index(x["target"]))):
         lines.append(
             f"| {x['round']} | {x['connections']} | {x['target']} | {x['rps']:.0f} "
             f"| {fmt_us(x['p50_us'])} | {fmt_us(x['p99_us'])} | {fmt(x['ratio'], '.2f')} "
@@ -807,7 +894,7 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay):
               "| of which system | upstream CPU µs/req | peak RSS MiB (max) | errors (sum) |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in connections:
-        for t in TARGETS:
+        for t in names:
             xs = [x for x in results if x["connections"] == c and x["target"] == t]
             rss = [x["rss_kib"] for x in xs if x["rss_kib"] is not None]
             m = med[(c, t)] = {
@@ -827,6 +914,8 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay):
                 f"| {fmt(m['sys_us'], '.2f')} "
                 f"| {m['upstream_cpu_us']:.2f} | {fmt(m['rss_mib'], '.1f')} | {m['errors']} |")
     lines += ["", f"Token endpoint requests over the whole run: {token_requests}"]
+    if dpop_check is not None:
+        lines += dpop_section(by, med, rounds, connections, dpop_check)
 
     # --- targets
     def check(goal, measured, ok):

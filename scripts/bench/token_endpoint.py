@@ -2,7 +2,12 @@
 """A counting OAuth2 token endpoint for `make bench` (scripts/bench/run.py).
 
 POST (any path): a client-credentials token response, after --delay seconds; each POST
-counts, on arrival. GET /count: {"count": N}, the POSTs so far. Anything else: 404.
+counts, on arrival. A POST with a `DPoP` header (RFC 9449) gets `"token_type": "DPoP"` if the
+proof looks like one (a JWT whose header has `typ` dpop+jwt, an `alg` and a `jwk`, and whose
+claims have `htm` POST, `htu`, `iat` and `jti`; the signature is not checked), 400
+`invalid_dpop_proof` if not; without the header, `"token_type": "Bearer"` as before. It never
+sends a `DPoP-Nonce`. GET /count: {"count": N, "dpop": M}, the POSTs so far and how many of
+them carried a `DPoP` header. Anything else: 404.
 
 It binds 127.0.0.1:--port (0 picks a free port) and prints the port it got as the first line
 on stdout, then nothing more: run.py reads that line and keeps the pipe open. Standard
@@ -10,6 +15,8 @@ library only. It is hit once per bearerd process, so http.server is fast enough.
 """
 
 import argparse
+import base64
+import binascii
 import json
 import sys
 import threading
@@ -28,6 +35,7 @@ class TokenServer(ThreadingHTTPServer):
         self.delay = delay
         self.expires_in = expires_in
         self.count = 0
+        self.dpop_count = 0
         self.lock = threading.Lock()
 
 
@@ -36,9 +44,12 @@ class Handler(BaseHTTPRequestHandler):
     server: TokenServer
 
     def do_POST(self):
+        proof = self.headers.get("DPoP")
         with self.server.lock:
             self.server.count += 1
             n = self.server.count
+            if proof is not None:
+                self.server.dpop_count += 1
         length = int(self.headers.get("Content-Length") or 0)
         form = parse_qs(self.rfile.read(length).decode("utf-8", "replace"))
         if self.server.delay > 0:
@@ -46,11 +57,14 @@ class Handler(BaseHTTPRequestHandler):
         if form.get("grant_type") != ["client_credentials"]:
             self.reply(400, {"error": "unsupported_grant_type"})
             return
+        if proof is not None and not looks_like_proof(proof):
+            self.reply(400, {"error": "invalid_dpop_proof"})
+            return
         self.reply(
             200,
             {
-                "access_token": f"bench-token-{n}",
-                "token_type": "Bearer",
+                "access_token": f"bench-{'dpop-' if proof is not None else ''}token-{n}",
+                "token_type": "DPoP" if proof is not None else "Bearer",
                 "expires_in": self.server.expires_in,
             },
         )
@@ -59,7 +73,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/count":
             with self.server.lock:
                 count = self.server.count
-            self.reply(200, {"count": count})
+                dpop = self.server.dpop_count
+            self.reply(200, {"count": count, "dpop": dpop})
         else:
             self.reply(404, {"error": "not_found"})
 
@@ -74,6 +89,28 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass
+
+
+def looks_like_proof(proof):
+    """Whether `proof` is shaped like a DPoP proof for a token request (RFC 9449 §4.2): three
+    base64url parts, a JSON header with typ dpop+jwt, alg and jwk, JSON claims with htm POST,
+    htu, iat and jti. The signature is not verified (standard library only)."""
+
+    def part(text):
+        return json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+
+    parts = proof.split(".")
+    if len(parts) != 3 or not all(parts):
+        return False
+    try:
+        header, claims = part(parts[0]), part(parts[1])
+    except (ValueError, binascii.Error):
+        return False
+    return (isinstance(header, dict) and isinstance(claims, dict)
+            and header.get("typ") == "dpop+jwt" and "alg" in header
+            and isinstance(header.get("jwk"), dict)
+            and claims.get("htm") == "POST"
+            and all(k in claims for k in ("htu", "iat", "jti")))
 
 
 def main():

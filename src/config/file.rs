@@ -26,6 +26,39 @@ pub struct File {
     /// `[[upstream]]`, one per local listener.
     #[serde(default)]
     pub upstream: Vec<Spanned<Upstream>>,
+    /// `[cache]`
+    #[serde(default)]
+    pub cache: Option<Spanned<Cache>>,
+}
+
+/// `[cache]`: where tokens are kept beyond the process.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    /// `"file"` or `"redis"`.
+    pub backend: Spanned<CacheBackend>,
+    /// file: the directory.
+    pub dir: Option<Spanned<PathBuf>>,
+    /// redis: `redis://` or `rediss://` URL.
+    pub url: Option<Spanned<String>>,
+    /// redis: file holding the password.
+    pub password_file: Option<Spanned<PathBuf>>,
+    /// redis: file holding the 32-byte encryption key, base64.
+    pub key_file: Option<Spanned<PathBuf>>,
+    /// redis: prefix of every key.
+    pub key_prefix: Option<Spanned<String>>,
+    /// redis: time allowed for each call.
+    pub timeout: Option<Spanned<String>>,
+}
+
+/// `backend = "file" | "redis"`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBackend {
+    /// A file per token source in a directory.
+    File,
+    /// One Redis shared by a fleet.
+    Redis,
 }
 
 /// `[admin]`

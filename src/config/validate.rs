@@ -58,7 +58,117 @@ impl Validator<'_> {
             log,
             server,
             upstreams: upstreams.into_iter().collect::<Option<_>>()?,
+            cache: match &raw.cache {
+                Some(cache) => Some(self.cache(cache)?),
+                None => None,
+            },
         })
+    }
+
+    /// `[cache]`: the keys of its backend, and none of the other's.
+    fn cache(&mut self, spanned: &Spanned<file::Cache>) -> Option<Cache> {
+        let raw = spanned.get_ref();
+        let backend = *raw.backend.get_ref();
+        let other_backend_keys: &[(&str, Option<Range<usize>>)] = match backend {
+            file::CacheBackend::File => &[
+                ("url", raw.url.as_ref().map(Spanned::span)),
+                (
+                    "password_file",
+                    raw.password_file.as_ref().map(Spanned::span),
+                ),
+                ("key_file", raw.key_file.as_ref().map(Spanned::span)),
+                ("key_prefix", raw.key_prefix.as_ref().map(Spanned::span)),
+                ("timeout", raw.timeout.as_ref().map(Spanned::span)),
+            ],
+            file::CacheBackend::Redis => &[("dir", raw.dir.as_ref().map(Spanned::span))],
+        };
+        let name = match backend {
+            file::CacheBackend::File => "file",
+            file::CacheBackend::Redis => "redis",
+        };
+        for (key, span) in other_backend_keys {
+            if let Some(span) = span {
+                self.problem(
+                    span.clone(),
+                    format!("cache.{key}"),
+                    format!("is not used by backend = {name:?}"),
+                );
+            }
+        }
+        let missing = |v: &mut Self, key: &str| {
+            v.problem(
+                spanned.span(),
+                format!("cache.{key}"),
+                format!("missing: backend = {name:?} needs {key}"),
+            );
+        };
+        match backend {
+            file::CacheBackend::File => {
+                let Some(dir) = &raw.dir else {
+                    missing(self, "dir");
+                    return None;
+                };
+                Some(Cache::File {
+                    dir: self.base_dir.join(dir.get_ref()),
+                })
+            }
+            file::CacheBackend::Redis => {
+                let url = match &raw.url {
+                    Some(url) => {
+                        let text = url.get_ref();
+                        let scheme_ok =
+                            text.starts_with("redis://") || text.starts_with("rediss://");
+                        let authority = text.split_once("://").map_or("", |(_, rest)| {
+                            rest.split(['/', '?', '#']).next().unwrap_or("")
+                        });
+                        if !scheme_ok {
+                            self.problem(
+                                url.span(),
+                                "cache.url",
+                                format!("{text:?} is not a redis:// or rediss:// URL"),
+                            );
+                        } else if authority.contains('@') {
+                            self.problem(
+                                url.span(),
+                                "cache.url",
+                                "must not hold a user name or password: bearerd would print it; use password_file",
+                            );
+                        }
+                        Some(text.clone())
+                    }
+                    None => {
+                        missing(self, "url");
+                        None
+                    }
+                };
+                let key_file = match &raw.key_file {
+                    Some(path) => Some(self.base_dir.join(path.get_ref())),
+                    None => {
+                        self.problem(
+                            spanned.span(),
+                            "cache.key_file",
+                            "missing: a shared Redis holds tokens encrypted; set key_file to a file of 32 random bytes in base64 (openssl rand -base64 32)",
+                        );
+                        None
+                    }
+                };
+                let timeout =
+                    self.duration(raw.timeout.as_ref(), "cache.timeout", DEFAULT_CACHE_TIMEOUT);
+                Some(Cache::Redis {
+                    url: url?,
+                    password_file: raw
+                        .password_file
+                        .as_ref()
+                        .map(|p| self.base_dir.join(p.get_ref())),
+                    key_file: key_file?,
+                    key_prefix: raw.key_prefix.as_ref().map_or_else(
+                        || DEFAULT_CACHE_KEY_PREFIX.to_owned(),
+                        |p| p.get_ref().clone(),
+                    ),
+                    timeout,
+                })
+            }
+        }
     }
 
     /// Serde's pass: syntax, types, unknown and missing keys. It stops at the first problem.

@@ -143,6 +143,7 @@ impl Running {
         let mut running = config.clone();
         running.admin = self.config.admin.clone();
         running.server = self.config.server;
+        running.cache = self.config.cache.clone();
         running.log.level = self.config.log.level.clone();
         running.log.format = self.config.log.format;
         self.config = running;

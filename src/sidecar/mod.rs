@@ -29,7 +29,9 @@ use crate::config::{self, Config};
 use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::{self, body::ReplayBudget, connection::Limits};
 use crate::tls;
+use crate::token::cache::{CacheSetupError, CachedFetch, Store};
 use crate::token::dpop::DpopKey;
+use crate::token::fetch::Fetch;
 use crate::token::fetch::Fetcher;
 use crate::token::metrics::NonceAt;
 use crate::token::setup::{SetupError, SourceSetup};
@@ -70,6 +72,9 @@ pub enum StartError {
     /// Metrics could not be set up.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// `[cache]` cannot be set up.
+    #[error(transparent)]
+    Cache(#[from] CacheSetupError),
     /// A token source's TLS settings or DPoP key cannot be used.
     #[error("upstream {upstream:?}: {source}")]
     Source {
@@ -123,12 +128,22 @@ pub struct Running {
     source_tasks: TaskTracker,
     /// Memory for bodies kept for a replay, shared by every listener.
     replay_budget: ReplayBudget,
+    /// `[cache]`, shared by every token source.
+    cache: Option<Arc<Store>>,
 }
 
 /// Starts token sources and listeners for `config`. Token sources fetch at once; listeners
 /// accept at once, and requests that arrive before the first token wait for it.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     let metrics = MetricFamilies::new()?;
+    let cache = match &config.cache {
+        Some(settings) => {
+            let store = Store::new(settings, metrics.cache_up(settings.backend()))?;
+            tracing::info!(backend = settings.backend(), "token cache on");
+            Some(Arc::new(store))
+        }
+        None => None,
+    };
     let stop_listeners = CancellationToken::new();
     let stop_sources = CancellationToken::new();
     let source_tasks = TaskTracker::new();
@@ -170,6 +185,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         stop_sources,
         source_tasks,
         replay_budget: ReplayBudget::new(config.server.replay_memory),
+        cache,
     };
     if let Err(error) = running.apply(config).await {
         running.stop_sources.cancel();
@@ -211,6 +227,7 @@ impl Running {
         for (section, changed) in [
             ("[admin]", old.admin != config.admin),
             ("[server]", old.server != config.server),
+            ("[cache]", old.cache != config.cache),
             (
                 "[log] level and format",
                 (&old.log.level, old.log.format) != (&config.log.level, config.log.format),
@@ -245,8 +262,18 @@ impl Running {
             setup.dpop.clone(),
             on_nonce_retry,
         );
+        let fetcher: Arc<dyn Fetch> = match &self.cache {
+            Some(store) => Arc::new(CachedFetch::new(
+                Arc::new(fetcher),
+                Arc::clone(store),
+                &key.token,
+                setup.dpop.as_deref().map(DpopKey::thumbprint),
+                Arc::clone(&observers),
+            )),
+            None => Arc::new(fetcher),
+        };
         let handle = source::spawn(
-            Arc::new(fetcher),
+            fetcher,
             RefreshPolicy::from(&key.token),
             Arc::clone(&observers),
             &self.source_tasks,

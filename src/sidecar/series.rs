@@ -42,6 +42,11 @@ impl MetricFamilies {
         }
     }
 
+    /// `bearerd_token_cache_up` of `backend`.
+    pub fn cache_up(&self, backend: &str) -> prometheus::IntGauge {
+        self.token.cache_up(backend)
+    }
+
     /// Stops exporting the series of an upstream that a reload removed.
     pub fn forget(&self, series: &UpstreamSeries) {
         self.token.forget(&series.token);

@@ -11,12 +11,11 @@ use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use tokio::time::Instant;
 
 use super::client_auth::{self, Credentials};
 use super::dpop::{self, DpopKey, Nonce};
 use super::response::{self, TokenType};
-use super::{schedule, LifetimeSource, Token};
+use super::{LifetimeSource, Token};
 use crate::config::TokenSettings;
 use crate::errors;
 use crate::secret::Redactor;
@@ -33,6 +32,11 @@ const USER_AGENT_VALUE: &str = concat!("bearerd/", env!("CARGO_PKG_VERSION"));
 pub trait Fetch: Send + Sync + 'static {
     /// Performs one token request.
     fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + '_>>;
+
+    /// An upstream rejected `token` and a new one is about to be fetched: a cache drops it.
+    fn rejected<'a>(&'a self, _token: &'a Token) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async {})
+    }
 }
 
 /// Fetches tokens for one [`TokenSettings`] over a pooled HTTPS client.
@@ -234,8 +238,8 @@ impl Fetcher {
         // RFC 9449 §5: a DPoP-bound token says so; a Bearer token where DPoP was asked for
         // would be refused by the upstream, and a DPoP token cannot be sent as Bearer.
         let scheme = match (grant.token_type, &self.dpop) {
-            (TokenType::Bearer, None) => "Bearer",
-            (TokenType::DPoP, Some(_)) => "DPoP",
+            (TokenType::Bearer, None) => TokenType::Bearer,
+            (TokenType::DPoP, Some(_)) => TokenType::DPoP,
             (TokenType::Bearer, Some(_)) => {
                 return Err(response::InvalidResponse {
                     reason: "token_type is Bearer, not DPoP, although dpop = true: the endpoint did not bind the token to bearerd's key (does the client allow DPoP?)".into(),
@@ -249,10 +253,9 @@ impl Fetcher {
                 })
             }
         };
-        let now = SystemTime::now();
         let (said, lifetime_source) = match grant.expires_in {
             Some(lifetime) => (lifetime, LifetimeSource::ExpiresIn),
-            None => match response::jwt_lifetime(grant.access_token.expose(), now) {
+            None => match response::jwt_lifetime(grant.access_token.expose(), SystemTime::now()) {
                 Some(lifetime) => (lifetime?, LifetimeSource::JwtExp),
                 None => (self.settings.default_lifetime, LifetimeSource::Default),
             },
@@ -262,35 +265,13 @@ impl Fetcher {
         } else {
             (said, lifetime_source)
         };
-        let too_long = || response::InvalidResponse {
-            reason: "the token's lifetime does not fit this machine's clock".into(),
-            said: None,
-        };
-        let usable_until = Instant::now()
-            .checked_add(schedule::usable_for(lifetime))
-            .ok_or_else(too_long)?;
-        let expires_at = now.checked_add(lifetime).ok_or_else(too_long)?;
-        let mut authorization =
-            HeaderValue::try_from(format!("{scheme} {}", grant.access_token.expose())).map_err(
-                |_| response::InvalidResponse {
-                    reason: "access_token has characters not allowed in an HTTP header".into(),
-                    said: None,
-                },
-            )?;
-        authorization.set_sensitive(true);
-        let proof_hash = self.dpop.as_ref().map(|_| {
-            super::jws::sha256_base64url(grant.access_token.expose().as_bytes()).into_boxed_str()
-        });
-        Ok(Token {
-            authorization,
+        Token::issue(
+            grant.access_token.expose(),
+            scheme,
             lifetime,
             lifetime_source,
-            usable_until,
-            expires_at,
-            scope: grant.scope,
-            proof_hash,
-            generation: 0,
-        })
+            grant.scope,
+        )
     }
 }
 

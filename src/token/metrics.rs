@@ -78,6 +78,8 @@ impl NonceAt {
 /// The families token sources report to.
 pub struct TokenMetrics {
     source_info: IntGaugeVec,
+    cache_operations_total: IntCounterVec,
+    cache_up: IntGaugeVec,
     dpop_nonce_retries_total: IntCounterVec,
     fetch_total: IntCounterVec,
     fetch_duration_seconds: HistogramVec,
@@ -93,6 +95,20 @@ impl TokenMetrics {
     pub fn register(metrics: &Metrics) -> Result<Self, MetricsError> {
         let upstream = &["upstream"];
         Ok(Self {
+            cache_operations_total: metrics.register(IntCounterVec::new(
+                Opts::new(
+                    "bearerd_token_cache_operations_total",
+                    "Token cache operations, by backend, operation (get, put, lease, delete) and outcome.",
+                ),
+                &["upstream", "backend", "op", "outcome"],
+            )?)?,
+            cache_up: metrics.register(IntGaugeVec::new(
+                Opts::new(
+                    "bearerd_token_cache_up",
+                    "1 while the token cache answers, 0 during an outage (sources then fetch for themselves).",
+                ),
+                &["backend"],
+            )?)?,
             source_info: metrics.register(IntGaugeVec::new(
                 Opts::new(
                     "bearerd_token_source_info",
@@ -167,6 +183,7 @@ impl TokenMetrics {
         };
         TokenSeries {
             name: name.to_owned(),
+            cache_operations: self.cache_operations_total.clone(),
             source_info: self.source_info.clone(),
             described: std::sync::Mutex::new(None),
             token_endpoint_nonce_retries: nonce_retries(NonceAt::TokenEndpoint),
@@ -186,6 +203,11 @@ impl TokenMetrics {
             valid: self.valid.with_label_values(&[name]),
             source_restarts: self.source_restarts_total.with_label_values(&[name]),
         }
+    }
+
+    /// `bearerd_token_cache_up` of `backend`.
+    pub fn cache_up(&self, backend: &str) -> prometheus::IntGauge {
+        self.cache_up.with_label_values(&[backend])
     }
 
     /// Stops exporting the series of an upstream that a reload removed.
@@ -218,6 +240,7 @@ impl TokenMetrics {
 /// One upstream's token series.
 pub struct TokenSeries {
     name: String,
+    cache_operations: IntCounterVec,
     source_info: IntGaugeVec,
     /// The `auth` and `dpop` labels of its `bearerd_token_source_info` series.
     described: std::sync::Mutex<Option<(&'static str, &'static str)>>,
@@ -268,6 +291,14 @@ impl TokenSeries {
                 .set(1);
         }
         *described = labels;
+    }
+
+    /// A token cache operation ended with `outcome`. (Cache operations are few, one or two
+    /// per token request: the series is looked up each time.)
+    pub fn cache_operation(&self, backend: &str, op: &str, outcome: &str) {
+        self.cache_operations
+            .with_label_values(&[&self.name, backend, op, outcome])
+            .inc();
     }
 
     /// A request was sent again with a server's new DPoP nonce.

@@ -11,6 +11,7 @@
 //!   it through;
 //! - `metrics`: the token metric families, and each upstream's series of them.
 
+pub mod cache;
 pub(crate) mod client_auth;
 pub(crate) mod dpop;
 pub mod fetch;
@@ -84,6 +85,8 @@ pub enum LifetimeSource {
     Default,
     /// `max_lifetime`: the endpoint's word for it was longer.
     MaxLifetime,
+    /// What was left of a token found in the cache.
+    Cached,
 }
 
 impl fmt::Display for LifetimeSource {
@@ -93,11 +96,64 @@ impl fmt::Display for LifetimeSource {
             Self::JwtExp => "the JWT exp claim",
             Self::Default => "default_lifetime",
             Self::MaxLifetime => "max_lifetime (the endpoint said longer)",
+            Self::Cached => "the cache (what is left of its lifetime)",
         })
     }
 }
 
 impl Token {
+    /// A token that `lifetime` from now stops being valid, sent with `scheme`.
+    pub(crate) fn issue(
+        access_token: &str,
+        scheme: response::TokenType,
+        lifetime: Duration,
+        lifetime_source: LifetimeSource,
+        scope: Option<String>,
+    ) -> Result<Self, response::InvalidResponse> {
+        let too_long = || response::InvalidResponse {
+            reason: "the token's lifetime does not fit this machine's clock".into(),
+            said: None,
+        };
+        let usable_until = Instant::now()
+            .checked_add(schedule::usable_for(lifetime))
+            .ok_or_else(too_long)?;
+        let expires_at = SystemTime::now()
+            .checked_add(lifetime)
+            .ok_or_else(too_long)?;
+        let scheme_name = match scheme {
+            response::TokenType::Bearer => "Bearer",
+            response::TokenType::DPoP => "DPoP",
+        };
+        let mut authorization = HeaderValue::try_from(format!("{scheme_name} {access_token}"))
+            .map_err(|_| response::InvalidResponse {
+                reason: "access_token has characters not allowed in an HTTP header".into(),
+                said: None,
+            })?;
+        authorization.set_sensitive(true);
+        let proof_hash = (scheme == response::TokenType::DPoP)
+            .then(|| jws::sha256_base64url(access_token.as_bytes()).into_boxed_str());
+        Ok(Self {
+            authorization,
+            lifetime,
+            lifetime_source,
+            usable_until,
+            expires_at,
+            scope,
+            proof_hash,
+            generation: 0,
+        })
+    }
+
+    /// The access token alone, and how it is sent.
+    pub(crate) fn access_token(&self) -> (&str, response::TokenType) {
+        let value = std::str::from_utf8(self.authorization.as_bytes()).unwrap_or_default();
+        match value.split_once(' ') {
+            Some(("DPoP", token)) => (token, response::TokenType::DPoP),
+            Some((_, token)) => (token, response::TokenType::Bearer),
+            None => (value, response::TokenType::Bearer),
+        }
+    }
+
     /// The `Authorization` header value to send upstream.
     pub fn authorization(&self) -> &HeaderValue {
         &self.authorization

@@ -148,6 +148,10 @@ impl Refresher {
                             .map_or(now, |last| last + REJECTION_REFETCH_INTERVAL);
                         if allowed <= now {
                             tracing::info!(upstream = %self.label(), "upstream rejected the token: fetching a new one");
+                            let held = self.publish.borrow().token.clone();
+                            if let Some(token) = held {
+                                self.fetcher.rejected(&token).await;
+                            }
                             // One update, so that waiters see the fetch coming.
                             self.publish.send_modify(|s| {
                                 s.rejection_handled = generation;
