@@ -1211,13 +1211,32 @@ async fn a_fleet_on_redis_refreshes_about_once_per_lifetime() {
         1 + (window.as_secs_f64() / LIFETIME.mul_f64(0.75).as_secs_f64()).floor() as usize,
         PROCESSES * (1 + (window.as_secs_f64() / LIFETIME.mul_f64(0.75).as_secs_f64()) as usize)
     );
+    let sent: Vec<String> = setup
+        .issuer
+        .times()
+        .iter()
+        .map(|at| format!("{:.2}s", at.duration_since(first).as_secs_f64()))
+        .collect();
+    println!("cache-measure: refresh: tokens sent at {sent:?} after the first");
+    // The guarantee itself: no two fetches of the fleet closer than the spacing. (Two close
+    // together are two processes fetching for one refresh: one took the lease just after the
+    // other had stored its token and released it, without looking in Redis again.)
+    let times = setup.issuer.times();
+    for pair in times.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= spacing,
+            "two token requests {:?} apart, less than {spacing:?}; sent at {sent:?}",
+            pair[1] - pair[0]
+        );
+    }
     assert!(
         (least..=most).contains(&requests),
-        "{requests} token requests in {window:?}, expected {least}..={most}"
+        "{requests} token requests in {window:?}, expected {least}..={most}; sent at {sent:?}"
     );
     assert!(
         most_tokens_at_once <= 2,
-        "{most_tokens_at_once} tokens at once"
+        "{most_tokens_at_once} tokens at once: two fetches of the fleet for one refresh; \
+         tokens sent at {sent:?}"
     );
     setup.upstream.assert_only_issued_tokens(&setup.issuer);
     for node in &nodes {
