@@ -8,7 +8,8 @@
       sidecar or a regular container: probes, ports, security context, resources, the
       config's admin and proxy addresses, the mounts of its credentials (a client Secret, a
       projected service-account token, a certificate's Secret, as the config's auth wants),
-      the grace period, the scrape settings.
+      those of its token cache (a writable emptyDir for the file backend; the key's and the
+      password's Secrets, 0400, for Redis), the grace period, the scrape settings.
 
   check-deploy.py dashboard-rules DASHBOARD.json OUT.yml
       Writes every PromQL expression of the Grafana dashboard as a recording rule, with the
@@ -142,8 +143,10 @@ def credential_files(upstream):
     return auth, files
 
 
-def check_credential(name, key, path, holder, mounts, docs):
-    """That the file at `path` is in a read-only mount of the right kind of volume."""
+def check_credential(name, key, path, holder, mounts, docs, who=None):
+    """That the file at `path` is in a read-only mount of the right kind of volume. `who`
+    names the config's part in messages: `upstream NAME` unless given."""
+    who = who or f"upstream {name}"
     directory, _, file = path.rpartition("/")
     mount, volume = mounts.get(directory) or ({}, {})
     if holder == "secret":
@@ -151,7 +154,7 @@ def check_credential(name, key, path, holder, mounts, docs):
         items = [i["path"] for i in (secret or {}).get("items") or []]
         check(
             secret is not None and (not items or file in items),
-            f"config: upstream {name}: {key} {path} is a mounted Secret's file",
+            f"config: {who}: {key} {path} is a mounted Secret's file",
         )
         certificates = {
             d["spec"]["secretName"]: d["metadata"]["name"]
@@ -161,7 +164,7 @@ def check_credential(name, key, path, holder, mounts, docs):
         if secret and secret.get("secretName") in certificates:
             check(
                 True,
-                f"config: upstream {name}: {key} comes from Certificate "
+                f"config: {who}: {key} comes from Certificate "
                 f"{certificates[secret['secretName']]} (Secret {secret['secretName']})",
             )
     else:
@@ -173,26 +176,73 @@ def check_credential(name, key, path, holder, mounts, docs):
         ]
         check(
             len(tokens) == 1,
-            f"config: upstream {name}: {key} {path} is a projected service-account token",
+            f"config: {who}: {key} {path} is a projected service-account token",
         )
         if tokens:
             # Without an audience of its own the token is one for the API server: a key to
             # the cluster, handed to the token endpoint.
             check(
                 bool(tokens[0].get("audience")),
-                f"config: upstream {name}: the token has its own audience "
+                f"config: {who}: the token has its own audience "
                 f"({tokens[0].get('audience')}), not the API server's",
             )
             seconds = tokens[0].get("expirationSeconds", 3600)
             check(
                 600 <= seconds <= 86400,
-                f"config: upstream {name}: the token's expirationSeconds {seconds} is "
+                f"config: {who}: the token's expirationSeconds {seconds} is "
                 "between 10 min and 24 h",
             )
     check(
         mount.get("readOnly") is True,
-        f"config: upstream {name}: {key}'s volume is mounted read-only",
+        f"config: {who}: {key}'s volume is mounted read-only",
     )
+
+
+def secret_file_mode(path, mounts):
+    """The mode the Secret volume at `path`'s directory gives `path`: its item's mode, else the
+    volume's defaultMode (0644 when unset, as the API server defaults it)."""
+    directory, _, file = path.rpartition("/")
+    secret = (mounts.get(directory) or ({}, {}))[1].get("secret") or {}
+    for item in secret.get("items") or []:
+        if item.get("path") == file and "mode" in item:
+            return item["mode"]
+    return secret.get("defaultMode", 0o644)
+
+
+def check_cache(cache, mounts, docs):
+    """`[cache]`: the file backend's directory is a writable emptyDir in memory, of bounded
+    size, mounted by bearerd alone; Redis's key and password are Secrets' files, read-only,
+    0400 (owner only, before the fsGroup's read), and the URL holds no credentials."""
+    backend = cache.get("backend")
+    if backend == "file":
+        directory = cache.get("dir", "")
+        mount, volume = mounts.get(directory) or ({}, {})
+        empty = volume.get("emptyDir")
+        check(
+            empty is not None and mount.get("readOnly") is not True,
+            f"config: [cache] dir {directory} is an emptyDir, mounted writable",
+        )
+        check(
+            (empty or {}).get("medium") == "Memory" and "sizeLimit" in (empty or {}),
+            f"config: [cache] dir {directory}: in memory (tokens never on the node's disk), "
+            "with a sizeLimit",
+        )
+    elif backend == "redis":
+        url = cache.get("url", "")
+        scheme, _, rest = url.partition("://")
+        check(
+            scheme in ("redis", "rediss") and "@" not in rest.split("/")[0],
+            f"config: [cache] url {url} is redis:// or rediss://, without credentials",
+        )
+        files = [("key_file", cache.get("key_file", ""))]
+        if "password_file" in cache:
+            files.append(("password_file", cache["password_file"]))
+        for key, path in files:
+            check_credential(None, key, path, "secret", mounts, docs, who="[cache]")
+            mode = secret_file_mode(path, mounts)
+            check(mode == 0o400, f"config: [cache] {key} {path} has mode 0400 ({mode:#o})")
+    else:
+        check(False, f"config: [cache] backend {backend!r} is file or redis")
 
 
 def probe(container, kind):
@@ -314,6 +364,8 @@ def check_pod(docs, sidecar):
                 f"pod: serviceAccountName {account} is a ServiceAccount of the build "
                 f"(the subject of the {auth} token)",
             )
+    if "cache" in config:
+        check_cache(config["cache"], mounts, docs)
 
     # Scraping.
     annotations = template["metadata"].get("annotations") or {}

@@ -6,7 +6,8 @@
 #     sidecars on by default) and 1.37, the legacy pod in 1.25 and 1.37; the PodMonitor
 #     against the Prometheus Operator's CRD and the Certificate against cert-manager's; then
 #     what bearerd needs of its pod, its credentials' mounts included (a client Secret, a
-#     projected service-account token, a certificate's Secret);
+#     projected service-account token, a certificate's Secret), and its token cache's (an
+#     emptyDir for the file backend, the key's and the password's Secrets for Redis);
 #   - deploy/prometheus/alerts.yml passes `promtool check rules`, and its unit tests,
 #     alerts_test.yml, pass `promtool test rules`;
 #   - every query of deploy/grafana/bearerd-dashboard.json parses (promtool);
@@ -80,7 +81,7 @@ run() {
 }
 
 # Kubernetes: build each kustomization, then validate what it made.
-for kustomization in base example legacy workload-identity mtls; do
+for kustomization in base example legacy workload-identity mtls cache-file cache-redis; do
   run "kubectl kustomize $KUBERNETES/$kustomization" \
     "$kubectl" kustomize "$KUBERNETES/$kustomization" -o "$OUT/$kustomization.yaml"
 done
@@ -89,7 +90,9 @@ run "validate the built objects" "$python" scripts/check-deploy.py manifests \
   "native:1.29.0,1.37.0:$OUT/example.yaml" \
   "regular:1.25.0,1.37.0:$OUT/legacy.yaml" \
   "native:1.29.0,1.37.0:$OUT/workload-identity.yaml" \
-  "native:1.29.0,1.37.0:$OUT/mtls.yaml"
+  "native:1.29.0,1.37.0:$OUT/mtls.yaml" \
+  "native:1.29.0,1.37.0:$OUT/cache-file.yaml" \
+  "native:1.29.0,1.37.0:$OUT/cache-redis.yaml"
 
 # Prometheus alerts and their unit tests.
 run "promtool check rules deploy/prometheus/alerts.yml" \

@@ -4,6 +4,9 @@
 #   promtool, prometheus  (Debian's prometheus package) for tests/observability.rs
 #   node, npm             (Debian's nodejs and npm packages) for tests/interop_oidc.rs, whose
 #                         npm packages scripts/interop.sh installs
+#   redis-server          (Debian's redis-server package) for tests/cache.rs, which starts its
+#                         own servers on loopback ports; the distribution's service is not
+#                         left running
 set -euo pipefail
 
 missing=()
@@ -15,6 +18,9 @@ if ! command -v node >/dev/null; then
 elif ! command -v npm >/dev/null; then
   missing+=(npm)
 fi
+if ! command -v redis-server >/dev/null; then
+  missing+=(redis-server)
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=""
@@ -22,7 +28,25 @@ if [ "$(id -u)" -ne 0 ]; then
   command -v sudo >/dev/null || { echo "install-test-deps: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
   sudo="sudo"
 fi
+
+# Debian starts a package's service when it installs it, unless /usr/sbin/policy-rc.d says
+# no (exit 101), as container images' usually does. Where there is none, one that says no is
+# put there for the install and removed after it.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\n# install-test-deps: no service starts during the install.\nexit 101\n' |
+    $sudo tee "$policy" >/dev/null
+  $sudo chmod 755 "$policy"
+  trap '$sudo rm -f "$policy"' EXIT
+fi
+
 echo "install-test-deps: installing ${missing[*]} (Debian packages)"
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+# On a machine run by systemd the unit is enabled all the same: disable it, and stop it
+# should anything have started it. The tests' servers are their own.
+if [[ " ${missing[*]} " == *" redis-server "* ]] && [ -d /run/systemd/system ]; then
+  $sudo systemctl disable --now redis-server.service >/dev/null 2>&1 || true
+fi

@@ -1,7 +1,7 @@
 //! In-process fixtures for the integration tests, all on loopback port 0: HTTP and HTTPS
 //! servers with scripted handlers, a token endpoint that records and counts what it gets, an
 //! echo upstream, a throwaway CA, and a bearerd sidecar started from a TOML snippet (which
-//! `config::ConfigBuilder` writes).
+//! `config::ConfigBuilder` writes). `redis` runs a real redis-server for the cache tests.
 
 #![allow(
     dead_code,
@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 pub mod config;
 pub mod daemon;
 pub mod raw;
+pub mod redis;
 pub mod vendors;
 
 use base64::Engine;
