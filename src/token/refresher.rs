@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use super::fetch::{Fetch, FetchError};
 use super::metrics::FetchOutcome;
 use super::source::{Phase, RefreshPolicy, SharedObservers, State, REJECTION_REFETCH_INTERVAL};
-use super::{schedule, Token};
+use super::{schedule, LifetimeSource, Token};
 
 /// Runs the refresher, and runs it again if it ever ends before shutdown.
 pub(super) struct Supervisor {
@@ -198,7 +198,10 @@ impl Refresher {
             Ok(_) => Some(FetchOutcome::Success),
             Err(error) => error.outcome(),
         };
-        if let Ok(observers) = self.observers.read() {
+        // A token the cache had is no token request: the cache counts it.
+        let from_cache =
+            matches!(&outcome, Ok(token) if token.lifetime_source == LifetimeSource::Cached);
+        if let (Ok(observers), false) = (self.observers.read(), from_cache) {
             for metrics in &observers.metrics {
                 metrics.fetch_finished(fetch_outcome, elapsed);
             }

@@ -69,8 +69,9 @@ impl Entry {
         jws::sha256_base64url(self.access_token.as_bytes())
     }
 
-    /// Whether this entry is usable now for source `digest`: its own, of this version, with
-    /// more of its lifetime left than the expiry margin.
+    /// Whether this entry is usable now for source `digest`: its own, of this version, and
+    /// not expired (a token fetched now with that little left would be used too: the
+    /// refresher then replaces it soon).
     pub(crate) fn usable_for(&self, digest: &str) -> bool {
         self.v == VERSION
             && self.source == digest

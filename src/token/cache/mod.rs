@@ -260,6 +260,22 @@ impl CachedFetch {
                     }
                 }
             }
+            Ok(Some(entry)) if !entry.usable_for(&self.digest) => {
+                // Not a refresh's ordinary miss: another source's entry under this one's
+                // name, or a token that has expired (a file left from long ago).
+                let why = if entry.source == self.digest {
+                    "its token has expired"
+                } else {
+                    "it belongs to another token source"
+                };
+                tracing::warn!(
+                    backend = self.store.name(),
+                    why,
+                    "token cache entry unusable: fetching"
+                );
+                self.count("get", "unreadable");
+                None
+            }
             Ok(_) => {
                 self.count("get", "miss");
                 None
@@ -308,7 +324,12 @@ impl CachedFetch {
                 match lease {
                     Ok(Some(lease)) => {
                         self.count("lease", "acquired");
-                        let outcome = self.fetch_and_store().await;
+                        // Another process may have stored a token and let the lease go
+                        // between the look above and the lease: look once more.
+                        let outcome = match self.stored().await {
+                            Some(token) => Ok(token),
+                            None => self.fetch_and_store().await,
+                        };
                         let released = store.release(lease).await;
                         self.store.note(&released);
                         outcome?
