@@ -113,27 +113,52 @@ fn host_header<B>(request: &Request<B>) -> Option<&str> {
     })
 }
 
-/// Whether a path has a `.` or `..` segment, also percent-encoded (`%2e`, `%2E`).
+/// Whether a path has a `.` or `..` segment in any form an upstream server may resolve:
+/// percent-encoded (`%2e`), before a path parameter (`..;x`: Tomcat, Jetty, Spring), or
+/// between encoded slashes or backslashes (`..%2F`, `..\`, `%5C`: servers that decode
+/// them, IIS). Most paths have neither a dot nor an escape and are passed at a glance.
 fn has_dot_segments(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let mut rest = segment.as_bytes();
-        let mut dots = 0;
-        while !rest.is_empty() {
-            if rest[0] == b'.' {
-                rest = &rest[1..];
-            } else if rest.len() >= 3
-                && rest[0] == b'%'
-                && rest[1] == b'2'
-                && rest[2] | 0x20 == b'e'
-            {
-                rest = &rest[3..];
-            } else {
-                return false;
-            }
-            dots += 1;
-        }
-        dots == 1 || dots == 2
+    if !path.contains(['.', '%']) {
+        return false;
+    }
+    let decoded = if path.contains('%') {
+        std::borrow::Cow::Owned(decode_separators(path))
+    } else {
+        std::borrow::Cow::Borrowed(path)
+    };
+    decoded.split(['/', '\\']).any(|segment| {
+        let name = segment.split(';').next().unwrap_or_default();
+        name == "." || name == ".."
     })
+}
+
+/// `path` with the escapes of `.`, `/`, `\` and `;` decoded, and no others.
+fn decode_separators(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let escape = rest.get(at + 1..at + 3).unwrap_or_default();
+        let decoded = match escape.to_ascii_lowercase().as_str() {
+            "2e" => Some('.'),
+            "2f" => Some('/'),
+            "5c" => Some('\\'),
+            "3b" => Some(';'),
+            _ => None,
+        };
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[at + 3..];
+            }
+            None => {
+                out.push('%');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// How a route matches, compared with what a request names.
