@@ -1436,3 +1436,57 @@ fn invalid_route_tables_are_config_errors() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Dot segments in the forms upstream servers also resolve
+// ---------------------------------------------------------------------------------------------
+
+/// `..` followed by what common servers strip or read as a separator before they resolve dot
+/// segments: a path parameter (`..;`: Tomcat, Jetty, Spring), an encoded slash (`..%2F`:
+/// servers that decode it), a backslash (`..\`, `%5C`: IIS, some frameworks). Each would take
+/// `/v2/..;/admin` to `/admin`, out of the route of `/v2` (and out of a `url`'s base path),
+/// as `/v2/../admin` would, which bearerd refuses.
+#[tokio::test]
+#[ignore = "bearerd forwards ..; ..%2F and ..\\ segments (a hardening gap, reported)"]
+async fn dot_segments_in_the_forms_upstreams_resolve_are_refused_too() {
+    let endpoint = tokens("tok").await;
+    let recording = RecordingUpstream::start().await;
+    let config = ConfigBuilder::new()
+        .listener(
+            Listener::new("reverse").route(
+                Route::named("v2")
+                    .host("api.example.test")
+                    .path_prefix("/v2")
+                    .url(&format!("{}/base", recording.url()))
+                    .token(app(&endpoint.url("/token"))),
+            ),
+        )
+        .render();
+    let sidecar = Sidecar::start(&config).await;
+    let addr = sidecar.running().local_addr("v2").unwrap();
+    let mut forwarded = Vec::new();
+    for target in [
+        "/v2/..;/admin",
+        "/v2/..;x=1/admin",
+        "/v2/%2e%2e;/admin",
+        "/v2/.;/admin",
+        "/v2/..%2Fadmin",
+        "/v2/..%2fadmin",
+        "/v2/%2e%2e%2Fadmin",
+        "/v2/..\\admin",
+        "/v2/..%5Cadmin",
+        "/v2/..%5cadmin",
+    ] {
+        let answer = raw(addr, &format!("GET {target}"), Some("api.example.test")).await;
+        if answer.status != 400 {
+            forwarded.push(format!("{target}: {}", answer.status));
+        }
+    }
+    assert!(
+        forwarded.is_empty(),
+        "not refused:\n{}\nthe upstream got:\n{}",
+        forwarded.join("\n"),
+        recording.received()
+    );
+    sidecar.stop().await;
+}
