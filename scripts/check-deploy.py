@@ -9,7 +9,9 @@
       config's admin and proxy addresses, the mounts of its credentials (a client Secret, a
       projected service-account token, a certificate's Secret, as the config's auth wants),
       those of its token cache (a writable emptyDir for the file backend; the key's and the
-      password's Secrets, 0400, for Redis), the grace period, the scrape settings.
+      password's Secrets, 0400, for Redis), the grace period, the scrape settings; for a
+      forward [[listener]], that the app containers' HTTP_PROXY names it and NO_PROXY leaves
+      its routes' hosts to it.
 
   check-deploy.py dashboard-rules DASHBOARD.json OUT.yml
       Writes every PromQL expression of the Grafana dashboard as a recording rule, with the
@@ -245,6 +247,59 @@ def check_cache(cache, mounts, docs):
         check(False, f"config: [cache] backend {backend!r} is file or redis")
 
 
+def no_proxy_excludes(no_proxy, host):
+    """Whether a NO_PROXY list (as curl, Python and Go read it) sends `host` direct."""
+    host = host.lower().rstrip(".")
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        domain = entry.lstrip("*").lstrip(".")
+        if host == domain or host.endswith("." + domain):
+            return True
+    return False
+
+
+def check_forward_proxy_env(listen, routes, apps):
+    """That the app containers send plain-http requests to the forward listener at `listen`
+    (HTTP_PROXY, and http_proxy for curl), keep loopback direct, do not exempt the routes'
+    hosts in NO_PROXY, and do not send https through it (bearerd refuses CONNECT)."""
+    proxy = f"http://{listen}"
+    for app in apps:
+        env = {e["name"]: e.get("value") for e in app.get("env") or []}
+        name = app["name"]
+        check(
+            env.get("HTTP_PROXY") == proxy and env.get("http_proxy") == proxy,
+            f"{name}: HTTP_PROXY and http_proxy = {proxy} (the forward listener)",
+        )
+        no_proxy = env.get("NO_PROXY")
+        check(
+            no_proxy is not None and env.get("no_proxy") == no_proxy,
+            f"{name}: NO_PROXY and no_proxy set alike",
+        )
+        no_proxy = no_proxy or ""
+        check(
+            all(no_proxy_excludes(no_proxy, h) for h in ("localhost", "127.0.0.1")),
+            f"{name}: NO_PROXY keeps localhost and 127.0.0.1 direct",
+        )
+        for route in routes:
+            host = route.get("host", "")
+            # For "*.example.com", any one label.
+            sample = "a" + host[1:] if host.startswith("*.") else host
+            check(
+                bool(host) and not no_proxy_excludes(no_proxy, sample),
+                f"{name}: route {route.get('name')}'s host {host} is not in NO_PROXY",
+            )
+        tunnels = [
+            v for k, v in env.items() if k.lower() in ("https_proxy", "all_proxy") and v
+        ]
+        check(
+            not tunnels,
+            f"{name}: no HTTPS_PROXY or ALL_PROXY (bearerd answers CONNECT 405)",
+        )
+
+
 def probe(container, kind):
     get = (container.get(kind) or {}).get("httpGet") or {}
     return get.get("path"), get.get("port")
@@ -366,6 +421,23 @@ def check_pod(docs, sidecar):
             )
     if "cache" in config:
         check_cache(config["cache"], mounts, docs)
+
+    for i, listener in enumerate(config.get("listener", [])):
+        listen = listener.get("listen", "")
+        check(
+            listen.startswith("127.0.0.1:"),
+            f"config: listener[{i}] listens on 127.0.0.1 only",
+        )
+        routes = listener.get("route", [])
+        for route in routes:
+            _, files = credential_files(route)
+            for key, path, holder in files:
+                check_credential(
+                    None, key, path, holder, mounts, docs, who=f"route {route.get('name')}"
+                )
+        if listener.get("mode") == "forward":
+            apps = [c for c in regular if c["name"] != "bearerd"]
+            check_forward_proxy_env(listen, routes, apps)
 
     # Scraping.
     annotations = template["metadata"].get("annotations") or {}

@@ -7,7 +7,8 @@
 #     against the Prometheus Operator's CRD and the Certificate against cert-manager's; then
 #     what bearerd needs of its pod, its credentials' mounts included (a client Secret, a
 #     projected service-account token, a certificate's Secret), and its token cache's (an
-#     emptyDir for the file backend, the key's and the password's Secrets for Redis);
+#     emptyDir for the file backend, the key's and the password's Secrets for Redis), and
+#     for the forward-proxy example the app's HTTP_PROXY and NO_PROXY;
 #   - deploy/prometheus/alerts.yml passes `promtool check rules`, and its unit tests,
 #     alerts_test.yml, pass `promtool test rules`;
 #   - every query of deploy/grafana/bearerd-dashboard.json parses (promtool);
@@ -81,7 +82,8 @@ run() {
 }
 
 # Kubernetes: build each kustomization, then validate what it made.
-for kustomization in base example legacy workload-identity mtls cache-file cache-redis; do
+for kustomization in base example legacy workload-identity mtls cache-file cache-redis \
+  forward-proxy; do
   run "kubectl kustomize $KUBERNETES/$kustomization" \
     "$kubectl" kustomize "$KUBERNETES/$kustomization" -o "$OUT/$kustomization.yaml"
 done
@@ -92,7 +94,8 @@ run "validate the built objects" "$python" scripts/check-deploy.py manifests \
   "native:1.29.0,1.37.0:$OUT/workload-identity.yaml" \
   "native:1.29.0,1.37.0:$OUT/mtls.yaml" \
   "native:1.29.0,1.37.0:$OUT/cache-file.yaml" \
-  "native:1.29.0,1.37.0:$OUT/cache-redis.yaml"
+  "native:1.29.0,1.37.0:$OUT/cache-redis.yaml" \
+  "native:1.29.0,1.37.0:$OUT/forward-proxy.yaml"
 
 # Prometheus alerts and their unit tests.
 run "promtool check rules deploy/prometheus/alerts.yml" \

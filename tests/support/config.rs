@@ -210,6 +210,11 @@ impl ConfigBuilder {
         self.array("upstream", upstream.0)
     }
 
+    /// Appends a `[[listener]]`, with its `[[listener.route]]`.
+    pub fn listener(self, listener: Listener) -> Self {
+        self.array("listener", listener.0)
+    }
+
     /// Sets a top-level key, TOML text written as given.
     pub fn set(self, key: &str, raw: impl Display) -> Self {
         Self(self.0.set(key, raw))
@@ -486,5 +491,85 @@ impl Tls {
     /// `ca_file`
     pub fn ca_file(self, path: &str) -> Self {
         self.string("ca_file", path)
+    }
+}
+
+/// One `[[listener]]`, with its `[[listener.route]]` tables in the order added.
+#[derive(Clone, Debug)]
+pub struct Listener(Table);
+table_type!(Listener);
+
+impl Listener {
+    /// `listen` on 127.0.0.1:0 and `mode` (`"reverse"` or `"forward"`), in that order.
+    pub fn new(mode: &str) -> Self {
+        Self(Table::new()).listen("127.0.0.1:0").mode(mode)
+    }
+    /// `listen`
+    pub fn listen(self, address: &str) -> Self {
+        self.string("listen", address)
+    }
+    /// `mode`: `"reverse"` or `"forward"`.
+    pub fn mode(self, mode: &str) -> Self {
+        self.string("mode", mode)
+    }
+    /// `allow_from`, networks such as `"10.0.0.0/8"`.
+    pub fn allow_from(self, networks: &[&str]) -> Self {
+        self.set("allow_from", strings(networks))
+    }
+    /// Appends a `[[listener.route]]`.
+    pub fn route(self, route: Route) -> Self {
+        Self(self.0.array("route", route.0))
+    }
+}
+
+/// One `[[listener.route]]`, with its `[listener.route.token]` and `[listener.route.tls]`.
+#[derive(Clone, Debug)]
+pub struct Route(Table);
+table_type!(Route);
+
+impl Route {
+    /// Only `name`: the other keys come in the order they are set.
+    pub fn named(name: &str) -> Self {
+        Self(Table::new()).string("name", name)
+    }
+    /// `host`: exact, or `*.example.com` for one label.
+    pub fn host(self, host: &str) -> Self {
+        self.string("host", host)
+    }
+    /// `path_prefix`
+    pub fn path_prefix(self, prefix: &str) -> Self {
+        self.string("path_prefix", prefix)
+    }
+    /// `strip_prefix`
+    pub fn strip_prefix(self, strip: bool) -> Self {
+        self.set("strip_prefix", strip)
+    }
+    /// `url`
+    pub fn url(self, url: &str) -> Self {
+        self.string("url", url)
+    }
+    /// `allow_plain_http`
+    pub fn allow_plain_http(self, allow: bool) -> Self {
+        self.set("allow_plain_http", allow)
+    }
+    /// `connect_timeout`, a duration.
+    pub fn connect_timeout(self, duration: &str) -> Self {
+        self.string("connect_timeout", duration)
+    }
+    /// `response_header_timeout`, a duration.
+    pub fn response_header_timeout(self, duration: &str) -> Self {
+        self.string("response_header_timeout", duration)
+    }
+    /// `retry_on_401`
+    pub fn retry_on_401(self, retry: bool) -> Self {
+        self.set("retry_on_401", retry)
+    }
+    /// `[listener.route.token]`, as `[upstream.token]`.
+    pub fn token(self, token: Token) -> Self {
+        self.table("token", token.0)
+    }
+    /// `[listener.route.tls]`, as `[upstream.tls]`.
+    pub fn tls(self, tls: Tls) -> Self {
+        self.table("tls", tls.0)
     }
 }
