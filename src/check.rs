@@ -167,11 +167,16 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
 /// never match. (A listener of one `[[upstream]]` is described with its upstream above.)
 fn describe_listeners(config: &Config, out: &mut String) {
     for listener in &config.listeners {
-        let routes: Vec<&config::Upstream> = listener
+        let mut routes: Vec<&config::Upstream> = listener
             .routes
             .iter()
             .filter_map(|name| config.upstreams.iter().find(|u| &u.name == name))
             .collect();
+        // A request takes the longest matching prefix, the first in the file among equals:
+        // so the first route in this order whose host and prefix match is the one it takes.
+        routes.sort_by_key(|u| {
+            std::cmp::Reverse(u.route.path_prefix.as_ref().map_or(0, String::len))
+        });
         if let [only] = routes.as_slice() {
             if only.route == config::RouteMatch::default() && listener.mode == config::Mode::Reverse
             {

@@ -156,8 +156,9 @@ impl Validator<'_> {
                 && !text.split('/').any(|segment| segment == "." || segment == "..");
             if valid {
                 // "/v2/" and "/v2" match the same requests: on segment boundaries.
+                // "/" is every path: the same as no prefix.
                 let trimmed = text.trim_end_matches('/');
-                Some(if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() })
+                (!trimmed.is_empty()).then(|| trimmed.to_owned())
             } else {
                 self.problem(
                     prefix.span(),

@@ -229,8 +229,9 @@ fn refuse_unforwardable(
     // An absolute-form target (what an app whose HTTP_PROXY points here sends) names the host
     // the app means: forwarding it to this listener's upstream would hand our token to a
     // request meant for someone else, or send it where the app did not mean.
-    // (A forward listener chose the route by that very host.)
-    if let (Some(authority), Mode::Reverse) = (request.uri().authority(), mode) {
+    // (A forward listener, or a route with a host of its own, was chosen by that very host.)
+    let chosen_by_host = mode == Mode::Forward || upstream.matching.host.is_some();
+    if let (Some(authority), false) = (request.uri().authority(), chosen_by_host) {
         if !upstream.target.serves(authority) {
             return Err(ProxyError::BadRequest {
                 reason: format!(
