@@ -7,6 +7,8 @@
 #   redis-server          (Debian's redis-server package) for tests/cache.rs, which starts its
 #                         own servers on loopback ports; the distribution's service is not
 #                         left running
+#   curl, wget, python3 with requests   the clients tests/routing.rs sends through a forward
+#                         listener with their proxy settings
 set -euo pipefail
 
 missing=()
@@ -20,6 +22,12 @@ elif ! command -v npm >/dev/null; then
 fi
 if ! command -v redis-server >/dev/null; then
   missing+=(redis-server)
+fi
+for tool in curl wget python3; do
+  command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if command -v python3 >/dev/null && ! python3 -c 'import requests' 2>/dev/null; then
+  missing+=(python3-requests)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
