@@ -7,6 +7,7 @@
 //! reverse listener reads the host from `Host`, a forward listener from the absolute-form
 //! target an app with `HTTP_PROXY` sends.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,12 +51,35 @@ impl Listener {
 }
 
 /// A listener's routes, in match order.
-pub struct Routes(Vec<Arc<Route>>);
+pub struct Routes {
+    /// Every route, in file order.
+    all: Vec<Arc<Route>>,
+    /// The positions of the routes of each exact host (lowercase), so that a request looks
+    /// only at its host's routes however long the table: 50 routes matched on the last cost
+    /// 0.3–1.4 µs per request when each was compared (docs/benchmarks.md).
+    by_host: HashMap<Box<str>, Vec<usize>>,
+    /// The positions of the routes that any host may reach: a wildcard host, or none.
+    any_host: Vec<usize>,
+}
 
 impl Routes {
     /// A table of `routes`, in match order.
     pub fn new(routes: Vec<Route>) -> Self {
-        Self(routes.into_iter().map(Arc::new).collect())
+        let mut by_host: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        let mut any_host = Vec::new();
+        for (position, route) in routes.iter().enumerate() {
+            match route.matching.host.as_deref() {
+                Some(host) if !host.starts_with("*.") => {
+                    by_host.entry(host.into()).or_default().push(position);
+                }
+                _ => any_host.push(position),
+            }
+        }
+        Self {
+            all: routes.into_iter().map(Arc::new).collect(),
+            by_host,
+            any_host,
+        }
     }
 
     /// The route `request` goes to. A request whose path has `.` or `..` segments is refused:
@@ -70,7 +94,7 @@ impl Routes {
             });
         }
         // An `[[upstream]]`: one route that takes everything, nothing to look at.
-        if let [only] = self.0.as_slice() {
+        if let [only] = self.all.as_slice() {
             if mode == Mode::Reverse && only.matching.takes_everything() {
                 return Ok(only);
             }
@@ -83,20 +107,39 @@ impl Routes {
         };
         // Lowercase is compared without copying; the root's trailing dot is ignored.
         let host = host.strip_suffix('.').unwrap_or(host);
-        let mut best: Option<(&Arc<Route>, usize)> = None;
-        for route in &self.0 {
+        // Hosts are lowercase in the index; a request's seldom is not.
+        let lowercase;
+        let exact = match self.by_host.get(host) {
+            Some(positions) => positions.as_slice(),
+            None if host.bytes().any(|b| b.is_ascii_uppercase()) => {
+                lowercase = host.to_ascii_lowercase();
+                self.by_host
+                    .get(lowercase.as_str())
+                    .map_or(&[][..], Vec::as_slice)
+            }
+            None => &[],
+        };
+        // The longest prefix wins; among equals, the first in the file.
+        let mut best: Option<(usize, usize)> = None;
+        for &position in exact.iter().chain(&self.any_host) {
+            let Some(route) = self.all.get(position) else {
+                continue;
+            };
             if !route.matching.host_matches(host) {
                 continue;
             }
             let Some(length) = route.matching.prefix_length(uri.path()) else {
                 continue;
             };
-            if best.map_or(true, |(_, longest)| length > longest) {
-                best = Some((route, length));
+            let better = best.map_or(true, |(longest, first)| {
+                length > longest || (length == longest && position < first)
+            });
+            if better {
+                best = Some((length, position));
             }
         }
-        match (best, mode) {
-            (Some((route, _)), _) => Ok(route),
+        match (best.and_then(|(_, position)| self.all.get(position)), mode) {
+            (Some(route), _) => Ok(route),
             (None, Mode::Forward) => Err(ProxyError::HostNotServed),
             (None, Mode::Reverse) => Err(ProxyError::NoRoute),
         }
