@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""`make bench`: bearerd's throughput, latency, CPU and memory against nginx, on loopback.
+"""`make bench`: bearerd's throughput, latency, CPU and memory against nginx and haproxy, on loopback.
 
 One run measures, against one fast upstream (nginx `return 200`, 401 without a Bearer token):
   direct   wrk straight at the upstream (the ceiling), with its own Bearer header;
   nginx    nginx (Debian package) as a reverse proxy adding `Authorization: Bearer x`
            over a keep-alive upstream pool, one worker;
+  haproxy  haproxy (Debian package) doing the same (`http-request set-header`, keep-alive
+           server connections reused across clients), one process, `nbthread 1`;
   bearerd  target/release/bearerd with a token endpoint that counts its requests;
   bearerd-dpop  the same binary with `dpop = true` (RFC 9449) and its own token endpoint, which
            answers token_type DPoP to a request with a proof: every request it forwards carries
@@ -14,7 +16,7 @@ One run measures, against one fast upstream (nginx `return 200`, 401 without a B
            token source, its own token endpoint), and wrk sending `Host: api50.bench`, so that
            every request matches the last route: the route lookup's worst case;
 with wrk at 1, 16 and 128 connections, BENCH_SECONDS (10) each, in BENCH_ROUNDS (3) rounds.
-The order reverses every other round (1 conn: direct nginx bearerd bearerd-dpop
+The order reverses every other round (1 conn: direct nginx haproxy bearerd bearerd-dpop
 bearerd-routes50, 16: ..., 128: ...; then the whole sequence backwards), so that drift hits
 every target alike; the "DPoP proof cost" and "Route lookup cost" sections pair bearerd-dpop
 and bearerd-routes50 with bearerd of the same round. The proxy under
@@ -32,9 +34,11 @@ BENCH_SERVER_CPU / BENCH_LOAD_CPU (cores; default the first two this process may
 BEARERD_BIN (default $CARGO_TARGET_DIR or target, /release/bearerd), BENCH_KEEP=1 (keep the
 temporary directory with configs and logs), BENCH_OUT (also write the report to this file),
 BENCH_DPOP=0 (skip the bearerd-dpop target and its section), BENCH_ROUTES=0 (skip the
-bearerd-routes50 target and its section).
+bearerd-routes50 target and its section), BENCH_HAPROXY=0 (skip the haproxy target),
+BENCH_CHART (the SVG chart of req/s and CPU µs per request, each round's values over the
+medians; default $CARGO_TARGET_DIR or target, /bench/bench.svg; empty: no chart).
 
-Needs nginx and wrk (installed with apt-get when missing, as root or through sudo) and
+Needs nginx, haproxy (unless BENCH_HAPROXY=0) and wrk (installed with apt-get when missing, as root or through sudo) and
 Python 3.11 (standard library only). Every process it starts is stopped by PID at the end,
 also on Ctrl-C or an error.
 """
@@ -57,10 +61,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chart import write_chart
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 HOST = "127.0.0.1"
-PROXIES = ("nginx", "bearerd")
+HAPROXY_TARGET = "haproxy"  # measured too unless BENCH_HAPROXY=0
+PROXIES = ("nginx", HAPROXY_TARGET, "bearerd")
 TARGETS = ("direct",) + PROXIES
 DPOP_TARGET = "bearerd-dpop"  # measured too unless BENCH_DPOP=0
 ROUTES_TARGET = "bearerd-routes50"  # measured too unless BENCH_ROUTES=0
@@ -107,25 +114,34 @@ def find_nginx():
     )
 
 
-def nginx_pids():
-    """PIDs of every process whose executable is nginx."""
+def find_haproxy():
+    return shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/sbin/haproxy") if os.access(p, os.X_OK)), None
+    )
+
+
+def nginx_pids(prefixes=("nginx",)):
+    """PIDs of every process whose executable is nginx (or starts with one of prefixes)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.path.basename(os.readlink(entry / "exe")).startswith("nginx"):
+                if os.path.basename(os.readlink(entry / "exe")).startswith(prefixes):
                     pids.add(int(entry.name))
             except OSError:
                 pass
     return pids
 
 
-def ensure_tools():
-    """Installs nginx and wrk with apt-get when missing, without letting the package's own
-    nginx service start (or, if it started anyway, stopping it by PID)."""
+def ensure_tools(haproxy=True):
+    """Installs nginx, haproxy (if wanted) and wrk with apt-get when missing, without letting
+    the packages' own nginx or haproxy service start (or, if one started anyway, stopping it by
+    PID)."""
     missing = []
     if not find_nginx():
         missing.append("nginx-light")
+    if haproxy and not find_haproxy():
+        missing.append("haproxy")
     if not shutil.which("wrk"):
         missing.append("wrk")
     if not missing:
@@ -139,7 +155,8 @@ def ensure_tools():
         sudo = ["sudo"]
     log(f"installing {' '.join(missing)} (Debian packages)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    before = nginx_pids()
+    services = ("nginx", "haproxy")
+    before = nginx_pids(services)
     # Debian's convention: policy-rc.d exiting 101 keeps maintainer scripts from starting the
     # service. Put one in place for the install only, if there is none.
     policy = Path("/usr/sbin/policy-rc.d")
@@ -165,18 +182,20 @@ def ensure_tools():
     finally:
         if added_policy:
             subprocess.run(sudo + ["rm", "-f", str(policy)], check=False)
-    started = nginx_pids() - before
+    started = nginx_pids(services) - before
     if started:
-        # The package's service came up despite the policy: this install started it, so stop
-        # it, by PID.
-        log(f"stopping the nginx service the package started: PIDs {sorted(started)}")
+        # A package's service came up despite the policy: this install started it, so stop
+        # it, by PID (nginx: SIGQUIT, its graceful stop; haproxy: SIGTERM).
+        log(f"stopping the service(s) the packages started: PIDs {sorted(started)}")
+        haproxies = nginx_pids(("haproxy",))
         for pid in sorted(started):
             try:
-                subprocess.run(sudo + ["kill", "-QUIT", str(pid)], check=False)
+                subprocess.run(sudo + ["kill", "-TERM" if pid in haproxies else "-QUIT",
+                                       str(pid)], check=False)
             except OSError:
                 pass
-    if not find_nginx() or not shutil.which("wrk"):
-        raise HarnessError("nginx or wrk still missing after apt-get install")
+    if not find_nginx() or not shutil.which("wrk") or (haproxy and not find_haproxy()):
+        raise HarnessError("nginx, haproxy or wrk still missing after apt-get install")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,6 +429,28 @@ def start_nginx(procs, nginx, name, template, directory, cpu, **values):
     return started, workers[0]
 
 
+def start_haproxy(procs, haproxy, directory, cpu, **values):
+    """haproxy in the foreground (-db: no daemon, no master process): one process, one thread.
+    Returns it and the PIDs of all its processes (checked to be that one)."""
+    directory.mkdir()
+    conf = directory / "haproxy.cfg"
+    conf.write_text(render("haproxy.cfg.tmpl", directory, **values))
+    check = subprocess.run([haproxy, "-c", "-q", "-f", conf], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise HarnessError(f"haproxy -c rejected {conf}:\n{check.stdout}{check.stderr}")
+    started = procs.start(HAPROXY_TARGET, [haproxy, "-db", "-f", conf], cpu,
+                          directory / "stderr.log", stop_signal=signal.SIGTERM)
+    wait_for_port(started, values["PORT"])
+    pids = [started.popen.pid] + children_of(started.popen.pid)
+    if len(pids) != 1:
+        started.forked = [(pid, proc_stat(pid)[2]) for pid in pids[1:]]
+        raise HarnessError(f"haproxy: expected one process, found PIDs {pids}")
+    threads = len(list(Path(f"/proc/{started.popen.pid}/task").iterdir()))
+    if threads != 1:
+        raise HarnessError(f"haproxy: expected one thread (nbthread 1), found {threads}")
+    return started, pids
+
+
 def start_token_endpoint(procs, directory, name, cpu, delay):
     started = procs.start(
         name, [sys.executable, HERE / "token_endpoint.py", "--port", "0", "--delay", delay],
@@ -589,7 +630,7 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def machine_description(bearerd_bin, nginx):
+def machine_description(bearerd_bin, nginx, haproxy=None):
     model = next((line.split(":", 1)[1].strip()
                   for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.machine())
@@ -617,7 +658,8 @@ def machine_description(bearerd_bin, nginx):
         f"(git {git('describe', '--always', '--dirty')}), {bearerd_bin}",
         f"nginx: {version([nginx, '-v']).replace('nginx version: ', '')}; "
         f"wrk: {version(['wrk', '-v']).split(' [')[0]}; python: {platform.python_version()}",
-    ]
+    ] + ([f"haproxy: {version([haproxy, '-v']).replace('HAProxy version ', '')}"]
+         if haproxy else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,6 +674,7 @@ def main():
     herd_delay = env_number("BENCH_HERD_DELAY", 0.2)
     dpop = env_number("BENCH_DPOP", 1, int) != 0
     routes = env_number("BENCH_ROUTES", 1, int) != 0
+    with_haproxy = env_number("BENCH_HAPROXY", 1, int) != 0
     connections = [int(c) for c in os.environ.get("BENCH_CONNECTIONS", "1,16,128").split(",")]
     cores = sorted(os.sched_getaffinity(0))
     server_cpu = env_number("BENCH_SERVER_CPU", cores[0], int)
@@ -644,8 +687,12 @@ def main():
     bearerd_src = Path(os.environ.get("BEARERD_BIN") or target_dir / "release" / "bearerd")
     if not os.access(bearerd_src, os.X_OK):
         raise HarnessError(f"{bearerd_src} not found: run `cargo build --release --bin bearerd`")
-    ensure_tools()
+    ensure_tools(haproxy=with_haproxy)
     nginx = find_nginx()
+    haproxy = find_haproxy() if with_haproxy else None
+    chart_path = os.environ.get("BENCH_CHART")
+    if chart_path is None:
+        chart_path = target_dir / "bench" / "bench.svg"
 
     # Descriptors for 128 wrk connections (and a 1000-request herd) plus their upstream pools.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -666,8 +713,9 @@ def main():
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        report = run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup,
-                     connections, server_cpu, load_cpu, herd_n, herd_delay, dpop, routes)
+        report, results = run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds,
+                              warmup, connections, server_cpu, load_cpu, herd_n, herd_delay,
+                              dpop, routes, haproxy)
     except Exception:
         keep = True  # for a look at the configs and logs; not on Ctrl-C
         raise
@@ -680,6 +728,14 @@ def main():
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     report.append(f"\nWhole run: {time.monotonic() - started_at:.0f} s.")
+    if chart_path:
+        # Checked well-formed (xml.etree) before it is written.
+        chart_path = Path(chart_path)
+        chart_path.parent.mkdir(parents=True, exist_ok=True)
+        write_chart(results, chart_path,
+                    title=f"bearerd bench: {rounds} round(s) × {seconds} s, wrk -t1")
+        report.append(f"\nChart (req/s and CPU µs per request, each round over the median): "
+                      f"{chart_path} ({chart_path.stat().st_size} bytes)")
     text = "\n".join(report) + "\n"
     print(text, end="")
     if os.environ.get("BENCH_OUT"):
@@ -688,11 +744,12 @@ def main():
 
 
 def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, connections,
-        server_cpu, load_cpu, herd_n, herd_delay, dpop, routes):
+        server_cpu, load_cpu, herd_n, herd_delay, dpop, routes, haproxy=None):
     names = tuple(t for t in ALL_TARGETS
-                  if (t != DPOP_TARGET or dpop) and (t != ROUTES_TARGET or routes))
+                  if (t != DPOP_TARGET or dpop) and (t != ROUTES_TARGET or routes)
+                  and (t != HAPROXY_TARGET or haproxy))
     report = ["## Machine and conditions", ""]
-    report += [f"- {line}" for line in machine_description(bearerd_src, nginx)]
+    report += [f"- {line}" for line in machine_description(bearerd_src, nginx, haproxy)]
     pinning = ("no pinning (one core)" if server_cpu is None else
                f"proxy under test + upstream (+ token endpoint) on core {server_cpu}; "
                f"wrk (-t1) on core {load_cpu}")
@@ -722,6 +779,15 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
         "nginx": (f"http://{HOST}:{nginx_port}/", [], nginx_worker),
         "bearerd": (f"http://{HOST}:{bearerd_port}/", [], bearerd.popen.pid),
     }
+    haproxy_proc = None
+    if haproxy:
+        (haproxy_port,) = free_ports(1)
+        haproxy_proc, haproxy_pids = start_haproxy(
+            procs, haproxy, tmp / "haproxy", server_cpu, PORT=haproxy_port,
+            UPSTREAM_PORT=up_port)
+        targets[HAPROXY_TARGET] = (f"http://{HOST}:{haproxy_port}/", [], haproxy_pids[0])
+        # In the order of the rounds (after nginx), for the sanity log and the warm-up.
+        targets = {t: targets[t] for t in ALL_TARGETS if t in targets}
     bearerd_dpop = dpop_token_port = None
     if dpop:
         # Its own token endpoint, so that each endpoint's count speaks for one bearerd.
@@ -757,6 +823,21 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
         status, body = http_get(url, dict(h.split(": ", 1) for h in headers))
         if status != 200:
             raise HarnessError(f"{name}: {url} answered {status}: {body[:200]!r}")
+    if haproxy:
+        # The upstream answers 401 to a request without `Authorization: Bearer`, and to one
+        # with another scheme: haproxy's 200 to both means the upstream got the Bearer header
+        # haproxy set (replacing the client's).
+        url = targets[HAPROXY_TARGET][0]
+        status, _ = http_get(targets["direct"][0], {"Authorization": "Basic eDp4"})
+        if status != 401:
+            raise HarnessError(f"the upstream answered {status} to `Authorization: Basic`; "
+                               "expected 401")
+        for headers in ({}, {"Authorization": "Basic eDp4"}):
+            status, body = http_get(url, headers)
+            if status != 200:
+                raise HarnessError(f"{HAPROXY_TARGET}: {url} with {headers or 'no headers'} "
+                                   f"answered {status}: {body[:200]!r}; expected 200 (the "
+                                   "upstream seeing `Authorization: Bearer x`)")
     dpop_check = None
     if dpop:
         # The upstream takes `Authorization: DPoP` only with a JWT-shaped DPoP header, and
@@ -787,6 +868,8 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
         routes_check = {"unknown": unknown, "served": served}
     log(f"sanity: upstream 401 without a token; {', '.join(targets)} answer 200"
         + (f"; {ROUTES_TARGET} 404 to an unknown Host" if routes else "")
+        + (f"; {HAPROXY_TARGET} 200 with a client `Authorization: Basic` too (the upstream "
+           "401s that)" if haproxy else "")
         + f" (temp dir {tmp})")
 
     if warmup > 0:
@@ -837,7 +920,7 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
     loads.append(os.getloadavg()[0])
 
     # --- stop the throughput proxies before the herd (the upstream stays)
-    for started in (bearerd_routes, bearerd_dpop, bearerd, proxy):
+    for started in (bearerd_routes, bearerd_dpop, bearerd, haproxy_proc, proxy):
         if started is not None:
             procs.stop(started)
 
@@ -858,8 +941,8 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
     if not hwm_resettable:
         report += ["- VmHWM could not be reset between phases: peak RSS is since start"]
     report += summarise(results, rounds, connections, token_requests, herd, herd_delay,
-                        dpop_check, routes_check)
-    return report
+                        dpop_check, routes_check, haproxy is not None)
+    return report, results
 
 
 def start_herd(procs, tmp, port, n, cpu, headers=()):
@@ -991,7 +1074,7 @@ def routes_section(by, med, rounds, connections, check):
 
 
 def summarise(results, rounds, connections, token_requests, herd, herd_delay,
-              dpop_check=None, routes_check=None):
+              dpop_check=None, routes_check=None, haproxy=False):
     names = [t for t in ALL_TARGETS if any(x["target"] == t for x in results)]
     by = {(x["round"], x["connections"], x["target"]): x for x in results}
 
@@ -1043,6 +1126,11 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay,
                 f"| {fmt(m['sys_us'], '.2f')} "
                 f"| {m['upstream_cpu_us']:.2f} | {fmt(m['rss_mib'], '.1f')} | {m['errors']} |")
     lines += ["", f"Token endpoint requests over the whole run: {token_requests}"]
+    if haproxy:
+        lines += ["", f"{HAPROXY_TARGET}: one process, `nbthread 1`; its CPU and peak RSS are "
+                  "that process's. Checked before round 1: a request through it answered 200, "
+                  "with no Authorization header and with `Authorization: Basic` (which the "
+                  "upstream answers 401): the upstream got the `Bearer x` haproxy set."]
     if dpop_check is not None:
         lines += dpop_section(by, med, rounds, connections, dpop_check)
     if routes_check is not None:
@@ -1101,8 +1189,12 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay,
     rss = max((x["rss_kib"] for x in results if x["target"] == "bearerd"), default=None)
     if rss is not None:
         nginx_rss = max(x["rss_kib"] for x in results if x["target"] == "nginx")
+        haproxy_rss = max((x["rss_kib"] for x in results if x["target"] == HAPROXY_TARGET),
+                          default=None)
         check(f"bearerd peak RSS ≤ {GOAL_RSS_MIB:.0f} MiB",
-              f"{rss / 1024:.1f} MiB (nginx worker {nginx_rss / 1024:.1f} MiB)",
+              f"{rss / 1024:.1f} MiB (nginx worker {nginx_rss / 1024:.1f} MiB"
+              + ("" if haproxy_rss is None else f", haproxy {haproxy_rss / 1024:.1f} MiB")
+              + ")",
               rss / 1024 <= GOAL_RSS_MIB)
     check("exactly 1 token request over the whole run", str(token_requests),
           token_requests == 1)
