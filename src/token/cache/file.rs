@@ -29,7 +29,14 @@ impl FileStore {
         let path = self.path(digest);
         blocking(move || match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                CacheError::Unreadable(format!("{}: not a token entry ({e})", path.display()))
+                // Where, not what: serde's message may quote a value of the file, a token.
+                CacheError::Unreadable(format!(
+                    "{}: not a token entry ({:?} error at line {} column {})",
+                    path.display(),
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(CacheError::Store(format!("{}: {e}", path.display()))),

@@ -116,3 +116,20 @@ async fn a_corrupt_or_foreign_file_is_a_miss() {
         "Bearer t2"
     );
 }
+
+#[tokio::test]
+async fn an_unreadable_file_is_reported_without_quoting_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file::FileStore::new(dir.path().to_owned());
+    // A value of the wrong type: serde's own message would quote it.
+    std::fs::write(
+        dir.path().join("src.json"),
+        r#"{"v":"tok-do-not-print","source":"src"}"#,
+    )
+    .unwrap();
+    let Err(CacheError::Unreadable(message)) = store.get("src").await else {
+        panic!("a wrong-typed file must be unreadable")
+    };
+    assert!(message.contains("src.json"), "{message}");
+    assert!(!message.contains("tok-do-not-print"), "{message}");
+}
