@@ -77,13 +77,13 @@ ROUTES_HOST = f"api{ROUTES_N}.bench"
 ALL_TARGETS = TARGETS + (DPOP_TARGET, ROUTES_TARGET)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# Targets from the issue (see docs/benchmarks.md).
-GOAL_RATIO = 1.2  # bearerd req/s over nginx's, at 16 and 128 connections
-GOAL_CPU_US = 8.5  # CPU µs per request, at 16 and 128 connections
-NGINX_CPU_US = 10.6  # what nginx measured where GOAL_CPU_US was set
-GOAL_ADDED_P50_US = 12.0  # bearerd p50 minus direct p50, at 1 connection
-GOAL_RSS_MIB = 10.0  # VmHWM
-SATURATED = (16, 128)  # connection counts at which throughput and CPU targets apply
+# Targets of issue 16, performance round two (see docs/benchmarks.md). Each is relative to
+# nginx measured in the same run, so they hold on any machine, unlike the absolute µs of the
+# first round's issue, which were set on a faster one.
+GOAL_RATIO = 1.00  # bearerd req/s over nginx's (paired, same round), at SATURATED
+GOAL_RATIO_1 = 0.97  # the same at 1 connection, where wake-ups, not the core, set the pace
+GOAL_RSS_MIB = 10.0  # VmHWM, the largest over all runs (up to 128 connections)
+SATURATED = (16, 128)  # connection counts at which the core is busy: req/s and CPU targets
 
 
 def env_number(name, default, kind=float):
@@ -1144,58 +1144,61 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay,
     # --- what one core allows: the proxy and the upstream share it, and it is the bottleneck,
     # so req/s is about 1 / (proxy CPU + upstream CPU) per request. Even with no user-space
     # work at all, bearerd would still pay its system time (the same socket calls as nginx).
+    # From the medians above alone (no measurement of its own). Only where the core is busy:
+    # at 1 connection it idles between requests, req/s follows the latency, and the model
+    # does not hold.
     lines += ["", "## What the shared core allows", "",
               "| conns | nginx + upstream µs/req | bearerd + upstream µs/req | bearerd system "
-              "+ upstream µs/req | ÷ nginx if bearerd's user time were 0 | bearerd CPU µs/req "
-              f"for {GOAL_RATIO}× |",
-              "|---:|---:|---:|---:|---:|---:|"]
+              "+ upstream µs/req | ÷ nginx measured (paired) | ÷ nginx if bearerd's user "
+              f"time were 0 | bearerd CPU µs/req | bearerd CPU µs/req for {GOAL_RATIO:.2f}× "
+              "| µs/req to shed |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in SATURATED:
-        if (c, "bearerd") not in med:
+        if (c, "bearerd") not in med or (c, "nginx") not in med:
             continue
         b, n = med[(c, "bearerd")], med[(c, "nginx")]
         nginx_core = n["cpu_us"] + n["upstream_cpu_us"]
         bearerd_core = b["cpu_us"] + b["upstream_cpu_us"]
         floor = b["sys_us"] + b["upstream_cpu_us"]
+        # bearerd's upstream CPU stays what it is; its own CPU must make up the rest.
         needed = nginx_core / GOAL_RATIO - b["upstream_cpu_us"]
+        # Negative: already there (by the model; the measured ratio is the target's judge).
+        shed = b["cpu_us"] - needed
         lines.append(f"| {c} | {nginx_core:.2f} | {bearerd_core:.2f} | {floor:.2f} "
-                     f"| {nginx_core / floor:.2f} | {needed:.2f} |")
+                     f"| {fmt(b['ratio'], '.2f')} | {nginx_core / floor:.2f} "
+                     f"| {b['cpu_us']:.2f} | {needed:.2f} | {shed:+.2f} |")
 
-    lines += ["", "## Targets", "", "| target | measured (medians) | |", "|---|---|---|"]
-    for c in SATURATED:
-        if (c, "bearerd") in med:
+    # --- targets, each against nginx of the same run
+    lines += ["", "## Targets", "", "Issue 16 (performance round two).", "",
+              "| target | measured (medians) | |", "|---|---|---|"]
+    for c in connections:
+        goal = GOAL_RATIO if c in SATURATED else GOAL_RATIO_1 if c == 1 else None
+        if goal is not None and (c, "bearerd") in med:
             ratio = med[(c, "bearerd")]["ratio"]
-            check(f"bearerd ≥ {GOAL_RATIO}× nginx req/s {at(c)}", fmt(ratio, ".2f") + "×",
-                  None if ratio is None else ratio >= GOAL_RATIO)
+            check(f"bearerd ≥ {goal:.2f}× nginx req/s {at(c)}", fmt(ratio, ".2f") + "×",
+                  None if ratio is None else ratio >= goal)
+    for c in SATURATED:
+        if (c, "bearerd") in med and (c, "nginx") in med:
+            b, n = med[(c, "bearerd")]["cpu_us"], med[(c, "nginx")]["cpu_us"]
+            check(f"bearerd CPU µs/request ≤ nginx's {at(c)}",
+                  f"{b:.2f} µs vs {n:.2f} µs (ratio {b / n:.2f})", b <= n)
+    rss = max((x["rss_kib"] for x in results
+               if x["target"] == "bearerd" and x["rss_kib"] is not None), default=None)
+    if rss is not None:
+        peers = [(t, max((x["rss_kib"] for x in results
+                          if x["target"] == t and x["rss_kib"] is not None), default=None))
+                 for t in ("nginx", HAPROXY_TARGET)]
+        check(f"bearerd peak RSS ≤ {GOAL_RSS_MIB:.0f} MiB (largest over all runs, up to "
+              f"{max(connections)} connections)",
+              f"{rss / 1024:.1f} MiB ("
+              + ", ".join(f"{'nginx worker' if t == 'nginx' else t} {kib / 1024:.1f} MiB"
+                          for t, kib in peers if kib is not None)
+              + ")",
+              rss / 1024 <= GOAL_RSS_MIB)
     for c in connections:
         b, n = med[(c, "bearerd")]["p99_us"], med[(c, "nginx")]["p99_us"]
         check(f"bearerd p99 ≤ nginx p99 {at(c)}", f"{fmt_us(b)} µs vs {fmt_us(n)} µs",
-              b <= n)
-    for c in SATURATED:
-        if (c, "bearerd") in med:
-            b, n = med[(c, "bearerd")]["cpu_us"], med[(c, "nginx")]["cpu_us"]
-            # The goal was set where nginx measured NGINX_CPU_US: show the ratio as well.
-            check(f"bearerd CPU ≤ {GOAL_CPU_US} µs/request {at(c)}",
-                  f"{b:.2f} µs (nginx {n:.2f} µs; ratio {b / n:.2f}, goal "
-                  f"{GOAL_CPU_US / NGINX_CPU_US:.2f})", b <= GOAL_CPU_US)
-    if 1 in connections:
-        added = median(
-            by[(r, 1, "bearerd")]["p50_us"] - by[(r, 1, "direct")]["p50_us"]
-            for r in range(1, rounds + 1))
-        added_nginx = median(
-            by[(r, 1, "nginx")]["p50_us"] - by[(r, 1, "direct")]["p50_us"]
-            for r in range(1, rounds + 1))
-        check(f"bearerd adds ≤ {GOAL_ADDED_P50_US:.0f} µs to p50 {at(1)}",
-              f"{added:.1f} µs (nginx {added_nginx:.1f} µs)", added <= GOAL_ADDED_P50_US)
-    rss = max((x["rss_kib"] for x in results if x["target"] == "bearerd"), default=None)
-    if rss is not None:
-        nginx_rss = max(x["rss_kib"] for x in results if x["target"] == "nginx")
-        haproxy_rss = max((x["rss_kib"] for x in results if x["target"] == HAPROXY_TARGET),
-                          default=None)
-        check(f"bearerd peak RSS ≤ {GOAL_RSS_MIB:.0f} MiB",
-              f"{rss / 1024:.1f} MiB (nginx worker {nginx_rss / 1024:.1f} MiB"
-              + ("" if haproxy_rss is None else f", haproxy {haproxy_rss / 1024:.1f} MiB")
-              + ")",
-              rss / 1024 <= GOAL_RSS_MIB)
+              None if b is None or n is None else b <= n)
     check("exactly 1 token request over the whole run", str(token_requests),
           token_requests == 1)
     errors = sum(x["errors"] for x in results)
@@ -1203,6 +1206,19 @@ def summarise(results, rounds, connections, token_requests, herd, herd_delay,
     if herd is not None:
         check(f"cold-start herd of {herd['n']}: 1 token request", str(herd["token_requests"]),
               herd["token_requests"] == 1)
+    # No longer a target (the first round's was 12 µs, set on a faster machine), but the
+    # latency a single client sees is still worth a line.
+    if 1 in connections:
+        paired = [r for r in range(1, rounds + 1)
+                  if all((r, 1, t) in by for t in ("direct", "nginx", "bearerd"))]
+        added = median(by[(r, 1, "bearerd")]["p50_us"] - by[(r, 1, "direct")]["p50_us"]
+                       for r in paired)
+        added_nginx = median(by[(r, 1, "nginx")]["p50_us"] - by[(r, 1, "direct")]["p50_us"]
+                             for r in paired)
+        if added is not None:
+            lines += ["", f"Not a target: bearerd adds {added:.1f} µs to the direct p50 {at(1)} "
+                      f"(nginx {fmt(added_nginx, '.1f')} µs; medians over rounds of the "
+                      "difference within a round)."]
 
     if herd is not None:
         lines += [
