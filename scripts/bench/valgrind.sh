@@ -30,8 +30,9 @@
 #
 # --top   callgrind/cachegrind: also write the 15 functions with the most self and the 15 with
 #         the most inclusive cost (callgrind_annotate / cg_annotate) to OUTPUT.top.txt; dhat:
-#         the 15 allocation sites with the most bytes at the peak and the 15 with the most
-#         allocations, to the same kind of file.
+#         the heap at its peak by side (app connections, upstream connections, the replay
+#         copy of request heads, the rest), the 15 allocation sites with the most bytes at
+#         the peak and the 15 with the most allocations, to the same kind of file.
 #
 # Environment:
 #   VALGRIND_OUT_DIR   where the valgrind output (and .top.txt) is kept
@@ -251,8 +252,25 @@ if top:
                                         "calloc", "raw_vec", "RawVec", "finish_grow")):
                 return f
         return frames[pp["fs"][-1]] if pp["fs"] else "?"
+    # Which side of a connection pair holds each allocation, by the frames of its stack.
+    def side(pp):
+        names = [frames[i] for i in pp["fs"]]
+        if any("forward::copy" in f for f in names):
+            return "replay copy of the request head"
+        if any(s in f for f in names for s in ("pool::Pool::connect", "pool::Sender",
+                                               "client::dispatch", "dispatch::Client")):
+            return "upstream connection"
+        if any("proxy::serve" in f for f in names):
+            return "app connection"
+        return "other (start-up, token, metrics)"
+    sides = {}
+    for pp in pps:
+        sides[side(pp)] = sides.get(side(pp), 0) + pp.get("gb", 0)
     with open(path + ".top.txt", "w") as out:
-        out.write(f"# {label}, wrk -c{conns}: {requests} requests\n## bytes at the peak\n")
+        out.write(f"# {label}, wrk -c{conns}: {requests} requests\n## bytes at the peak by side\n")
+        for name, size in sorted(sides.items(), key=lambda kv: -kv[1]):
+            out.write(f"{size:>10,} B  {name}\n")
+        out.write("\n## bytes at the peak\n")
         for pp in sorted(pps, key=lambda pp: -pp.get("gb", 0))[:15]:
             out.write(f"{pp.get('gb', 0):>10,} B {pp.get('gbk', 0):>6,} blocks  {where(pp)}\n")
         out.write("\n## allocations per request\n")
