@@ -205,8 +205,17 @@ async fn upstream_too_slow_gives_504() {
     let config = ConfigBuilder::new()
         .upstream(api(&upstream.url(""), &endpoint).response_header_timeout("300ms"));
     let sidecar = Sidecar::start(&config.render()).await;
+    let sent = std::time::Instant::now();
     let answer = get(&sidecar.url("api", "/slow")).await;
+    let waited = sent.elapsed();
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    // Not before the limit; and well before the connection watchdog's usual look (every
+    // second with the default limits), which a limit this short must not wait for.
+    assert!(
+        waited >= std::time::Duration::from_millis(300)
+            && waited < std::time::Duration::from_millis(900),
+        "{waited:?}"
+    );
     let body = answer.json();
     assert_eq!(body["error"], "upstream_timeout");
     assert_eq!(

@@ -14,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::body::{AppBody, ReplayBudget, RequestBody, ResponseBody};
+use super::connection::Activity;
 use super::error::ProxyError;
 use super::pool::{SendError, Slot};
 use super::rewrite::strip_hop_by_hop;
@@ -69,11 +70,19 @@ pub(super) fn unrouted<B>(
     response
 }
 
+/// The app connection a request came on: its hold on an upstream connection, and its
+/// watchdog's view of it (which keeps the response header timeout).
+#[derive(Clone, Copy)]
+pub(super) struct Connection<'a> {
+    pub slot: &'a Slot,
+    pub activity: &'a Activity,
+}
+
 /// Forwards `request` to `upstream`, answering with the upstream's response or an error JSON.
 pub(super) async fn forward(
     upstream: &Route,
     mode: Mode,
-    slot: &Slot,
+    on: Connection<'_>,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
@@ -82,7 +91,7 @@ pub(super) async fn forward(
     let logged = upstream
         .access_log
         .then(|| (request.method().clone(), request.uri().path().to_owned()));
-    let response = match try_forward(upstream, mode, slot, request).await {
+    let response = match try_forward(upstream, mode, on, request).await {
         Ok(response) => response,
         Err(error) => {
             if let ProxyError::TokenUnavailable(_) = error {
@@ -120,7 +129,7 @@ pub(super) async fn forward(
 async fn try_forward(
     upstream: &Route,
     mode: Mode,
-    slot: &Slot,
+    on: Connection<'_>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     refuse_unforwardable(upstream, mode, &request)?;
@@ -151,7 +160,7 @@ async fn try_forward(
     parts.version = Version::HTTP_11;
     let to = Destination {
         upstream,
-        slot,
+        on,
         path_and_query: &path_and_query,
     };
 
@@ -262,11 +271,11 @@ fn refuse_unforwardable(
     Ok(())
 }
 
-/// Where a request goes: the upstream, the app connection's hold on an upstream connection,
-/// and the path and query there.
+/// Where a request goes: the upstream, from which app connection, and the path and query
+/// there.
 struct Destination<'a> {
     upstream: &'a Route,
-    slot: &'a Slot,
+    on: Connection<'a>,
     path_and_query: &'a PathAndQuery,
 }
 
@@ -299,10 +308,10 @@ impl Destination<'_> {
                 })?;
             parts.headers.insert(DPOP, proof);
         }
-        let exchange = async {
+        let exchange = std::pin::pin!(async {
             // Connecting is rare and its future is large (TCP, TLS, HTTP handshake): boxed, it
             // stays out of the future of every request, which hyper moves into place whole.
-            let mut sender = match self.slot.take(&upstream.pool) {
+            let mut sender = match self.on.slot.take(&upstream.pool) {
                 Some(sender) => sender,
                 None => Box::pin(upstream.pool.acquire())
                     .await
@@ -321,7 +330,7 @@ impl Destination<'_> {
                 }
                 other => other,
             };
-            self.slot.put(&upstream.pool, sender);
+            self.on.slot.put(&upstream.pool, sender);
             if let (Some(dpop), Ok(response)) = (&upstream.dpop, &sent) {
                 // RFC 9449 §9: any answer may carry the nonce the next proof must hold.
                 dpop.nonce.update(response.headers());
@@ -331,8 +340,10 @@ impl Destination<'_> {
                     ProxyError::from_send(error)
                 }
             })
-        };
-        tokio::time::timeout(upstream.response_header_timeout, exchange)
+        });
+        self.on
+            .activity
+            .within(upstream.response_header_timeout, exchange)
             .await
             .map_err(|_| ProxyError::ResponseTimeout {
                 authority: upstream.target.authority().to_string(),

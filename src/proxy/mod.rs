@@ -81,7 +81,7 @@ pub(crate) async fn serve(
         };
         // Small requests and answers go out at once rather than waiting on Nagle.
         let _ = stream.set_nodelay(true);
-        let activity = Activity::new();
+        let activity = Activity::new(&limits);
         let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
         let current = listener.clone();
         let requests = Arc::clone(&activity);
@@ -97,7 +97,13 @@ pub(crate) async fn serve(
             // (callgrind: +180 instructions per request).
             async move {
                 let response = match forward::route(&listener, &request) {
-                    Ok(route) => forward::forward(route, listener.mode, &slot, request).await,
+                    Ok(route) => {
+                        let on = forward::Connection {
+                            slot: &slot,
+                            activity: guard.activity(),
+                        };
+                        forward::forward(route, listener.mode, on, request).await
+                    }
                     Err(error) => forward::unrouted(&listener, &request, error),
                 };
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
