@@ -67,8 +67,12 @@ async fn revoked_token_is_replaced_and_the_request_replayed() {
     let sidecar = Sidecar::start(&config(api(&upstream, &endpoint.url("/token")))).await;
 
     let post = |body: &'static str| {
-        Request::post(sidecar.url("api", "/items"))
+        Request::post(sidecar.url("api", "/items?page=2"))
             .header("content-type", "application/json")
+            .header("x-trace", "a")
+            .header("x-trace", "b")
+            // The app's own Authorization never reaches the upstream, replayed or not.
+            .header("authorization", "Basic YXBwOnNlY3JldA==")
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap()
     };
@@ -81,7 +85,19 @@ async fn revoked_token_is_replaced_and_the_request_replayed() {
     accepted_from.store(1, Ordering::SeqCst);
     let echoed = send(post(r#"{"a":1}"#)).await.echo();
     assert_eq!(echoed.header("authorization"), Some("Bearer tok-1"));
+    assert_eq!(echoed.headers["authorization"].len(), 1);
     assert_eq!(echoed.body_bytes, 7, "the replayed request kept its body");
+    // ... and its head: method, target, every header with its repeated values, and the
+    // upstream's Host.
+    assert_eq!(echoed.method, "POST");
+    assert_eq!(echoed.uri, "/items?page=2");
+    assert_eq!(echoed.header("content-type"), Some("application/json"));
+    assert_eq!(echoed.headers["x-trace"], ["a", "b"]);
+    assert_eq!(
+        echoed.header("host"),
+        Some(upstream.addr.to_string().as_str())
+    );
+    assert_eq!(echoed.headers["host"].len(), 1);
     assert_eq!(endpoint.count(), 2);
 
     let scrape = sidecar.running().metrics().render().unwrap();
