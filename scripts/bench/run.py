@@ -473,10 +473,10 @@ def token_count(port):
     return token_counts(port)["count"]
 
 
-def bearerd_config(directory, name, listen, admin, upstream, token, dpop=False):
-    path = directory / f"{name}.toml"
-    path.write_text(f"""\
-# Written by scripts/bench/run.py for one bench run.
+def bearerd_head(what, admin):
+    """The sections every bench config of bearerd starts with."""
+    return f"""\
+# Written by scripts/bench/run.py for one bench run{what}.
 [admin]
 listen = "{HOST}:{admin}"
 
@@ -487,17 +487,28 @@ level = "warn"
 shutdown_grace = "1s"
 # The cold-start herd sends BENCH_HERD (1000) requests at once: above the default 512.
 max_connections = 4096
+"""
 
+
+def bearerd_token(table, token):
+    """A token table for the counting token endpoint at port `token`."""
+    return f"""
+[{table}]
+url = "http://{HOST}:{token}/oauth/token"
+client_id = "bench"
+client_secret = "bench-secret"
+"""
+
+
+def bearerd_config(directory, name, listen, admin, upstream, token, dpop=False):
+    path = directory / f"{name}.toml"
+    path.write_text(bearerd_head("", admin) + f"""
 [[upstream]]
 name = "bench"
 listen = "{HOST}:{listen}"
 url = "http://{HOST}:{upstream}"
-
-[upstream.token]
-url = "http://{HOST}:{token}/oauth/token"
-client_id = "bench"
-client_secret = "bench-secret"
-""" + ("""# RFC 9449: a key made at start (ES256), a proof on the token request and on each request.
+""" + bearerd_token("upstream.token", token) + ("""\
+# RFC 9449: a key made at start (ES256), a proof on the token request and on each request.
 dpop = true
 """ if dpop else ""))
     return path
@@ -511,25 +522,9 @@ def bearerd_routes_config(directory, name, listen, admin, upstream, token, n=ROU
 name = "r{i}"
 host = "api{i}.bench"
 url = "http://{HOST}:{upstream}"
-
-[listener.route.token]
-url = "http://{HOST}:{token}/oauth/token"
-client_id = "bench"
-client_secret = "bench-secret"
-""" for i in range(1, n + 1))
+""" + bearerd_token("listener.route.token", token) for i in range(1, n + 1))
     path = directory / f"{name}.toml"
-    path.write_text(f"""\
-# Written by scripts/bench/run.py for one bench run: {n} routes on one listener.
-[admin]
-listen = "{HOST}:{admin}"
-
-[log]
-level = "warn"
-
-[server]
-shutdown_grace = "1s"
-max_connections = 4096
-
+    path.write_text(bearerd_head(f": {n} routes on one listener", admin) + f"""
 [[listener]]
 listen = "{HOST}:{listen}"
 mode = "reverse"
