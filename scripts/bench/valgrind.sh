@@ -255,7 +255,7 @@ if top:
     # Which side of a connection pair holds each allocation, by the frames of its stack.
     def side(pp):
         names = [frames[i] for i in pp["fs"]]
-        if any("forward::copy" in f for f in names):
+        if any("forward::copy" in f or "KeptHead" in f for f in names):
             return "replay copy of the request head"
         if any(s in f for f in names for s in ("pool::Pool::connect", "pool::Sender",
                                                "client::dispatch", "dispatch::Client")):
