@@ -60,7 +60,7 @@ impl Loaded {
         self.key
             .cert
             .first()
-            .map(|cert| crate::token::jws::sha256_base64url(cert.as_ref()))
+            .map(|cert| crate::jose::sha256_base64url(cert.as_ref()))
             .unwrap_or_default()
     }
 }

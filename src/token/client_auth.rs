@@ -6,15 +6,13 @@
 //! endpoint echoes back can carry them into a log. A method adds a header, form fields, or
 //! (for the TLS-bound methods to come) an identity for the connection.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use base64::Engine;
 use http::HeaderValue;
 use serde_json::json;
 
 use super::fetch::FetchError;
-use super::jws::{self, SigningKey};
 use crate::config::{Assertion, ClientAuth, TokenSettings};
+use crate::jose::{self as jws, unix_now, SigningKey};
 use crate::secret::{Redactor, Secret};
 
 /// `client_assertion_type` of a JWT assertion (RFC 7523 §2.2).
@@ -163,13 +161,6 @@ fn signing_failed(error: jws::SignError) -> FetchError {
     FetchError::BuildRequest {
         reason: error.to_string(),
     }
-}
-
-/// Seconds since the Unix epoch, as JWT `iat` and `exp` count them.
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Reads and loads every credential `auth` uses, as a fetch would, without sending anything:

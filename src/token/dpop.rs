@@ -12,9 +12,8 @@ use std::sync::Mutex;
 use http::{HeaderName, HeaderValue};
 use serde_json::json;
 
-use super::client_auth::unix_now;
-use super::jws::{self, KeyError, SignError, SigningKey};
 use crate::config::{self, JwsAlg};
+use crate::jose::{self as jws, unix_now, KeyError, SignError, SigningKey};
 
 /// The header that carries a proof (RFC 9449 §4.1).
 pub(crate) const DPOP: HeaderName = HeaderName::from_static("dpop");

@@ -15,13 +15,13 @@ pub(crate) mod cache;
 pub(crate) mod client_auth;
 pub(crate) mod dpop;
 pub mod fetch;
-pub(crate) mod jws;
 pub(crate) mod metrics;
 mod refresher;
 pub mod response;
 pub mod schedule;
 pub(crate) mod setup;
 pub mod source;
+mod state;
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -131,7 +131,7 @@ impl Token {
             })?;
         authorization.set_sensitive(true);
         let proof_hash = (scheme == response::TokenType::DPoP)
-            .then(|| jws::sha256_base64url(access_token.as_bytes()).into_boxed_str());
+            .then(|| crate::jose::sha256_base64url(access_token.as_bytes()).into_boxed_str());
         Ok(Self {
             authorization,
             lifetime,

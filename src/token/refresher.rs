@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use super::fetch::{Fetch, FetchError};
 use super::metrics::FetchOutcome;
-use super::source::{Phase, RefreshPolicy, SharedObservers, State, REJECTION_REFETCH_INTERVAL};
+use super::state::{Phase, RefreshPolicy, SharedObservers, State, REJECTION_REFETCH_INTERVAL};
 use super::{schedule, LifetimeSource, Token};
 
 /// Runs the refresher, and runs it again if it ever ends before shutdown.

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use super::dpop::DpopKey;
-use super::jws::KeyError;
 use super::SourceKey;
 use crate::config::ClientAuth;
+use crate::jose::KeyError;
 use crate::tls::{self, TlsError};
 
 /// A source's TLS configuration and DPoP key.

@@ -10,8 +10,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ClientAuth, TokenSettings};
+use crate::jose as jws;
 use crate::token::response::TokenType;
-use crate::token::{jws, LifetimeSource, Token};
+use crate::token::{LifetimeSource, Token};
 
 /// The entry format; another version is a miss.
 const VERSION: u32 = 1;

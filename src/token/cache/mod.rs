@@ -20,12 +20,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prometheus::IntGauge;
 
 use super::fetch::{Fetch, FetchError};
-use super::source::SharedObservers;
+use super::state::SharedObservers;
 use super::Token;
 use crate::config::{self, TokenSettings};
 use entry::{Entry, SealingKey};
@@ -232,7 +232,7 @@ impl CachedFetch {
     }
 
     fn hold(&self, token: &Token) {
-        let hash = super::jws::sha256_base64url(token.access_token().0.as_bytes());
+        let hash = crate::jose::sha256_base64url(token.access_token().0.as_bytes());
         *self
             .held
             .lock()
@@ -376,7 +376,7 @@ impl Fetch for CachedFetch {
 
     fn rejected<'a>(&'a self, token: &'a Token) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            let hash = super::jws::sha256_base64url(token.access_token().0.as_bytes());
+            let hash = crate::jose::sha256_base64url(token.access_token().0.as_bytes());
             let outcome = match self.store.delete_if(&self.digest, &hash).await {
                 Ok(true) => "deleted",
                 Ok(false) => "kept",
@@ -385,13 +385,6 @@ impl Fetch for CachedFetch {
             self.count("delete", outcome);
         })
     }
-}
-
-/// Unix seconds now.
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -128,7 +128,7 @@ impl RedisStore {
     pub(crate) async fn put(&self, digest: &str, entry: &Entry) -> Result<(), CacheError> {
         let ttl = entry
             .expires_at
-            .saturating_sub(super::unix_now())
+            .saturating_sub(crate::jose::unix_now())
             .saturating_mul(1000);
         if ttl == 0 {
             return Ok(());
@@ -159,7 +159,7 @@ impl RedisStore {
     ) -> Result<Option<Lease>, CacheError> {
         let lease = Lease {
             key: self.lease_key(digest),
-            value: crate::token::jws::random_id().map_err(|e| CacheError::Store(e.to_string()))?,
+            value: crate::jose::random_id().map_err(|e| CacheError::Store(e.to_string()))?,
         };
         let (key, value) = (lease.key.clone(), lease.value.clone());
         let millis = u64::try_from(duration.as_millis())

@@ -1,6 +1,7 @@
 //! Tests of a token source: refresh, backoff, single flight, 401 replacement, restarts.
 
 use super::*;
+use crate::token::fetch::FetchError;
 use crate::token::schedule;
 use std::collections::VecDeque;
 use std::future::Future;

@@ -1,6 +1,8 @@
-//! JSON Web Signatures in the compact form (RFC 7515 §7.1), made with ring's primitives: the
-//! assertions of `client_secret_jwt` and `private_key_jwt` (RFC 7523), and DPoP proofs
-//! (RFC 9449). Only the encoding is done here; every cryptographic operation is ring's.
+//! JOSE and the hashes around it, a leaf below `token` and `tls`: JSON Web Signatures in the
+//! compact form (RFC 7515 §7.1), made with ring's primitives, for the assertions of
+//! `client_secret_jwt` and `private_key_jwt` (RFC 7523) and DPoP proofs (RFC 9449); JWK
+//! thumbprints (RFC 7638); SHA-256 in base64url; random ids; the Unix time JWTs count in.
+//! Only the encoding is done here; every cryptographic operation is ring's.
 //!
 //! Key material is never printed: `Debug` shows the key's kind, and what `--check` shows is a
 //! SHA-256 fingerprint of the public key.
@@ -17,6 +19,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 
 use crate::config::JwsAlg;
+
+/// Seconds since the Unix epoch, as JWT `iat` and `exp` (and cache entries) count them.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// A key that signs JWSs, with its algorithm.
 pub(crate) enum SigningKey {
