@@ -3,19 +3,37 @@
 //! performs one token request and describes its outcome. Secrets are read, never printed;
 //! the token only when asked.
 
-use std::collections::HashSet;
 use std::fmt::Write;
 
 use crate::config::{self, Config, Roots};
-use crate::token::setup::SourceSetup;
+use crate::sidecar::{prepare, Prepared, Severity};
 use crate::token::{client_auth, SourceKey};
 
-/// Reads every secret and trust-anchor file of `config`. Returns the description of what would
-/// run, or every problem found.
+/// Prepares `config` as a start would (every secret, key, certificate and `[cache]` file is
+/// read; nothing is connected) and describes what would run. Returns the description, or
+/// every problem found (each marked as stopping a start or not).
 pub fn check(config: &Config) -> Result<String, Vec<String>> {
+    let prepared = prepare(config);
+    let out = describe(config, &prepared);
+    let problems: Vec<String> = prepared
+        .findings
+        .iter()
+        .filter_map(|finding| match finding.severity {
+            Severity::Fatal => Some(format!("{finding} (bearerd would not start)")),
+            Severity::Problem => Some(finding.to_string()),
+            Severity::Warning => None,
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+/// What `prepared` would run, with its warnings beside what they are about.
+fn describe(config: &Config, prepared: &Prepared) -> String {
     let mut out = String::new();
-    let mut problems = Vec::new();
-    let mut sources = HashSet::new();
     // Writing to a String cannot fail; the results are ignored for that reason.
     let _ = writeln!(out, "config {}: valid", config.path.display());
     let _ = writeln!(
@@ -25,158 +43,167 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
     );
     let _ = writeln!(
         out,
-        "server: request bodies idle at most {}, {} bytes kept for 401 replays",
-        humantime::format_duration(config.server.body_idle_timeout),
-        config.server.replay_memory
+        "server: request bodies idle at most {}, {} kept for 401 replays",
+        duration(config.server.body_idle_timeout),
+        size(config.server.replay_memory)
     );
+    if let Some(cache) = &config.cache {
+        let _ = writeln!(out, "cache: {}", describe_cache(cache));
+        warnings(&mut out, prepared, "[cache]", "");
+    }
     for upstream in &config.upstreams {
-        let token = &upstream.token;
-        sources.insert(SourceKey::of(upstream));
-        let _ = writeln!(
-            out,
-            "upstream {}: listen {} -> {} (connect timeout {}, response header timeout {})",
-            upstream.name,
-            upstream.listen,
-            upstream.url,
-            humantime::format_duration(upstream.connect_timeout),
-            humantime::format_duration(upstream.response_header_timeout),
-        );
-        match &upstream.allow_from {
-            Some(networks) => {
-                let networks: Vec<String> = networks.iter().map(ToString::to_string).collect();
-                let _ = writeln!(out, "  peers allowed: {}", networks.join(", "));
-            }
-            None => {
-                let _ = writeln!(out, "  peers allowed: this machine only (loopback)");
-            }
+        describe_upstream(&mut out, prepared, upstream);
+    }
+    describe_listeners(config, prepared, &mut out);
+    let _ = writeln!(out, "token sources: {}", prepared.sources.len());
+    out
+}
+
+fn describe_upstream(out: &mut String, prepared: &Prepared, upstream: &config::Upstream) {
+    let token = &upstream.token;
+    let _ = writeln!(
+        out,
+        "upstream {}: listen {} -> {} (connect timeout {}, response header timeout {})",
+        upstream.name,
+        upstream.listen,
+        upstream.url,
+        duration(upstream.connect_timeout),
+        duration(upstream.response_header_timeout),
+    );
+    match &upstream.allow_from {
+        Some(networks) => {
+            let networks: Vec<String> = networks.iter().map(ToString::to_string).collect();
+            let _ = writeln!(out, "  peers allowed: {}", networks.join(", "));
         }
-        if !upstream.listen.ip().is_loopback() {
-            let _ = writeln!(
-                out,
-                "  WARNING: listens beyond loopback: the peers above can call the upstream with bearerd's token"
-            );
-        }
-        if upstream.allow_plain_http {
-            let _ = writeln!(
-                out,
-                "  WARNING: allow_plain_http: requests and the token go to the upstream unencrypted"
-            );
-        }
-        let client = match &token.client_id {
-            Some(id) => format!("as client {id:?}"),
-            None => "with no client_id (the assertion names the client)".to_owned(),
-        };
-        let _ = write!(
-            out,
-            "  token: POST {} {client}, {}",
-            token.url,
-            client_auth::describe(&token.auth)
-        );
-        for (name, value) in [
-            ("scope", &token.scope),
-            ("audience", &token.audience),
-            ("resource", &token.resource),
-        ] {
-            if let Some(value) = value {
-                let _ = write!(out, ", {name} {value:?}");
-            }
-        }
-        for (name, value) in &token.params {
-            let _ = write!(out, ", {name} {value:?}");
-        }
-        let _ = writeln!(
-            out,
-            " (timeout {}, lifetime if unstated {}, at most {})",
-            humantime::format_duration(token.timeout),
-            humantime::format_duration(token.default_lifetime),
-            humantime::format_duration(token.max_lifetime)
-        );
-        if token.allow_plain_http {
-            let _ = writeln!(
-                out,
-                "  WARNING: allow_plain_http: the client credentials go to the token endpoint unencrypted"
-            );
-        }
-        let roots = match upstream.tls.roots {
-            Roots::Webpki => "webpki roots",
-            Roots::Native => "system roots",
-            Roots::None => "no built-in roots",
-        };
-        let _ = match &upstream.tls.ca_file {
-            Some(ca_file) => write!(out, "  tls: {roots} + ca_file {}", ca_file.display()),
-            None => write!(out, "  tls: {roots}"),
-        };
-        match &upstream.tls.identity {
-            Some(identity) => match crate::tls::LoadedIdentity::read(identity) {
-                Ok(loaded) => {
-                    let _ = writeln!(
-                        out,
-                        "; client certificate {} (sha256 {}) to the upstream",
-                        identity.cert_file.display(),
-                        loaded.fingerprint()
-                    );
-                }
-                Err(e) => {
-                    let _ = writeln!(out);
-                    problems.push(format!("upstream {}: {e}", upstream.name));
-                }
-            },
-            None => {
-                let _ = writeln!(out);
-            }
-        }
-        let tls_key = upstream.tls.identity.as_ref().map(|i| i.key_file.as_path());
-        for path in token.key_files().into_iter().chain(tls_key) {
-            if crate::secret::readable_by_others(path) {
-                let _ = writeln!(
-                    out,
-                    "  WARNING: key file {} is readable by group or others",
-                    path.display()
-                );
-            }
-        }
-        match client_auth::check(&token.auth) {
-            Ok(found) => {
-                let _ = writeln!(out, "  credentials: {found}");
-            }
-            Err(e) => problems.push(format!("upstream {}: {e}", upstream.name)),
-        }
-        match SourceSetup::new(&SourceKey::of(upstream)) {
-            Ok(setup) => {
-                if let Some(key) = &setup.dpop {
-                    let kept = match token.dpop.as_ref().and_then(|d| d.key_file.as_ref()) {
-                        Some(path) => format!("from {}", path.display()),
-                        None => "made at start (a restart makes a new one)".to_owned(),
-                    };
-                    let _ = writeln!(out, "  dpop: {}, key {kept}", key.describe());
-                }
-            }
-            Err(e) => problems.push(format!("upstream {}: {e}", upstream.name)),
+        None => {
+            let _ = writeln!(out, "  peers allowed: this machine only (loopback)");
         }
     }
-    describe_listeners(config, &mut out);
-    let _ = writeln!(out, "token sources: {}", sources.len());
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(problems)
+    let client = match &token.client_id {
+        Some(id) => format!("as client {id:?}"),
+        None => "with no client_id (the assertion names the client)".to_owned(),
+    };
+    let _ = write!(
+        out,
+        "  token: POST {} {client}, {}",
+        token.url,
+        client_auth::describe(&token.auth)
+    );
+    for (name, value) in [
+        ("scope", &token.scope),
+        ("audience", &token.audience),
+        ("resource", &token.resource),
+    ] {
+        if let Some(value) = value {
+            let _ = write!(out, ", {name} {value:?}");
+        }
+    }
+    for (name, value) in &token.params {
+        let _ = write!(out, ", {name} {value:?}");
+    }
+    let _ = writeln!(
+        out,
+        " (timeout {}, lifetime if unstated {}, at most {})",
+        duration(token.timeout),
+        duration(token.default_lifetime),
+        duration(token.max_lifetime)
+    );
+    let roots = match upstream.tls.roots {
+        Roots::Webpki => "webpki roots",
+        Roots::Native => "system roots",
+        Roots::None => "no built-in roots",
+    };
+    let _ = match &upstream.tls.ca_file {
+        Some(ca_file) => write!(out, "  tls: {roots} + ca_file {}", ca_file.display()),
+        None => write!(out, "  tls: {roots}"),
+    };
+    match prepared
+        .routes
+        .get(&upstream.name)
+        .and_then(|route| route.client_certificate())
+    {
+        Some(fingerprint) => {
+            let cert = upstream
+                .tls
+                .identity
+                .as_ref()
+                .map(|i| i.cert_file.display().to_string())
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "; client certificate {cert} (x5t#S256 {fingerprint}) to the upstream"
+            );
+        }
+        None => {
+            let _ = writeln!(out);
+        }
+    }
+    if let Some(source) = prepared.sources.get(&SourceKey::of(upstream)) {
+        if let Some(found) = &source.credentials {
+            let _ = writeln!(out, "  credentials: {found}");
+        }
+        if let Some(key) = source.setup.as_ref().and_then(|setup| setup.dpop.as_ref()) {
+            let kept = match token.dpop.as_ref().and_then(|d| d.key_file.as_ref()) {
+                Some(path) => format!("from {}", path.display()),
+                None => "made at start (a restart makes a new one)".to_owned(),
+            };
+            let _ = writeln!(out, "  dpop: {}, key {kept}", key.describe());
+        }
+    }
+    warnings(out, prepared, &format!("upstream {}", upstream.name), "");
+}
+
+/// `[cache]` as it would run; `--check` reads its files but never connects.
+fn describe_cache(cache: &config::Cache) -> String {
+    match cache {
+        config::Cache::File { dir } => format!("file, entries in {}", dir.display()),
+        config::Cache::Redis {
+            url,
+            password_file,
+            key_file,
+            key_prefix,
+            timeout,
+        } => {
+            let mut text = format!(
+                "redis at {} (not connected by --check), keys {key_prefix:?}*, entries sealed with key_file {}",
+                without_userinfo(url),
+                key_file.display()
+            );
+            if let Some(path) = password_file {
+                let _ = write!(text, ", password from {}", path.display());
+            }
+            let _ = write!(text, ", timeout {}", duration(*timeout));
+            text
+        }
     }
 }
 
-/// Each `[[listener]]`'s route table in match order, and a WARNING for each route that can
+/// A Redis URL without the user and password it may carry.
+fn without_userinfo(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+        if let Some(at) = authority.rfind('@') {
+            return format!("{scheme}://[credentials hidden]@{}", &rest[at + 1..]);
+        }
+    }
+    url.to_owned()
+}
+
+/// Each warning of `prepared` about `subject` whose message starts with `about`, as a
+/// `WARNING:` line.
+fn warnings(out: &mut String, prepared: &Prepared, subject: &str, about: &str) {
+    for finding in prepared.of(Severity::Warning) {
+        if finding.subject == subject && finding.message.starts_with(about) {
+            let _ = writeln!(out, "  WARNING: {}", finding.message);
+        }
+    }
+}
+
+/// Each `[[listener]]`'s route table in match order, with the warning of each route that can
 /// never match. (A listener of one `[[upstream]]` is described with its upstream above.)
-fn describe_listeners(config: &Config, out: &mut String) {
+fn describe_listeners(config: &Config, prepared: &Prepared, out: &mut String) {
     for listener in &config.listeners {
-        let mut routes: Vec<&config::Upstream> = listener
-            .routes
-            .iter()
-            .filter_map(|name| config.upstreams.iter().find(|u| &u.name == name))
-            .collect();
-        // A request takes the longest matching prefix, the first in the file among equals:
-        // so the first route in this order whose host and prefix match is the one it takes.
-        routes.sort_by_key(|u| {
-            std::cmp::Reverse(u.route.path_prefix.as_ref().map_or(0, String::len))
-        });
+        let routes = crate::sidecar::routes_in_match_order(config, listener);
         if let [only] = routes.as_slice() {
             if only.route == config::RouteMatch::default() && listener.mode == config::Mode::Reverse
             {
@@ -192,6 +219,7 @@ fn describe_listeners(config: &Config, out: &mut String) {
             "listener {} ({mode}), routes in match order:",
             listener.listen
         );
+        let subject = format!("listener {}", listener.listen);
         for (i, route) in routes.iter().enumerate() {
             let host = route.route.host.as_deref().unwrap_or("any host");
             let path = match (&route.route.path_prefix, route.route.strip_prefix) {
@@ -206,34 +234,36 @@ fn describe_listeners(config: &Config, out: &mut String) {
                 route.name,
                 route.url
             );
-            if let Some(earlier) = routes[..i].iter().find(|e| shadows(&e.route, &route.route)) {
-                let _ = writeln!(
-                    out,
-                    "  WARNING: route {} can never match: {} comes first and takes the same requests",
-                    route.name, earlier.name
-                );
-            }
+            warnings(out, prepared, &subject, &format!("route {} ", route.name));
         }
     }
 }
 
-/// Whether every request `later` would take goes to `earlier` instead: the same prefix (the
-/// first among equals wins) and a host `earlier` takes too.
-fn shadows(earlier: &config::RouteMatch, later: &config::RouteMatch) -> bool {
-    if earlier.path_prefix != later.path_prefix {
-        return false;
+/// A duration as the config takes it: `10s`, `1h 30m`, `1d`, `500ms`.
+fn duration(d: std::time::Duration) -> String {
+    let mut parts = Vec::new();
+    let mut secs = d.as_secs();
+    for (unit, length) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
+        if secs >= length {
+            parts.push(format!("{}{unit}", secs / length));
+            secs %= length;
+        }
     }
-    match (earlier.host.as_deref(), later.host.as_deref()) {
-        (None, _) => true,
-        (Some(_), None) => false,
-        (Some(a), Some(b)) if a == b => true,
-        (Some(a), Some(b)) => a.strip_prefix("*.").is_some_and(|suffix| {
-            !b.starts_with("*.")
-                && b.strip_suffix(suffix)
-                    .and_then(|label| label.strip_suffix('.'))
-                    .is_some_and(|label| !label.is_empty() && !label.contains('.'))
-        }),
+    let millis = d.subsec_millis();
+    if millis > 0 || parts.is_empty() {
+        parts.push(format!("{millis}ms"));
     }
+    parts.join(" ")
+}
+
+/// A size in the largest binary unit that divides it: `16 MiB`, `64 KiB`, `1000 bytes`.
+fn size(bytes: usize) -> String {
+    for (unit, length) in [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= length && bytes % length == 0 {
+            return format!("{} {unit}", bytes / length);
+        }
+    }
+    format!("{bytes} bytes")
 }
 
 /// Performs one token request for `upstream` and describes the outcome: token type, scope,
@@ -250,8 +280,20 @@ pub async fn fetch_token(
             names.join(", ")
         ));
     };
-    let setup =
-        SourceSetup::new(&SourceKey::of(found)).map_err(|e| format!("upstream {upstream}: {e}"))?;
+    let mut prepared = prepare(config);
+    let subject = format!("upstream {upstream}");
+    let Some(setup) = prepared
+        .sources
+        .remove(&SourceKey::of(found))
+        .and_then(|source| source.setup)
+    else {
+        let why: Vec<String> = prepared
+            .fatal()
+            .filter(|f| f.subject == subject)
+            .map(ToString::to_string)
+            .collect();
+        return Err(why.join("\n"));
+    };
     let fetcher = crate::token::fetch::Fetcher::new(
         found.token.clone(),
         setup.tls,

@@ -20,7 +20,6 @@ use super::pool::{SendError, Slot};
 use super::rewrite::strip_hop_by_hop;
 use super::route::{Listener, Route};
 use crate::config::Mode;
-use crate::token::dpop::{self, DPOP};
 use crate::token::Token;
 
 /// Request bodies up to this size (by `Content-Length`) are kept, so that a request the
@@ -135,7 +134,7 @@ async fn try_forward(
     refuse_unforwardable(upstream, mode, &request)?;
     // The token comes next: without one the request never leaves bearerd.
     let token = upstream
-        .token
+        .credential
         .token()
         .await
         .map_err(ProxyError::TokenUnavailable)?;
@@ -175,13 +174,12 @@ async fn try_forward(
         Ok(kept) => kept,
         Err(streamed) => {
             let response = to.send(parts, &token, Either::Left(streamed)).await?;
-            let wants_nonce = upstream.dpop.is_some() && dpop::asks_for_nonce(response.headers());
             if upstream.retry_on_401
                 && response.status() == StatusCode::UNAUTHORIZED
-                && !wants_nonce
+                && !upstream.credential.wants_new_proof(response.headers())
             {
                 // Too large to replay, but the next requests should get a new token.
-                upstream.token.reject(&token);
+                upstream.credential.reject(&token);
             }
             return Ok(to_app(response));
         }
@@ -196,17 +194,15 @@ async fn try_forward(
         return Ok(to_app(first));
     }
     // RFC 9449 §9: the upstream wants a (newer) nonce in the proof, not another token.
-    if let Some(dpop) = &upstream.dpop {
-        if dpop::asks_for_nonce(first.headers()) {
-            dpop.retries.inc();
-            drop(first);
-            first = to.send(kept_head.parts(), &token, full(&kept)).await?;
-            if first.status() != StatusCode::UNAUTHORIZED {
-                return Ok(to_app(first));
-            }
+    if upstream.credential.wants_new_proof(first.headers()) {
+        upstream.credential.count_proof_retry();
+        drop(first);
+        first = to.send(kept_head.parts(), &token, full(&kept)).await?;
+        if first.status() != StatusCode::UNAUTHORIZED {
+            return Ok(to_app(first));
         }
     }
-    match upstream.token.replacement_for(&token).await {
+    match upstream.credential.replacement_for(&token).await {
         Ok(replacement) => {
             upstream.metrics.unauthorized_retry();
             drop(first);
@@ -290,25 +286,15 @@ impl Destination<'_> {
         body: RequestBody,
     ) -> Result<Response<Incoming>, ProxyError> {
         let upstream = self.upstream;
-        // Whatever the app sent is replaced: the upstream sees bearerd's token only.
-        parts
-            .headers
-            .insert(AUTHORIZATION, token.authorization().clone());
-        if let Some(dpop) = &upstream.dpop {
-            let htu = upstream.target.htu(self.path_and_query);
-            let proof = dpop
-                .key
-                .proof(
-                    parts.method.as_str(),
-                    &htu,
-                    token.proof_hash.as_deref(),
-                    dpop.nonce.get().as_deref(),
-                )
-                .map_err(|e| ProxyError::Internal {
-                    reason: e.to_string(),
-                })?;
-            parts.headers.insert(DPOP, proof);
-        }
+        // Whatever the app sent is replaced: the upstream sees bearerd's credential only.
+        upstream
+            .credential
+            .authorize(&mut parts.headers, token, &parts.method, || {
+                upstream.target.htu(self.path_and_query)
+            })
+            .map_err(|e| ProxyError::Internal {
+                reason: e.to_string(),
+            })?;
         let exchange = std::pin::pin!(async {
             // Connecting is rare and its future is large (TCP, TLS, HTTP handshake): boxed, it
             // stays out of the future of every request, which hyper moves into place whole.
@@ -332,9 +318,8 @@ impl Destination<'_> {
                 other => other,
             };
             self.on.slot.put(&upstream.pool, sender);
-            if let (Some(dpop), Ok(response)) = (&upstream.dpop, &sent) {
-                // RFC 9449 §9: any answer may carry the nonce the next proof must hold.
-                dpop.nonce.update(response.headers());
+            if let Ok(response) = &sent {
+                upstream.credential.observe(response.headers());
             }
             sent.map_err(|e| match e {
                 SendError::NotSent(_, error) | SendError::Failed(error) => {

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use connection::{Activity, Limits, Tracked, Watched};
 use error::ProxyError;
 use metrics::Refusal;
-pub(crate) use route::{Dpop as RouteDpop, Listener, Route, Routes};
+pub(crate) use route::{shadows, Listener, Route, Setup as RouteSetup, Shared as RouteShared};
 
 /// Accepts app connections on `listener` until `shutdown`, then waits up to `grace` for the
 /// requests in flight to finish. Each request is forwarded with the upstream settings current

@@ -18,10 +18,10 @@ use super::body::ReplayBudget;
 use super::error::ProxyError;
 use super::metrics::RouteSeries;
 use super::pool::Pool;
-use super::rewrite::Target;
-use crate::config::{Mode, RouteMatch};
-use crate::token::dpop::{DpopKey, Nonce};
-use crate::token::source::Handle;
+use super::rewrite::{BadTarget, Target};
+use crate::config::{self, Mode, RouteMatch};
+use crate::tls::{self, TlsError};
+use crate::token::credential::Credential;
 
 /// One listener's settings, replaced whole when a reload changes them.
 pub struct Listener {
@@ -40,6 +40,26 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// The listener of `config` serving `routes`. What is refused before a route is chosen is
+    /// counted in `metrics` and answered under `name`: its first route's, so that a listener
+    /// of one route (an `[[upstream]]`) is that route.
+    pub(crate) fn new(
+        config: &config::Listener,
+        name: &str,
+        routes: Vec<Route>,
+        metrics: Arc<RouteSeries>,
+        access_log: bool,
+    ) -> Self {
+        Self {
+            mode: config.mode,
+            access_log,
+            name: name.into(),
+            allow_from: config.allow_from.clone(),
+            metrics,
+            routes: Routes::new(routes),
+        }
+    }
+
     /// Whether a peer at `ip` may use this listener.
     pub fn admits(&self, ip: IpAddr) -> bool {
         // A listener on `[::]` sees IPv4 peers as `::ffff:a.b.c.d`.
@@ -204,6 +224,20 @@ fn decode_separators(path: &str) -> String {
     out
 }
 
+/// Whether every request `later` would take goes to `earlier` instead: the same prefix (the
+/// first among equals wins) and a host `earlier` takes too, matched as requests are.
+pub(crate) fn shadows(earlier: &RouteMatch, later: &RouteMatch) -> bool {
+    if earlier.path_prefix != later.path_prefix {
+        return false;
+    }
+    match (earlier.host.as_deref(), later.host.as_deref()) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(_), Some(wildcard)) if wildcard.starts_with("*.") => earlier.host == later.host,
+        (Some(_), Some(host)) => earlier.host_matches(host),
+    }
+}
+
 /// How a route matches, compared with what a request names.
 trait Matching {
     fn takes_everything(&self) -> bool;
@@ -257,8 +291,8 @@ pub struct Route {
     pub matching: RouteMatch,
     /// Where requests go.
     pub target: Target,
-    /// The token source this route reads.
-    pub token: Handle,
+    /// What authorizes its requests: the token, and with DPoP the proof.
+    pub(crate) credential: Credential,
     /// Connections to the upstream.
     pub pool: Arc<Pool>,
     /// From sending a request to the upstream's response headers.
@@ -273,18 +307,90 @@ pub struct Route {
     pub body_idle_timeout: Duration,
     /// Memory for request bodies kept for a replay, shared by all listeners.
     pub replay_budget: ReplayBudget,
-    /// With `dpop = true`: the proofs every request carries.
-    pub dpop: Option<Dpop>,
 }
 
-/// What a route's DPoP proofs need (RFC 9449 §7).
-pub struct Dpop {
-    /// The token source's key.
-    pub key: Arc<DpopKey>,
-    /// The upstream's latest nonce.
-    pub nonce: Nonce,
-    /// Counts requests sent again with the upstream's new nonce.
-    pub retries: prometheus::IntCounter,
+/// What a route needs that can fail to load (the upstream's TLS settings and client
+/// certificate, its URL as a target), made before anything runs so that a start or reload
+/// either has all of it or changes nothing.
+pub(crate) struct Setup {
+    tls: rustls::ClientConfig,
+    target: Target,
+    /// The `x5t#S256` of the client certificate presented to the upstream, if any.
+    client_certificate: Option<String>,
+}
+
+/// A route that cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// Trust anchors or the client certificate for the upstream.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The URL cannot be used as a target.
+    #[error(transparent)]
+    Target(#[from] BadTarget),
+}
+
+impl Setup {
+    /// Loads what `upstream`'s route needs.
+    pub(crate) fn new(upstream: &config::Upstream) -> Result<Self, SetupError> {
+        let identity = upstream.tls.identity.as_ref();
+        Ok(Self {
+            tls: tls::client_config(&upstream.tls, identity)?,
+            target: Target::new(&upstream.url)?,
+            client_certificate: identity
+                .map(|files| tls::LoadedIdentity::read(files).map(|loaded| loaded.fingerprint()))
+                .transpose()?,
+        })
+    }
+
+    /// The `x5t#S256` of the client certificate presented to the upstream, if any.
+    pub(crate) fn client_certificate(&self) -> Option<&str> {
+        self.client_certificate.as_deref()
+    }
+}
+
+/// What every route shares: the server's limits and memory for replays.
+pub(crate) struct Shared {
+    /// `[server] max_connections`: the most upstream connections a route's pool holds.
+    pub(crate) max_connections: usize,
+    /// `[server] body_idle_timeout`.
+    pub(crate) body_idle_timeout: Duration,
+    /// Memory for request bodies kept for a replay, shared by every listener.
+    pub(crate) replay_budget: ReplayBudget,
+    /// `[log] access`.
+    pub(crate) access_log: bool,
+}
+
+impl Route {
+    /// The route of `upstream`, with what `setup` loaded, authorized by `credential`,
+    /// counted in `metrics`.
+    pub(crate) fn new(
+        upstream: &config::Upstream,
+        setup: Setup,
+        credential: Credential,
+        metrics: Arc<RouteSeries>,
+        shared: &Shared,
+    ) -> Self {
+        let Setup { tls, target, .. } = setup;
+        let pool = Pool::new(
+            tls::connector(tls, upstream.connect_timeout),
+            target.dial(),
+            shared.max_connections,
+        );
+        Self {
+            name: upstream.name.as_str().into(),
+            matching: upstream.route.clone(),
+            target,
+            credential,
+            pool: Arc::new(pool),
+            response_header_timeout: upstream.response_header_timeout,
+            metrics,
+            access_log: shared.access_log,
+            retry_on_401: upstream.retry_on_401,
+            body_idle_timeout: shared.body_idle_timeout,
+            replay_budget: shared.replay_budget.clone(),
+        }
+    }
 }
 
 #[cfg(test)]

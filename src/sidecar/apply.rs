@@ -9,49 +9,27 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use super::plan::{ListenerKey, Plan, Step};
-use super::{bind, Running, Source, StartError};
+use super::prepare::Prepared;
+use super::{bind, Running, StartError};
 use crate::admin;
 use crate::config::{self, Config};
-use crate::proxy::{self, rewrite::Target};
-use crate::tls;
-use crate::token::dpop::Nonce;
-use crate::token::setup::SourceSetup;
+use crate::proxy::{self, RouteSetup, RouteShared};
+use crate::token::source::{self, Started};
 use crate::token::SourceKey;
-
-/// What applying a config needs for one route, gathered before anything changes.
-struct Prepared {
-    /// For the upstream (with its client certificate, if any).
-    tls: rustls::ClientConfig,
-    target: Target,
-}
 
 /// A new listener's socket, and the address it is bound to.
 type Bound = (TcpListener, SocketAddr);
 
-/// The TLS configuration and DPoP key of each source the plan starts.
-fn prepare_sources(plan: &Plan<'_>) -> Result<HashMap<SourceKey, SourceSetup>, StartError> {
-    let mut setups = HashMap::new();
-    for wanted in &plan.sources {
-        if wanted.step == Step::Start {
-            let setup = SourceSetup::new(&wanted.key).map_err(|source| StartError::Source {
-                upstream: wanted
-                    .users
-                    .first()
-                    .map(|u| u.name.clone())
-                    .unwrap_or_default(),
-                source,
-            })?;
-            setups.insert(wanted.key.clone(), setup);
-        }
-    }
-    Ok(setups)
-}
-
 impl Running {
-    pub(super) async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
+    /// Applies `config`, whose preparation found nothing fatal.
+    pub(super) async fn apply(
+        &mut self,
+        config: &Config,
+        mut prepared: Prepared,
+    ) -> Result<(), StartError> {
         let plan = Plan::between(self.started.then_some(&self.config), config);
-        let mut setups = prepare_sources(&plan)?;
-        let (mut prepared, mut sockets) = self.prepare(&plan).await?;
+        let mut sockets = self.bind(&plan).await?;
+        prepared.log();
 
         // Nothing below fails: the new config is applied whole.
         for name in &plan.gone {
@@ -72,10 +50,20 @@ impl Running {
             let source = match (wanted.step, self.sources.remove(&wanted.key)) {
                 (Step::Keep, Some(running)) => running,
                 _ => {
-                    let Some(setup) = setups.remove(&wanted.key) else {
+                    let Some(setup) = prepared
+                        .sources
+                        .remove(&wanted.key)
+                        .and_then(|source| source.setup)
+                    else {
                         continue;
                     };
-                    self.spawn_source(&wanted.key, setup)
+                    source::start(
+                        &wanted.key,
+                        setup,
+                        self.cache.as_ref(),
+                        &self.source_tasks,
+                        self.stop_sources.child_token(),
+                    )
                 }
             };
             self.observe(&source, &wanted.users);
@@ -100,19 +88,19 @@ impl Running {
         for wanted in plan.listeners {
             let running = self.listeners.remove(&wanted.key);
             let bound = sockets.remove(&wanted.key);
-            let build = |prepared: &mut HashMap<String, Prepared>| {
-                self.listener_value(wanted.listener, &wanted.routes, config, prepared, &sources)
+            let build = |routes: &mut HashMap<String, RouteSetup>| {
+                self.listener_value(wanted.listener, &wanted.routes, config, routes, &sources)
             };
             let listener = match (wanted.step, running, bound) {
                 // Unchanged settings keep their pools too, and the connections in them.
                 (Step::Keep, Some(running), _) => running,
                 (_, Some(mut running), _) => {
-                    running.current.send_replace(build(&mut prepared));
+                    running.current.send_replace(build(&mut prepared.routes));
                     running.serving = wanted.serving;
                     running
                 }
                 (_, None, Some((socket, addr))) => {
-                    let value = build(&mut prepared);
+                    let value = build(&mut prepared.routes);
                     self.spawn_listener(socket, addr, wanted.serving, value)
                 }
                 // `prepare` binds every listener the plan starts.
@@ -130,7 +118,7 @@ impl Running {
         }
         for key in &plan.stop_sources {
             if let Some(source) = self.sources.remove(key) {
-                source.stop.cancel();
+                source.stop();
             }
         }
         self.admin.watch(watched);
@@ -149,28 +137,11 @@ impl Running {
         Ok(())
     }
 
-    /// Everything that can fail, done before anything changes: TLS settings loaded, targets
-    /// checked (for each route), the sockets of new listeners bound (and closed again, by
-    /// drop, if a later one fails).
-    async fn prepare(
-        &self,
-        plan: &Plan<'_>,
-    ) -> Result<(HashMap<String, Prepared>, HashMap<ListenerKey, Bound>), StartError> {
-        let mut prepared = HashMap::new();
+    /// Binds the sockets of the listeners `plan` starts (closed again, by drop, if a later
+    /// one fails): all that can still fail once the config is prepared.
+    async fn bind(&self, plan: &Plan<'_>) -> Result<HashMap<ListenerKey, Bound>, StartError> {
         let mut sockets = HashMap::new();
         for wanted in &plan.listeners {
-            for upstream in &wanted.routes {
-                let tls = tls::client_config(&upstream.tls, upstream.tls.identity.as_ref())
-                    .map_err(|source| StartError::Tls {
-                        upstream: upstream.name.clone(),
-                        source,
-                    })?;
-                let target = Target::new(&upstream.url).map_err(|source| StartError::Target {
-                    upstream: upstream.name.clone(),
-                    source,
-                })?;
-                prepared.insert(upstream.name.clone(), Prepared { tls, target });
-            }
             if wanted.step == Step::Start {
                 let name = wanted.listener.routes.first().cloned().unwrap_or_default();
                 sockets.insert(
@@ -179,84 +150,69 @@ impl Running {
                 );
             }
         }
-        Ok((prepared, sockets))
+        Ok(sockets)
     }
 
-    /// What a listener serves: its routes, each with its token source, pool and series.
+    /// What a listener serves: its routes, each with its credential, pool and series.
     fn listener_value(
         &self,
         listener: &config::Listener,
         routes: &[&config::Upstream],
         config: &Config,
-        prepared: &mut HashMap<String, Prepared>,
-        sources: &HashMap<SourceKey, Source>,
+        setups: &mut HashMap<String, RouteSetup>,
+        sources: &HashMap<SourceKey, Started>,
     ) -> Arc<proxy::Listener> {
+        let shared = RouteShared {
+            max_connections: self.config.server.max_connections,
+            body_idle_timeout: self.config.server.body_idle_timeout,
+            replay_budget: self.replay_budget.clone(),
+            access_log: config.log.access,
+        };
         let mut table = Vec::with_capacity(routes.len());
         for upstream in routes {
-            let (Some(Prepared { tls, target }), Some(series), Some(source)) = (
-                prepared.remove(&upstream.name),
+            let (Some(setup), Some(series), Some(source)) = (
+                setups.remove(&upstream.name),
                 self.series.get(&upstream.name),
                 sources.get(&SourceKey::of(upstream)),
             ) else {
                 continue;
             };
-            let dial = target.dial();
-            table.push(proxy::Route {
-                name: upstream.name.as_str().into(),
-                matching: upstream.route.clone(),
-                target,
-                token: source.handle.clone(),
-                pool: Arc::new(proxy::pool::Pool::new(
-                    tls::connector(tls, upstream.connect_timeout),
-                    dial,
-                    self.config.server.max_connections,
-                )),
-                response_header_timeout: upstream.response_header_timeout,
-                metrics: Arc::clone(&series.proxy),
-                access_log: config.log.access,
-                retry_on_401: upstream.retry_on_401,
-                body_idle_timeout: self.config.server.body_idle_timeout,
-                replay_budget: self.replay_budget.clone(),
-                dpop: source.dpop.clone().map(|key| proxy::RouteDpop {
-                    key,
-                    nonce: Nonce::default(),
-                    retries: series.token.upstream_nonce_retries(),
-                }),
-            });
+            table.push(proxy::Route::new(
+                upstream,
+                setup,
+                source.credential(&series.token),
+                Arc::clone(&series.proxy),
+                &shared,
+            ));
         }
-        // Connections refused unserved are counted, and errors answered, under the first
-        // route's name: a listener of one route (an `[[upstream]]`) is that route.
         let first = routes.first().map_or("", |u| u.name.as_str());
         let metrics = self
             .series
             .get(first)
-            .map(|series| Arc::clone(&series.proxy));
-        Arc::new(proxy::Listener {
-            mode: listener.mode,
-            access_log: config.log.access,
-            name: first.into(),
-            allow_from: listener.allow_from.clone(),
-            // (Never absent: every route's series are made before its listener.)
-            metrics: metrics.unwrap_or_else(|| self.metrics.upstream(first).proxy),
-            routes: proxy::Routes::new(table),
-        })
+            .map(|series| Arc::clone(&series.proxy))
+            // (Never needed: every route's series are made before its listener.)
+            .unwrap_or_else(|| self.metrics.upstream(first).proxy);
+        Arc::new(proxy::Listener::new(
+            listener,
+            first,
+            table,
+            metrics,
+            config.log.access,
+        ))
     }
 
     /// Points a source's logs and metrics at the upstreams that now use it.
-    fn observe(&self, source: &Source, users: &[&config::Upstream]) {
-        let mut observers = source
-            .observers
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        observers.label = users
+    fn observe(&self, source: &Started, users: &[&config::Upstream]) {
+        let label = users
             .iter()
             .map(|u| u.name.as_str())
             .collect::<Vec<_>>()
             .join(",");
-        observers.metrics = users
+        let metrics = users
             .iter()
             .filter_map(|u| self.series.get(&u.name))
             .map(|series| Arc::clone(&series.token))
             .collect();
+        source.observed_by(label, metrics);
     }
 }

@@ -13,11 +13,12 @@
 
 mod apply;
 mod plan;
+mod prepare;
 mod series;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -25,32 +26,24 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::{self, body::ReplayBudget, connection::Limits};
-use crate::tls;
-use crate::token::cache::{CacheSetupError, CachedFetch, Store};
-use crate::token::dpop::DpopKey;
-use crate::token::fetch::Fetch;
-use crate::token::fetch::Fetcher;
-use crate::token::metrics::NonceAt;
-use crate::token::setup::{SetupError, SourceSetup};
-use crate::token::source::{self, Handle, Observers, RefreshPolicy, SharedObservers};
+use crate::token::cache::Store;
+use crate::token::source::{self, Handle};
 use crate::token::SourceKey;
 use plan::{ListenerKey, Serving};
+pub(crate) use prepare::routes_in_match_order;
+pub use prepare::{prepare, Finding, Prepared, Severity};
 pub use series::{MetricFamilies, UpstreamSeries};
 
 /// The sidecar could not start, or a reload could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// Trust anchors for an upstream could not be loaded.
-    #[error("upstream {upstream:?}: {source}")]
-    Tls {
-        /// The upstream's name.
-        upstream: String,
-        /// Why.
-        source: tls::TlsError,
-    },
+    /// What the config needs could not be prepared: every finding that stops a start, one
+    /// per line.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Prepare(Vec<Finding>),
     /// A listener could not be bound.
     #[error("upstream {upstream:?}: cannot listen on {addr}: {source}")]
     Bind {
@@ -72,33 +65,6 @@ pub enum StartError {
     /// Metrics could not be set up.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
-    /// `[cache]` cannot be set up.
-    #[error(transparent)]
-    Cache(#[from] CacheSetupError),
-    /// A token source's TLS settings or DPoP key cannot be used.
-    #[error("upstream {upstream:?}: {source}")]
-    Source {
-        /// The first upstream that uses the source.
-        upstream: String,
-        /// Why.
-        source: SetupError,
-    },
-    /// An upstream URL cannot be used as a target.
-    #[error("upstream {upstream:?}: {source}")]
-    Target {
-        /// The upstream's name.
-        upstream: String,
-        /// Why.
-        source: proxy::rewrite::BadTarget,
-    },
-}
-
-struct Source {
-    handle: Handle,
-    observers: SharedObservers,
-    stop: CancellationToken,
-    /// The key its tokens are bound to, which every proxied request's proof is signed with.
-    dpop: Option<Arc<DpopKey>>,
 }
 
 struct Listener {
@@ -120,7 +86,7 @@ pub struct Running {
     series: HashMap<String, UpstreamSeries>,
     /// Whether anything runs yet: the first apply plans from nothing.
     started: bool,
-    sources: HashMap<SourceKey, Source>,
+    sources: HashMap<SourceKey, source::Started>,
     listeners: HashMap<ListenerKey, Listener>,
     stop_listeners: CancellationToken,
     listener_tasks: TaskTracker,
@@ -135,14 +101,19 @@ pub struct Running {
 /// Starts token sources and listeners for `config`. Token sources fetch at once; listeners
 /// accept at once, and requests that arrive before the first token wait for it.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
+    let mut prepared = prepare(config);
+    let fatal: Vec<Finding> = prepared.fatal().cloned().collect();
+    if !fatal.is_empty() {
+        return Err(StartError::Prepare(fatal));
+    }
     let metrics = MetricFamilies::new()?;
-    let cache = match &config.cache {
-        Some(settings) => {
-            let store = Store::new(settings, metrics.cache_up(settings.backend()))?;
+    let cache = match (&config.cache, prepared.cache.take()) {
+        (Some(settings), Some(ready)) => {
+            let store = Store::new(ready, metrics.cache_up(settings.backend()));
             tracing::info!(backend = settings.backend(), "token cache on");
             Some(Arc::new(store))
         }
-        None => None,
+        _ => None,
     };
     let stop_listeners = CancellationToken::new();
     let stop_sources = CancellationToken::new();
@@ -187,7 +158,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         replay_budget: ReplayBudget::new(config.server.replay_memory),
         cache,
     };
-    if let Err(error) = running.apply(config).await {
+    if let Err(error) = running.apply(config, prepared).await {
         running.stop_sources.cancel();
         return Err(error);
     }
@@ -240,51 +211,14 @@ impl Running {
                 );
             }
         }
-        self.apply(config).await?;
+        let prepared = prepare(config);
+        let fatal: Vec<Finding> = prepared.fatal().cloned().collect();
+        if !fatal.is_empty() {
+            return Err(StartError::Prepare(fatal));
+        }
+        self.apply(config, prepared).await?;
         tracing::info!(upstreams = config.upstreams.len(), "config reloaded");
         Ok(())
-    }
-
-    fn spawn_source(&self, key: &SourceKey, setup: SourceSetup) -> Source {
-        let observers = SharedObservers::new(RwLock::new(Observers::default()));
-        let stop = self.stop_sources.child_token();
-        let counted = Arc::clone(&observers);
-        let on_nonce_retry = Box::new(move || {
-            if let Ok(observers) = counted.read() {
-                for metrics in &observers.metrics {
-                    metrics.dpop_nonce_retry(NonceAt::TokenEndpoint);
-                }
-            }
-        });
-        let fetcher = Fetcher::new(
-            key.token.clone(),
-            setup.tls,
-            setup.dpop.clone(),
-            on_nonce_retry,
-        );
-        let fetcher: Arc<dyn Fetch> = match &self.cache {
-            Some(store) => Arc::new(CachedFetch::new(
-                Arc::new(fetcher),
-                Arc::clone(store),
-                &key.token,
-                setup.dpop.as_deref().map(DpopKey::thumbprint),
-                Arc::clone(&observers),
-            )),
-            None => Arc::new(fetcher),
-        };
-        let handle = source::spawn(
-            fetcher,
-            RefreshPolicy::from(&key.token),
-            Arc::clone(&observers),
-            &self.source_tasks,
-            stop.clone(),
-        );
-        Source {
-            handle,
-            observers,
-            stop,
-            dpop: setup.dpop,
-        }
     }
 
     fn spawn_listener(
@@ -296,8 +230,6 @@ impl Running {
     ) -> Listener {
         for upstream in &serving.routes {
             tracing::info!(upstream = %upstream.name, listen = %addr, url = %upstream.url, "listening");
-            warn_about_exposure(upstream, addr);
-            warn_about_key_files(upstream);
         }
         let (current, receiver) = watch::channel(forwarding);
         let stop = self.stop_listeners.child_token();
@@ -327,41 +259,6 @@ impl Running {
         self.stop_sources.cancel();
         self.source_tasks.close();
         self.source_tasks.wait().await;
-    }
-}
-
-/// Says at start what an operator chose to expose: a listener off loopback (only its
-/// `allow_from` keeps strangers from the token), plain http to a remote host.
-fn warn_about_exposure(upstream: &config::Upstream, addr: SocketAddr) {
-    if !addr.ip().is_loopback() {
-        let allow_from: Vec<String> = upstream
-            .allow_from
-            .iter()
-            .flatten()
-            .map(ToString::to_string)
-            .collect();
-        tracing::warn!(
-            upstream = %upstream.name,
-            listen = %addr,
-            allow_from = %allow_from.join(","),
-            "listener is not on loopback: peers in allow_from can call the upstream with bearerd's token"
-        );
-    }
-    if upstream.allow_plain_http {
-        tracing::warn!(upstream = %upstream.name, url = %upstream.url, "allow_plain_http: requests and the token go to the upstream unencrypted");
-    }
-    if upstream.token.allow_plain_http {
-        tracing::warn!(upstream = %upstream.name, token_url = %upstream.token.url, "allow_plain_http: the client credentials go to the token endpoint unencrypted");
-    }
-}
-
-/// Warns about key files that others than their owner may read.
-fn warn_about_key_files(upstream: &config::Upstream) {
-    let tls_key = upstream.tls.identity.as_ref().map(|i| i.key_file.as_path());
-    for path in upstream.token.key_files().into_iter().chain(tls_key) {
-        if crate::secret::readable_by_others(path) {
-            tracing::warn!(upstream = %upstream.name, file = %path.display(), "key file is readable by group or others: make it readable by its owner only (chmod 600, or defaultMode: 0400 on a Kubernetes volume)");
-        }
     }
 }
 

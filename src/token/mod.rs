@@ -13,6 +13,7 @@
 
 pub(crate) mod cache;
 pub(crate) mod client_auth;
+pub(crate) mod credential;
 pub(crate) mod dpop;
 pub mod fetch;
 pub(crate) mod metrics;

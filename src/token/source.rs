@@ -18,7 +18,7 @@
 //! source down (`/healthz` answers 503), and starts it again after a backoff, keeping the
 //! token it held.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -26,11 +26,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::fetch::Fetch;
+use super::cache::{CachedFetch, Store};
+use super::credential::Credential;
+use super::dpop::DpopKey;
+use super::fetch::{Fetch, Fetcher};
+use super::metrics::{NonceAt, TokenSeries};
+use super::setup::SourceSetup;
 pub use super::state::{
     Observers, Phase, RefreshPolicy, SharedObservers, State, REJECTION_REFETCH_INTERVAL,
 };
-use super::{refresher, Token};
+use super::{refresher, SourceKey, Token};
 
 /// No usable token can be had for a request now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +147,92 @@ fn unavailable(state: &State, now: Instant) -> Unavailable {
             detail: "bearerd is shutting down".into(),
             retry_after: Duration::from_secs(1),
         },
+    }
+}
+
+/// A running token source: the handle its routes read, and what the sidecar keeps of it to
+/// point its logs and metrics at the upstreams that use it, give each route its credential,
+/// and stop it.
+pub(crate) struct Started {
+    /// What requests read the token through.
+    pub(crate) handle: Handle,
+    observers: SharedObservers,
+    stop: CancellationToken,
+    /// The key its tokens are bound to, which every proxied request's proof is signed with.
+    dpop: Option<Arc<DpopKey>>,
+}
+
+/// Starts the source of `key` on `tasks` with what `setup` loaded: a fetcher (behind `cache`,
+/// when there is one) and its refresher, which fetches at once and runs until `stop` is
+/// cancelled.
+pub(crate) fn start(
+    key: &SourceKey,
+    setup: SourceSetup,
+    cache: Option<&Arc<Store>>,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+) -> Started {
+    let observers = SharedObservers::new(RwLock::new(Observers::default()));
+    let counted = Arc::clone(&observers);
+    let on_nonce_retry = Box::new(move || {
+        if let Ok(observers) = counted.read() {
+            for metrics in &observers.metrics {
+                metrics.dpop_nonce_retry(NonceAt::TokenEndpoint);
+            }
+        }
+    });
+    let fetcher = Fetcher::new(
+        key.token.clone(),
+        setup.tls,
+        setup.dpop.clone(),
+        on_nonce_retry,
+    );
+    // The cache sits in front of the fetcher: a token another process stored saves a request.
+    let fetcher: Arc<dyn Fetch> = match cache {
+        Some(store) => Arc::new(CachedFetch::new(
+            Arc::new(fetcher),
+            Arc::clone(store),
+            &key.token,
+            setup.dpop.as_deref().map(DpopKey::thumbprint),
+            Arc::clone(&observers),
+        )),
+        None => Arc::new(fetcher),
+    };
+    let handle = spawn(
+        fetcher,
+        RefreshPolicy::from(&key.token),
+        Arc::clone(&observers),
+        tasks,
+        stop.clone(),
+    );
+    Started {
+        handle,
+        observers,
+        stop,
+        dpop: setup.dpop,
+    }
+}
+
+impl Started {
+    /// The credential of a route that reads this source, counting in `series`.
+    pub(crate) fn credential(&self, series: &TokenSeries) -> Credential {
+        Credential::new(self.handle.clone(), self.dpop.clone(), series)
+    }
+
+    /// Points the source's logs (`label`: the upstreams' names) and metrics at the upstreams
+    /// that now use it.
+    pub(crate) fn observed_by(&self, label: String, metrics: Vec<Arc<TokenSeries>>) {
+        let mut observers = self
+            .observers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        observers.label = label;
+        observers.metrics = metrics;
+    }
+
+    /// Stops the refresher.
+    pub(crate) fn stop(&self) {
+        self.stop.cancel();
     }
 }
 

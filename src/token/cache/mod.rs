@@ -77,9 +77,16 @@ pub struct Store {
     up_gauge: IntGauge,
 }
 
-impl Store {
-    /// The store `[cache]` describes, reading its key and password files now.
-    pub fn new(settings: &config::Cache, up_gauge: IntGauge) -> Result<Self, CacheSetupError> {
+/// `[cache]` made ready to run: its files read and its key parsed, nothing connected. What
+/// `--check` describes, and what the store starts from.
+pub(crate) struct Prepared {
+    backend: Backend,
+}
+
+impl Prepared {
+    /// Reads what `settings` names (the key and password files) and builds the store's
+    /// client, without connecting.
+    pub(crate) fn new(settings: &config::Cache) -> Result<Self, CacheSetupError> {
         let backend = match settings {
             config::Cache::File { dir } => Backend::File(file::FileStore::new(dir.clone())),
             config::Cache::Redis {
@@ -122,12 +129,19 @@ impl Store {
                 ))
             }
         };
+        Ok(Self { backend })
+    }
+}
+
+impl Store {
+    /// The store `prepared` describes, reporting its health in `up_gauge`.
+    pub(crate) fn new(prepared: Prepared, up_gauge: IntGauge) -> Self {
         up_gauge.set(1);
-        Ok(Self {
-            backend,
+        Self {
+            backend: prepared.backend,
             up: AtomicBool::new(true),
             up_gauge,
-        })
+        }
     }
 
     fn name(&self) -> &'static str {

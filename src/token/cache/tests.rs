@@ -33,13 +33,11 @@ fn settings() -> TokenSettings {
 
 fn cached(dir: &std::path::Path, inner: Arc<Counting>) -> CachedFetch {
     let gauge = IntGauge::new("up", "up").unwrap();
-    let store = Store::new(
-        &config::Cache::File {
-            dir: dir.to_owned(),
-        },
-        gauge,
-    )
+    let prepared = Prepared::new(&config::Cache::File {
+        dir: dir.to_owned(),
+    })
     .unwrap();
+    let store = Store::new(prepared, gauge);
     CachedFetch::new(
         inner,
         Arc::new(store),

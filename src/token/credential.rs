@@ -1,0 +1,112 @@
+//! What authorizes a route's requests: its source's token and, when the source binds tokens
+//! to a DPoP key, the proof each request carries (RFC 9449 §7). One object per route, so that
+//! the proxy asks one thing for a request's authorization, whatever the scheme.
+//!
+//! The key belongs to the token source (its tokens are bound to it); the nonce belongs to the
+//! route's upstream (each server hands out its own, RFC 9449 §9), and so does the count of
+//! requests sent again for a new nonce.
+
+use std::sync::Arc;
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, Method};
+use prometheus::IntCounter;
+
+use super::dpop::{self, DpopKey, Nonce, DPOP};
+use super::metrics::TokenSeries;
+use super::source::{Handle, Unavailable};
+use super::Token;
+use crate::jose::SignError;
+
+/// A route's credential: the token to send and, with DPoP, the proof that goes with it.
+pub(crate) struct Credential {
+    token: Handle,
+    proof: Option<Proof>,
+}
+
+/// What a route's DPoP proofs need.
+struct Proof {
+    /// The token source's key.
+    key: Arc<DpopKey>,
+    /// The upstream's latest nonce.
+    nonce: Nonce,
+    /// Counts requests sent again with the upstream's new nonce.
+    retries: IntCounter,
+}
+
+impl Credential {
+    /// The credential of a route that reads `token`, bound to `dpop` when its source binds
+    /// tokens, counting its nonce retries in `series`.
+    pub(crate) fn new(token: Handle, dpop: Option<Arc<DpopKey>>, series: &TokenSeries) -> Self {
+        Self {
+            token,
+            proof: dpop.map(|key| Proof {
+                key,
+                nonce: Nonce::default(),
+                retries: series.upstream_nonce_retries(),
+            }),
+        }
+    }
+
+    /// A usable token: at once when one is held, else after the fetch under way.
+    pub(crate) async fn token(&self) -> Result<Arc<Token>, Unavailable> {
+        self.token.token().await
+    }
+
+    /// A token newer than `rejected`, which the upstream has just answered 401 to.
+    pub(crate) async fn replacement_for(
+        &self,
+        rejected: &Token,
+    ) -> Result<Arc<Token>, Unavailable> {
+        self.token.replacement_for(rejected).await
+    }
+
+    /// Reports that the upstream answered 401 to `rejected`, without waiting for a new token.
+    pub(crate) fn reject(&self, rejected: &Token) {
+        self.token.reject(rejected);
+    }
+
+    /// Authorizes a request with `method` to `htu` (scheme, authority and path, RFC 9449
+    /// §4.2; only made when a proof needs it) by `token`: sets `Authorization`, replacing
+    /// whatever the app sent, and with DPoP a fresh `DPoP` proof.
+    pub(crate) fn authorize(
+        &self,
+        headers: &mut HeaderMap,
+        token: &Token,
+        method: &Method,
+        htu: impl FnOnce() -> String,
+    ) -> Result<(), SignError> {
+        headers.insert(AUTHORIZATION, token.authorization().clone());
+        if let Some(proof) = &self.proof {
+            let value = proof.key.proof(
+                method.as_str(),
+                &htu(),
+                token.proof_hash.as_deref(),
+                proof.nonce.get().as_deref(),
+            )?;
+            headers.insert(DPOP, value);
+        }
+        Ok(())
+    }
+
+    /// Notes what an upstream's answer says for the next proof: any answer may carry the nonce
+    /// it must hold (RFC 9449 §9).
+    pub(crate) fn observe(&self, answer: &HeaderMap) {
+        if let Some(proof) = &self.proof {
+            proof.nonce.update(answer);
+        }
+    }
+
+    /// Whether an upstream's 401 asks for a proof with a (newer) nonce rather than for another
+    /// token (RFC 9449 §9).
+    pub(crate) fn wants_new_proof(&self, answer: &HeaderMap) -> bool {
+        self.proof.is_some() && dpop::asks_for_nonce(answer)
+    }
+
+    /// Counts a request sent again for the upstream's new nonce.
+    pub(crate) fn count_proof_retry(&self) {
+        if let Some(proof) = &self.proof {
+            proof.retries.inc();
+        }
+    }
+}
