@@ -557,3 +557,31 @@ fn a_newcomer_finds_every_kubernetes_overlay_from_the_readme() {
         "docs/kubernetes.md does not describe these directories of deploy/kubernetes: {absent:?}"
     );
 }
+
+/// The configs a newcomer copies from the README are valid as they stand.
+#[test]
+fn every_toml_block_of_the_readme_is_a_valid_config() {
+    let readme = readme();
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in readme.lines() {
+        match current.as_mut() {
+            None if line.trim_start() == "```toml" => current = Some(String::new()),
+            Some(block) if line.trim_start() == "```" => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            Some(block) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            None => {}
+        }
+    }
+    assert!(!blocks.is_empty(), "README.md shows no config");
+    for block in blocks {
+        if let Err(e) = Config::parse(Path::new("README.md"), &block) {
+            panic!("a config in README.md does not load:\n{block}\n{e}");
+        }
+    }
+}
