@@ -165,8 +165,8 @@ fn describe_cache(cache: &config::Cache) -> String {
             timeout,
         } => {
             let mut text = format!(
-                "redis at {} (not connected by --check), keys {key_prefix:?}*, entries sealed with key_file {}",
-                without_userinfo(url),
+                // (The config refuses a URL with a user or password in it.)
+                "redis at {url} (not connected by --check), keys {key_prefix:?}*, entries sealed with key_file {}",
                 key_file.display()
             );
             if let Some(path) = password_file {
@@ -176,17 +176,6 @@ fn describe_cache(cache: &config::Cache) -> String {
             text
         }
     }
-}
-
-/// A Redis URL without the user and password it may carry.
-fn without_userinfo(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-        if let Some(at) = authority.rfind('@') {
-            return format!("{scheme}://[credentials hidden]@{}", &rest[at + 1..]);
-        }
-    }
-    url.to_owned()
 }
 
 /// Each warning of `prepared` about `subject` whose message starts with `about`, as a

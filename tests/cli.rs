@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use support::config::{payments, string, ConfigBuilder, Token, Upstream};
+use support::config::{payments, string, ConfigBuilder, Table, Token, Upstream};
 use support::daemon::{Daemon, BIN, PATIENCE};
 use support::{echo, serve, token_endpoint, token_ok};
 
@@ -151,6 +151,69 @@ fn check_reports_a_missing_secret_by_its_source() {
             "upstream payments: cannot read client secret file {}",
             secret_path.display()
         )),
+        "{stderr}"
+    );
+}
+
+/// `--check` prepares `[cache]` as a start does: it reads the key (a bad one fails here, not
+/// only at start) and describes each backend, but never connects to Redis (port 1 of
+/// loopback refuses every connection, and `--check` still passes).
+#[test]
+fn check_prepares_every_cache_backend_and_refuses_a_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), "s\n").unwrap();
+    let key = dir.path().join("cache.key");
+    let redis = |key_file: &Path| {
+        Table::new()
+            .set("backend", string("redis"))
+            .set("url", string("redis://127.0.0.1:1/0"))
+            .set("key_file", string(key_file.to_str().unwrap()))
+    };
+    let run = |cache: Table| {
+        let config = ConfigBuilder::empty()
+            .upstream(payments().token(check_token("https://auth.example.com/oauth/token")))
+            .table("cache", cache)
+            .render();
+        let output = bearerd(&["--check", "--config", &write_config(dir.path(), &config)]);
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        (output.status.code(), stdout, stderr)
+    };
+
+    let entries = dir.path().join("entries");
+    let (code, stdout, stderr) = run(Table::new()
+        .set("backend", string("file"))
+        .set("dir", string(entries.to_str().unwrap())));
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("cache: file, entries in {}", entries.display())),
+        "{stdout}"
+    );
+
+    std::fs::write(&key, "7Y8k1e2v3Q4k5e6y7S8e9a0l1i2n3g4K5e6y7X8Y9Z0=\n").unwrap();
+    let (code, stdout, stderr) = run(redis(&key));
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("cache: redis at redis://127.0.0.1:1/0 (not connected by --check)"),
+        "{stdout}"
+    );
+
+    std::fs::write(&key, "not a key\n").unwrap();
+    let (code, stdout, stderr) = run(redis(&key));
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "[cache]: key_file {}: does not hold 32 bytes in base64",
+            key.display()
+        )) && stderr.contains("(bearerd would not start)"),
+        "{stderr}"
+    );
+
+    let missing = dir.path().join("missing.key");
+    let (code, _, stderr) = run(redis(&missing));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("[cache]: key_file {}", missing.display())),
         "{stderr}"
     );
 }
