@@ -10,14 +10,16 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
+
 use tokio::time::Instant;
 
 use super::body::{AppBody, ReplayBudget, RequestBody, ResponseBody};
 use super::connection::Activity;
 use super::error::ProxyError;
 use super::pool::{SendError, Slot};
-use super::rewrite::strip_hop_by_hop;
+use super::rewrite::{strip_hop_by_hop, strip_prefix};
 use super::route::{Listener, Route};
 use crate::config::Mode;
 use crate::token::Token;
@@ -44,26 +46,18 @@ pub(super) fn unrouted<B>(
     request: &Request<B>,
     error: ProxyError,
 ) -> Response<ResponseBody> {
-    tracing::warn!(
-        upstream = %listener.name,
-        error = error.code(),
-        fault = ?error.fault(),
-        detail = %error,
-        "request refused"
-    );
+    log_error(&listener.name, &error, "request refused");
     let response = error.into_response(&listener.name);
     listener
         .metrics
         .request_answered(response.status(), std::time::Duration::ZERO);
     if listener.access_log {
-        tracing::info!(
-            target: "bearerd::access",
-            upstream = %listener.name,
-            method = %request.method(),
-            path = %request.uri().path(),
-            status = response.status().as_u16(),
-            duration_ms = 0.0,
-            "request"
+        log_access(
+            &listener.name,
+            request.method(),
+            request.uri().path(),
+            response.status(),
+            std::time::Duration::ZERO,
         );
     }
     response
@@ -96,13 +90,7 @@ pub(super) async fn forward(
             if let ProxyError::TokenUnavailable(_) = error {
                 upstream.metrics.token_unavailable();
             } else {
-                tracing::warn!(
-                    upstream = %upstream.name,
-                    error = error.code(),
-                    fault = ?error.fault(),
-                    detail = %error,
-                    "request failed"
-                );
+                log_error(&upstream.name, &error, "request failed");
             }
             error.into_response(&upstream.name)
         }
@@ -112,17 +100,35 @@ pub(super) async fn forward(
         .metrics
         .request_answered(response.status(), elapsed);
     if let Some((method, path)) = logged {
-        tracing::info!(
-            target: "bearerd::access",
-            upstream = %upstream.name,
-            method = %method,
-            path = %path,
-            status = response.status().as_u16(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            "request"
-        );
+        log_access(&upstream.name, &method, &path, response.status(), elapsed);
     }
     response
+}
+
+/// The warning of a request bearerd answered with an error of its own, `what` saying whether
+/// it was refused or failed. (A missing token is counted instead: it would repeat for every
+/// request while the source is down.)
+fn log_error(name: &str, error: &ProxyError, what: &'static str) {
+    tracing::warn!(
+        upstream = %name,
+        error = error.code(),
+        fault = ?error.fault(),
+        detail = %error,
+        "{what}"
+    );
+}
+
+/// The access log's line of a request; its query is never logged (it may hold credentials).
+fn log_access(name: &str, method: &Method, path: &str, status: StatusCode, elapsed: Duration) {
+    tracing::info!(
+        target: "bearerd::access",
+        upstream = %name,
+        method = %method,
+        path = %path,
+        status = status.as_u16(),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
 }
 
 async fn try_forward(
@@ -142,7 +148,7 @@ async fn try_forward(
     let (mut parts, body) = request.into_parts();
     let uri = std::mem::take(&mut parts.uri);
     let uri = match upstream.matching.path_prefix.as_deref() {
-        Some(prefix) if upstream.matching.strip_prefix => strip(uri, prefix),
+        Some(prefix) if upstream.matching.strip_prefix => strip_prefix(uri, prefix),
         _ => uri,
     };
     let path_and_query =
@@ -361,23 +367,6 @@ impl Destination<'_> {
         }
         Ok(request)
     }
-}
-
-/// `uri` without the route's path prefix: `/v2/users?x=1` is `/users?x=1` under `/v2`.
-fn strip(uri: Uri, prefix: &str) -> Uri {
-    let Some(rest) = uri.path().strip_prefix(prefix) else {
-        return uri;
-    };
-    let mut path = String::with_capacity(rest.len() + 1 + uri.query().map_or(0, |q| q.len() + 1));
-    if !rest.starts_with('/') {
-        path.push('/');
-    }
-    path.push_str(rest);
-    if let Some(query) = uri.query() {
-        path.push('?');
-        path.push_str(query);
-    }
-    PathAndQuery::try_from(path).map_or(uri, Uri::from)
 }
 
 /// A body kept whole for a replay, and its share of the replay budget.

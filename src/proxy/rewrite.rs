@@ -1,4 +1,5 @@
-//! Rewriting an app's request for the upstream: the target URI and the hop-by-hop headers.
+//! Rewriting an app's request for the upstream: the target URI (with a route's path prefix
+//! stripped when it says so) and the hop-by-hop headers.
 
 use http::header::{HeaderName, CONNECTION};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -165,6 +166,23 @@ impl Target {
         parts.path_and_query = Some(path_and_query);
         Uri::from_parts(parts).map_err(|e| BadTarget(e.to_string()))
     }
+}
+
+/// `uri` without the route's path prefix: `/v2/users?x=1` is `/users?x=1` under `/v2`.
+pub(crate) fn strip_prefix(uri: Uri, prefix: &str) -> Uri {
+    let Some(rest) = uri.path().strip_prefix(prefix) else {
+        return uri;
+    };
+    let mut path = String::with_capacity(rest.len() + 1 + uri.query().map_or(0, |q| q.len() + 1));
+    if !rest.starts_with('/') {
+        path.push('/');
+    }
+    path.push_str(rest);
+    if let Some(query) = uri.query() {
+        path.push('?');
+        path.push_str(query);
+    }
+    PathAndQuery::try_from(path).map_or(uri, Uri::from)
 }
 
 #[cfg(test)]
