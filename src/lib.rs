@@ -29,6 +29,7 @@ pub mod admin;
 pub mod check;
 pub mod config;
 mod errors;
+mod files;
 mod listener;
 pub mod metrics;
 pub mod proxy;
