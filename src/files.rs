@@ -39,7 +39,7 @@ pub(crate) const CERTIFICATE_CAP: u64 = 1024 * 1024;
 /// What a file holds: it sets the file's size cap and how messages name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Content {
-    /// A client secret or a password.
+    /// A client secret.
     Secret,
     /// A client assertion (a JWT) or a token.
     Assertion,
@@ -63,7 +63,7 @@ impl Content {
     /// How messages name a file of this kind.
     fn what(self) -> &'static str {
         match self {
-            Self::Secret => "secret file",
+            Self::Secret => "client secret file",
             Self::Assertion => "assertion file",
             Self::Key => "key file",
             Self::Certificate => "certificate file",

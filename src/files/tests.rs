@@ -105,7 +105,7 @@ fn a_missing_file_is_named() {
         .unwrap_err()
         .to_string();
     assert!(
-        message.starts_with("cannot read secret file /nonexistent/bearerd/secret: "),
+        message.starts_with("cannot read client secret file /nonexistent/bearerd/secret: "),
         "{message}"
     );
 }
@@ -117,7 +117,7 @@ fn text_must_be_utf8() {
     let message = text(&[0xff, 0xfe], path, Content::Secret)
         .unwrap_err()
         .to_string();
-    assert_eq!(message, "secret file /x/secret is not UTF-8 text");
+    assert_eq!(message, "client secret file /x/secret is not UTF-8 text");
 }
 
 #[tokio::test]
@@ -157,7 +157,7 @@ async fn a_hanging_read_is_waited_on_not_started_again() {
     let first = read_with(path, Content::Secret, soon(), hanging()).await;
     let message = first.unwrap_err().to_string();
     assert!(
-        message.starts_with("still reading secret file /bearerd-test/hanging since "),
+        message.starts_with("still reading client secret file /bearerd-test/hanging since "),
         "{message}"
     );
     let second = read_with(path, Content::Secret, soon(), hanging()).await;
