@@ -118,6 +118,10 @@ async fn a_fifo_stops_nothing(dir: &Path, fifo: &Path, token: impl FnOnce(&str) 
     let admin = daemon.listen_addr("admin");
     let proxy = daemon.listen_addr("api");
 
+    for page in ["/healthz", "/metrics"] {
+        let answer = get_within(admin, page).await;
+        assert_eq!(status_of(&answer), 200, "{page}: {answer}");
+    }
     let fifo_name = fifo.display().to_string();
     let line = failed_fetch_line(&daemon, &[&fifo_name, "is a FIFO, not a regular file"]);
     assert!(
@@ -125,11 +129,6 @@ async fn a_fifo_stops_nothing(dir: &Path, fifo: &Path, token: impl FnOnce(&str) 
         "the fetch took longer than the token timeout: {line}"
     );
     assert!(line.contains("at most 64 KiB"), "{line}");
-
-    for page in ["/healthz", "/metrics"] {
-        let answer = get_within(admin, page).await;
-        assert_eq!(status_of(&answer), 200, "{page}: {answer}");
-    }
     let answer = get_within(admin, "/readyz").await;
     assert_eq!(status_of(&answer), 503, "{answer}");
     let answer = get_within(proxy, "/data").await;
