@@ -190,3 +190,28 @@ async fn a_hanging_read_is_waited_on_not_started_again() {
     assert_eq!(&again.unwrap()[..], b"late");
     assert_eq!(started.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn under_one_deadline_the_reader_says_which_file_before_the_outer_timeout_fires() {
+    // A token request bounds its file reads and its exchange by one deadline; the reader's
+    // error, which names the file, must be the one that comes out (tokio's `Timeout` polls
+    // its future before its own timer).
+    let path = Path::new("/bearerd-test/one-deadline");
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+    let hanging = move || {
+        let _ = released.lock().unwrap().recv();
+        Ok(Zeroizing::new(Vec::new()))
+    };
+    let outer = tokio::time::timeout_at(
+        deadline,
+        read_with(path, Content::Assertion, deadline, hanging),
+    )
+    .await;
+    assert!(
+        matches!(outer, Ok(Err(FileError::Stuck { .. }))),
+        "{outer:?}"
+    );
+    drop(release);
+}
