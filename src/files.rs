@@ -348,13 +348,15 @@ fn join_or_start(
         },
     );
     drop(reads);
-    // The entry goes when the read ends, however it ends (a panic included), so that the next
-    // caller reads the file afresh.
-    let done = Done(Some(key));
+    // The entry goes when the read ends, however it ends (a panic included), and before its
+    // outcome is sent, so that a caller that comes after the outcome reads the file afresh
+    // rather than getting an old outcome.
+    let mut done = Done(Some(key));
     // The handle is not kept: nothing waits for the thread itself, only for its outcome.
     drop(tokio::task::spawn_blocking(move || {
-        let _done = done;
-        tx.send_replace(Some(work().map(Arc::new)));
+        let outcome = work().map(Arc::new);
+        done.finish();
+        tx.send_replace(Some(outcome));
     }));
     (started, outcome)
 }
@@ -362,14 +364,21 @@ fn join_or_start(
 /// Removes a read's entry from [`in_flight`] when dropped.
 struct Done(Option<(PathBuf, Content)>);
 
-impl Drop for Done {
-    fn drop(&mut self) {
+impl Done {
+    /// Removes the entry, once: a later entry for the same file is another read's.
+    fn finish(&mut self) {
         if let Some(key) = self.0.take() {
             in_flight()
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&key);
         }
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
