@@ -19,6 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 
 use crate::config::JwsAlg;
+use crate::files::{self, Content, FileError};
 
 /// Seconds since the Unix epoch, as JWT `iat` and `exp` (and cache entries) count them.
 pub(crate) fn unix_now() -> u64 {
@@ -42,7 +43,10 @@ pub(crate) enum SigningKey {
 /// A key that could not be read or used. Says which file and why; never holds key material.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    /// The file could not be read, or holds no PEM private key.
+    /// The file is missing, not a regular file, or over its size limit.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The file holds no PEM private key.
     #[error("cannot read a PEM private key from {}: {reason}", path.display())]
     Read {
         /// The file.
@@ -58,7 +62,7 @@ pub enum KeyError {
         /// Why, and what to do.
         reason: String,
     },
-    /// The certificate file could not be read.
+    /// The certificate file holds no PEM certificate.
     #[error("cannot read a PEM certificate from {}: {reason}", path.display())]
     Certificate {
         /// The file.
@@ -84,13 +88,20 @@ impl SigningKey {
     }
 
     /// The private key in the PEM file at `path` (PKCS#8; RSA also PKCS#1), for `alg`, or for
-    /// the key's usual algorithm when `alg` is `None`.
+    /// the key's usual algorithm when `alg` is `None`. Read on the calling thread, by the
+    /// bounded reader: for start and `--check`.
     pub(crate) fn from_pem_file(path: &Path, alg: Option<JwsAlg>) -> Result<Self, KeyError> {
+        let pem = files::read_sync(path, Content::Key)?;
+        Self::from_pem(path, &pem, alg)
+    }
+
+    /// The private key in `pem`, read from `path` (which messages name).
+    pub(crate) fn from_pem(path: &Path, pem: &[u8], alg: Option<JwsAlg>) -> Result<Self, KeyError> {
         let unusable = |reason: String| KeyError::Unusable {
             path: path.to_owned(),
             reason,
         };
-        let der = PrivateKeyDer::from_pem_file(path).map_err(|e| KeyError::Read {
+        let der = PrivateKeyDer::from_pem_slice(pem).map_err(|e| KeyError::Read {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
@@ -253,13 +264,19 @@ impl fmt::Debug for SigningKey {
     }
 }
 
-/// The `x5t#S256` of the first certificate in a PEM file: base64url SHA-256 of its DER.
+/// The `x5t#S256` of the first certificate in a PEM file: base64url SHA-256 of its DER. Read
+/// on the calling thread, by the bounded reader: for `--check`.
 pub(crate) fn certificate_thumbprint(path: &Path) -> Result<String, KeyError> {
-    let failed = |reason: String| KeyError::Certificate {
+    let pem = files::read_sync(path, Content::Certificate)?;
+    certificate_thumbprint_of(path, &pem)
+}
+
+/// The `x5t#S256` of the first certificate in `pem`, read from `path` (which messages name).
+pub(crate) fn certificate_thumbprint_of(path: &Path, pem: &[u8]) -> Result<String, KeyError> {
+    let cert = CertificateDer::from_pem_slice(pem).map_err(|e| KeyError::Certificate {
         path: path.to_owned(),
-        reason,
-    };
-    let cert = CertificateDer::from_pem_file(path).map_err(|e| failed(e.to_string()))?;
+        reason: e.to_string(),
+    })?;
     Ok(sha256_base64url(cert.as_ref()))
 }
 

@@ -7,7 +7,9 @@
 //! Modules, in the order data flows through them:
 //! - [`config`]: the TOML file, validated into plain runtime types (`config/file.rs` is the
 //!   raw form); [`secret`]: the client secret, redacted everywhere, and the redactor that
-//!   removes it, in every encoding, from what a token endpoint says;
+//!   removes it, in every encoding, from what a token endpoint says; `files`: the bounded
+//!   reader every credential file goes through (regular files only, capped, and off the
+//!   runtime's thread under the token timeout when a token request reads them);
 //! - `tls`: trust anchors and the pooled HTTPS client used for every outbound request;
 //! - [`token`]: client authentication (`client_auth`), fetch (`fetch`, `response`), refresh
 //!   timing (`schedule`), the refresher task and its supervisor (`refresher`), and the handle
@@ -29,6 +31,7 @@ pub mod admin;
 pub mod check;
 pub mod config;
 mod errors;
+mod files;
 mod jose;
 mod listener;
 pub mod metrics;

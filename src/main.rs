@@ -71,23 +71,30 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(upstream) = &cli.fetch_token {
-        return match runtime.block_on(bearerd::check::fetch_token(
-            &config,
-            upstream,
-            cli.show_token,
-        )) {
-            Ok(description) => {
-                print!("{description}");
-                ExitCode::SUCCESS
+    let code = match &cli.fetch_token {
+        Some(upstream) => {
+            match runtime.block_on(bearerd::check::fetch_token(
+                &config,
+                upstream,
+                cli.show_token,
+            )) {
+                Ok(description) => {
+                    print!("{description}");
+                    ExitCode::SUCCESS
+                }
+                Err(problem) => {
+                    eprintln!("{problem}");
+                    ExitCode::from(1)
+                }
             }
-            Err(problem) => {
-                eprintln!("{problem}");
-                ExitCode::from(1)
-            }
-        };
-    }
-    runtime.block_on(serve(&cli.config, config))
+        }
+        None => runtime.block_on(serve(&cli.config, config)),
+    };
+    // Not a plain drop, which would wait for every thread of the blocking pool: a credential
+    // file read that hangs in the kernel (a stalled NFS or FUSE mount) would keep bearerd from
+    // exiting. Everything that must finish has finished inside `serve`.
+    runtime.shutdown_background();
+    code
 }
 
 /// Runs until SIGTERM or SIGINT, reloading the config on SIGHUP.

@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use base64::Engine;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
+use crate::files::{self, Content, FileError};
+
 /// Whether the file at `path` may be read by others, or by a group that is not bearerd's
 /// own (Unix permissions): a key file should be readable by its owner alone. Kubernetes makes
 /// Secret files readable by the pod's `fsGroup`, which is bearerd's own group: no warning for
@@ -79,29 +81,50 @@ pub enum SecretSource {
 }
 
 impl SecretSource {
-    /// Reads the secret now.
-    ///
-    /// The read is a small synchronous one: a mounted Secret is a tmpfs file of a few bytes,
-    /// read once per token request, so it is not worth a trip through a blocking pool.
+    /// Reads the secret now, on the calling thread: at start and for `--check`. A file is read
+    /// by the bounded reader (`files`), so a FIFO or a device is refused, not waited on.
     pub fn read(&self) -> Result<Secret, SecretError> {
-        let value = match self {
-            Self::File(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| SecretError::File {
-                    path: path.clone(),
-                    source,
-                })?;
-                // `echo secret > file` and most editors end the file with a line break that
-                // is not part of the secret.
-                text.trim_end_matches(['\n', '\r']).to_owned()
+        match self {
+            Self::File(path) => self.secret_in(path, &files::read_sync(path, Content::Secret)?),
+            Self::Env(name) => {
+                self.non_empty(std::env::var(name).map_err(|cause| match cause {
+                    std::env::VarError::NotPresent => {
+                        SecretError::EnvMissing { name: name.clone() }
+                    }
+                    std::env::VarError::NotUnicode(_) => {
+                        SecretError::EnvNotUnicode { name: name.clone() }
+                    }
+                })?)
             }
-            Self::Env(name) => std::env::var(name).map_err(|cause| match cause {
-                std::env::VarError::NotPresent => SecretError::EnvMissing { name: name.clone() },
-                std::env::VarError::NotUnicode(_) => {
-                    SecretError::EnvNotUnicode { name: name.clone() }
-                }
-            })?,
-            Self::Inline(secret) => return Ok(secret.clone()),
-        };
+            Self::Inline(secret) => Ok(secret.clone()),
+        }
+    }
+
+    /// Reads the secret for a token request: a file off the runtime's thread, waiting until
+    /// `deadline` at most (the token `timeout`), so that no file can hold up the process.
+    pub(crate) async fn read_within(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Secret, SecretError> {
+        match self {
+            Self::File(path) => {
+                let contents = files::read(path, Content::Secret, deadline).await?;
+                self.secret_in(path, &contents)
+            }
+            Self::Env(_) | Self::Inline(_) => self.read(),
+        }
+    }
+
+    /// The secret a file held: the whole file as text, minus trailing line breaks.
+    fn secret_in(&self, path: &std::path::Path, contents: &[u8]) -> Result<Secret, SecretError> {
+        let text = files::text(contents, path, Content::Secret)?;
+        // `echo secret > file` and most editors end the file with a line break that is not
+        // part of the secret.
+        self.non_empty(text.trim_end_matches(['\n', '\r']).to_owned())
+    }
+
+    /// The value, unless it is empty.
+    fn non_empty(&self, value: String) -> Result<Secret, SecretError> {
         if value.is_empty() {
             return Err(SecretError::Empty {
                 origin: self.to_string(),
@@ -125,14 +148,9 @@ impl fmt::Display for SecretSource {
 /// A client secret that could not be read. Each variant names the source.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    /// The file is missing or unreadable.
-    #[error("cannot read client secret file {}: {source}", path.display())]
-    File {
-        /// The configured path.
-        path: PathBuf,
-        /// Why it could not be read.
-        source: std::io::Error,
-    },
+    /// The file is missing or unreadable, not a regular file, too large, or not text.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The variable is not set in bearerd's environment.
     #[error("client secret environment variable {name} is not set")]
     EnvMissing {

@@ -21,6 +21,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 
 use crate::config::{self, Roots, TlsSettings};
+use crate::files::{self, Content, FileError};
 pub(crate) use identity::{Identity, Loaded as LoadedIdentity};
 
 /// The pooled client used for token requests.
@@ -35,7 +36,10 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// Trust anchors that could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// The PEM file is missing or malformed.
+    /// A certificate, key or CA file is missing, not a regular file, or over its size limit.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The PEM file is malformed.
     #[error("cannot read ca_file {}: {source}", path.display())]
     CaFile {
         /// The configured path.
@@ -98,11 +102,9 @@ pub fn client_config(
         Roots::None => {}
     }
     if let Some(path) = &settings.ca_file {
+        let pem = files::read_sync(path, Content::CaBundle)?;
         let mut count = 0;
-        for cert in CertificateDer::pem_file_iter(path).map_err(|source| TlsError::CaFile {
-            path: path.clone(),
-            source,
-        })? {
+        for cert in CertificateDer::pem_slice_iter(&pem) {
             let cert = cert.map_err(|source| TlsError::CaFile {
                 path: path.clone(),
                 source,

@@ -14,6 +14,7 @@ use rustls::SignatureScheme;
 
 use super::TlsError;
 use crate::config;
+use crate::files::{self as bounded, Content};
 
 /// How often, at most, the files are looked at again (one `stat` each, at a handshake).
 const RECHECK_INTERVAL: Duration = Duration::from_secs(10);
@@ -33,13 +34,17 @@ impl Loaded {
             path: path.to_owned(),
             reason,
         };
-        let chain = CertificateDer::pem_file_iter(&files.cert_file)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        // The bounded reader: this also runs in rustls's callback at a handshake, on the
+        // runtime's thread, where a FIFO must be refused rather than waited on.
+        let pem = bounded::read_sync(&files.cert_file, Content::Certificate)?;
+        let chain = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| failed(&files.cert_file, e.to_string()))?;
         if chain.is_empty() {
             return Err(failed(&files.cert_file, "holds no PEM certificate".into()));
         }
-        let key = PrivateKeyDer::from_pem_file(&files.key_file)
+        let pem = bounded::read_sync(&files.key_file, Content::Key)?;
+        let key = PrivateKeyDer::from_pem_slice(&pem)
             .map_err(|e| failed(&files.key_file, e.to_string()))?;
         let provider = rustls::crypto::ring::default_provider();
         let key = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {

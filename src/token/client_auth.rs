@@ -12,6 +12,7 @@ use serde_json::json;
 
 use super::fetch::FetchError;
 use crate::config::{Assertion, ClientAuth, TokenSettings};
+use crate::files::{self, Content};
 use crate::jose::{self as jws, unix_now, SigningKey};
 use crate::secret::{Redactor, Secret};
 
@@ -38,10 +39,12 @@ impl Credentials {
 }
 
 /// Reads the credentials of `settings.auth` and returns what the request carries, after
-/// adding every form of them to `redactor`.
-pub(crate) fn present(
+/// adding every form of them to `redactor`. Files are read off the runtime's thread, waiting
+/// until `deadline` (the token request's) at most.
+pub(crate) async fn present(
     settings: &TokenSettings,
     redactor: &mut Redactor,
+    deadline: tokio::time::Instant,
 ) -> Result<Credentials, FetchError> {
     let client_id = settings.client_id.as_deref().unwrap_or_default();
     // The client_id goes along with an assertion or a certificate: RFC 7523 §3 lets servers
@@ -54,7 +57,7 @@ pub(crate) fn present(
     };
     match &settings.auth {
         ClientAuth::Basic { secret } => {
-            let secret = secret.read()?;
+            let secret = secret.read_within(deadline).await?;
             redactor.add_client_secret(client_id, secret.expose());
             Ok(Credentials {
                 authorization: Some(basic_credentials(client_id, &secret)?),
@@ -62,7 +65,7 @@ pub(crate) fn present(
             })
         }
         ClientAuth::Post { secret } => {
-            let secret = secret.read()?;
+            let secret = secret.read_within(deadline).await?;
             redactor.add_client_secret(client_id, secret.expose());
             Ok(Credentials::form(vec![
                 ("client_id", Secret::new(client_id)),
@@ -70,7 +73,7 @@ pub(crate) fn present(
             ]))
         }
         ClientAuth::SecretJwt { secret, assertion } => {
-            let secret = secret.read()?;
+            let secret = secret.read_within(deadline).await?;
             redactor.add_client_secret(client_id, secret.expose());
             let key = SigningKey::hs256(secret.expose().as_bytes());
             let jwt = sign_assertion(settings, &key, assertion, json!({"typ": "JWT"}))?;
@@ -83,30 +86,31 @@ pub(crate) fn present(
             certificate_file,
             assertion,
         } => {
-            let key =
-                SigningKey::from_pem_file(key_file, *alg).map_err(|e| FetchError::Credentials {
-                    reason: e.to_string(),
-                })?;
+            let pem = files::read(key_file, Content::Key, deadline)
+                .await
+                .map_err(credentials)?;
+            let key = SigningKey::from_pem(key_file, &pem, *alg).map_err(credentials)?;
             let mut header = json!({"typ": "JWT"});
             if let Some(kid) = key_id {
                 header["kid"] = json!(kid);
             }
             if let Some(certificate) = certificate_file {
-                let x5t = jws::certificate_thumbprint(certificate).map_err(|e| {
-                    FetchError::Credentials {
-                        reason: e.to_string(),
-                    }
-                })?;
+                let pem = files::read(certificate, Content::Certificate, deadline)
+                    .await
+                    .map_err(credentials)?;
+                let x5t = jws::certificate_thumbprint_of(certificate, &pem).map_err(credentials)?;
                 header["x5t#S256"] = json!(x5t);
             }
             let jwt = sign_assertion(settings, &key, assertion, header)?;
             Ok(with_assertion(id_field(), jwt, redactor))
         }
         ClientAuth::AssertionFile { path } => {
-            let text = std::fs::read_to_string(path).map_err(|e| FetchError::Credentials {
-                reason: format!("cannot read the assertion file {}: {e}", path.display()),
-            })?;
-            let jwt = text.trim();
+            let contents = files::read(path, Content::Assertion, deadline)
+                .await
+                .map_err(credentials)?;
+            let jwt = files::text(&contents, path, Content::Assertion)
+                .map_err(credentials)?
+                .trim();
             if jwt.is_empty() {
                 return Err(FetchError::Credentials {
                     reason: format!("the assertion file {} is empty", path.display()),
@@ -157,6 +161,13 @@ fn sign_assertion(
     key.sign(header, &claims).map_err(signing_failed)
 }
 
+/// A credential file that could not be read or used, as a fetch reports it.
+fn credentials(error: impl std::error::Error) -> FetchError {
+    FetchError::Credentials {
+        reason: error.to_string(),
+    }
+}
+
 fn signing_failed(error: jws::SignError) -> FetchError {
     FetchError::BuildRequest {
         reason: error.to_string(),
@@ -195,14 +206,14 @@ pub(crate) fn check(auth: &ClientAuth) -> Result<String, String> {
             }
             Ok(found)
         }
-        ClientAuth::AssertionFile { path } => match std::fs::read_to_string(path) {
-            Ok(text) if !text.trim().is_empty() => Ok("assertion file readable".into()),
-            Ok(_) => Err(format!("the assertion file {} is empty", path.display())),
-            Err(e) => Err(format!(
-                "cannot read the assertion file {}: {e}",
-                path.display()
-            )),
-        },
+        ClientAuth::AssertionFile { path } => {
+            let contents = files::read_sync(path, Content::Assertion).map_err(|e| e.to_string())?;
+            match files::text(&contents, path, Content::Assertion) {
+                Ok(text) if !text.trim().is_empty() => Ok("assertion file readable".into()),
+                Ok(_) => Err(format!("the assertion file {} is empty", path.display())),
+                Err(e) => Err(e.to_string()),
+            }
+        }
         ClientAuth::TlsClientAuth { identity } => crate::tls::LoadedIdentity::read(identity)
             .map(|loaded| format!("certificate sha256 {}", loaded.fingerprint()))
             .map_err(|e| e.to_string()),

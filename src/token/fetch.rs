@@ -95,8 +95,12 @@ impl Fetcher {
         // client's credentials.
         let mut redactor = Redactor::new();
         let timeout = self.settings.timeout;
+        // One deadline for the request and for reading the credential files it needs, so that
+        // a file that does not answer fails the request in time, with an error naming the
+        // file (the reader's deadline is polled before this one's).
+        let deadline = tokio::time::Instant::now() + timeout;
         let attempts = async {
-            let mut answer = self.exchange(&mut redactor).await?;
+            let mut answer = self.exchange(&mut redactor, deadline).await?;
             // RFC 9449 §8: an endpoint that wants a nonce says `use_dpop_nonce` and sends
             // one; the request goes again, once, with it (and new credentials: an assertion's
             // `jti` must not be used twice).
@@ -104,12 +108,12 @@ impl Fetcher {
                 let error = response::parse_error(answer.status, &answer.body, &redactor);
                 if error.error.as_deref() == Some(dpop::USE_DPOP_NONCE) {
                     (self.on_nonce_retry)();
-                    answer = self.exchange(&mut redactor).await?;
+                    answer = self.exchange(&mut redactor, deadline).await?;
                 }
             }
             Ok::<_, FetchError>(answer)
         };
-        let answer = tokio::time::timeout(timeout, attempts)
+        let answer = tokio::time::timeout_at(deadline, attempts)
             .await
             .map_err(|_| FetchError::Timeout {
                 endpoint: self.endpoint(),
@@ -119,8 +123,12 @@ impl Fetcher {
     }
 
     /// Sends one token request and reads the answer.
-    async fn exchange(&self, redactor: &mut Redactor) -> Result<Answer, FetchError> {
-        let credentials = client_auth::present(&self.settings, redactor)?;
+    async fn exchange(
+        &self,
+        redactor: &mut Redactor,
+        deadline: tokio::time::Instant,
+    ) -> Result<Answer, FetchError> {
+        let credentials = client_auth::present(&self.settings, redactor, deadline).await?;
         let mut request = build_request(&self.settings, credentials)?;
         if let Some(key) = &self.dpop {
             let htu = htu(&self.settings.url);
@@ -368,7 +376,10 @@ mod tests {
     }
 
     async fn request_for(settings: &TokenSettings) -> (http::request::Parts, String) {
-        let credentials = client_auth::present(settings, &mut Redactor::new()).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let credentials = client_auth::present(settings, &mut Redactor::new(), deadline)
+            .await
+            .unwrap();
         let (parts, body) = build_request(settings, credentials).unwrap().into_parts();
         let bytes = body.collect().await.unwrap().to_bytes();
         (parts, String::from_utf8(bytes.to_vec()).unwrap())
