@@ -10,6 +10,7 @@
 mod client_auth;
 mod credentials;
 mod file;
+mod keys;
 mod listener;
 mod token;
 mod validate;
@@ -23,7 +24,6 @@ use std::time::Duration;
 
 use http::Uri;
 
-use crate::secret::SecretSource;
 pub use credentials::{Assertion, ClientAuth, Dpop, Identity, JwsAlg, DEFAULT_ASSERTION_LIFETIME};
 use validate::Validator;
 
