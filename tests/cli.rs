@@ -706,3 +706,114 @@ fn public_jwk_says_why_there_is_nothing_to_print() {
 fn payments_token_with_dpop() -> Token {
     support::config::payments_token().set("dpop", true)
 }
+
+// ---------------------------------------------------------------------------------------------
+// What a newcomer reads: the log and the refusals say what happened
+// ---------------------------------------------------------------------------------------------
+
+/// The first line `daemon` logged that holds `text`, waiting for it up to [`PATIENCE`].
+fn wait_for_line(daemon: &Daemon, text: &str) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let found = daemon
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|line| line.contains(text))
+            .cloned();
+        if let Some(line) = found {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in {:?}",
+            daemon.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_the_cache_is_logged_as_taken_from_it_not_as_fetched() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigBuilder::new()
+        .upstream(
+            Upstream::new("api", "http://127.0.0.1:9")
+                .token(Token::new(&endpoint.url("/token"), "app").secret("pw")),
+        )
+        .table(
+            "cache",
+            support::config::Table::new()
+                .set("backend", string("file"))
+                .set("dir", string("tokens")),
+        )
+        .render();
+    let path = write_config(dir.path(), &config);
+
+    // The first run fetches the token (and stores it on the way).
+    let mut first = Daemon::start(&path);
+    wait_for_line(&first, "token fetched");
+    first.signal("TERM");
+    assert!(first.wait_exit().success());
+    assert_eq!(endpoint.count(), 1);
+
+    // The second takes it from the cache, and says so, with the backend.
+    let second = Daemon::start(&path);
+    let line = wait_for_line(&second, "token taken from the cache");
+    assert!(
+        line.contains("backend=\"file\"") && line.contains("upstream=api"),
+        "{line}"
+    );
+    assert!(
+        !second
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("token fetched")),
+        "{:?}",
+        second.log.lock().unwrap()
+    );
+    assert_eq!(endpoint.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_host_on_a_path_no_route_takes_is_not_called_an_unknown_host() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigBuilder::new()
+        .listener(
+            support::config::Listener::new("forward").route(
+                support::config::Route::named("v2")
+                    .host("api.example.test")
+                    .path_prefix("/v2")
+                    .url("http://127.0.0.1:9")
+                    .token(Token::new(&endpoint.url("/token"), "app").secret("pw")),
+            ),
+        )
+        .render();
+    let daemon = Daemon::start(&write_config(dir.path(), &config));
+    let addr = daemon.listen_addr("v2");
+    let answer = support::raw::exchange(
+        addr,
+        b"GET http://api.example.test/v1/x HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(support::raw::status_of(&answer), 403, "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(json["error"], "host_not_served", "{json}");
+    let detail = json["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("no route of this forward proxy takes this host and path")
+            && !detail.contains("not among them"),
+        "{detail}"
+    );
+    // The route table is the operator's: neither its host nor its prefix is told.
+    assert!(
+        !detail.contains("api.example.test") && !detail.contains("/v2"),
+        "{detail}"
+    );
+}
