@@ -173,7 +173,7 @@ fn invalid_config_exits_2_naming_file_line_and_key() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(
         stderr.starts_with(&format!(
-            "{path}:10:1: upstream[0].token.audiense: unknown field `audiense`"
+            "{path}:10:1: upstream[0].token.audiense: unknown key `audiense`; did you mean `audience`?"
         )),
         "{stderr}"
     );
