@@ -64,7 +64,7 @@ pub enum ProxyError {
     /// routes, so the message blames neither alone; it names no route, host or prefix, which
     /// are the operator's to tell.
     #[error(
-        "no route of this forward proxy takes this host and path: a request is forwarded only when its host is one a route names and its path is within that route's path_prefix"
+        "no route of this forward proxy takes this host and path: bearerd forwards requests to the hosts of its routes only, and on each host only the paths within a route's path_prefix"
     )]
     HostNotServed,
 
