@@ -15,9 +15,9 @@ use super::file;
 
 /// The keys only a `[[listener.route]]` takes: an `[[upstream]]` takes every request of its
 /// own address.
-pub(super) const ROUTE_ONLY_KEYS: &[&str] = &["host", "path_prefix", "strip_prefix"];
+const ROUTE_ONLY_KEYS: &[&str] = &["host", "path_prefix", "strip_prefix"];
 /// The keys only an `[[upstream]]` takes: a route has its listener's.
-pub(super) const UPSTREAM_ONLY_KEYS: &[&str] = &["listen", "allow_from"];
+const UPSTREAM_ONLY_KEYS: &[&str] = &["listen", "allow_from"];
 
 /// A table of the file: where it stands (key names, array indices left out), how the file
 /// writes its header, and its keys.
