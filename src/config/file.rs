@@ -380,6 +380,7 @@ impl Visitor<'_> for TextWithUnit {
     }
 }
 
+/// `[[upstream]]`, refusing `[upstream]`.
 fn upstream_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Spanned<Upstream>>, D::Error> {
     d.deserialize_seq(Tables::new(
         "upstream",
@@ -389,6 +390,7 @@ fn upstream_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Spanned<Upstre
     ))
 }
 
+/// `[[listener]]`, refusing `[listener]`.
 fn listener_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Spanned<Listener>>, D::Error> {
     d.deserialize_seq(Tables::new(
         "listener",
@@ -398,6 +400,7 @@ fn listener_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Spanned<Listen
     ))
 }
 
+/// `[[listener.route]]`, refusing `[listener.route]`.
 fn route_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Spanned<Upstream>>, D::Error> {
     d.deserialize_seq(Tables::new(
         "listener.route",

@@ -207,6 +207,7 @@ impl Validator<'_> {
         }
     }
 
+    /// `[server]`, each key its default when not written.
     fn server(&mut self, raw: Option<&file::Server>) -> Server {
         let server_duration =
             |v: &mut Self,
@@ -268,6 +269,7 @@ impl Validator<'_> {
         }
     }
 
+    /// `[log]`: the level must be a filter `tracing` accepts.
     fn log(&mut self, raw: Option<&file::Log>) -> Log {
         let level = match raw.and_then(|l| l.level.as_ref()) {
             Some(level) => {
@@ -292,6 +294,7 @@ impl Validator<'_> {
         }
     }
 
+    /// Records a problem at the byte offset where `span` starts.
     pub(super) fn problem(
         &mut self,
         span: Range<usize>,

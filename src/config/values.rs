@@ -105,6 +105,7 @@ pub(super) fn networks(
         .collect()
 }
 
+/// An absolute `http` or `https` URL with a host and a valid port.
 fn absolute_url(v: &mut Validator<'_>, value: &Spanned<String>, key: &str) -> Option<Uri> {
     let text = value.get_ref();
     let uri: Uri = match text.parse() {
