@@ -10,6 +10,7 @@
 mod client_auth;
 mod credentials;
 mod file;
+mod keys;
 mod listener;
 mod token;
 mod validate;
@@ -23,7 +24,6 @@ use std::time::Duration;
 
 use http::Uri;
 
-use crate::secret::SecretSource;
 pub use credentials::{Assertion, ClientAuth, Dpop, Identity, JwsAlg, DEFAULT_ASSERTION_LIFETIME};
 use validate::Validator;
 
@@ -296,6 +296,23 @@ pub struct TokenSettings {
     pub backoff_base: Duration,
     /// See [`DEFAULT_BACKOFF_CAP`].
     pub backoff_cap: Duration,
+}
+
+impl TokenSettings {
+    /// The private-key files the token source reads: the assertion key, the client
+    /// certificate's key, the DPoP key.
+    pub fn key_files(&self) -> Vec<&Path> {
+        let mut files = Vec::new();
+        match &self.auth {
+            ClientAuth::PrivateKeyJwt { key_file, .. } => files.push(key_file.as_path()),
+            ClientAuth::TlsClientAuth { identity } => files.push(identity.key_file.as_path()),
+            _ => {}
+        }
+        if let Some(path) = self.dpop.as_ref().and_then(|d| d.key_file.as_ref()) {
+            files.push(path.as_path());
+        }
+        files
+    }
 }
 
 /// `[upstream.tls]`

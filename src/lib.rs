@@ -22,7 +22,7 @@
 //!   owns), `/metrics`, `/healthz`, `/readyz`;
 //! - [`sidecar`]: all of the above started from a config, reloaded by a plan (what to keep,
 //!   start and stop), and shut down;
-//! - [`check`]: what `bearerd --check` prints.
+//! - [`check`]: what `bearerd --check` prints; [`jwk`]: what `bearerd --public-jwk` prints.
 //!
 //! [`start`] returns a [`Running`] sidecar; tests start one in-process on port 0 and read its
 //! addresses from it, and `main.rs` drives it with signals.
@@ -33,6 +33,7 @@ pub mod config;
 mod errors;
 mod files;
 mod jose;
+pub mod jwk;
 mod listener;
 pub mod metrics;
 pub mod proxy;

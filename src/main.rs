@@ -30,6 +30,12 @@ struct Cli {
     /// With --fetch-token: print the access token too.
     #[arg(long, requires = "fetch_token")]
     show_token: bool,
+
+    /// Print the public keys of UPSTREAM (its private_key_jwt key, its DPoP key_file) as a
+    /// JWK Set with `kid`, to register with the identity provider, and exit. Never prints
+    /// private key material.
+    #[arg(long, value_name = "UPSTREAM", conflicts_with_all = ["check", "fetch_token"])]
+    public_jwk: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -42,6 +48,19 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config.log);
+
+    if let Some(upstream) = &cli.public_jwk {
+        return match bearerd::jwk::public_jwk(&config, upstream) {
+            Ok(set) => {
+                print!("{set}");
+                ExitCode::SUCCESS
+            }
+            Err(problem) => {
+                eprintln!("{problem}");
+                ExitCode::from(1)
+            }
+        };
+    }
 
     if cli.check {
         return match bearerd::check::check(&config) {

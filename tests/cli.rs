@@ -236,7 +236,7 @@ fn invalid_config_exits_2_naming_file_line_and_key() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(
         stderr.starts_with(&format!(
-            "{path}:10:1: upstream[0].token.audiense: unknown field `audiense`"
+            "{path}:10:1: upstream[0].token.audiense: unknown key `audiense`; did you mean `audience`?"
         )),
         "{stderr}"
     );
@@ -561,5 +561,322 @@ async fn fetch_token_reports_the_outcome_and_hides_the_token_unless_asked() {
     assert!(
         stderr.contains("status 401 Unauthorized, error \"invalid_client\": bad secret"),
         "{stderr}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// `--public-jwk NAME`: the upstream's public keys, to register with the identity provider
+// ---------------------------------------------------------------------------------------------
+
+/// A test key of tests/fixtures/keys.
+fn fixture_key(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/keys")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The PKCS#8 DER of a fixture key.
+fn fixture_pkcs8(name: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::PrivateKeyDer::from_pem_file(fixture_key(name)).unwrap();
+    der.secret_der().to_vec()
+}
+
+fn b64(text: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text.as_str().unwrap())
+        .unwrap()
+}
+
+/// The RFC 7638 §3 thumbprint of `jwk`, worked out here from its required members.
+fn thumbprint_of(jwk: &serde_json::Value, members: &[&str]) -> String {
+    use base64::Engine;
+    let fields: Vec<String> = members
+        .iter()
+        .map(|m| format!("\"{m}\":\"{}\"", jwk[*m].as_str().unwrap()))
+        .collect();
+    let canonical = format!("{{{}}}", fields.join(","));
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        canonical.as_bytes(),
+    ))
+}
+
+/// A `private_key_jwt` upstream `name` signing with the fixture `key`.
+fn private_key_jwt(name: &str, key: &str) -> Token {
+    Token::new("https://auth.example.com/oauth/token", name)
+        .auth("private_key_jwt")
+        .set("private_key_file", string(&fixture_key(key)))
+}
+
+/// `bearerd --config <config> --public-jwk <name>`, with the config written to a new directory.
+fn public_jwk(config: &str, name: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), config);
+    bearerd(&["--config", &path, "--public-jwk", name])
+}
+
+/// The members a key of `kty` may show: public ones and metadata, never `d`, `p`, `q`, `dp`,
+/// `dq`, `qi` or `k`.
+fn assert_public_only(jwk: &serde_json::Value) {
+    let allowed: &[&str] = match jwk["kty"].as_str().unwrap() {
+        "RSA" => &["kty", "n", "e", "kid", "use", "alg", "x5t#S256"],
+        "EC" => &["kty", "crv", "x", "y", "kid", "use", "alg", "x5t#S256"],
+        "OKP" => &["kty", "crv", "x", "kid", "use", "alg", "x5t#S256"],
+        other => panic!("kty {other}"),
+    };
+    for member in jwk.as_object().unwrap().keys() {
+        assert!(allowed.contains(&member.as_str()), "{member} in {jwk}");
+    }
+}
+
+#[test]
+fn public_jwk_prints_the_assertion_and_dpop_keys_that_verify_their_signatures() {
+    use ring::signature::{self, KeyPair};
+    let config = ConfigBuilder::empty()
+        .upstream(
+            Upstream::new("ec", "https://api.example.com")
+                .listen("127.0.0.1:8081")
+                .token(
+                    private_key_jwt("ec", "ec-p256.pem")
+                        .set("key_id", string("ec-2026"))
+                        .set("dpop", true)
+                        .set("dpop_key_file", string(&fixture_key("ed25519.pem"))),
+                ),
+        )
+        .upstream(
+            Upstream::new("rsa", "https://api.example.com")
+                .listen("127.0.0.1:8082")
+                .token(
+                    private_key_jwt("rsa", "rsa-2048.pem").set("assertion_alg", string("PS256")),
+                ),
+        )
+        .render();
+
+    let output = public_jwk(&config, "ec");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let set: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let [assertion, dpop] = set["keys"].as_array().unwrap().as_slice() else {
+        panic!("two keys expected: {set}")
+    };
+    for jwk in [assertion, dpop] {
+        assert_public_only(jwk);
+        assert_eq!(jwk["use"], "sig", "{jwk}");
+    }
+    // The assertion key: its configured kid, and the public point of the fixture key, which
+    // verifies what the private key signs.
+    assert_eq!(assertion["kid"], "ec-2026");
+    assert_eq!(
+        (&assertion["kty"], &assertion["crv"], &assertion["alg"]),
+        (&"EC".into(), &"P-256".into(), &"ES256".into())
+    );
+    let rng = ring::rand::SystemRandom::new();
+    let message = b"a client assertion";
+    let ec = signature::EcdsaKeyPair::from_pkcs8(
+        &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &fixture_pkcs8("ec-p256.pem"),
+        &rng,
+    )
+    .unwrap();
+    let signed = ec.sign(&rng, message).unwrap();
+    let point = [vec![4u8], b64(&assertion["x"]), b64(&assertion["y"])].concat();
+    assert_eq!(point, ec.public_key().as_ref());
+    signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &point)
+        .verify(message, signed.as_ref())
+        .unwrap();
+    // The DPoP key: no key_id of its own, so its thumbprint, which is its `jkt`.
+    assert_eq!(
+        (&dpop["kty"], &dpop["crv"]),
+        (&"OKP".into(), &"Ed25519".into())
+    );
+    assert_eq!(dpop["kid"], thumbprint_of(dpop, &["crv", "kty", "x"]));
+    let ed = signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&fixture_pkcs8("ed25519.pem"))
+        .unwrap();
+    signature::UnparsedPublicKey::new(&signature::ED25519, b64(&dpop["x"]))
+        .verify(message, ed.sign(message).as_ref())
+        .unwrap();
+
+    // RSA, no key_id: the thumbprint is the kid; n and e verify a PS256 signature.
+    let output = public_jwk(&config, "rsa");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let set: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let [rsa] = set["keys"].as_array().unwrap().as_slice() else {
+        panic!("one key expected: {set}")
+    };
+    assert_public_only(rsa);
+    assert_eq!((&rsa["kty"], &rsa["alg"]), (&"RSA".into(), &"PS256".into()));
+    assert_eq!(rsa["kid"], thumbprint_of(rsa, &["e", "kty", "n"]));
+    let key = signature::RsaKeyPair::from_pkcs8(&fixture_pkcs8("rsa-2048.pem")).unwrap();
+    let mut signed = vec![0; key.public().modulus_len()];
+    key.sign(&signature::RSA_PSS_SHA256, &rng, message, &mut signed)
+        .unwrap();
+    signature::RsaPublicKeyComponents {
+        n: b64(&rsa["n"]),
+        e: b64(&rsa["e"]),
+    }
+    .verify(&signature::RSA_PSS_2048_8192_SHA256, message, &signed)
+    .unwrap();
+}
+
+#[test]
+fn public_jwk_says_why_there_is_nothing_to_print() {
+    let config = ConfigBuilder::empty().upstream(payments()).render();
+    let output = public_jwk(&config, "payments");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(output.stdout.is_empty());
+    assert!(
+        stderr.contains(
+            "upstream \"payments\" has no key of its own to publish: its auth is basic (a public key is registered for auth = \"private_key_jwt\"), and dpop is off"
+        ),
+        "{stderr}"
+    );
+    // A DPoP key made at start has no fixed public key either.
+    let config = ConfigBuilder::empty()
+        .upstream(payments().token(payments_token_with_dpop()))
+        .render();
+    let stderr = String::from_utf8(public_jwk(&config, "payments").stderr).unwrap();
+    assert!(stderr.contains("set dpop_key_file to keep one"), "{stderr}");
+
+    let output = public_jwk(&config, "paymnets");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no upstream or route is named \"paymnets\"; the names are payments"),
+        "{stderr}"
+    );
+    // Not with --check or --fetch-token: one thing at a time.
+    let output = bearerd(&["--config", "x.toml", "--check", "--public-jwk", "payments"]);
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
+/// The token table of [`payments`], with DPoP and no key file.
+fn payments_token_with_dpop() -> Token {
+    support::config::payments_token().set("dpop", true)
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a newcomer reads: the log and the refusals say what happened
+// ---------------------------------------------------------------------------------------------
+
+/// The first line `daemon` logged that holds `text`, waiting for it up to [`PATIENCE`].
+fn wait_for_line(daemon: &Daemon, text: &str) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let found = daemon
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|line| line.contains(text))
+            .cloned();
+        if let Some(line) = found {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in {:?}",
+            daemon.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_the_cache_is_logged_as_taken_from_it_not_as_fetched() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigBuilder::new()
+        .upstream(
+            Upstream::new("api", "http://127.0.0.1:9")
+                .token(Token::new(&endpoint.url("/token"), "app").secret("pw")),
+        )
+        .table(
+            "cache",
+            support::config::Table::new()
+                .set("backend", string("file"))
+                .set("dir", string("tokens")),
+        )
+        .render();
+    let path = write_config(dir.path(), &config);
+
+    // The first run fetches the token (and stores it on the way).
+    let mut first = Daemon::start(&path);
+    wait_for_line(&first, "token fetched");
+    first.signal("TERM");
+    assert!(first.wait_exit().success());
+    assert_eq!(endpoint.count(), 1);
+
+    // The second takes it from the cache, and says so, with the backend.
+    let second = Daemon::start(&path);
+    let line = wait_for_line(&second, "token taken from the cache");
+    assert!(
+        line.contains("backend=\"file\"") && line.contains("upstream=api"),
+        "{line}"
+    );
+    assert!(
+        !second
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("token fetched")),
+        "{:?}",
+        second.log.lock().unwrap()
+    );
+    assert_eq!(endpoint.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_host_on_a_path_no_route_takes_is_not_called_an_unknown_host() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigBuilder::new()
+        .listener(
+            support::config::Listener::new("forward").route(
+                support::config::Route::named("v2")
+                    .host("api.example.test")
+                    .path_prefix("/v2")
+                    .url("http://127.0.0.1:9")
+                    .token(Token::new(&endpoint.url("/token"), "app").secret("pw")),
+            ),
+        )
+        .render();
+    let daemon = Daemon::start(&write_config(dir.path(), &config));
+    let addr = daemon.listen_addr("v2");
+    let answer = support::raw::exchange(
+        addr,
+        b"GET http://api.example.test/v1/x HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(support::raw::status_of(&answer), 403, "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(json["error"], "host_not_served", "{json}");
+    let detail = json["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("no route of this forward proxy takes this host and path")
+            && !detail.contains("not among them"),
+        "{detail}"
+    );
+    // The route table is the operator's: neither its host nor its prefix is told.
+    assert!(
+        !detail.contains("api.example.test") && !detail.contains("/v2"),
+        "{detail}"
     );
 }

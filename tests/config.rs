@@ -163,7 +163,7 @@ fn unknown_key() {
     );
     assert!(
         errors(&text).starts_with(
-            "/etc/bearerd/bearerd.toml:8:1: upstream[0].token.scopes: unknown field `scopes`, expected one of"
+            "/etc/bearerd/bearerd.toml:8:1: upstream[0].token.scopes: unknown key `scopes`; did you mean `scope`? The keys of [upstream.token] are `url`, `client_id`,"
         ),
         "{}",
         errors(&text)
@@ -171,7 +171,7 @@ fn unknown_key() {
     let text = format!("{VALID}[upstream.tsl]\nca_file = \"x\"\n");
     assert!(
         errors(&text)
-            .starts_with("/etc/bearerd/bearerd.toml:10:11: upstream[0].tsl: unknown field `tsl`"),
+            .starts_with("/etc/bearerd/bearerd.toml:10:11: upstream[0].tsl: unknown key `tsl`; did you mean `tls`?"),
         "{}",
         errors(&text)
     );
@@ -616,4 +616,133 @@ fn check_prints_the_route_table_and_shadowed_routes() {
         out.contains("listener 127.0.0.1:3128 (forward proxy (HTTP_PROXY): the requested host and path), routes in match order:\n  1. payments: api.payments.example, /v2 (stripped) -> https://api.payments.example/\n  2. orders: api.payments.example, /v2 -> https://orders.example/\n  WARNING: route orders can never match: payments comes first and takes the same requests"),
         "{out}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a newcomer trips on: each mistake gets the message an expert would give, still naming
+// the file, line, column and key.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_single_table_where_an_array_of_tables_belongs_says_to_double_the_brackets() {
+    let text = VALID.replace("[[upstream]]", "[upstream]");
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:1:1: upstream: `upstream` is an array of tables: write [[upstream]] (two brackets) at the head of each upstream, not [upstream]"
+    );
+    let listener = LISTENER.replace("[[listener]]", "[listener]");
+    assert!(
+        errors(&listener).contains(
+            "listener: `listener` is an array of tables: write [[listener]] (two brackets) at the head of each listener, not [listener]"
+        ),
+        "{}",
+        errors(&listener)
+    );
+    let route = "[[listener]]\nlisten = \"127.0.0.1:3128\"\n\n[listener.route]\nname = \"a\"\n";
+    assert_eq!(
+        errors(route),
+        "/etc/bearerd/bearerd.toml:4:1: listener[0].route: `listener.route` is an array of tables: write [[listener.route]] (two brackets) at the head of each route, below its [[listener]], not [listener.route]"
+    );
+}
+
+#[test]
+fn a_number_where_a_duration_or_size_belongs_says_to_write_the_unit() {
+    let text = only(payments().token(payments_token().set("timeout", 10))); // line 10
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:10:11: upstream[0].token.timeout: 10 has no unit: a duration is written as a string such as \"10s\", \"500ms\" or \"1m\" (\"10s\" for 10 seconds)"
+    );
+    let text = only(payments().set("connect_timeout", 1.5)); // line 5
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:5:19: upstream[0].connect_timeout: 1.5 has no unit: a duration is written as a string such as \"10s\", \"500ms\" or \"1m\""
+    );
+    let text = only(payments().set("response_header_timeout", true));
+    assert!(
+        errors(&text).contains(
+            "upstream[0].response_header_timeout: invalid type: boolean `true`, expected a duration such as \"10s\", \"500ms\" or \"1m\""
+        ),
+        "{}",
+        errors(&text)
+    );
+    let text = ConfigBuilder::empty()
+        .server(Server::new().set("replay_memory", 16_777_216))
+        .upstream(payments())
+        .render();
+    assert_eq!(
+        errors(&text),
+        "/etc/bearerd/bearerd.toml:2:17: server.replay_memory: 16777216 has no unit: a size is written as a string such as \"16MiB\", \"512KiB\" or \"4096B\" (\"16777216B\" for 16777216 bytes)"
+    );
+}
+
+#[test]
+fn a_misspelt_key_gets_the_nearest_key_of_its_own_table() {
+    let cases = [
+        // A slip of one letter, of case, of a dash for an underscore, of two letters swapped.
+        (
+            only(payments().token(payments_token().set("scopes", string("read")))),
+            "10:1: upstream[0].token.scopes: unknown key `scopes`; did you mean `scope`?",
+        ),
+        (
+            only(payments().token(payments_token().set("Client-Secret", string("s")))),
+            "did you mean `client_secret`?",
+        ),
+        (
+            only(payments().set("conect_timeout", string("5s"))),
+            "5:1: upstream[0].conect_timeout: unknown key `conect_timeout`; did you mean `connect_timeout`?",
+        ),
+        (
+            format!("[sever]\nidle_timeout = \"1m\"\n{VALID}"),
+            "1:2: sever: unknown key `sever`; did you mean `server`?",
+        ),
+        // A key written below the header of the wrong table.
+        (
+            only(payments().token(payments_token().set("connect_timeout", string("5s")))),
+            "upstream[0].token.connect_timeout: unknown key `connect_timeout`: it belongs to [[upstream]], not to [upstream.token]",
+        ),
+    ];
+    for (text, expected) in cases {
+        let message = errors(&text);
+        assert!(
+            message.starts_with("/etc/bearerd/bearerd.toml:") && message.contains(expected),
+            "{expected:?} in:\n{message}"
+        );
+    }
+    // Nothing near: no guess, only the keys.
+    let text = only(payments().token(payments_token().set("grant", string("x"))));
+    let message = errors(&text);
+    assert!(!message.contains("did you mean"), "{message}");
+    assert!(
+        message.contains("unknown key `grant`. The keys of [upstream.token] are `url`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_keys_offered_are_those_of_the_table_written() {
+    // `[[upstream]]` and `[[listener.route]]` are read by one struct; each is offered its own.
+    let text = only(payments().set("hots", string("api.example.com")));
+    let message = errors(&text);
+    let offered = message
+        .split("The keys of [[upstream]] are ")
+        .nth(1)
+        .unwrap();
+    for key in ["`listen`", "`allow_from`", "`url`", "`token`"] {
+        assert!(offered.contains(key), "{key} in {message}");
+    }
+    for key in ["`host`", "`path_prefix`", "`strip_prefix`"] {
+        assert!(!offered.contains(key), "{key} in {message}");
+    }
+    let text = LISTENER.replace("name = \"orders\"", "name = \"orders\"\nlistn = \"x\"");
+    let message = errors(&text);
+    let offered = message
+        .split("The keys of [[listener.route]] are ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{message}"));
+    for key in ["`host`", "`path_prefix`", "`strip_prefix`", "`url`"] {
+        assert!(offered.contains(key), "{key} in {message}");
+    }
+    for key in ["`listen`", "`allow_from`"] {
+        assert!(!offered.contains(key), "{key} in {message}");
+    }
 }

@@ -7,8 +7,13 @@ use std::path::PathBuf;
 
 use toml::Spanned;
 
+use super::credentials::{
+    Assertion, ClientAuth, Dpop, Identity, JwsAlg, DEFAULT_ASSERTION_LIFETIME,
+};
+use super::file;
 use super::validate::Validator;
-use super::*;
+use super::values::duration;
+use crate::secret::{Secret, SecretSource};
 
 /// The keys only some methods use, and which.
 const METHOD_KEYS: &[(&str, &[file::ClientAuth])] = {
@@ -43,263 +48,260 @@ fn method_name(method: file::ClientAuth) -> &'static str {
 
 /// Where a method-specific key stands in the file, if it is written.
 fn written_at(raw: &file::Token, name: &str) -> Option<Range<usize>> {
-    let path = |v: &Option<Spanned<PathBuf>>| v.as_ref().map(Spanned::span);
-    let text = |v: &Option<Spanned<String>>| v.as_ref().map(Spanned::span);
+    fn at<T>(value: &Option<Spanned<T>>) -> Option<Range<usize>> {
+        value.as_ref().map(Spanned::span)
+    }
     match name {
-        "client_secret_file" => path(&raw.client_secret_file),
-        "client_secret_env" => text(&raw.client_secret_env),
-        "client_secret" => text(&raw.client_secret),
-        "assertion_audience" => text(&raw.assertion_audience),
-        "assertion_lifetime" => text(&raw.assertion_lifetime),
-        "private_key_file" => path(&raw.private_key_file),
-        "assertion_alg" => text(&raw.assertion_alg),
-        "key_id" => text(&raw.key_id),
-        "certificate_file" => path(&raw.certificate_file),
-        "assertion_file" => path(&raw.assertion_file),
-        "cert_file" => path(&raw.cert_file),
-        "key_file" => path(&raw.key_file),
+        "client_secret_file" => at(&raw.client_secret_file),
+        "client_secret_env" => at(&raw.client_secret_env),
+        "client_secret" => at(&raw.client_secret),
+        "assertion_audience" => at(&raw.assertion_audience),
+        "assertion_lifetime" => at(&raw.assertion_lifetime),
+        "private_key_file" => at(&raw.private_key_file),
+        "assertion_alg" => at(&raw.assertion_alg),
+        "key_id" => at(&raw.key_id),
+        "certificate_file" => at(&raw.certificate_file),
+        "assertion_file" => at(&raw.assertion_file),
+        "cert_file" => at(&raw.cert_file),
+        "key_file" => at(&raw.key_file),
         _ => None,
     }
 }
 
-impl Validator<'_> {
-    /// `auth` and the credentials its method needs.
-    pub(super) fn client_auth(
-        &mut self,
-        key: &str,
-        spanned: &Spanned<file::Token>,
-    ) -> Option<ClientAuth> {
-        let raw = spanned.get_ref();
-        let method = raw
-            .auth
-            .as_ref()
-            .map_or(file::ClientAuth::Basic, |a| *a.get_ref());
-        let mut ignored = false;
-        for (name, methods) in METHOD_KEYS {
-            if let Some(span) = written_at(raw, name) {
-                if !methods.contains(&method) {
-                    let users: Vec<&str> = methods.iter().map(|m| method_name(*m)).collect();
-                    self.problem(
-                        span,
-                        format!("{key}.{name}"),
-                        format!(
-                            "is not used by auth = {:?}, only by {}",
-                            method_name(method),
-                            users.join(", ")
-                        ),
-                    );
-                    ignored = true;
-                }
-            }
-        }
-        let auth = match method {
-            file::ClientAuth::Basic => ClientAuth::Basic {
-                secret: self.client_secret(key, spanned)?,
-            },
-            file::ClientAuth::Post => ClientAuth::Post {
-                secret: self.client_secret(key, spanned)?,
-            },
-            file::ClientAuth::ClientSecretJwt => ClientAuth::SecretJwt {
-                secret: self.client_secret(key, spanned)?,
-                assertion: self.assertion(key, raw),
-            },
-            file::ClientAuth::PrivateKeyJwt => ClientAuth::PrivateKeyJwt {
-                key_file: self.required_path(
-                    key,
-                    spanned,
-                    &raw.private_key_file,
-                    "private_key_file",
-                )?,
-                alg: self.jws_alg(
-                    raw.assertion_alg.as_ref(),
-                    &format!("{key}.assertion_alg"),
-                    &[JwsAlg::Rs256, JwsAlg::Ps256, JwsAlg::Es256, JwsAlg::EdDsa],
-                ),
-                key_id: raw.key_id.as_ref().map(|k| k.get_ref().clone()),
-                certificate_file: raw
-                    .certificate_file
-                    .as_ref()
-                    .map(|p| self.base_dir.join(p.get_ref())),
-                assertion: self.assertion(key, raw),
-            },
-            file::ClientAuth::ClientAssertionFile => ClientAuth::AssertionFile {
-                path: self.required_path(key, spanned, &raw.assertion_file, "assertion_file")?,
-            },
-            file::ClientAuth::TlsClientAuth => {
-                let cert_file = self.required_path(key, spanned, &raw.cert_file, "cert_file");
-                let key_file = self.required_path(key, spanned, &raw.key_file, "key_file");
-                ClientAuth::TlsClientAuth {
-                    identity: Identity {
-                        cert_file: cert_file?,
-                        key_file: key_file?,
-                    },
-                }
-            }
-        };
-        (!ignored).then_some(auth)
-    }
-
-    /// `client_id`: required, and not empty, but with `client_assertion_file`.
-    pub(super) fn client_id(
-        &mut self,
-        key: &str,
-        spanned: &Spanned<file::Token>,
-        auth: Option<&ClientAuth>,
-    ) -> Option<String> {
-        match &spanned.get_ref().client_id {
-            Some(id) if id.get_ref().is_empty() => {
-                self.problem(id.span(), format!("{key}.client_id"), "is empty");
-                None
-            }
-            Some(id) => Some(id.get_ref().clone()),
-            None if matches!(auth, Some(ClientAuth::AssertionFile { .. })) => None,
-            None => {
-                self.problem(
-                    spanned.span(),
-                    format!("{key}.client_id"),
-                    "missing: every method but client_assertion_file needs the client_id",
-                );
-                None
-            }
-        }
-    }
-
-    /// `dpop`, `dpop_key_file` and `dpop_alg`.
-    pub(super) fn dpop(&mut self, key: &str, raw: &file::Token) -> Option<Dpop> {
-        let enabled = raw.dpop.as_ref().is_some_and(|d| *d.get_ref());
-        if !enabled {
-            let stray = [
-                (
-                    "dpop_key_file",
-                    raw.dpop_key_file.as_ref().map(Spanned::span),
-                ),
-                ("dpop_alg", raw.dpop_alg.as_ref().map(Spanned::span)),
-            ];
-            for (name, span) in stray {
-                if let Some(span) = span {
-                    self.problem(span, format!("{key}.{name}"), "is set but dpop is not true");
-                }
-            }
-            return None;
-        }
-        let alg = self
-            .jws_alg(
-                raw.dpop_alg.as_ref(),
-                &format!("{key}.dpop_alg"),
-                &[JwsAlg::Es256, JwsAlg::EdDsa],
-            )
-            .unwrap_or(JwsAlg::Es256);
-        Some(Dpop {
-            key_file: raw
-                .dpop_key_file
-                .as_ref()
-                .map(|p| self.base_dir.join(p.get_ref())),
-            alg,
-        })
-    }
-
-    /// `assertion_audience` and `assertion_lifetime`.
-    fn assertion(&mut self, key: &str, raw: &file::Token) -> Assertion {
-        Assertion {
-            audience: raw.assertion_audience.as_ref().map(|a| a.get_ref().clone()),
-            lifetime: self.duration(
-                raw.assertion_lifetime.as_ref(),
-                &format!("{key}.assertion_lifetime"),
-                DEFAULT_ASSERTION_LIFETIME,
-            ),
-        }
-    }
-
-    /// A JWS algorithm among `allowed`; `None` when not written (or wrong, with a problem).
-    fn jws_alg(
-        &mut self,
-        value: Option<&Spanned<String>>,
-        key: &str,
-        allowed: &[JwsAlg],
-    ) -> Option<JwsAlg> {
-        let value = value?;
-        let found = allowed
-            .iter()
-            .copied()
-            .find(|alg| alg.name() == value.get_ref());
-        if found.is_none() {
-            let names: Vec<&str> = allowed.iter().map(|a| a.name()).collect();
-            self.problem(
-                value.span(),
-                key,
-                format!("{:?} is not one of {}", value.get_ref(), names.join(", ")),
-            );
-        }
-        found
-    }
-
-    /// A file the method cannot do without, relative to the config's directory.
-    fn required_path(
-        &mut self,
-        key: &str,
-        spanned: &Spanned<file::Token>,
-        value: &Option<Spanned<PathBuf>>,
-        name: &str,
-    ) -> Option<PathBuf> {
-        match value {
-            Some(path) => Some(self.base_dir.join(path.get_ref())),
-            None => {
-                let method = spanned
-                    .get_ref()
-                    .auth
-                    .as_ref()
-                    .map_or("basic", |a| method_name(*a.get_ref()));
-                self.problem(
-                    spanned.span(),
+/// `auth` and the credentials its method needs.
+pub(super) fn client_auth(
+    v: &mut Validator<'_>,
+    key: &str,
+    spanned: &Spanned<file::Token>,
+) -> Option<ClientAuth> {
+    let raw = spanned.get_ref();
+    let method = raw
+        .auth
+        .as_ref()
+        .map_or(file::ClientAuth::Basic, |a| *a.get_ref());
+    let mut ignored = false;
+    for (name, methods) in METHOD_KEYS {
+        if let Some(span) = written_at(raw, name) {
+            if !methods.contains(&method) {
+                let users: Vec<&str> = methods.iter().map(|m| method_name(*m)).collect();
+                v.problem(
+                    span,
                     format!("{key}.{name}"),
-                    format!("missing: auth = {method:?} needs {name}"),
+                    format!(
+                        "is not used by auth = {:?}, only by {}",
+                        method_name(method),
+                        users.join(", ")
+                    ),
                 );
-                None
+                ignored = true;
             }
         }
     }
-
-    /// Exactly one of `client_secret_file`, `client_secret_env` and `client_secret`.
-    fn client_secret(&mut self, key: &str, spanned: &Spanned<file::Token>) -> Option<SecretSource> {
-        let raw = spanned.get_ref();
-        let sources: Vec<(SecretSource, Range<usize>)> = [
-            raw.client_secret_file.as_ref().map(|p| {
-                (
-                    SecretSource::File(self.base_dir.join(p.get_ref())),
-                    p.span(),
-                )
-            }),
-            raw.client_secret_env
+    let auth = match method {
+        file::ClientAuth::Basic => ClientAuth::Basic {
+            secret: client_secret(v, key, spanned)?,
+        },
+        file::ClientAuth::Post => ClientAuth::Post {
+            secret: client_secret(v, key, spanned)?,
+        },
+        file::ClientAuth::ClientSecretJwt => ClientAuth::SecretJwt {
+            secret: client_secret(v, key, spanned)?,
+            assertion: assertion(v, key, raw),
+        },
+        file::ClientAuth::PrivateKeyJwt => ClientAuth::PrivateKeyJwt {
+            key_file: required_path(v, key, spanned, &raw.private_key_file, "private_key_file")?,
+            alg: jws_alg(
+                v,
+                raw.assertion_alg.as_ref(),
+                &format!("{key}.assertion_alg"),
+                &[JwsAlg::Rs256, JwsAlg::Ps256, JwsAlg::Es256, JwsAlg::EdDsa],
+            ),
+            key_id: raw.key_id.as_ref().map(|k| k.get_ref().clone()),
+            certificate_file: raw
+                .certificate_file
                 .as_ref()
-                .map(|v| (SecretSource::Env(v.get_ref().clone()), v.span())),
-            raw.client_secret.as_ref().map(|s| {
-                (
-                    SecretSource::Inline(crate::secret::Secret::new(s.get_ref().as_str())),
-                    s.span(),
-                )
-            }),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        match <[_; 1]>::try_from(sources) {
-            Ok([(source, _)]) => Some(source),
-            Err(sources) if sources.is_empty() => {
-                self.problem(
-                    spanned.span(),
-                    format!("{key}.client_secret_file"),
-                    "no client secret: set one of client_secret_file, client_secret_env or client_secret",
-                );
-                None
+                .map(|p| v.base_dir.join(p.get_ref())),
+            assertion: assertion(v, key, raw),
+        },
+        file::ClientAuth::ClientAssertionFile => ClientAuth::AssertionFile {
+            path: required_path(v, key, spanned, &raw.assertion_file, "assertion_file")?,
+        },
+        file::ClientAuth::TlsClientAuth => {
+            let cert_file = required_path(v, key, spanned, &raw.cert_file, "cert_file");
+            let key_file = required_path(v, key, spanned, &raw.key_file, "key_file");
+            ClientAuth::TlsClientAuth {
+                identity: Identity {
+                    cert_file: cert_file?,
+                    key_file: key_file?,
+                },
             }
-            Err(sources) => {
-                self.problem(
-                    sources[1].1.clone(),
-                    format!("{key}.client_secret"),
-                    "more than one client secret source: set only one of client_secret_file, client_secret_env or client_secret",
-                );
-                None
+        }
+    };
+    (!ignored).then_some(auth)
+}
+
+/// `client_id`: required, and not empty, but with `client_assertion_file`.
+pub(super) fn client_id(
+    v: &mut Validator<'_>,
+    key: &str,
+    spanned: &Spanned<file::Token>,
+    auth: Option<&ClientAuth>,
+) -> Option<String> {
+    match &spanned.get_ref().client_id {
+        Some(id) if id.get_ref().is_empty() => {
+            v.problem(id.span(), format!("{key}.client_id"), "is empty");
+            None
+        }
+        Some(id) => Some(id.get_ref().clone()),
+        None if matches!(auth, Some(ClientAuth::AssertionFile { .. })) => None,
+        None => {
+            v.problem(
+                spanned.span(),
+                format!("{key}.client_id"),
+                "missing: every method but client_assertion_file needs the client_id",
+            );
+            None
+        }
+    }
+}
+
+/// `dpop`, `dpop_key_file` and `dpop_alg`.
+pub(super) fn dpop(v: &mut Validator<'_>, key: &str, raw: &file::Token) -> Option<Dpop> {
+    let enabled = raw.dpop.as_ref().is_some_and(|d| *d.get_ref());
+    if !enabled {
+        let stray = [
+            (
+                "dpop_key_file",
+                raw.dpop_key_file.as_ref().map(Spanned::span),
+            ),
+            ("dpop_alg", raw.dpop_alg.as_ref().map(Spanned::span)),
+        ];
+        for (name, span) in stray {
+            if let Some(span) = span {
+                v.problem(span, format!("{key}.{name}"), "is set but dpop is not true");
             }
+        }
+        return None;
+    }
+    let alg = jws_alg(
+        v,
+        raw.dpop_alg.as_ref(),
+        &format!("{key}.dpop_alg"),
+        &[JwsAlg::Es256, JwsAlg::EdDsa],
+    )
+    .unwrap_or(JwsAlg::Es256);
+    Some(Dpop {
+        key_file: raw
+            .dpop_key_file
+            .as_ref()
+            .map(|p| v.base_dir.join(p.get_ref())),
+        alg,
+    })
+}
+
+/// `assertion_audience` and `assertion_lifetime`.
+fn assertion(v: &mut Validator<'_>, key: &str, raw: &file::Token) -> Assertion {
+    Assertion {
+        audience: raw.assertion_audience.as_ref().map(|a| a.get_ref().clone()),
+        lifetime: duration(
+            v,
+            raw.assertion_lifetime.as_ref(),
+            &format!("{key}.assertion_lifetime"),
+            DEFAULT_ASSERTION_LIFETIME,
+        ),
+    }
+}
+
+/// A JWS algorithm among `allowed`; `None` when not written (or wrong, with a problem).
+fn jws_alg(
+    v: &mut Validator<'_>,
+    value: Option<&Spanned<String>>,
+    key: &str,
+    allowed: &[JwsAlg],
+) -> Option<JwsAlg> {
+    let value = value?;
+    let found = allowed
+        .iter()
+        .copied()
+        .find(|alg| alg.name() == value.get_ref());
+    if found.is_none() {
+        let names: Vec<&str> = allowed.iter().map(|a| a.name()).collect();
+        v.problem(
+            value.span(),
+            key,
+            format!("{:?} is not one of {}", value.get_ref(), names.join(", ")),
+        );
+    }
+    found
+}
+
+/// A file the method cannot do without, relative to the config's directory.
+fn required_path(
+    v: &mut Validator<'_>,
+    key: &str,
+    spanned: &Spanned<file::Token>,
+    value: &Option<Spanned<PathBuf>>,
+    name: &str,
+) -> Option<PathBuf> {
+    match value {
+        Some(path) => Some(v.base_dir.join(path.get_ref())),
+        None => {
+            let method = spanned
+                .get_ref()
+                .auth
+                .as_ref()
+                .map_or("basic", |a| method_name(*a.get_ref()));
+            v.problem(
+                spanned.span(),
+                format!("{key}.{name}"),
+                format!("missing: auth = {method:?} needs {name}"),
+            );
+            None
+        }
+    }
+}
+
+/// Exactly one of `client_secret_file`, `client_secret_env` and `client_secret`.
+fn client_secret(
+    v: &mut Validator<'_>,
+    key: &str,
+    spanned: &Spanned<file::Token>,
+) -> Option<SecretSource> {
+    let raw = spanned.get_ref();
+    let sources: Vec<(SecretSource, Range<usize>)> = [
+        raw.client_secret_file
+            .as_ref()
+            .map(|p| (SecretSource::File(v.base_dir.join(p.get_ref())), p.span())),
+        raw.client_secret_env
+            .as_ref()
+            .map(|v| (SecretSource::Env(v.get_ref().clone()), v.span())),
+        raw.client_secret.as_ref().map(|s| {
+            (
+                SecretSource::Inline(Secret::new(s.get_ref().as_str())),
+                s.span(),
+            )
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match <[_; 1]>::try_from(sources) {
+        Ok([(source, _)]) => Some(source),
+        Err(sources) if sources.is_empty() => {
+            v.problem(
+                spanned.span(),
+                format!("{key}.client_secret_file"),
+                "no client secret: set one of client_secret_file, client_secret_env or client_secret",
+            );
+            None
+        }
+        Err(sources) => {
+            v.problem(
+                sources[1].1.clone(),
+                format!("{key}.client_secret"),
+                "more than one client secret source: set only one of client_secret_file, client_secret_env or client_secret",
+            );
+            None
         }
     }
 }

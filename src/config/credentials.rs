@@ -2,10 +2,9 @@
 //! endpoint ([`ClientAuth`], each method with what it needs), client certificates, and DPoP.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use super::TokenSettings;
 use crate::secret::SecretSource;
 
 /// Client authentication at the token endpoint (RFC 6749 §2.3): the method and the
@@ -81,23 +80,6 @@ impl ClientAuth {
             | Self::AssertionFile { .. }
             | Self::TlsClientAuth { .. } => None,
         }
-    }
-}
-
-impl TokenSettings {
-    /// The private-key files the token source reads: the assertion key, the client
-    /// certificate's key, the DPoP key.
-    pub fn key_files(&self) -> Vec<&Path> {
-        let mut files = Vec::new();
-        match &self.auth {
-            ClientAuth::PrivateKeyJwt { key_file, .. } => files.push(key_file.as_path()),
-            ClientAuth::TlsClientAuth { identity } => files.push(identity.key_file.as_path()),
-            _ => {}
-        }
-        if let Some(path) = self.dpop.as_ref().and_then(|d| d.key_file.as_ref()) {
-            files.push(path.as_path());
-        }
-        files
     }
 }
 

@@ -5,8 +5,11 @@
 //! types of [`crate::config`] is the validator's job, not serde's.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
 use std::path::PathBuf;
 
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -24,10 +27,10 @@ pub struct File {
     #[serde(default)]
     pub server: Option<Server>,
     /// `[[upstream]]`, one per local listener.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "upstream_tables")]
     pub upstream: Vec<Spanned<Upstream>>,
     /// `[[listener]]`, each with its routes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "listener_tables")]
     pub listener: Vec<Spanned<Listener>>,
     /// `[cache]`
     #[serde(default)]
@@ -51,7 +54,7 @@ pub struct Cache {
     /// redis: prefix of every key.
     pub key_prefix: Option<Spanned<String>>,
     /// redis: time allowed for each call.
-    pub timeout: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<DurationText>>,
 }
 
 /// `backend = "file" | "redis"`
@@ -79,19 +82,19 @@ pub struct Admin {
 #[serde(deny_unknown_fields)]
 pub struct Server {
     /// Time in-flight requests get to finish after SIGTERM.
-    pub shutdown_grace: Option<Spanned<String>>,
+    pub shutdown_grace: Option<Spanned<DurationText>>,
     /// Time a client may take to send a request head.
-    pub header_read_timeout: Option<Spanned<String>>,
+    pub header_read_timeout: Option<Spanned<DurationText>>,
     /// Time a kept-alive connection may wait for its next request.
-    pub idle_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<DurationText>>,
     /// Largest request head, in bytes.
     pub max_header_bytes: Option<Spanned<i64>>,
     /// Connections each listener holds at once.
     pub max_connections: Option<Spanned<i64>>,
     /// Time a request body may make no progress.
-    pub body_idle_timeout: Option<Spanned<String>>,
+    pub body_idle_timeout: Option<Spanned<DurationText>>,
     /// Total of request bodies kept for a 401 replay, such as "16MiB".
-    pub replay_memory: Option<Spanned<String>>,
+    pub replay_memory: Option<Spanned<SizeText>>,
 }
 
 /// `[log]`
@@ -130,7 +133,7 @@ pub struct Listener {
     /// Networks (CIDRs) whose peers may connect; required for a non-loopback `listen`.
     pub allow_from: Option<Spanned<Vec<Spanned<String>>>>,
     /// `[[listener.route]]`, in match order.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "route_tables")]
     pub route: Vec<Spanned<Upstream>>,
 }
 
@@ -162,9 +165,9 @@ pub struct Upstream {
     /// Where requests go: scheme, host, optional port and base path.
     pub url: Spanned<String>,
     /// Time allowed to open the TCP connection to the upstream.
-    pub connect_timeout: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<DurationText>>,
     /// Time allowed from sending a request until the upstream's response headers arrive.
-    pub response_header_timeout: Option<Spanned<String>>,
+    pub response_header_timeout: Option<Spanned<DurationText>>,
     /// Replay a request once with a new token when the upstream answers 401.
     #[serde(default)]
     pub retry_on_401: Option<bool>,
@@ -207,7 +210,7 @@ pub struct Token {
     /// Both JWT methods: the assertion's `aud`, when not the token URL.
     pub assertion_audience: Option<Spanned<String>>,
     /// Both JWT methods: how long an assertion is valid.
-    pub assertion_lifetime: Option<Spanned<String>>,
+    pub assertion_lifetime: Option<Spanned<DurationText>>,
     /// `client_assertion_file`: the file holding an assertion made by someone else.
     pub assertion_file: Option<Spanned<PathBuf>>,
     /// `tls_client_auth`: the PEM client certificate (chain).
@@ -230,17 +233,17 @@ pub struct Token {
     #[serde(default)]
     pub params: Option<Spanned<BTreeMap<String, String>>>,
     /// Time allowed for one whole token request.
-    pub timeout: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<DurationText>>,
     /// Lifetime assumed when the response says nothing of it.
-    pub default_lifetime: Option<Spanned<String>>,
+    pub default_lifetime: Option<Spanned<DurationText>>,
     /// Longest lifetime believed, whatever the response says.
-    pub max_lifetime: Option<Spanned<String>>,
+    pub max_lifetime: Option<Spanned<DurationText>>,
     /// Allow a plain `http://` token url to a host that is not loopback.
     pub allow_plain_http: Option<bool>,
     /// First wait after a failed token request.
-    pub backoff_base: Option<Spanned<String>>,
+    pub backoff_base: Option<Spanned<DurationText>>,
     /// Longest wait between failed token requests.
-    pub backoff_cap: Option<Spanned<String>>,
+    pub backoff_cap: Option<Spanned<DurationText>>,
 }
 
 /// `auth = "basic" | "post" | ...`; serde names the allowed values in its error.
@@ -287,4 +290,172 @@ pub enum Roots {
     Native,
     /// Only `ca_file`.
     None,
+}
+
+/// A duration as written, such as `"10s"`; the validator parses it. A number is refused here
+/// with the unit it lacks, rather than serde's bare "expected a string".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationText(pub String);
+
+/// A size as written, such as `"16MiB"`; the validator parses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizeText(pub String);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_str(TextWithUnit {
+                what: "a duration",
+                examples: "\"10s\", \"500ms\" or \"1m\"",
+                unit: ("s", "seconds"),
+            })
+            .map(Self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SizeText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_str(TextWithUnit {
+                what: "a size",
+                examples: "\"16MiB\", \"512KiB\" or \"4096B\"",
+                unit: ("B", "bytes"),
+            })
+            .map(Self)
+    }
+}
+
+/// Reads a string that carries a unit; says what to write when given a bare number.
+struct TextWithUnit {
+    /// `a duration`
+    what: &'static str,
+    /// Values to show, quoted as TOML strings.
+    examples: &'static str,
+    /// The unit a bare whole number most likely meant, and its name.
+    unit: (&'static str, &'static str),
+}
+
+impl TextWithUnit {
+    fn bare_number<E: de::Error>(&self, number: impl fmt::Display, whole: bool) -> E {
+        let (what, examples) = (self.what, self.examples);
+        let hint = if whole {
+            format!(
+                " (\"{number}{}\" for {number} {})",
+                self.unit.0, self.unit.1
+            )
+        } else {
+            String::new()
+        };
+        E::custom(format_args!(
+            "{number} has no unit: {what} is written as a string such as {examples}{hint}"
+        ))
+    }
+}
+
+impl Visitor<'_> for TextWithUnit {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} such as {}", self.what, self.examples)
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<String, E> {
+        Ok(text.to_owned())
+    }
+
+    fn visit_string<E: de::Error>(self, text: String) -> Result<String, E> {
+        Ok(text)
+    }
+
+    fn visit_i64<E: de::Error>(self, number: i64) -> Result<String, E> {
+        Err(self.bare_number(number, number >= 0))
+    }
+
+    fn visit_u64<E: de::Error>(self, number: u64) -> Result<String, E> {
+        Err(self.bare_number(number, true))
+    }
+
+    fn visit_f64<E: de::Error>(self, number: f64) -> Result<String, E> {
+        Err(self.bare_number(number, false))
+    }
+}
+
+/// `[[upstream]]`, refusing `[upstream]`.
+fn upstream_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Spanned<Upstream>>, D::Error> {
+    d.deserialize_seq(Tables::new(
+        "upstream",
+        "[[upstream]]",
+        "[upstream]",
+        "at the head of each upstream",
+    ))
+}
+
+/// `[[listener]]`, refusing `[listener]`.
+fn listener_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Spanned<Listener>>, D::Error> {
+    d.deserialize_seq(Tables::new(
+        "listener",
+        "[[listener]]",
+        "[listener]",
+        "at the head of each listener",
+    ))
+}
+
+/// `[[listener.route]]`, refusing `[listener.route]`.
+fn route_tables<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Spanned<Upstream>>, D::Error> {
+    d.deserialize_seq(Tables::new(
+        "listener.route",
+        "[[listener.route]]",
+        "[listener.route]",
+        "at the head of each route, below its [[listener]]",
+    ))
+}
+
+/// Reads an array of tables; a single table (`[upstream]` for `[[upstream]]`, the most
+/// common slip) is refused with the header to write instead.
+struct Tables<T> {
+    name: &'static str,
+    header: &'static str,
+    wrong: &'static str,
+    place: &'static str,
+    items: PhantomData<T>,
+}
+
+impl<T> Tables<T> {
+    fn new(
+        name: &'static str,
+        header: &'static str,
+        wrong: &'static str,
+        place: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            header,
+            wrong,
+            place,
+            items: PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for Tables<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an array of tables, each headed {}", self.header)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(items)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<Vec<T>, A::Error> {
+        Err(de::Error::custom(format_args!(
+            "`{}` is an array of tables: write {} (two brackets) {}, not {}",
+            self.name, self.header, self.place, self.wrong
+        )))
+    }
 }

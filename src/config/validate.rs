@@ -1,33 +1,50 @@
 //! The validator: walks the raw file ([`super::file`]), collecting every problem with the
 //! line and key it concerns, and builds the runtime types of [`crate::config`] from it.
 //!
-//! Token settings are checked in `token.rs`, single values (addresses, URLs, durations,
-//! sizes) in `values.rs`.
+//! This file holds the walk's state (the problems found so far), the serde pass, and the
+//! small top-level tables (`[admin]`, `[log]`, `[server]`, `[cache]`). Listeners and routes
+//! are checked in `listener.rs`, token settings in `token.rs` and `client_auth.rs`, single
+//! values (addresses, URLs, durations, sizes) in `values.rs`; unknown keys are explained by
+//! `keys.rs`. Each is a set of functions taking the [`Validator`].
 
 use std::ops::Range;
 use std::path::Path;
 
 use toml::Spanned;
 
-use super::values::parse_size;
-use super::*;
+use super::file;
+use super::keys;
+use super::listener::{check_unique, listeners};
+use super::values::{count, duration, size, socket_addr};
+use super::{
+    Admin, Cache, Config, Log, LogFormat, Problem, Server, DEFAULT_ADMIN_LISTEN,
+    DEFAULT_ADMIN_MAX_CONNECTIONS, DEFAULT_BODY_IDLE_TIMEOUT, DEFAULT_CACHE_KEY_PREFIX,
+    DEFAULT_CACHE_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOG_LEVEL,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_REPLAY_MEMORY,
+    DEFAULT_SHUTDOWN_GRACE, MAX_MAX_CONNECTIONS, MIN_MAX_HEADER_BYTES,
+};
 
 /// Walks the raw file, collecting problems as it goes.
 pub(super) struct Validator<'a> {
+    /// The file's text, to turn byte offsets into lines and columns.
     pub(super) text: &'a str,
+    /// Relative paths in the file are taken from here.
     pub(super) base_dir: &'a Path,
+    /// Every problem found so far.
     pub(super) problems: Vec<Problem>,
 }
 
 impl Validator<'_> {
+    /// The whole file, or `None` when some part could not be built (its problems recorded).
     pub(super) fn file(&mut self, path: &Path) -> Option<Config> {
         let raw = self.deserialize()?;
         let admin_listen = match raw.admin.as_ref().and_then(|a| a.get_ref().listen.as_ref()) {
-            Some(listen) => self.socket_addr(listen, "admin.listen"),
+            Some(listen) => socket_addr(self, listen, "admin.listen"),
             #[allow(clippy::expect_used)] // a constant that a unit test parses
             None => Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid default")),
         };
-        let admin_max_connections = self.count(
+        let admin_max_connections = count(
+            self,
             raw.admin
                 .as_ref()
                 .and_then(|a| a.get_ref().max_connections.as_ref()),
@@ -37,8 +54,8 @@ impl Validator<'_> {
         );
         let log = self.log(raw.log.as_ref());
         let server = self.server(raw.server.as_ref());
-        let (upstreams, listeners) = self.listeners(&raw);
-        self.check_unique(&raw, admin_listen);
+        let (upstreams, listeners) = listeners(self, &raw);
+        check_unique(self, &raw, admin_listen);
         Some(Config {
             path: path.to_owned(),
             admin: Admin {
@@ -143,8 +160,12 @@ impl Validator<'_> {
                         None
                     }
                 };
-                let timeout =
-                    self.duration(raw.timeout.as_ref(), "cache.timeout", DEFAULT_CACHE_TIMEOUT);
+                let timeout = duration(
+                    self,
+                    raw.timeout.as_ref(),
+                    "cache.timeout",
+                    DEFAULT_CACHE_TIMEOUT,
+                );
                 Some(Cache::Redis {
                     url: url?,
                     password_file: raw
@@ -175,72 +196,68 @@ impl Validator<'_> {
             Ok(file) => Some(file),
             Err(e) => {
                 let key = key_path(e.path());
+                // serde lists the fields of the struct, which `[[upstream]]` and
+                // `[[listener.route]]` share; `keys` says which of them this table takes.
+                let unknown = keys::unknown_key(&key_names(e.path()));
                 let inner = e.into_inner();
-                self.problem(inner.span().unwrap_or(0..0), key, inner.message());
+                let message = unknown.unwrap_or_else(|| inner.message().to_owned());
+                self.problem(inner.span().unwrap_or(0..0), key, message);
                 None
             }
         }
     }
 
+    /// `[server]`, each key its default when not written.
     fn server(&mut self, raw: Option<&file::Server>) -> Server {
-        let duration =
+        let server_duration =
             |v: &mut Self,
-             pick: fn(&file::Server) -> Option<&Spanned<String>>,
+             pick: fn(&file::Server) -> Option<&Spanned<file::DurationText>>,
              key: &str,
-             default| { v.duration(raw.and_then(pick), key, default) };
-        let shutdown_grace = duration(
+             default| { duration(v, raw.and_then(pick), key, default) };
+        let shutdown_grace = server_duration(
             self,
             |s| s.shutdown_grace.as_ref(),
             "server.shutdown_grace",
             DEFAULT_SHUTDOWN_GRACE,
         );
-        let header_read_timeout = duration(
+        let header_read_timeout = server_duration(
             self,
             |s| s.header_read_timeout.as_ref(),
             "server.header_read_timeout",
             DEFAULT_HEADER_READ_TIMEOUT,
         );
-        let idle_timeout = duration(
+        let idle_timeout = server_duration(
             self,
             |s| s.idle_timeout.as_ref(),
             "server.idle_timeout",
             DEFAULT_IDLE_TIMEOUT,
         );
-        let max_header_bytes = self.count(
+        let max_header_bytes = count(
+            self,
             raw.and_then(|s| s.max_header_bytes.as_ref()),
             "server.max_header_bytes",
             DEFAULT_MAX_HEADER_BYTES,
             MIN_MAX_HEADER_BYTES..=usize::MAX,
         );
-        let max_connections = self.count(
+        let max_connections = count(
+            self,
             raw.and_then(|s| s.max_connections.as_ref()),
             "server.max_connections",
             DEFAULT_MAX_CONNECTIONS,
             1..=MAX_MAX_CONNECTIONS,
         );
-        let body_idle_timeout = duration(
+        let body_idle_timeout = server_duration(
             self,
             |s| s.body_idle_timeout.as_ref(),
             "server.body_idle_timeout",
             DEFAULT_BODY_IDLE_TIMEOUT,
         );
-        let replay_memory = match raw.and_then(|s| s.replay_memory.as_ref()) {
-            None => DEFAULT_REPLAY_MEMORY,
-            Some(value) => match parse_size(value.get_ref()) {
-                Some(bytes) => bytes,
-                None => {
-                    self.problem(
-                        value.span(),
-                        "server.replay_memory",
-                        format!(
-                            "{:?} is not a size such as \"16MiB\", \"512KiB\" or \"0\"",
-                            value.get_ref()
-                        ),
-                    );
-                    DEFAULT_REPLAY_MEMORY
-                }
-            },
-        };
+        let replay_memory = size(
+            self,
+            raw.and_then(|s| s.replay_memory.as_ref()),
+            "server.replay_memory",
+            DEFAULT_REPLAY_MEMORY,
+        );
         Server {
             shutdown_grace,
             header_read_timeout,
@@ -252,6 +269,7 @@ impl Validator<'_> {
         }
     }
 
+    /// `[log]`: the level must be a filter `tracing` accepts.
     fn log(&mut self, raw: Option<&file::Log>) -> Log {
         let level = match raw.and_then(|l| l.level.as_ref()) {
             Some(level) => {
@@ -276,6 +294,7 @@ impl Validator<'_> {
         }
     }
 
+    /// Records a problem at the byte offset where `span` starts.
     pub(super) fn problem(
         &mut self,
         span: Range<usize>,
@@ -316,6 +335,19 @@ fn key_path(path: &serde_path_to_error::Path) -> String {
     } else {
         key
     }
+}
+
+/// The key names of serde's path from the top, without array indices and the segments
+/// `Spanned` adds: `["upstream", "token", "url"]`.
+fn key_names(path: &serde_path_to_error::Path) -> Vec<&str> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|segment| match segment {
+            Segment::Map { key: name } | Segment::Enum { variant: name } => Some(name.as_str()),
+            Segment::Seq { .. } | Segment::Unknown => None,
+        })
+        .filter(|name| !name.starts_with("$__serde_spanned"))
+        .collect()
 }
 
 /// 1-based line and column (in characters) of a byte offset.

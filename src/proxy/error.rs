@@ -59,10 +59,12 @@ pub enum ProxyError {
     /// No route of the listener matches the request.
     #[error("no route of this listener matches the request")]
     NoRoute,
-    /// A forward listener has no route for the host the request names: bearerd is not an
-    /// open proxy.
+    /// No route of a forward listener takes the request's host and path: bearerd is not an
+    /// open proxy. The host may be one a route names, with a path outside every prefix of its
+    /// routes, so the message blames neither alone; it names no route, host or prefix, which
+    /// are the operator's to tell.
     #[error(
-        "bearerd forwards requests to the hosts of its routes only, and this one is not among them"
+        "no route of this forward proxy takes this host and path: bearerd forwards requests to the hosts of its routes only, and on each host only the paths within a route's path_prefix"
     )]
     HostNotServed,
 
@@ -417,6 +419,19 @@ mod tests {
         assert!(stalled
             .source()
             .is_some_and(|cause| cause.downcast_ref::<AppBodyError>().is_some()));
+    }
+
+    #[test]
+    fn a_refused_host_or_path_is_not_said_to_be_an_unknown_host() {
+        // A served host with a path no route takes lands here too: the detail must hold for
+        // it, and say what to check.
+        let detail = ProxyError::HostNotServed.to_string();
+        assert!(!detail.contains("not among them"), "{detail}");
+        assert!(
+            detail.contains("this host and path") && detail.contains("path_prefix"),
+            "{detail}"
+        );
+        assert_eq!(ProxyError::HostNotServed.status(), StatusCode::FORBIDDEN);
     }
 
     #[test]

@@ -266,6 +266,14 @@ impl CachedFetch {
                 match entry.token() {
                     Some(token) => {
                         self.count("get", "hit");
+                        // No token request was made: the refresher logs "token fetched" for
+                        // those only, and this line says where the token came from instead.
+                        tracing::info!(
+                            upstream = %self.observers.read().map(|o| o.label.clone()).unwrap_or_default(),
+                            backend = self.store.name(),
+                            expires_in = token.lifetime.as_secs(),
+                            "token taken from the cache"
+                        );
                         Some(token)
                     }
                     None => {

@@ -212,16 +212,27 @@ impl Refresher {
                 self.generations += 1;
                 token.generation = self.generations;
                 let delay = schedule::refresh_delay(token.lifetime, fastrand::f64());
-                tracing::info!(
-                    upstream = %label,
-                    outcome = "success",
-                    duration_ms = elapsed.as_millis() as u64,
-                    expires_in = token.lifetime.as_secs(),
-                    lifetime_from = %token.lifetime_source,
-                    refresh_in = delay.as_secs(),
-                    scope = token.scope.as_deref().unwrap_or(""),
-                    "token fetched"
-                );
+                // A token the cache had was not fetched: the cache logged "token taken from
+                // the cache", with its backend.
+                if from_cache {
+                    tracing::debug!(
+                        upstream = %label,
+                        expires_in = token.lifetime.as_secs(),
+                        refresh_in = delay.as_secs(),
+                        "refresh scheduled for the token from the cache"
+                    );
+                } else {
+                    tracing::info!(
+                        upstream = %label,
+                        outcome = "success",
+                        duration_ms = elapsed.as_millis() as u64,
+                        expires_in = token.lifetime.as_secs(),
+                        lifetime_from = %token.lifetime_source,
+                        refresh_in = delay.as_secs(),
+                        scope = token.scope.as_deref().unwrap_or(""),
+                        "token fetched"
+                    );
+                }
                 let next = Instant::now() + delay;
                 self.publish.send_modify(|s| {
                     s.token = Some(Arc::new(token));
