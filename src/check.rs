@@ -29,6 +29,15 @@ pub fn check(config: &Config) -> Result<String, Vec<String>> {
         humantime::format_duration(config.server.body_idle_timeout),
         config.server.replay_memory
     );
+    // The cache's own preparation step, as start runs it: files read, directory checked.
+    if let Some(settings) = &config.cache {
+        match crate::token::cache::prepare(settings) {
+            Ok(prepared) => {
+                let _ = writeln!(out, "{}", prepared.describe());
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
     for upstream in &config.upstreams {
         let token = &upstream.token;
         sources.insert(SourceKey::of(upstream));

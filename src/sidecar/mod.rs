@@ -138,7 +138,8 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let metrics = MetricFamilies::new()?;
     let cache = match &config.cache {
         Some(settings) => {
-            let store = Store::new(settings, metrics.cache_up(settings.backend()))?;
+            let prepared = crate::token::cache::prepare(settings)?;
+            let store = Store::new(prepared, metrics.cache_up(settings.backend()));
             tracing::info!(backend = settings.backend(), "token cache on");
             Some(Arc::new(store))
         }
