@@ -1349,7 +1349,8 @@ fn the_kubernetes_cache_examples_load() {
         let cache = file["cache"].as_table().unwrap();
         assert_eq!(cache["backend"].as_str(), Some(backend), "{example}");
         match backend {
-            "file" => assert_eq!(cache["dir"].as_str(), Some("/var/cache/bearerd")),
+            // A subdirectory of the emptyDir: bearerd makes it 0700 (the emptyDir is not).
+            "file" => assert_eq!(cache["dir"].as_str(), Some("/var/cache/bearerd/tokens")),
             _ => {
                 for key in ["key_file", "password_file"] {
                     let file = cache[key].as_str().unwrap();
