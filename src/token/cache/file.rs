@@ -272,11 +272,10 @@ fn write_atomically(
     Ok(())
 }
 
-async fn blocking<T: Send + 'static, E: Send + 'static>(
-    work: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, E>
+async fn blocking<T, E>(work: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, E>
 where
-    E: From<TaskFailed>,
+    T: Send + 'static,
+    E: From<TaskFailed> + Send + 'static,
 {
     tokio::task::spawn_blocking(work)
         .await

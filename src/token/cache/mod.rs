@@ -118,8 +118,9 @@ pub enum CacheSetupError {
 enum Backend {
     File {
         store: file::FileStore,
-        /// `[cache] key_file`: entries sealed, as in Redis.
-        key: Option<SealingKey>,
+        /// `[cache] key_file`: entries sealed, as in Redis. Boxed, as the Redis store is:
+        /// one per process, and far larger than a directory handle.
+        key: Option<Box<SealingKey>>,
     },
     /// Boxed: one per process, and far larger than a directory handle.
     Redis(Box<redis::RedisStore>),
@@ -152,7 +153,7 @@ pub(crate) fn prepare(settings: &config::Cache) -> Result<Prepared, CacheSetupEr
                     if crate::secret::readable_by_others(path) {
                         loose_key_files.push(path.clone());
                     }
-                    Some(read_key(path)?)
+                    Some(Box::new(read_key(path)?))
                 }
                 None => None,
             };
@@ -335,7 +336,7 @@ impl Store {
     async fn get(&self, digest: &str) -> Result<Option<Entry>, CacheError> {
         let outcome = match &self.backend {
             Backend::File { store, key } => match store.get(digest).await {
-                Ok(Some(bytes)) => entry::decode(&bytes, key.as_ref(), digest)
+                Ok(Some(bytes)) => entry::decode(&bytes, key.as_deref(), digest)
                     .map(Some)
                     .map_err(|e| {
                         CacheError::Unreadable(format!("{}: {e}", store.shown_entry(digest)))
@@ -351,7 +352,7 @@ impl Store {
 
     async fn put(&self, digest: &str, entry: &Entry) -> Result<(), CacheError> {
         let outcome = match &self.backend {
-            Backend::File { store, key } => match entry::encode(entry, key.as_ref(), digest) {
+            Backend::File { store, key } => match entry::encode(entry, key.as_deref(), digest) {
                 Some(bytes) if bytes.len() > MAX_ENTRY_BYTES => {
                     Err(CacheError::TooLarge(bytes.len()))
                 }
@@ -650,6 +651,60 @@ pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The entry opener as a source runs it, for the fuzz target `fuzz/fuzz_targets/cache_entry.rs`;
+/// not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::time::Duration;
+
+    use super::entry::{self, Expected, SealingKey};
+    use crate::token::response::TokenType;
+    use crate::token::Token;
+
+    /// The digest of the source the entries are opened for.
+    pub const DIGEST: &str = "fuzz-source";
+    /// The most an entry may hold.
+    pub const MAX_ENTRY_BYTES: usize = entry::MAX_ENTRY_BYTES;
+
+    /// A fixed key: fuzzing needs reproducible runs, not secrecy.
+    fn key() -> Option<SealingKey> {
+        SealingKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+    }
+
+    /// What a source of [`DIGEST`] (DPoP or Bearer, with `max_lifetime`) takes from `bytes`
+    /// found in its store, in clear or (with `sealed`) sealed with the fixed key; why not,
+    /// as the log would say it.
+    pub fn open(
+        bytes: &[u8],
+        sealed: bool,
+        dpop: bool,
+        max_lifetime: Duration,
+    ) -> Result<Token, String> {
+        let key = if sealed { key() } else { None };
+        let entry = entry::decode(bytes, key.as_ref(), DIGEST).map_err(|e| e.to_string())?;
+        let expected = Expected {
+            kind: if dpop {
+                TokenType::DPoP
+            } else {
+                TokenType::Bearer
+            },
+            max_lifetime,
+        };
+        if !entry.usable_for(DIGEST, &expected) {
+            return Err("not this source's, or expired".into());
+        }
+        entry.token(&expected).map_err(str::to_owned)
+    }
+
+    /// The entry in clear in `bytes`, sealed with the fixed key: what [`open`] with `sealed`
+    /// must take as it took `bytes` in clear.
+    pub fn reseal(bytes: &[u8]) -> Option<Vec<u8>> {
+        let key = key()?;
+        let entry = entry::decode(bytes, None, DIGEST).ok()?;
+        entry::encode(&entry, Some(&key), DIGEST).map(|sealed| sealed.to_vec())
+    }
 }
 
 #[cfg(test)]
