@@ -25,6 +25,12 @@ use super::CacheError;
 const COMPARE_AND_DELETE: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
+/// The first ARGV[1] + 1 bytes of a value (`GETRANGE`), or nil when there is none: GETRANGE
+/// alone answers "" for a missing key, and an empty value is not a missing one.
+const READ_BOUNDED: &str = "\
+if redis.call('exists', KEYS[1]) == 0 then return false end
+return redis.call('getrange', KEYS[1], 0, ARGV[1])";
+
 /// Takes the lease (`SET NX PX`), or, when it is taken, says what holds it: the first 64
 /// bytes of its value (bearerd's are 22) and its time to live in ms (-1: none; a value that
 /// is not a string counts as none). One script, so that what is seen is the lease that
@@ -162,19 +168,16 @@ impl RedisStore {
     }
 
     /// The value under `key`, at most [`MAX_ENTRY_BYTES`] and one more byte of it (so that a
-    /// larger one is told apart and refused); `None` for no value (or an empty one).
+    /// larger one is told apart and refused); `None` when there is no value.
     async fn read(&self, key: String) -> Result<Option<Vec<u8>>, CacheError> {
-        let value: Vec<u8> = self
-            .call(|mut c| async move {
-                redis::cmd("GETRANGE")
-                    .arg(key)
-                    .arg(0)
-                    .arg(MAX_ENTRY_BYTES)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
-        Ok((!value.is_empty()).then_some(value))
+        self.call(|mut c| async move {
+            redis::Script::new(READ_BOUNDED)
+                .key(key)
+                .arg(MAX_ENTRY_BYTES)
+                .invoke_async(&mut c)
+                .await
+        })
+        .await
     }
 
     /// The stored entry, if there is one; one that does not open is an error (a miss).
