@@ -11,6 +11,14 @@
 //! The cache can only save token requests, never cost a request its token: any failure of
 //! the store (down, slow, a tampered or foreign entry) is a miss, and the source fetches as it
 //! would without a cache. An outage is logged once, when it starts, and once when it ends.
+//!
+//! What a store holds is untrusted, whoever wrote it: entries are read bounded, a token is
+//! taken only of its source's type and for at most its `max_lifetime`, and a Redis lease that
+//! bearerd could not have set (no expiry, longer than the token timeout and a second, or still
+//! there after its time) is treated as absent, so that it cannot hold fetches up.
+//!
+//! [`prepare`] is the part of start that `--check` runs too: files read, the directory checked
+//! or made, the URL parsed, nothing connected; [`Store::new`] takes what it made.
 
 mod entry;
 #[cfg(unix)]
