@@ -1479,6 +1479,15 @@ async fn a_large_value_under_bearerds_redis_key_is_not_read() {
     const PLANTED: usize = 64 * 1024 * 1024;
     let setup = Setup::new(LONG_LIFETIME).await;
     let config = setup.redis_config("bearerd.toml", &["api"], 1);
+    // --check says where and how, without connecting.
+    let checked = check(&config);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{checked:?}");
+    assert!(
+        said.contains(&format!("cache: redis {}", setup.redis.url()))
+            && said.contains("sealed (AES-256-GCM)"),
+        "{said}"
+    );
     let first = start_node(&config, &["api"]);
     assert_eq!(first.authorization("api").await, "Bearer tok-api-0");
     first.stop();

@@ -468,3 +468,27 @@ fn a_redis_url_is_shown_without_credentials() {
     );
     assert_eq!(redacted("rediss://host"), "rediss://host");
 }
+
+/// `[cache] key_file` is taken by the file backend too (issue 22); Redis's own keys are not.
+#[test]
+fn the_file_backend_takes_a_key_file() {
+    let upstream = "[[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nurl = \"https://api.example.com\"\n[upstream.token]\nurl = \"https://auth.example.com/t\"\nclient_id = \"app\"\nclient_secret = \"s\"\n";
+    let parse = |cache: &str| {
+        crate::config::Config::parse(
+            Path::new("/etc/bearerd/x.toml"),
+            &format!("{upstream}[cache]\n{cache}"),
+        )
+    };
+    let config = parse("backend = \"file\"\ndir = \"cache\"\nkey_file = \"key\"\n").unwrap();
+    assert_eq!(
+        config.cache,
+        Some(config::Cache::File {
+            dir: "/etc/bearerd/cache".into(),
+            key_file: Some("/etc/bearerd/key".into()),
+        })
+    );
+    let Err(error) = parse("backend = \"file\"\ndir = \"cache\"\nurl = \"redis://r/0\"\n") else {
+        panic!("url with the file backend")
+    };
+    assert!(error.to_string().contains("cache.url"), "{error}");
+}
