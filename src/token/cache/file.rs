@@ -198,8 +198,8 @@ fn read_entry(dir: &OwnedFd, name: &str, owner: u32) -> Result<Option<Vec<u8>>, 
         Ok(fd) => std::fs::File::from(fd),
         Err(Errno::NOENT) => return Ok(None),
         Err(Errno::LOOP) => return unreadable("is a symbolic link, not an entry".into()),
-        // A socket (ENXIO), a directory opened for reading is fine but not a file, a file
-        // bearerd may not read: planted, not an outage.
+        // A socket (ENXIO), a file bearerd may not read: planted, not an outage. (A directory
+        // opens, and is refused below as not a regular file.)
         Err(e @ (Errno::NXIO | Errno::ACCESS | Errno::PERM | Errno::ISDIR)) => {
             return unreadable(format!("cannot be opened as an entry: {e}"))
         }
