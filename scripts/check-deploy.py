@@ -212,17 +212,19 @@ def secret_file_mode(path, mounts):
 
 
 def check_cache(cache, mounts, docs):
-    """`[cache]`: the file backend's directory is a writable emptyDir in memory, of bounded
-    size, mounted by bearerd alone; Redis's key and password are Secrets' files, read-only,
+    """`[cache]`: the file backend's directory is a subdirectory of a writable emptyDir in
+    memory, of bounded size, mounted by bearerd alone (an emptyDir is 0777, or group-writable
+    under fsGroup, which bearerd refuses: it makes the subdirectory itself, 0700); Redis's key and password are Secrets' files, read-only,
     0400 (owner only, before the fsGroup's read), and the URL holds no credentials."""
     backend = cache.get("backend")
     if backend == "file":
-        directory = cache.get("dir", "")
-        mount, volume = mounts.get(directory) or ({}, {})
+        directory = cache.get("dir", "").rstrip("/")
+        parent = directory.rpartition("/")[0]
+        mount, volume = mounts.get(parent) or ({}, {})
         empty = volume.get("emptyDir")
         check(
-            empty is not None and mount.get("readOnly") is not True,
-            f"config: [cache] dir {directory} is an emptyDir, mounted writable",
+            directory not in mounts and empty is not None and mount.get("readOnly") is not True,
+            f"config: [cache] dir {directory} is a subdirectory of an emptyDir, mounted writable",
         )
         check(
             (empty or {}).get("medium") == "Memory" and "sizeLimit" in (empty or {}),

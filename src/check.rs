@@ -47,8 +47,8 @@ fn describe(config: &Config, prepared: &Prepared) -> String {
         duration(config.server.body_idle_timeout),
         size(config.server.replay_memory)
     );
-    if let Some(cache) = &config.cache {
-        let _ = writeln!(out, "cache: {}", describe_cache(cache));
+    if let Some(cache) = &prepared.cache {
+        let _ = writeln!(out, "cache: {}", cache.describe());
         warnings(&mut out, prepared, "[cache]", "");
     }
     for upstream in &config.upstreams {
@@ -151,31 +151,6 @@ fn describe_upstream(out: &mut String, prepared: &Prepared, upstream: &config::U
         }
     }
     warnings(out, prepared, &format!("upstream {}", upstream.name), "");
-}
-
-/// `[cache]` as it would run; `--check` reads its files but never connects.
-fn describe_cache(cache: &config::Cache) -> String {
-    match cache {
-        config::Cache::File { dir } => format!("file, entries in {}", dir.display()),
-        config::Cache::Redis {
-            url,
-            password_file,
-            key_file,
-            key_prefix,
-            timeout,
-        } => {
-            let mut text = format!(
-                // (The config refuses a URL with a user or password in it.)
-                "redis at {url} (not connected by --check), keys {key_prefix:?}*, entries sealed with key_file {}",
-                key_file.display()
-            );
-            if let Some(path) = password_file {
-                let _ = write!(text, ", password from {}", path.display());
-            }
-            let _ = write!(text, ", timeout {}", duration(*timeout));
-            text
-        }
-    }
 }
 
 /// Each warning of `prepared` about `subject` whose message starts with `about`, as a

@@ -78,8 +78,11 @@ pub struct Config {
 pub enum Cache {
     /// A file per token source in `dir` (an `emptyDir` survives a container restart).
     File {
-        /// The directory.
+        /// The directory: bearerd's own, created (0700) when missing.
         dir: PathBuf,
+        /// 32 random bytes in base64: entries are sealed with them (AES-256-GCM), so that a
+        /// file planted in `dir` is not taken. `None`: entries in clear.
+        key_file: Option<PathBuf>,
     },
     /// One Redis shared by every replica, entries encrypted with the key of `key_file`.
     Redis {

@@ -12,6 +12,8 @@
 //! - `metrics`: the token metric families, and each upstream's series of them.
 
 pub(crate) mod cache;
+#[doc(hidden)]
+pub use cache::fuzzing as cache_fuzzing;
 pub(crate) mod client_auth;
 pub(crate) mod credential;
 pub(crate) mod dpop;

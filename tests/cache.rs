@@ -1331,6 +1331,300 @@ async fn cache_metrics_and_a_rejected_token() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Issue 22: a directory, a file or a Redis value that someone else planted
+// ---------------------------------------------------------------------------------------
+
+/// `bearerd --check --config PATH`, run to its end.
+fn check(config: &str) -> std::process::Output {
+    blocking(|| {
+        std::process::Command::new(support::daemon::BIN)
+            .args(["--check", "--config", config])
+            .env_remove("BEARERD_CONFIG")
+            .output()
+            .unwrap()
+    })
+}
+
+/// The file backend's directory: a missing one is made 0700 (by `--check` as by start); one
+/// that others may write in is refused by `--check` and at start, saying why; a cache
+/// key_file that others may read gets the WARN that token key files get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_dir_others_may_write_in_is_refused_by_check_and_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let issuer = Issuer::start(LONG_LIFETIME).await;
+    let upstream = Recorder::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("emptydir/tokens");
+    let text = config_text(&issuer, &upstream, &["api"], file_cache(&cache));
+    let config = write_config(dir.path(), "bearerd.toml", &text);
+
+    let checked = check(&config);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{checked:?}");
+    assert!(said.contains("cache: file, dir"), "{said}");
+    assert!(said.contains("in clear"), "{said}");
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "made by --check, 0700");
+
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let checked = check(&config);
+    let said = String::from_utf8_lossy(&checked.stderr);
+    assert!(
+        !checked.status.success(),
+        "--check accepted a 0777 dir: {checked:?}"
+    );
+    assert!(
+        said.contains("[cache] dir") && said.contains("writable by others (mode 0777)"),
+        "{said}"
+    );
+
+    let mut refused = Daemon::start(&config);
+    let status = blocking(|| refused.wait_exit());
+    assert!(!status.success(), "started with a 0777 cache dir");
+    let log = refused.log.lock().unwrap().join("\n");
+    assert!(log.contains("writable by others (mode 0777)"), "{log}");
+    assert_eq!(issuer.count(), 0);
+
+    // Back to 0700, sealed with a key that others may read: a WARN, as for token key files,
+    // and a WARNING from --check.
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let key = dir.path().join("key");
+    write_key(&key, 3);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let text = config_text(
+        &issuer,
+        &upstream,
+        &["api"],
+        file_cache(&cache).set("key_file", string(key.to_str().unwrap())),
+    );
+    let config = write_config(dir.path(), "sealed.toml", &text);
+    let checked = check(&config);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{checked:?}");
+    assert!(
+        said.contains("sealed (AES-256-GCM)")
+            && said.contains(&format!("WARNING: key file {} is readable", key.display())),
+        "{said}"
+    );
+    let node = start_node(&config, &["api"]);
+    assert_eq!(node.authorization("api").await, "Bearer tok-api-0");
+    let warned = node.daemon.log.lock().unwrap().iter().any(|line| {
+        line.contains("\"level\":\"WARN\"")
+            && line.contains("key file is readable by group or others")
+            && line.contains(key.to_str().unwrap())
+    });
+    assert!(warned, "{:?}", node.daemon.log.lock().unwrap());
+    node.stop();
+}
+
+/// A FIFO planted as a source's entry: the next bearerd started there reads nothing from it
+/// (without O_NONBLOCK and the regular-file check, every request waited on it for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_planted_as_the_entry_does_not_hang_bearerd() {
+    let issuer = Issuer::start(LONG_LIFETIME).await;
+    let upstream = Recorder::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let text = config_text(&issuer, &upstream, &["api"], file_cache(&cache));
+    let config = write_config(dir.path(), "bearerd.toml", &text);
+    let first = start_node(&config, &["api"]);
+    assert_eq!(first.authorization("api").await, "Bearer tok-api-0");
+    first.stop();
+    let entry = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::remove_file(&entry).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&entry)
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    let node = start_node(&config, &["api"]);
+    let Ok(authorization) =
+        tokio::time::timeout(Duration::from_secs(20), node.authorization("api")).await
+    else {
+        panic!("a FIFO as the cache entry held the request (and the token) up");
+    };
+    assert_eq!(authorization, "Bearer tok-api-1");
+    assert_eq!(issuer.count(), 2);
+    let warned = node.cache_lines("WARN");
+    assert!(
+        warned
+            .iter()
+            .any(|line| line.contains("not a regular file")),
+        "{warned:?}"
+    );
+    assert!(
+        std::fs::symlink_metadata(&entry).unwrap().is_file(),
+        "replaced"
+    );
+    node.stop();
+}
+
+/// The digest of the one token source that `node` stored in Redis, from its key.
+fn stored_digest(redis: &Redis) -> String {
+    let keys = blocking(|| redis.keys("bearerd:token:*"));
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys[0].trim_start_matches("bearerd:token:").to_owned()
+}
+
+/// A large value planted under bearerd's Redis key: read 16 KiB of it at most (a miss, and a
+/// new token), not the whole of it (30 MB grew the process to 114 MB, past the manifests' memory limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_value_under_bearerds_redis_key_is_not_read() {
+    const PLANTED: usize = 64 * 1024 * 1024;
+    let setup = Setup::new(LONG_LIFETIME).await;
+    let config = setup.redis_config("bearerd.toml", &["api"], 1);
+    // --check says where and how, without connecting.
+    let checked = check(&config);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{checked:?}");
+    assert!(
+        said.contains(&format!("cache: redis {}", setup.redis.url()))
+            && said.contains("sealed (AES-256-GCM)"),
+        "{said}"
+    );
+    let first = start_node(&config, &["api"]);
+    assert_eq!(first.authorization("api").await, "Bearer tok-api-0");
+    first.stop();
+    let digest = stored_digest(&setup.redis);
+    let key = format!("bearerd:token:{digest}");
+    let large = vec![b'A'; PLANTED];
+    blocking(|| setup.redis.set_keep_ttl(&key, &large));
+
+    let node = start_node(&config, &["api"]);
+    assert_eq!(node.authorization("api").await, "Bearer tok-api-1");
+    let peak = blocking(|| node.daemon.peak_rss_kib());
+    println!("cache-measure: large Redis value: {PLANTED} bytes planted, peak RSS {peak} KiB");
+    let warned = node.cache_lines("WARN");
+    assert!(
+        warned
+            .iter()
+            .any(|line| line.contains("larger than 16384 bytes")),
+        "{warned:?}"
+    );
+    // The reply alone would be the value's size; bearerd's own use is a fraction of it.
+    assert!(
+        peak < (PLANTED / 1024 / 2) as u64,
+        "peak RSS {peak} KiB after a value of {PLANTED} bytes"
+    );
+    node.stop();
+}
+
+/// A lease on the source's fetch that bearerd could not have set: planted without a time to
+/// live, with one far beyond the token timeout, or kept alive under the same value. Each is
+/// treated as absent: the process fetches for itself after a Redis call or two, not after the
+/// token timeout (60 s here; the bound below is a third of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_bearerd_could_not_have_set_is_treated_as_absent() {
+    let setup = Setup::new(LONG_LIFETIME).await;
+    let key = setup.path("key");
+    write_key(&key, 1);
+    let text = ConfigBuilder::new()
+        .log(Log::new().format("json"))
+        .upstream(
+            Upstream::new("api", &setup.upstream.url("api")).token(
+                Token::new(&setup.issuer.url(), "app")
+                    .secret("pw")
+                    .scope("api")
+                    .timeout("60s"),
+            ),
+        )
+        .table("cache", redis_cache(&setup.redis.url(), &key))
+        .render();
+    let config = write_config(setup.dir.path(), "bearerd.toml", &text);
+    let first = start_node(&config, &["api"]);
+    assert_eq!(first.authorization("api").await, "Bearer tok-api-0");
+    first.stop();
+    let digest = stored_digest(&setup.redis);
+    let (token_key, lease_key) = (
+        format!("bearerd:token:{digest}"),
+        format!("bearerd:lease:{digest}"),
+    );
+
+    type Plant = fn(&Redis, &str);
+    let cases: [(&str, Plant, f64); 3] = [
+        (
+            "without a time to live",
+            |redis, lease| redis.set_keep_ttl(lease, b"planted"),
+            0.0,
+        ),
+        (
+            "for an hour",
+            |redis, lease| {
+                redis.cmd(&["SET", lease, "planted", "PX", "3600000"]);
+            },
+            0.0,
+        ),
+        (
+            "kept alive, 1.5 s at a time",
+            |redis, lease| {
+                redis.cmd(&["SET", lease, "kept", "PX", "1500"]);
+            },
+            1.0,
+        ),
+    ];
+    for (n, (case, plant, busy)) in cases.into_iter().enumerate() {
+        blocking(|| {
+            assert_eq!(setup.redis.cmd(&["DEL", &token_key]).integer(), 1, "{case}");
+            plant(&setup.redis, &lease_key);
+        });
+        // The third case's lease is set again and again, as a stuck or hostile process would.
+        let stop = Arc::new(AtomicBool::new(false));
+        let keeper = (busy > 0.0).then(|| {
+            let (stop, addr, lease) = (Arc::clone(&stop), setup.redis.addr(), lease_key.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    support::redis::command_at(
+                        addr,
+                        None,
+                        &[b"SET", lease.as_bytes(), b"kept", b"PX", b"1500"],
+                    );
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+        });
+
+        let before = setup.issuer.count();
+        let node = start_node(&config, &["api"]);
+        let served = tokio::time::timeout(Duration::from_secs(20), node.authorization("api")).await;
+        stop.store(true, Ordering::SeqCst);
+        if let Some(keeper) = keeper {
+            keeper.join().unwrap();
+        }
+        let Ok(authorization) = served else {
+            panic!("{case}: the lease held the first token up for the token timeout");
+        };
+        assert_eq!(authorization, format!("Bearer tok-api-{}", n + 1), "{case}");
+        assert_eq!(
+            setup.issuer.count(),
+            before + 1,
+            "{case}: one token request"
+        );
+        let scrape = node.scrape().await;
+        assert_eq!(
+            counter(&scrape, &op("api", "redis", "lease", "ignored")),
+            1.0,
+            "{case}"
+        );
+        assert_eq!(
+            counter(&scrape, &op("api", "redis", "lease", "busy")),
+            busy,
+            "{case}"
+        );
+        assert_eq!(gauge(&scrape, &cache_up("redis")), 1.0, "{case}");
+        assert!(node.errors().is_empty(), "{case}: {:?}", node.errors());
+        node.stop();
+        blocking(|| setup.redis.cmd(&["DEL", &lease_key]));
+    }
+    setup.upstream.assert_only_issued_tokens(&setup.issuer);
+}
+
+// ---------------------------------------------------------------------------------------
 // The Kubernetes examples
 // ---------------------------------------------------------------------------------------
 
@@ -1349,7 +1643,8 @@ fn the_kubernetes_cache_examples_load() {
         let cache = file["cache"].as_table().unwrap();
         assert_eq!(cache["backend"].as_str(), Some(backend), "{example}");
         match backend {
-            "file" => assert_eq!(cache["dir"].as_str(), Some("/var/cache/bearerd")),
+            // A subdirectory of the emptyDir: bearerd makes it 0700 (the emptyDir is not).
+            "file" => assert_eq!(cache["dir"].as_str(), Some("/var/cache/bearerd/tokens")),
             _ => {
                 for key in ["key_file", "password_file"] {
                     let file = cache[key].as_str().unwrap();

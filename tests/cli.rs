@@ -186,7 +186,10 @@ fn check_prepares_every_cache_backend_and_refuses_a_bad_key() {
         .set("dir", string(entries.to_str().unwrap())));
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.contains(&format!("cache: file, entries in {}", entries.display())),
+        stdout.contains(&format!(
+            "cache: file, dir {} (created, mode 0700)",
+            entries.display()
+        )),
         "{stdout}"
     );
 
@@ -194,7 +197,7 @@ fn check_prepares_every_cache_backend_and_refuses_a_bad_key() {
     let (code, stdout, stderr) = run(redis(&key));
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.contains("cache: redis at redis://127.0.0.1:1/0 (not connected by --check)"),
+        stdout.contains("cache: redis redis://127.0.0.1:1/0, key_prefix \"bearerd:\", timeout 250ms (not connected by --check)"),
         "{stdout}"
     );
 

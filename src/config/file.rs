@@ -49,7 +49,7 @@ pub struct Cache {
     pub url: Option<Spanned<String>>,
     /// redis: file holding the password.
     pub password_file: Option<Spanned<PathBuf>>,
-    /// redis: file holding the 32-byte encryption key, base64.
+    /// file (optional) and redis: file holding the 32-byte encryption key, base64.
     pub key_file: Option<Spanned<PathBuf>>,
     /// redis: prefix of every key.
     pub key_prefix: Option<Spanned<String>>,

@@ -84,7 +84,6 @@ impl Validator<'_> {
                     "password_file",
                     raw.password_file.as_ref().map(Spanned::span),
                 ),
-                ("key_file", raw.key_file.as_ref().map(Spanned::span)),
                 ("key_prefix", raw.key_prefix.as_ref().map(Spanned::span)),
                 ("timeout", raw.timeout.as_ref().map(Spanned::span)),
             ],
@@ -118,6 +117,10 @@ impl Validator<'_> {
                 };
                 Some(Cache::File {
                     dir: self.base_dir.join(dir.get_ref()),
+                    key_file: raw
+                        .key_file
+                        .as_ref()
+                        .map(|p| self.base_dir.join(p.get_ref())),
                 })
             }
             file::CacheBackend::Redis => {

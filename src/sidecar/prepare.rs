@@ -109,8 +109,13 @@ pub fn prepare(config: &Config) -> Prepared {
         findings: Vec::new(),
     };
     if let Some(settings) = &config.cache {
-        match cache::Prepared::new(settings) {
-            Ok(cache) => prepared.cache = Some(cache),
+        match cache::prepare(settings) {
+            Ok(cache) => {
+                for path in cache.loose_key_files() {
+                    prepared.found(Severity::Warning, "[cache]", loose_key_file(path));
+                }
+                prepared.cache = Some(cache);
+            }
             Err(error) => prepared.found(Severity::Fatal, "[cache]", cache_message(&error)),
         }
     }
@@ -209,11 +214,7 @@ impl Prepared {
         let tls_key = upstream.tls.identity.as_ref().map(|i| i.key_file.as_path());
         for path in upstream.token.key_files().into_iter().chain(tls_key) {
             if crate::secret::readable_by_others(path) {
-                self.found(
-                    Severity::Warning,
-                    subject,
-                    format!("key file {} is readable by group or others: make it readable by its owner only (chmod 600, or defaultMode: 0400 on a Kubernetes volume)", path.display()),
-                );
+                self.found(Severity::Warning, subject, loose_key_file(path));
             }
         }
     }
@@ -253,6 +254,11 @@ pub(crate) fn routes_in_match_order<'a>(
         .collect();
     routes.sort_by_key(|u| std::cmp::Reverse(u.route.path_prefix.as_ref().map_or(0, String::len)));
     routes
+}
+
+/// The warning of a key file that group or others may read.
+fn loose_key_file(path: &std::path::Path) -> String {
+    format!("key file {} is readable by group or others: make it readable by its owner only (chmod 600, or defaultMode: 0400 on a Kubernetes volume)", path.display())
 }
 
 /// `[cache]`'s error without its own `[cache]` prefix (the finding's subject says it).

@@ -11,12 +11,58 @@
 //! The cache can only save token requests, never cost a request its token: any failure of
 //! the store (down, slow, a tampered or foreign entry) is a miss, and the source fetches as it
 //! would without a cache. An outage is logged once, when it starts, and once when it ends.
+//!
+//! What a store holds is untrusted, whoever wrote it: entries are read bounded, a token is
+//! taken only of its source's type and for at most its `max_lifetime`, and a Redis lease that
+//! bearerd could not have set (no expiry, longer than the token timeout and a second, or still
+//! there after its time) is treated as absent, so that it cannot hold fetches up.
+//!
+//! [`prepare`] is the part of start that `--check` runs too: files read, the directory checked
+//! or made, the URL parsed, nothing connected; [`Store::new`] takes what it made.
 
 mod entry;
+#[cfg(unix)]
 mod file;
+/// Elsewhere than on Unix, `backend = "file"` is refused at start: it needs a directory
+/// handle, `O_NOFOLLOW` and file owners.
+#[cfg(not(unix))]
+mod file {
+    use super::CacheError;
+
+    /// No file store can be made.
+    pub(crate) enum FileStore {}
+
+    /// Why not.
+    #[derive(Debug, thiserror::Error)]
+    #[error("the file cache needs a Unix system")]
+    pub(crate) struct DirError;
+
+    impl FileStore {
+        pub(crate) fn open(_: &std::path::Path) -> Result<(Self, bool), DirError> {
+            Err(DirError)
+        }
+        pub(crate) fn shown_entry(&self, _: &str) -> String {
+            match *self {}
+        }
+        pub(crate) async fn get(&self, _: &str) -> Result<Option<Vec<u8>>, CacheError> {
+            match *self {}
+        }
+        pub(crate) async fn put(
+            &self,
+            _: &str,
+            _: zeroize::Zeroizing<Vec<u8>>,
+        ) -> Result<(), CacheError> {
+            match *self {}
+        }
+        pub(crate) async fn delete(&self, _: &str) -> Result<bool, CacheError> {
+            match *self {}
+        }
+    }
+}
 mod redis;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,13 +71,17 @@ use std::time::Duration;
 use prometheus::IntGauge;
 
 use super::fetch::{Fetch, FetchError};
+use super::response::TokenType;
 use super::state::SharedObservers;
 use super::Token;
 use crate::config::{self, TokenSettings};
-use entry::{Entry, SealingKey};
+use entry::{Entry, Expected, SealingKey, MAX_ENTRY_BYTES};
 
 /// How often a process waiting for another's token looks for it.
 const WAIT_POLL: Duration = Duration::from_millis(100);
+/// How much longer than the token timeout a lease lasts: its holder's fetch is bounded by the
+/// timeout, and storing the token takes a moment more.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 /// The store could not be used, or held something that is not a usable entry.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +92,12 @@ pub(crate) enum CacheError {
     /// It answered with something that is not an entry for this source: a miss.
     #[error("{0}")]
     Unreadable(String),
+    /// The token's entry would be larger than an entry may be: not stored.
+    #[error("the entry would be {0} bytes, more than the {MAX_ENTRY_BYTES} an entry may hold: the token is not cached")]
+    TooLarge(usize),
 }
 
-/// The cache could not be set up at start.
+/// The cache could not be set up: said at start and by `--check`.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheSetupError {
     /// A file it needs could not be read.
@@ -53,7 +106,15 @@ pub enum CacheSetupError {
         /// Which file.
         what: &'static str,
         /// Its path.
-        path: std::path::PathBuf,
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The directory of the file backend cannot hold tokens safely.
+    #[error("[cache] dir {}: {reason}", path.display())]
+    Dir {
+        /// Its path.
+        path: PathBuf,
         /// Why.
         reason: String,
     },
@@ -63,9 +124,174 @@ pub enum CacheSetupError {
 }
 
 enum Backend {
-    File(file::FileStore),
-    /// Boxed: one per process, and far larger than a directory name.
+    File {
+        store: file::FileStore,
+        /// `[cache] key_file`: entries sealed, as in Redis. Boxed, as the Redis store is:
+        /// one per process, and far larger than a directory handle.
+        key: Option<Box<SealingKey>>,
+    },
+    /// Boxed: one per process, and far larger than a directory handle.
     Redis(Box<redis::RedisStore>),
+}
+
+/// What [`prepare`] made of `[cache]`: its files read, its directory checked (and made), its
+/// URL parsed; nothing connected. [`Store::new`] runs it; `--check` describes it.
+pub(crate) struct Prepared {
+    backend: Backend,
+    /// What `--check` says of it, on one line.
+    description: String,
+    /// Key files that group or others may read: a WARN at start, a WARNING in `--check`.
+    loose_key_files: Vec<PathBuf>,
+}
+
+/// Reads `[cache]`'s key and password files, checks (or creates) the file backend's
+/// directory, and parses the Redis URL; never connects. The one step that `--check` and
+/// start share, so that what `--check` accepts, start can run.
+pub(crate) fn prepare(settings: &config::Cache) -> Result<Prepared, CacheSetupError> {
+    let mut loose_key_files = Vec::new();
+    let (backend, description) = match settings {
+        config::Cache::File { dir, key_file } => {
+            let (store, created) =
+                file::FileStore::open(dir).map_err(|e| CacheSetupError::Dir {
+                    path: dir.clone(),
+                    reason: e.to_string(),
+                })?;
+            let key = match key_file {
+                Some(path) => {
+                    if crate::secret::readable_by_others(path) {
+                        loose_key_files.push(path.clone());
+                    }
+                    Some(Box::new(read_key(path)?))
+                }
+                None => None,
+            };
+            let made = if created {
+                "created, mode 0700"
+            } else {
+                "bearerd's own, not writable by others"
+            };
+            let sealed = match (&key, key_file) {
+                (Some(key), Some(path)) => sealed_with(key, path),
+                _ => "entries in clear: whoever runs as bearerd's user can read them and plant one (set key_file to seal them)".to_owned(),
+            };
+            (
+                Backend::File { store, key },
+                format!("file, dir {} ({made}); {sealed}", dir.display()),
+            )
+        }
+        config::Cache::Redis {
+            url,
+            password_file,
+            key_file,
+            key_prefix,
+            timeout,
+        } => {
+            if crate::secret::readable_by_others(key_file) {
+                loose_key_files.push(key_file.clone());
+            }
+            let key = read_key(key_file)?;
+            let password = match password_file {
+                Some(path) => Some(read_file("password_file", path)?),
+                None => None,
+            };
+            let description = format!(
+                "redis {}{}, key_prefix {key_prefix:?}, timeout {} (not connected by --check); {}",
+                redacted(url),
+                password_file
+                    .as_ref()
+                    .map_or_else(String::new, |p| format!(" (password from {})", p.display())),
+                humantime::format_duration(*timeout),
+                sealed_with(&key, key_file),
+            );
+            let store = redis::RedisStore::new(
+                url,
+                password
+                    .as_deref()
+                    .map(|p| p.trim_end_matches(['\r', '\n'])),
+                key,
+                key_prefix.clone(),
+                *timeout,
+            )
+            .map_err(|e| CacheSetupError::Url(e.to_string()))?;
+            (Backend::Redis(Box::new(store)), description)
+        }
+    };
+    Ok(Prepared {
+        backend,
+        description,
+        loose_key_files,
+    })
+}
+
+impl Prepared {
+    /// What `--check` says of the cache: the backend, its directory or URL (without
+    /// credentials), whether entries are sealed and with which key (by fingerprint).
+    pub(crate) fn describe(&self) -> &str {
+        &self.description
+    }
+
+    /// The key files that group or others may read (warned of by the preparation step).
+    pub(crate) fn loose_key_files(&self) -> &[PathBuf] {
+        &self.loose_key_files
+    }
+}
+
+/// "entries sealed (AES-256-GCM) with key_file PATH (key fingerprint F)"
+fn sealed_with(key: &SealingKey, path: &Path) -> String {
+    format!(
+        "entries sealed (AES-256-GCM) with key_file {} (key sha256 {}…)",
+        path.display(),
+        key.fingerprint()
+    )
+}
+
+/// `url` without what must not be printed: credentials (validation refuses them, but this is
+/// what is shown), query and fragment.
+fn redacted(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let rest = match rest.split_once('/') {
+        Some((authority, path)) => {
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{host}/{path}")
+        }
+        None => rest
+            .rsplit_once('@')
+            .map_or(rest, |(_, host)| host)
+            .to_owned(),
+    };
+    format!("{scheme}://{rest}")
+}
+
+/// The whole of a small secret file.
+fn read_file(
+    what: &'static str,
+    path: &Path,
+) -> Result<zeroize::Zeroizing<String>, CacheSetupError> {
+    let failed = |reason: String| CacheSetupError::File {
+        what,
+        path: path.to_owned(),
+        reason,
+    };
+    // The bounded reader every credential file goes through: a FIFO or a device is refused,
+    // not waited on.
+    let bytes = crate::files::read_sync(path, crate::files::Content::Secret)
+        .map_err(|e| failed(e.to_string()))?;
+    std::str::from_utf8(&bytes)
+        .map(|text| zeroize::Zeroizing::new(text.to_owned()))
+        .map_err(|_| failed("is not UTF-8 text".into()))
+}
+
+/// The sealing key of `key_file`.
+fn read_key(path: &Path) -> Result<SealingKey, CacheSetupError> {
+    let text = read_file("key_file", path)?;
+    SealingKey::from_base64(&text).ok_or_else(|| CacheSetupError::File {
+        what: "key_file",
+        path: path.to_owned(),
+        reason: "does not hold 32 bytes in base64 (make one with: openssl rand -base64 32)".into(),
+    })
 }
 
 /// The process's one cache, shared by its token sources.
@@ -77,64 +303,9 @@ pub struct Store {
     up_gauge: IntGauge,
 }
 
-/// `[cache]` made ready to run: its files read and its key parsed, nothing connected. What
-/// `--check` describes, and what the store starts from.
-pub(crate) struct Prepared {
-    backend: Backend,
-}
-
-impl Prepared {
-    /// Reads what `settings` names (the key and password files) and builds the store's
-    /// client, without connecting.
-    pub(crate) fn new(settings: &config::Cache) -> Result<Self, CacheSetupError> {
-        let backend = match settings {
-            config::Cache::File { dir } => Backend::File(file::FileStore::new(dir.clone())),
-            config::Cache::Redis {
-                url,
-                password_file,
-                key_file,
-                key_prefix,
-                timeout,
-            } => {
-                let read = |what, path: &std::path::Path| {
-                    std::fs::read_to_string(path)
-                        .map(zeroize::Zeroizing::new)
-                        .map_err(|e| CacheSetupError::File {
-                            what,
-                            path: path.to_owned(),
-                            reason: e.to_string(),
-                        })
-                };
-                let key_text = read("key_file", key_file)?;
-                let key = SealingKey::from_base64(&key_text).ok_or_else(|| CacheSetupError::File {
-                    what: "key_file",
-                    path: key_file.clone(),
-                    reason: "does not hold 32 bytes in base64 (make one with: openssl rand -base64 32)".into(),
-                })?;
-                let password = match password_file {
-                    Some(path) => Some(read("password_file", path)?),
-                    None => None,
-                };
-                Backend::Redis(Box::new(
-                    redis::RedisStore::new(
-                        url,
-                        password
-                            .as_deref()
-                            .map(|p| p.trim_end_matches(['\r', '\n'])),
-                        key,
-                        key_prefix.clone(),
-                        *timeout,
-                    )
-                    .map_err(|e| CacheSetupError::Url(e.to_string()))?,
-                ))
-            }
-        };
-        Ok(Self { backend })
-    }
-}
-
 impl Store {
-    /// The store `prepared` describes, reporting its health in `up_gauge`.
+    /// The store [`prepare`] made ready; warns of key files that others may read, as for
+    /// token key files.
     pub(crate) fn new(prepared: Prepared, up_gauge: IntGauge) -> Self {
         up_gauge.set(1);
         Self {
@@ -146,7 +317,7 @@ impl Store {
 
     fn name(&self) -> &'static str {
         match self.backend {
-            Backend::File(_) => "file",
+            Backend::File { .. } => "file",
             Backend::Redis(_) => "redis",
         }
     }
@@ -171,7 +342,15 @@ impl Store {
 
     async fn get(&self, digest: &str) -> Result<Option<Entry>, CacheError> {
         let outcome = match &self.backend {
-            Backend::File(store) => store.get(digest).await,
+            Backend::File { store, key } => match store.get(digest).await {
+                Ok(Some(bytes)) => entry::decode(&bytes, key.as_deref(), digest)
+                    .map(Some)
+                    .map_err(|e| {
+                        CacheError::Unreadable(format!("{}: {e}", store.shown_entry(digest)))
+                    }),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            },
             Backend::Redis(store) => store.get(digest).await,
         };
         self.note(&outcome);
@@ -180,7 +359,13 @@ impl Store {
 
     async fn put(&self, digest: &str, entry: &Entry) -> Result<(), CacheError> {
         let outcome = match &self.backend {
-            Backend::File(store) => store.put(digest, entry).await,
+            Backend::File { store, key } => match entry::encode(entry, key.as_deref(), digest) {
+                Some(bytes) if bytes.len() > MAX_ENTRY_BYTES => {
+                    Err(CacheError::TooLarge(bytes.len()))
+                }
+                Some(bytes) => store.put(digest, bytes).await,
+                None => Err(CacheError::Store("cannot encode the entry".into())),
+            },
             Backend::Redis(store) => store.put(digest, entry).await,
         };
         self.note(&outcome);
@@ -189,7 +374,11 @@ impl Store {
 
     async fn delete_if(&self, digest: &str, token_hash: &str) -> Result<bool, CacheError> {
         let outcome = match &self.backend {
-            Backend::File(store) => store.delete_if(digest, token_hash).await,
+            Backend::File { store, .. } => match self.get(digest).await {
+                Ok(Some(entry)) if entry.token_hash() == token_hash => store.delete(digest).await,
+                Ok(_) | Err(CacheError::Unreadable(_)) => Ok(false),
+                Err(e) => Err(e),
+            },
             Backend::Redis(store) => store.delete_if(digest, token_hash).await,
         };
         self.note(&outcome);
@@ -204,6 +393,8 @@ pub(crate) struct CachedFetch {
     digest: String,
     /// The longest a process waits for another's token, and holds the lease: the token timeout.
     wait: Duration,
+    /// What a stored token must be to be taken: the source's type and `max_lifetime`.
+    expected: Expected,
     /// The hash of the token this source holds, so that the store's copy of it is not taken
     /// for a new one.
     held: Mutex<Option<String>>,
@@ -225,6 +416,14 @@ impl CachedFetch {
             store,
             digest: entry::digest(settings, dpop_thumbprint),
             wait: settings.timeout,
+            expected: Expected {
+                kind: if dpop_thumbprint.is_some() {
+                    TokenType::DPoP
+                } else {
+                    TokenType::Bearer
+                },
+                max_lifetime: settings.max_lifetime,
+            },
             held: Mutex::new(None),
             observers,
         }
@@ -253,18 +452,29 @@ impl CachedFetch {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(hash);
     }
 
-    /// A stored token worth taking: this source's, usable, not the one held, and (unless
-    /// none is held, at start) not yet due for a refresh of its own.
+    /// A stored token worth taking: this source's, usable, of its type, not the one held,
+    /// and (unless none is held, at start) not yet due for a refresh of its own. Its lifetime
+    /// is clamped to the source's `max_lifetime`.
     async fn stored(&self) -> Option<Token> {
         let held = self.held();
+        let expected = &self.expected;
+        let unusable = |why: &str| {
+            tracing::warn!(
+                backend = self.store.name(),
+                why,
+                "token cache entry unusable: fetching"
+            );
+            self.count("get", "unreadable");
+            None
+        };
         match self.store.get(&self.digest).await {
             Ok(Some(entry))
-                if entry.usable_for(&self.digest)
+                if entry.usable_for(&self.digest, expected)
                     && held.as_deref() != Some(entry.token_hash().as_str())
-                    && (held.is_none() || entry.is_fresh()) =>
+                    && (held.is_none() || entry.is_fresh(expected)) =>
             {
-                match entry.token() {
-                    Some(token) => {
+                match entry.token(expected) {
+                    Ok(token) => {
                         self.count("get", "hit");
                         // No token request was made: the refresher logs "token fetched" for
                         // those only, and this line says where the token came from instead.
@@ -276,38 +486,24 @@ impl CachedFetch {
                         );
                         Some(token)
                     }
-                    None => {
-                        self.count("get", "miss");
-                        None
-                    }
+                    Err(why) => unusable(why),
                 }
             }
-            Ok(Some(entry)) if !entry.usable_for(&self.digest) => {
+            Ok(Some(entry)) if !entry.usable_for(&self.digest, expected) => {
                 // Not a refresh's ordinary miss: another source's entry under this one's
                 // name, or a token that has expired (a file left from long ago).
-                let why = if entry.source == self.digest {
+                unusable(if entry.source == self.digest {
                     "its token has expired"
                 } else {
                     "it belongs to another token source"
-                };
-                tracing::warn!(
-                    backend = self.store.name(),
-                    why,
-                    "token cache entry unusable: fetching"
-                );
-                self.count("get", "unreadable");
-                None
+                })
             }
             Ok(_) => {
                 self.count("get", "miss");
                 None
             }
-            Err(CacheError::Unreadable(why)) => {
-                tracing::warn!(backend = self.store.name(), %why, "token cache entry unusable: fetching");
-                self.count("get", "unreadable");
-                None
-            }
-            Err(CacheError::Store(_)) => {
+            Err(CacheError::Unreadable(why)) => unusable(&why),
+            Err(_) => {
                 self.count("get", "error");
                 None
             }
@@ -323,6 +519,10 @@ impl CachedFetch {
             .await
         {
             Ok(()) => "stored",
+            Err(error @ CacheError::TooLarge(_)) => {
+                tracing::warn!(backend = self.store.name(), %error, "token not cached");
+                "too_large"
+            }
             Err(_) => "error",
         };
         self.count("put", outcome);
@@ -335,16 +535,14 @@ impl CachedFetch {
             return Ok(token);
         }
         let token = match &self.store.backend {
-            Backend::File(_) => self.fetch_and_store().await?,
+            Backend::File { .. } => self.fetch_and_store().await?,
             Backend::Redis(store) => {
                 // The lease outlives a fetch (bounded by the token timeout) a little, and
                 // expires by itself if its holder dies.
-                let lease = store
-                    .lease(&self.digest, self.wait + Duration::from_secs(1))
-                    .await;
+                let lease = store.lease(&self.digest, self.wait + LEASE_MARGIN).await;
                 self.store.note(&lease);
                 match lease {
-                    Ok(Some(lease)) => {
+                    Ok(redis::Leased::Acquired(lease)) => {
                         self.count("lease", "acquired");
                         // Another process may have stored a token and let the lease go
                         // between the look above and the lease: look once more.
@@ -356,9 +554,13 @@ impl CachedFetch {
                         self.store.note(&released);
                         outcome?
                     }
-                    Ok(None) => {
+                    Ok(redis::Leased::Busy(holder)) if !self.could_be_bearerds(&holder) => {
+                        self.ignore_lease(&holder);
+                        self.fetch_and_store().await?
+                    }
+                    Ok(redis::Leased::Busy(holder)) => {
                         self.count("lease", "busy");
-                        match self.wait_for_stored().await {
+                        match self.wait_for_stored(store, holder).await {
                             Some(token) => token,
                             // The holder did not deliver in time: fetch for ourselves.
                             None => self.fetch_and_store().await?,
@@ -375,16 +577,66 @@ impl CachedFetch {
         Ok(token)
     }
 
-    /// The token another process is fetching, once it is stored; `None` after the wait.
-    async fn wait_for_stored(&self) -> Option<Token> {
-        let deadline = tokio::time::Instant::now() + self.wait;
-        while tokio::time::Instant::now() < deadline {
+    /// Whether a process of this source could have set `holder`'s lease: bearerd's leases
+    /// last the token timeout and [`LEASE_MARGIN`] at most, and always expire. (A replica
+    /// configured with a longer token timeout sets longer ones: this one then fetches for
+    /// itself, one token request more.)
+    fn could_be_bearerds(&self, holder: &redis::Holder) -> bool {
+        holder
+            .expires_in()
+            .is_some_and(|left| left <= self.wait + LEASE_MARGIN)
+    }
+
+    /// A lease no bearerd set (planted, or kept alive): waiting for it would cost every fetch
+    /// the token timeout, so it is treated as absent.
+    fn ignore_lease(&self, holder: &redis::Holder) {
+        self.count("lease", "ignored");
+        let expires = holder.expires_in().map_or_else(
+            || "never".to_owned(),
+            |left| humantime::format_duration(left).to_string(),
+        );
+        tracing::warn!(
+            backend = self.store.name(),
+            %expires,
+            "token cache lease not set by bearerd (it outlives the token timeout and a second): fetching without waiting for it"
+        );
+    }
+
+    /// The token another process is fetching, once it is stored; `None` after the wait, or
+    /// as soon as the lease turns out to be none of bearerd's: the same lease still there
+    /// after its time was up (a holder's lease expires, and is never extended).
+    async fn wait_for_stored(
+        &self,
+        store: &redis::RedisStore,
+        mut holder: redis::Holder,
+    ) -> Option<Token> {
+        let now = tokio::time::Instant::now;
+        let deadline = now() + self.wait;
+        let mut recheck = holder.expires_in().map(|left| now() + left + WAIT_POLL);
+        while now() < deadline {
             tokio::time::sleep(WAIT_POLL).await;
             if let Some(token) = self.stored().await {
                 return Some(token);
             }
             if !self.store.up.load(Ordering::Acquire) {
                 return None;
+            }
+            if recheck.is_some_and(|at| now() >= at) {
+                recheck = None;
+                let current = store.holder(&self.digest).await;
+                self.store.note(&current);
+                match current {
+                    Ok(Some(next)) if next.same_as(&holder) || !self.could_be_bearerds(&next) => {
+                        self.ignore_lease(&next);
+                        return None;
+                    }
+                    // Another process's lease since: wait for it, still within the deadline.
+                    Ok(Some(next)) => {
+                        recheck = next.expires_in().map(|left| now() + left + WAIT_POLL);
+                        holder = next;
+                    }
+                    Ok(None) | Err(_) => {}
+                }
             }
         }
         None
@@ -406,6 +658,60 @@ impl Fetch for CachedFetch {
             };
             self.count("delete", outcome);
         })
+    }
+}
+
+/// The entry opener as a source runs it, for the fuzz target `fuzz/fuzz_targets/cache_entry.rs`;
+/// not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::time::Duration;
+
+    use super::entry::{self, Expected, SealingKey};
+    use crate::token::response::TokenType;
+    use crate::token::Token;
+
+    /// The digest of the source the entries are opened for.
+    pub const DIGEST: &str = "fuzz-source";
+    /// The most an entry may hold.
+    pub const MAX_ENTRY_BYTES: usize = entry::MAX_ENTRY_BYTES;
+
+    /// A fixed key: fuzzing needs reproducible runs, not secrecy.
+    fn key() -> Option<SealingKey> {
+        SealingKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+    }
+
+    /// What a source of [`DIGEST`] (DPoP or Bearer, with `max_lifetime`) takes from `bytes`
+    /// found in its store, in clear or (with `sealed`) sealed with the fixed key; why not,
+    /// as the log would say it.
+    pub fn open(
+        bytes: &[u8],
+        sealed: bool,
+        dpop: bool,
+        max_lifetime: Duration,
+    ) -> Result<Token, String> {
+        let key = if sealed { key() } else { None };
+        let entry = entry::decode(bytes, key.as_ref(), DIGEST).map_err(|e| e.to_string())?;
+        let expected = Expected {
+            kind: if dpop {
+                TokenType::DPoP
+            } else {
+                TokenType::Bearer
+            },
+            max_lifetime,
+        };
+        if !entry.usable_for(DIGEST, &expected) {
+            return Err("not this source's, or expired".into());
+        }
+        entry.token(&expected).map_err(str::to_owned)
+    }
+
+    /// The entry in clear in `bytes`, sealed with the fixed key: what [`open`] with `sealed`
+    /// must take as it took `bytes` in clear.
+    pub fn reseal(bytes: &[u8]) -> Option<Vec<u8>> {
+        let key = key()?;
+        let entry = entry::decode(bytes, None, DIGEST).ok()?;
+        entry::encode(&entry, Some(&key), DIGEST).map(|sealed| sealed.to_vec())
     }
 }
 

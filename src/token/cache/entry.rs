@@ -1,5 +1,9 @@
 //! What the cache holds for one token source: the token, its type, scope and times, bound to
-//! the source's digest; sealed with AES-256-GCM where the store is shared.
+//! the source's digest; sealed with AES-256-GCM in Redis, and in files when `key_file` is set.
+//!
+//! Whatever a store holds is read as untrusted: at most [`MAX_ENTRY_BYTES`], and a token is
+//! taken from it only with its source's token type and a lifetime clamped to the source's
+//! `max_lifetime`, as a token from the endpoint would be.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +20,20 @@ use crate::token::{LifetimeSource, Token};
 
 /// The entry format; another version is a miss.
 const VERSION: u32 = 1;
+
+/// The most a store's entry may hold, sealed or not: a token of some 11 KiB (a JWT with many
+/// claims) still fits, and a planted file or Redis value cannot make bearerd read more.
+pub(crate) const MAX_ENTRY_BYTES: usize = 16 * 1024;
+
+/// What a source takes from the cache: tokens of its own type, living no longer than it lets
+/// a token from its endpoint live.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Expected {
+    /// `Bearer`, or `DPoP` for a source with a DPoP key (RFC 9449 §5).
+    pub(crate) kind: TokenType,
+    /// `[upstream.token] max_lifetime`.
+    pub(crate) max_lifetime: Duration,
+}
 
 /// One token as stored.
 #[derive(Serialize, Deserialize)]
@@ -73,42 +91,109 @@ impl Entry {
     /// Whether this entry is usable now for source `digest`: its own, of this version, and
     /// not expired (a token fetched now with that little left would be used too: the
     /// refresher then replaces it soon).
-    pub(crate) fn usable_for(&self, digest: &str) -> bool {
+    pub(crate) fn usable_for(&self, digest: &str, expected: &Expected) -> bool {
         self.v == VERSION
             && self.source == digest
             && self
-                .remaining()
+                .remaining(expected, unix(SystemTime::now()))
                 .is_some_and(|left| crate::token::schedule::usable_for(left) > Duration::ZERO)
     }
 
     /// Whether a process holding an older token should take this one rather than fetch: it
     /// is not yet at the point where its own refresh would be due.
-    pub(crate) fn is_fresh(&self) -> bool {
-        let lifetime = self.expires_at.saturating_sub(self.fetched_at);
-        let due =
-            self.fetched_at + (lifetime as f64 * crate::token::schedule::REFRESH_FRACTION) as u64;
-        unix(SystemTime::now()) < due
-    }
-
-    fn remaining(&self) -> Option<Duration> {
+    pub(crate) fn is_fresh(&self, expected: &Expected) -> bool {
         let now = unix(SystemTime::now());
-        (self.expires_at > now).then(|| Duration::from_secs(self.expires_at - now))
+        let start = self.fetched_at.min(now);
+        let lifetime = self.expiry(expected, now).saturating_sub(start);
+        let due = start
+            .saturating_add((lifetime as f64 * crate::token::schedule::REFRESH_FRACTION) as u64);
+        now < due
     }
 
-    /// The token, with what is left of its lifetime.
-    pub(crate) fn token(&self) -> Option<Token> {
+    /// When the token stops being taken: its `expires_at`, but no later than `max_lifetime`
+    /// after it was fetched, nor after now. (A fetch time in the future, a clock apart or a
+    /// planted entry, counts as now.) So no entry, whatever it says, makes a token live
+    /// longer than one from the endpoint could.
+    fn expiry(&self, expected: &Expected, now: u64) -> u64 {
+        let most = self
+            .fetched_at
+            .min(now)
+            .saturating_add(expected.max_lifetime.as_secs());
+        self.expires_at.min(most)
+    }
+
+    fn remaining(&self, expected: &Expected, now: u64) -> Option<Duration> {
+        let expiry = self.expiry(expected, now);
+        (expiry > now).then(|| Duration::from_secs(expiry - now))
+    }
+
+    /// The token, with what is left of its clamped lifetime; why not, if its type is not the
+    /// source's (a Bearer token is refused where DPoP is asked for, and the other way round,
+    /// as [`crate::token::fetch`] refuses it from the endpoint) or it has expired.
+    pub(crate) fn token(&self, expected: &Expected) -> Result<Token, &'static str> {
         let kind = match self.token_type.as_str() {
             "DPoP" => TokenType::DPoP,
-            _ => TokenType::Bearer,
+            "Bearer" => TokenType::Bearer,
+            _ => return Err("its token_type is neither Bearer nor DPoP"),
         };
+        if kind != expected.kind {
+            return Err(match expected.kind {
+                TokenType::DPoP => "its token is Bearer, and the source uses DPoP",
+                TokenType::Bearer => "its token is DPoP, and the source does not use DPoP",
+            });
+        }
+        let remaining = self
+            .remaining(expected, unix(SystemTime::now()))
+            .ok_or("its token has expired")?;
         Token::issue(
             &self.access_token,
             kind,
-            self.remaining()?,
+            remaining,
             LifetimeSource::Cached,
             self.scope.clone(),
         )
-        .ok()
+        .map_err(|_| "its token cannot be sent in a header")
+    }
+}
+
+/// The entry in `bytes` as a store gave them: JSON, or sealed with `key` for `digest` when
+/// there is a key. Never quotes what it read: a message names the problem and where.
+pub(crate) fn decode(
+    bytes: &[u8],
+    key: Option<&SealingKey>,
+    digest: &str,
+) -> Result<Entry, Unreadable> {
+    if bytes.len() > MAX_ENTRY_BYTES {
+        return Err(Unreadable(format!(
+            "larger than {MAX_ENTRY_BYTES} bytes, the most an entry holds"
+        )));
+    }
+    match key {
+        Some(key) => key.open(bytes, digest),
+        None => serde_json::from_slice(bytes).map_err(|e| {
+            // Where, not what: serde's message may quote a value of the entry, a token.
+            Unreadable(format!(
+                "not a token entry ({:?} error at line {} column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        }),
+    }
+}
+
+/// `entry` as a store keeps it: sealed with `key` for `digest` (base64 text) when there is a
+/// key, JSON otherwise. `None` if it cannot be encoded.
+pub(crate) fn encode(
+    entry: &Entry,
+    key: Option<&SealingKey>,
+    digest: &str,
+) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    match key {
+        Some(key) => key
+            .seal(entry, digest)
+            .map(|text| zeroize::Zeroizing::new(text.into_bytes())),
+        None => serde_json::to_vec(entry).ok().map(zeroize::Zeroizing::new),
     }
 }
 
@@ -135,13 +220,14 @@ pub(crate) fn digest(settings: &TokenSettings, dpop_thumbprint: Option<&str>) ->
     jws::sha256_base64url(identity.to_string().as_bytes())
 }
 
-/// The key entries are sealed with in a shared store.
-pub(crate) struct SealingKey(LessSafeKey);
+/// The key entries are sealed with, and its fingerprint.
+pub(crate) struct SealingKey(LessSafeKey, String);
 
-/// An entry that cannot be opened: tampered, sealed with another key, or not an entry.
+/// An entry that cannot be opened: tampered, sealed with another key, too large, or not an
+/// entry. The message never quotes the entry.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub(crate) struct Unreadable(&'static str);
+pub(crate) struct Unreadable(String);
 
 impl SealingKey {
     /// The key of 32 bytes, decoded from base64 text.
@@ -151,7 +237,12 @@ impl SealingKey {
             return None;
         }
         let key = UnboundKey::new(&aead::AES_256_GCM, &bytes).ok()?;
-        Some(Self(LessSafeKey::new(key)))
+        let hash = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let fingerprint = hash.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Some(Self(LessSafeKey::new(key), fingerprint))
     }
 
     /// base64(nonce ‖ ciphertext ‖ tag), with `digest` as associated data, so that an entry
@@ -174,20 +265,28 @@ impl SealingKey {
 
     /// The entry sealed in `text`, if it opens with this key for `digest`.
     pub(crate) fn open(&self, text: &[u8], digest: &str) -> Result<Entry, Unreadable> {
-        let raw = STANDARD
-            .decode(text)
-            .map_err(|_| Unreadable("not base64"))?;
+        let unreadable = |why: &str| Unreadable(why.to_owned());
+        let raw = STANDARD.decode(text).map_err(|_| {
+            unreadable("not sealed: not base64 (an entry in clear, or not an entry)")
+        })?;
         if raw.len() < NONCE_LEN {
-            return Err(Unreadable("too short"));
+            return Err(unreadable("too short"));
         }
         let (nonce, sealed) = raw.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unreadable("nonce"))?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| unreadable("nonce"))?;
         let mut sealed = zeroize::Zeroizing::new(sealed.to_vec());
         let plain = self
             .0
             .open_in_place(nonce, Aad::from(digest.as_bytes()), &mut sealed)
-            .map_err(|_| Unreadable("does not open with this key for this source (tampered, another key, or another source's)"))?;
-        serde_json::from_slice(plain).map_err(|_| Unreadable("not an entry"))
+            .map_err(|_| unreadable("does not open with this key for this source (tampered, another key, or another source's)"))?;
+        serde_json::from_slice(plain).map_err(|_| unreadable("not an entry"))
+    }
+
+    /// A short public name of the key, for `--check`: the first 8 bytes of SHA-256 over it,
+    /// in hex. Telling two keys apart needs no more, and a hash of 32 random bytes gives
+    /// nothing of them away.
+    pub(crate) fn fingerprint(&self) -> &str {
+        &self.1
     }
 }
 
@@ -239,22 +338,99 @@ mod tests {
         );
     }
 
+    const BEARER: Expected = Expected {
+        kind: TokenType::Bearer,
+        max_lifetime: Duration::from_secs(3600),
+    };
+
     #[test]
     fn usable_and_fresh_follow_the_clock() {
         let e = entry("s", 600);
-        assert!(e.usable_for("s") && e.is_fresh());
-        assert!(!e.usable_for("t"));
+        assert!(e.usable_for("s", &BEARER) && e.is_fresh(&BEARER));
+        assert!(!e.usable_for("t", &BEARER));
         let mut old = entry("s", 600);
         old.fetched_at -= 500;
         old.expires_at -= 500;
-        assert!(old.usable_for("s"), "100 s left");
-        assert!(!old.is_fresh(), "past 70% of its lifetime");
+        assert!(old.usable_for("s", &BEARER), "100 s left");
+        assert!(!old.is_fresh(&BEARER), "past 70% of its lifetime");
         let expired = entry("s", 0);
-        assert!(!expired.usable_for("s"));
-        assert!(expired.token().is_none());
-        let token = e.token().unwrap();
+        assert!(!expired.usable_for("s", &BEARER));
+        assert!(expired.token(&BEARER).is_err());
+        let token = e.token(&BEARER).unwrap();
         assert_eq!(token.authorization(), "Bearer tok");
         assert_eq!(token.scope.as_deref(), Some("read"));
         assert!(token.lifetime <= Duration::from_secs(600));
+    }
+
+    /// Issue 22: an entry that says ten years is taken for `max_lifetime` at most, counted
+    /// from when it says it was fetched (or now, if that is in the future).
+    #[test]
+    fn a_lifetime_is_clamped_to_max_lifetime() {
+        let decade = 10 * 365 * 86_400;
+        let planted = entry("s", decade);
+        let token = planted.token(&BEARER).unwrap();
+        assert!(token.lifetime <= Duration::from_secs(3600), "{token:?}");
+        assert!(planted.usable_for("s", &BEARER));
+
+        let mut ancient = entry("s", decade);
+        ancient.fetched_at -= 7200;
+        assert!(
+            !ancient.usable_for("s", &BEARER),
+            "fetched 2 h ago, at most 1 h"
+        );
+        assert!(ancient.token(&BEARER).is_err());
+
+        let mut future = entry("s", decade);
+        future.fetched_at += decade;
+        assert!(future.token(&BEARER).unwrap().lifetime <= Duration::from_secs(3600));
+        // Fresh for 70% of the clamped lifetime, not of ten years.
+        let mut late = entry("s", decade);
+        late.fetched_at -= 3000;
+        assert!(!late.is_fresh(&BEARER));
+    }
+
+    /// Issue 22: a Bearer entry is not taken by a DPoP source, nor the other way round, nor
+    /// a type that is neither.
+    #[test]
+    fn the_token_type_must_be_the_sources() {
+        let dpop = Expected {
+            kind: TokenType::DPoP,
+            ..BEARER
+        };
+        let bearer = entry("s", 600);
+        assert!(bearer.token(&dpop).is_err());
+        let mut bound = entry("s", 600);
+        bound.token_type = "DPoP".into();
+        assert_eq!(bound.token(&dpop).unwrap().authorization(), "DPoP tok");
+        assert!(bound.token(&BEARER).is_err());
+        bound.token_type = "bearer".into();
+        assert!(bound.token(&BEARER).is_err());
+    }
+
+    #[test]
+    fn decode_caps_the_size_and_never_quotes() {
+        let key = SealingKey::from_base64(&STANDARD.encode([7u8; 32])).unwrap();
+        let e = entry("s", 600);
+        let plain = encode(&e, None, "s").unwrap();
+        assert_eq!(decode(&plain, None, "s").unwrap().access_token, "tok");
+        assert!(
+            decode(&plain, Some(&key), "s").is_err(),
+            "a clear entry where sealed ones are kept"
+        );
+        let sealed = encode(&e, Some(&key), "s").unwrap();
+        assert_eq!(
+            decode(&sealed, Some(&key), "s").unwrap().access_token,
+            "tok"
+        );
+        let mut large = e;
+        large.access_token = "x".repeat(MAX_ENTRY_BYTES);
+        let large = encode(&large, None, "s").unwrap();
+        let error = decode(&large, None, "s").unwrap_err().to_string();
+        assert!(error.contains("16384"), "{error}");
+        let error = decode(br#"{"v":"tok-secret"}"#, None, "s")
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains("tok-secret"), "{error}");
+        assert_eq!(key.fingerprint().len(), 16);
     }
 }
