@@ -280,6 +280,11 @@ impl Admin {
     pub fn max_connections(self, n: i64) -> Self {
         self.set("max_connections", n)
     }
+    /// `allow_from`, a list of networks.
+    pub fn allow_from(self, networks: &[&str]) -> Self {
+        let list: Vec<String> = networks.iter().map(|n| string(n)).collect();
+        self.set("allow_from", format!("[{}]", list.join(", ")))
+    }
 }
 
 /// `[server]`
