@@ -280,10 +280,9 @@ impl Admin {
     pub fn max_connections(self, n: i64) -> Self {
         self.set("max_connections", n)
     }
-    /// `allow_from`, a list of networks.
+    /// `allow_from`, networks such as `"10.0.0.0/8"`.
     pub fn allow_from(self, networks: &[&str]) -> Self {
-        let list: Vec<String> = networks.iter().map(|n| string(n)).collect();
-        self.set("allow_from", format!("[{}]", list.join(", ")))
+        self.set("allow_from", strings(networks))
     }
 }
 
