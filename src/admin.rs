@@ -198,12 +198,17 @@ const STALLED_AFTER: Duration = Duration::from_secs(1);
 
 /// Says at start that the admin listener is open to more than the pod when it is.
 pub(crate) fn warn_about_exposure(settings: &config::Admin, addr: SocketAddr) {
-    if !addr.ip().is_loopback() && settings.allow_from.is_none() {
+    if is_exposed(settings, addr) {
         tracing::warn!(
             listen = %addr,
             "[admin] listens beyond loopback without allow_from: any peer that reaches it can hold its connections and read /metrics; set [admin] allow_from to the node's and Prometheus's networks"
         );
     }
+}
+
+/// Whether the admin listener on `addr` takes connections from beyond loopback, from anyone.
+fn is_exposed(settings: &config::Admin, addr: SocketAddr) -> bool {
+    !addr.ip().is_loopback() && settings.allow_from.is_none()
 }
 
 /// Serves `admin` on `listener` until `shutdown`, to the peers `settings.allow_from` admits,
@@ -474,5 +479,87 @@ impl http_body::Body for AnswerBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(listen: &str, allow_from: Option<&str>) -> config::Admin {
+        config::Admin {
+            listen: listen.parse().unwrap(),
+            max_connections: 2,
+            allow_from: allow_from.map(|net| vec![net.parse().unwrap()]),
+        }
+    }
+
+    #[test]
+    fn exposed_beyond_loopback_without_allow_from() {
+        let exposed = |listen: &str, allow_from| {
+            let settings = settings(listen, allow_from);
+            is_exposed(&settings, settings.listen)
+        };
+        assert!(exposed("0.0.0.0:9464", None));
+        assert!(exposed("[::]:9464", None));
+        assert!(!exposed("0.0.0.0:9464", Some("10.0.0.0/8")));
+        assert!(!exposed("127.0.0.1:9464", None));
+        assert!(!exposed("[::1]:9464", None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_gives_the_oldest_waiting_place_to_a_new_connection() {
+        let places = Places::new(2);
+        let first = places.admit().unwrap();
+        let second = places.admit().unwrap();
+        // The first is answering: the second, though younger, gives way.
+        first.answering();
+        let third = places.admit().unwrap();
+        assert!(!first.evict.is_cancelled());
+        assert!(second.evict.is_cancelled());
+        // Both open places are answering now: no room, until one has stalled.
+        third.answering();
+        assert!(places.admit().is_none());
+        tokio::time::advance(STALLED_AFTER).await;
+        let fourth = places.admit().unwrap();
+        assert!(first.evict.is_cancelled(), "the oldest stalled one");
+        assert!(!third.evict.is_cancelled());
+        // A place that leaves makes room without evicting anyone.
+        places.leave(third.id);
+        let _fifth = places.admit().unwrap();
+        assert!(!fourth.evict.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_is_the_head_deadline_while_waiting_and_moves_with_each_answer() {
+        let place = Place::new(0);
+        let opened = Instant::now();
+        assert_eq!(place.due(), opened + HEAD_DEADLINE);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        place.answering();
+        assert_eq!(
+            place.due(),
+            opened + Duration::from_millis(500) + ANSWER_DEADLINE
+        );
+        // Pipelined: a second answer opens before the first is done; waiting again only
+        // once both are.
+        place.answering();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        place.answered();
+        assert!(!place.is_waiting());
+        place.answered();
+        assert!(place.is_waiting());
+        assert_eq!(
+            place.due(),
+            opened + Duration::from_millis(600) + HEAD_DEADLINE
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_closed_at_the_head_deadline() {
+        let place = Place::new(0);
+        let started = Instant::now();
+        place.watch(std::future::pending::<()>()).await;
+        assert_eq!(started.elapsed(), HEAD_DEADLINE);
     }
 }

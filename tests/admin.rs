@@ -425,3 +425,48 @@ async fn admin_peers_outside_allow_from_are_closed_unread() {
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
     inside.stop().await;
 }
+
+/// `[admin] allow_from` is checked as a listener's is: each entry a network or an address,
+/// and not an empty list; `--check` names it.
+#[test]
+fn admin_allow_from_is_checked_like_a_listeners() {
+    use bearerd::config::Config;
+    use support::config::{Admin, ConfigBuilder, Token, Upstream};
+
+    let parse = |admin: Admin| {
+        let text = ConfigBuilder::empty()
+            .admin(admin)
+            .upstream(
+                Upstream::new("payments", "https://api.example.com/v2")
+                    .token(Token::new("https://auth.example.com/token", "abc").secret("pw")),
+            )
+            .render();
+        Config::parse(std::path::Path::new("/etc/bearerd/bearerd.toml"), &text)
+    };
+    let error = parse(Admin::new().allow_from(&["10.0.0.0/8", "nope"]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("admin.allow_from: \"nope\" is not a network"),
+        "{error}"
+    );
+    let error = parse(Admin::new().allow_from(&[])).unwrap_err().to_string();
+    assert!(
+        error.contains("admin.allow_from: is empty, so no one could connect"),
+        "{error}"
+    );
+    let config = parse(Admin::new().allow_from(&["10.0.0.0/16", "192.168.1.7"])).unwrap();
+    assert_eq!(
+        config.admin.allow_from,
+        Some(vec![
+            "10.0.0.0/16".parse().unwrap(),
+            "192.168.1.7/32".parse().unwrap()
+        ])
+    );
+    let described = bearerd::check::check(&config).unwrap_or_else(|p| panic!("{p:?}"));
+    assert!(
+        described.contains("at most 64 connections, from 10.0.0.0/16, 192.168.1.7/32)"),
+        "{described}"
+    );
+    assert_eq!(parse(Admin::new()).unwrap().admin.allow_from, None);
+}
