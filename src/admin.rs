@@ -2,8 +2,9 @@
 //!
 //! The kubelet restarts bearerd, or takes its pod out of its Services, when probes fail, so
 //! no peer may keep them out: peers outside `[admin] allow_from` are closed on unread, each
-//! connection must send its request head within [`HEAD_DEADLINE`], and when the listener is
-//! full the oldest connection that is idle or still sending its head gives way to a new one.
+//! connection must send its request head within 2 s (`HEAD_DEADLINE`), and when the
+//! listener is full the oldest connection that is idle or still sending its head gives way
+//! to a new one.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -186,7 +187,7 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
 /// How long a connection may take to send a complete request head, counted from its opening
 /// or from the end of its previous answer. Probes and scrapes send theirs at once; a peer
 /// that sends nothing, or half a head, must not keep a place that a probe needs.
-pub(crate) const HEAD_DEADLINE: Duration = Duration::from_secs(2);
+const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 
 /// How long an answer may take to be handed to the connection. Answers are small and built at
 /// once, so only a peer that does not read (its socket buffers full) takes this long.
@@ -318,7 +319,7 @@ impl Places {
                 .or_else(|| oldest(&|place| place.is_stalled(now)))?;
             if let Some(evicted) = open.remove(&id) {
                 tracing::debug!(
-                    "admin listener full: closing its oldest idle connection for a new one"
+                    "admin listener full: closing its oldest idle (or stalled) connection for a new one"
                 );
                 evicted.evict.cancel();
             }

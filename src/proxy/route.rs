@@ -204,8 +204,8 @@ fn host_of(value: &str) -> Option<&str> {
             (host, port)
         }
     };
-    // `u16` takes leading zeros, and nothing but digits (no sign, no space) once a leading
-    // `+` is ruled out.
+    // Digits only (`u16::from_str` would take a leading `+`), at most 65535; leading zeros
+    // are digits too.
     let port_ok = port.is_empty()
         || (port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok());
     port_ok.then_some(host)
