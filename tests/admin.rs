@@ -304,17 +304,26 @@ client_secret = "pw"
 
 const PROBE: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: bearerd\r\nConnection: close\r\n\r\n";
 
-/// The reproduction of issue 22: as many connections as the admin listener holds, sending
-/// nothing or half a request head, each opened again as soon as it is closed. Every probe
-/// must still be answered, before and after the held connections have all been closed (by
-/// the head deadline, or to make room) and opened again.
+/// The reproduction of issue 22: as many connections as the admin listener holds (64, the
+/// default `max_connections`), sending nothing or half a request head, each opened again as
+/// soon as it is closed. Every probe must still be answered, before and after the held
+/// connections have all been closed (here by the head deadline) and opened again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_answer_while_idle_connections_hold_the_admin_port() {
+    probes_answer_while_held(64).await;
+}
+
+/// More connections than the listener holds: they keep taking each other's places, and a
+/// probe still gets one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_while_more_idle_connections_than_it_holds_churn() {
+    probes_answer_while_held(72).await;
+}
+
+async fn probes_answer_while_held(held: usize) {
     use std::sync::Arc;
     use tokio::io::AsyncWriteExt;
 
-    // The default `[admin] max_connections`.
-    const HELD: usize = 64;
     let (sidecar, _endpoint, _upstream) = with_admin("").await;
     let admin = sidecar.running().admin_addr();
     // How many held connections have been opened, and closed by bearerd, so far.
@@ -322,7 +331,7 @@ async fn probes_answer_while_idle_connections_hold_the_admin_port() {
     let closed = Arc::new(tokio::sync::watch::Sender::new(0usize));
     let stop = tokio_util::sync::CancellationToken::new();
     let mut holders = tokio::task::JoinSet::new();
-    for n in 0..HELD {
+    for n in 0..held {
         let (opened, closed, stop) = (Arc::clone(&opened), Arc::clone(&closed), stop.clone());
         holders.spawn(async move {
             while !stop.is_cancelled() {
@@ -355,7 +364,7 @@ async fn probes_answer_while_idle_connections_hold_the_admin_port() {
         }
     };
     // Every holder connected: a probe queues behind them all.
-    wait_for(&opened, HELD).await;
+    wait_for(&opened, held).await;
     for round in 0..3 {
         let answer = tokio::time::timeout(
             support::daemon::PATIENCE,
@@ -368,7 +377,7 @@ async fn probes_answer_while_idle_connections_hold_the_admin_port() {
             "round {round}: the probe was not answered: {answer:?}"
         );
         // Then until every held connection has been closed and opened again, once more.
-        let turned_over = *closed.borrow() + HELD;
+        let turned_over = *closed.borrow() + held;
         wait_for(&closed, turned_over).await;
     }
     stop.cancel();
