@@ -38,8 +38,20 @@ fn describe(config: &Config, prepared: &Prepared) -> String {
     let _ = writeln!(out, "config {}: valid", config.path.display());
     let _ = writeln!(
         out,
-        "admin: listen {} (at most {} connections)",
-        config.admin.listen, config.admin.max_connections
+        "admin: listen {} (at most {} connections{})",
+        config.admin.listen,
+        config.admin.max_connections,
+        match &config.admin.allow_from {
+            Some(networks) => format!(
+                ", from {}",
+                networks
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => String::new(),
+        }
     );
     let _ = writeln!(
         out,

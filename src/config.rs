@@ -122,6 +122,9 @@ pub struct Admin {
     pub listen: SocketAddr,
     /// See [`DEFAULT_ADMIN_MAX_CONNECTIONS`].
     pub max_connections: usize,
+    /// The networks whose peers may connect (the kubelet's node, Prometheus); `None`: every
+    /// peer. Others are closed on before a byte is read.
+    pub allow_from: Option<Vec<ipnet::IpNet>>,
 }
 
 /// `[server]`: app connections and shutdown.

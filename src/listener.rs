@@ -33,3 +33,28 @@ pub(crate) async fn accept(
         }
     }
 }
+
+/// Whether a peer at `ip` is in `allow_from` (`None`: every peer is).
+pub(crate) fn admits(allow_from: Option<&[ipnet::IpNet]>, ip: std::net::IpAddr) -> bool {
+    // A listener on `[::]` sees IPv4 peers as `::ffff:a.b.c.d`.
+    let ip = ip.to_canonical();
+    allow_from.map_or(true, |networks| {
+        networks.iter().any(|net| net.contains(&ip))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admits_the_networks_listed_and_mapped_ipv4() {
+        let networks: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let admits = |ip: &str| admits(Some(&networks), ip.parse().unwrap());
+        assert!(admits("10.1.2.3"));
+        assert!(admits("::ffff:10.1.2.3"));
+        assert!(!admits("127.0.0.1"));
+        assert!(!admits("192.168.0.1"));
+        assert!(super::admits(None, "192.168.0.1".parse().unwrap()));
+    }
+}

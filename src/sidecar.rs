@@ -135,11 +135,12 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             source,
         })?;
     tracing::info!(listen = %admin_addr, "admin listening");
+    admin::warn_about_exposure(&config.admin, admin_addr);
     // The admin listener outlives the proxy listeners: probes and scrapes see the drain.
     source_tasks.spawn(admin::serve(
         admin_listener,
         Arc::clone(&admin),
-        config.admin.max_connections,
+        config.admin.clone(),
         stop_sources.clone(),
     ));
     let mut running = Running {

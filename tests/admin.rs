@@ -276,3 +276,206 @@ async fn readiness_turns_503_at_once_on_shutdown() {
     assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
     shutdown.await.unwrap();
 }
+
+/// A sidecar whose `[admin]` table has `admin` after `listen`.
+async fn with_admin(admin: &str) -> (Sidecar, support::TokenEndpoint, support::Server) {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let upstream = serve(echo).await;
+    let config = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+{admin}
+
+[[upstream]]
+name = "api"
+listen = "127.0.0.1:0"
+url = "{upstream}"
+[upstream.token]
+url = "{endpoint}"
+client_id = "app"
+client_secret = "pw"
+"#,
+        upstream = upstream.url(""),
+        endpoint = endpoint.url("/token"),
+    );
+    (Sidecar::start(&config).await, endpoint, upstream)
+}
+
+const PROBE: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: bearerd\r\nConnection: close\r\n\r\n";
+
+/// The reproduction of issue 22: as many connections as the admin listener holds (64, the
+/// default `max_connections`), sending nothing or half a request head, each opened again as
+/// soon as it is closed. Every probe must still be answered, before and after the held
+/// connections have all been closed (here by the head deadline) and opened again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_while_idle_connections_hold_the_admin_port() {
+    probes_answer_while_held(64).await;
+}
+
+/// More connections than the listener holds: they keep taking each other's places, and a
+/// probe still gets one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_while_more_idle_connections_than_it_holds_churn() {
+    probes_answer_while_held(72).await;
+}
+
+async fn probes_answer_while_held(held: usize) {
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+
+    let (sidecar, _endpoint, _upstream) = with_admin("").await;
+    let admin = sidecar.running().admin_addr();
+    // How many held connections have been opened, and closed by bearerd, so far.
+    let opened = Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let closed = Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut holders = tokio::task::JoinSet::new();
+    for n in 0..held {
+        let (opened, closed, stop) = (Arc::clone(&opened), Arc::clone(&closed), stop.clone());
+        holders.spawn(async move {
+            while !stop.is_cancelled() {
+                let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await else {
+                    continue;
+                };
+                if n % 2 == 1 {
+                    // Half a head: never the blank line that ends it.
+                    let _ = stream
+                        .write_all(b"GET /healthz HTTP/1.1\r\nHost: bearerd\r\n")
+                        .await;
+                }
+                opened.send_modify(|n| *n += 1);
+                tokio::select! {
+                    _ = support::raw::read_to_close(&mut stream) => {}
+                    () = stop.cancelled() => break,
+                }
+                closed.send_modify(|n| *n += 1);
+            }
+        });
+    }
+    let wait_for = |counter: &tokio::sync::watch::Sender<usize>, at_least: usize| {
+        let mut seen = counter.subscribe();
+        async move {
+            tokio::time::timeout(support::daemon::PATIENCE, seen.wait_for(|n| *n >= at_least))
+                .await
+                .expect("the held connections did not turn over")
+                .map(|_| ())
+                .unwrap();
+        }
+    };
+    // Every holder connected: a probe queues behind them all.
+    wait_for(&opened, held).await;
+    for round in 0..3 {
+        let answer = tokio::time::timeout(
+            support::daemon::PATIENCE,
+            support::raw::exchange(admin, PROBE),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: no answer"));
+        assert!(
+            answer.starts_with("HTTP/1.1 200 "),
+            "round {round}: the probe was not answered: {answer:?}"
+        );
+        // Then until every held connection has been closed and opened again, once more.
+        let turned_over = *closed.borrow() + held;
+        wait_for(&closed, turned_over).await;
+    }
+    stop.cancel();
+    while holders.join_next().await.is_some() {}
+    sidecar.stop().await;
+}
+
+/// A connection that sends half a request head is closed unanswered at the head deadline
+/// (2 s), well before the 10 s it was given before.
+#[tokio::test]
+async fn a_connection_without_a_whole_head_is_closed_at_the_deadline() {
+    use tokio::io::AsyncWriteExt;
+
+    let (sidecar, _endpoint, _upstream) = with_admin("").await;
+    let admin = sidecar.running().admin_addr();
+    for head in [&b""[..], b"GET /healthz HTTP/1.1\r\nHost: bearerd\r\n"] {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+        stream.write_all(head).await.unwrap();
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(8),
+            support::raw::read_to_close(&mut stream),
+        )
+        .await
+        .expect("still open 8 s after the 2 s head deadline");
+        assert_eq!(answer, "", "an unfinished head gets no answer");
+    }
+    // A kept-alive connection gets the same deadline for its next head.
+    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: bearerd\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(8),
+        support::raw::read_to_close(&mut stream),
+    )
+    .await
+    .expect("still open 8 s after the answer");
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    sidecar.stop().await;
+}
+
+/// `[admin] allow_from`: a peer outside it is closed on before a byte is read; one inside it
+/// is answered.
+#[tokio::test]
+async fn admin_peers_outside_allow_from_are_closed_unread() {
+    let (outside, _e1, _u1) = with_admin(r#"allow_from = ["10.0.0.0/8"]"#).await;
+    let answer = support::raw::exchange(outside.running().admin_addr(), PROBE).await;
+    assert_eq!(answer, "", "127.0.0.1 is outside 10.0.0.0/8: no answer");
+    outside.stop().await;
+
+    let (inside, _e2, _u2) = with_admin(r#"allow_from = ["10.0.0.0/8", "127.0.0.1/32"]"#).await;
+    let answer = support::raw::exchange(inside.running().admin_addr(), PROBE).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    inside.stop().await;
+}
+
+/// `[admin] allow_from` is checked as a listener's is: each entry a network or an address,
+/// and not an empty list; `--check` names it.
+#[test]
+fn admin_allow_from_is_checked_like_a_listeners() {
+    use bearerd::config::Config;
+    use support::config::{Admin, ConfigBuilder, Token, Upstream};
+
+    let parse = |admin: Admin| {
+        let text = ConfigBuilder::empty()
+            .admin(admin)
+            .upstream(
+                Upstream::new("payments", "https://api.example.com/v2")
+                    .token(Token::new("https://auth.example.com/token", "abc").secret("pw")),
+            )
+            .render();
+        Config::parse(std::path::Path::new("/etc/bearerd/bearerd.toml"), &text)
+    };
+    let error = parse(Admin::new().allow_from(&["10.0.0.0/8", "nope"]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("admin.allow_from: \"nope\" is not a network"),
+        "{error}"
+    );
+    let error = parse(Admin::new().allow_from(&[])).unwrap_err().to_string();
+    assert!(
+        error.contains("admin.allow_from: is empty, so no one could connect"),
+        "{error}"
+    );
+    let config = parse(Admin::new().allow_from(&["10.0.0.0/16", "192.168.1.7"])).unwrap();
+    assert_eq!(
+        config.admin.allow_from,
+        Some(vec![
+            "10.0.0.0/16".parse().unwrap(),
+            "192.168.1.7/32".parse().unwrap()
+        ])
+    );
+    let described = bearerd::check::check(&config).unwrap_or_else(|p| panic!("{p:?}"));
+    assert!(
+        described.contains("at most 64 connections, from 10.0.0.0/16, 192.168.1.7/32)"),
+        "{described}"
+    );
+    assert_eq!(parse(Admin::new()).unwrap().admin.allow_from, None);
+}

@@ -75,6 +75,8 @@ pub struct Admin {
     pub listen: Option<Spanned<String>>,
     /// Connections the admin listener holds at once.
     pub max_connections: Option<Spanned<i64>>,
+    /// The networks whose peers may connect; none: every peer.
+    pub allow_from: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[server]`: limits on app connections and shutdown.

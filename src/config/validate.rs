@@ -52,6 +52,11 @@ impl Validator<'_> {
             DEFAULT_ADMIN_MAX_CONNECTIONS,
             1..=MAX_MAX_CONNECTIONS,
         );
+        let admin_allow_from = raw
+            .admin
+            .as_ref()
+            .and_then(|a| a.get_ref().allow_from.as_ref())
+            .map(|list| self.networks(list, "admin.allow_from"));
         let log = self.log(raw.log.as_ref());
         let server = self.server(raw.server.as_ref());
         let (upstreams, listeners) = listeners(self, &raw);
@@ -61,6 +66,7 @@ impl Validator<'_> {
             admin: Admin {
                 listen: admin_listen?,
                 max_connections: admin_max_connections,
+                allow_from: admin_allow_from,
             },
             log,
             server,

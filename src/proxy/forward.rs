@@ -222,18 +222,31 @@ async fn try_forward(
     }
 }
 
-/// Refuses the methods that must never carry a token.
+/// Refuses the methods that must never carry a token. Method names are case-sensitive
+/// (RFC 9110 §9.1), so hyper gives `trace` or `Connect` as extension methods, not as
+/// [`Method::TRACE`]; but some servers match them ignoring case, so they are refused so too.
 fn refuse_method(method: &Method) -> Result<(), ProxyError> {
-    match *method {
+    // Standard names are static strings, and `eq_ignore_ascii_case` compares lengths first:
+    // a GET costs three length checks.
+    let name = method.as_str();
+    if name.eq_ignore_ascii_case("TRACE") {
         // RFC 9110 §9.3.8: the upstream echoes the request back, Authorization included.
-        Method::TRACE => Err(ProxyError::MethodNotAllowed {
+        return Err(ProxyError::MethodNotAllowed {
             reason: "TRACE is not forwarded: the upstream would echo the request, token included, back to the caller",
-        }),
-        Method::CONNECT => Err(ProxyError::MethodNotAllowed {
-            reason: "CONNECT is not supported: a TLS tunnel cannot carry an injected token; send plain http:// requests to bearerd, which speaks https to the upstream",
-        }),
-        _ => Ok(()),
+        });
     }
+    if name.eq_ignore_ascii_case("TRACK") {
+        // IIS's TRACE, by another name.
+        return Err(ProxyError::MethodNotAllowed {
+            reason: "TRACK is not forwarded: like TRACE, the upstream would echo the request, token included, back to the caller",
+        });
+    }
+    if name.eq_ignore_ascii_case("CONNECT") {
+        return Err(ProxyError::MethodNotAllowed {
+            reason: "CONNECT is not supported: a TLS tunnel cannot carry an injected token; send plain http:// requests to bearerd, which speaks https to the upstream",
+        });
+    }
+    Ok(())
 }
 
 /// Refuses, before any token is taken, the requests that must never carry one.
@@ -439,4 +452,42 @@ fn to_app(response: Response<Incoming>) -> Response<ResponseBody> {
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     Response::from_parts(parts, Either::Left(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_track_and_connect_are_refused_in_any_case() {
+        for name in [
+            "TRACE", "trace", "Trace", "TRACK", "track", "tRaCk", "CONNECT", "connect", "Connect",
+        ] {
+            let method = Method::from_bytes(name.as_bytes()).unwrap();
+            let refused = refuse_method(&method);
+            assert!(
+                matches!(refused, Err(ProxyError::MethodNotAllowed { .. })),
+                "{name}: {refused:?}"
+            );
+        }
+        for name in [
+            "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "TRACES",
+            "TRAC", "get",
+        ] {
+            let method = Method::from_bytes(name.as_bytes()).unwrap();
+            assert!(refuse_method(&method).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_reason_names_the_method() {
+        let reason = |name: &str| {
+            refuse_method(&Method::from_bytes(name.as_bytes()).unwrap())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(reason("trace").starts_with("TRACE is not forwarded"));
+        assert!(reason("track").starts_with("TRACK is not forwarded"));
+        assert!(reason("connect").starts_with("CONNECT is not supported"));
+    }
 }

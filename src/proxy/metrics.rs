@@ -16,8 +16,22 @@ const REQUEST_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Status codes 100–599, each with a slot for its counter.
-const STATUS_SLOTS: usize = 500;
+/// Status codes 100–599, each with a slot for its counter, and the slot of every other code.
+const STATUS_SLOTS: usize = 501;
+
+/// The slot, and the `code` label, of the codes outside 100–599. hyper passes on any three
+/// digits (RFC 9110 §15 defines none above 599): an upstream answering 600–999 must not make
+/// a series per code.
+const OTHER_STATUS: usize = 500;
+const OTHER_STATUS_LABEL: &str = "other";
+
+/// The slot of `status`: its own for 100–599, else [`OTHER_STATUS`].
+fn status_slot(status: http::StatusCode) -> usize {
+    match status.as_u16() {
+        code @ 100..=599 => usize::from(code - 100),
+        _ => OTHER_STATUS,
+    }
+}
 
 /// Why a listener closed an app connection unserved, as the `reason` label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +73,7 @@ impl ProxyMetrics {
             requests_total: metrics.register(IntCounterVec::new(
                 Opts::new(
                     "bearerd_requests_total",
-                    "Requests answered to the app, by HTTP status sent.",
+                    "Requests answered to the app, by HTTP status sent (100-599, or \"other\").",
                 ),
                 &["upstream", "code"],
             )?)?,
@@ -127,12 +141,16 @@ impl ProxyMetrics {
     /// Stops exporting the series of an upstream that a reload removed.
     pub fn forget(&self, series: &RouteSeries) {
         let name = series.name.as_str();
-        for (slot, status) in series.by_status.iter().zip(100u16..) {
-            if slot.get().is_some() {
-                let _ = self
-                    .requests_total
-                    .remove_label_values(&[name, &status.to_string()]);
+        for (index, slot) in series.by_status.iter().enumerate() {
+            if slot.get().is_none() {
+                continue;
             }
+            let code = if index == OTHER_STATUS {
+                OTHER_STATUS_LABEL.to_owned()
+            } else {
+                (index + 100).to_string()
+            };
+            let _ = self.requests_total.remove_label_values(&[name, &code]);
         }
         for family in [
             &self.request_duration_seconds as &dyn RemoveUpstream,
@@ -175,18 +193,19 @@ impl RouteSeries {
     /// The app got `status` after `elapsed`.
     pub fn request_answered(&self, status: http::StatusCode, elapsed: Duration) {
         self.request_duration.observe(elapsed.as_secs_f64());
-        let code = status.as_u16();
-        match self.by_status.get(usize::from(code).wrapping_sub(100)) {
-            Some(slot) => slot
+        let slot = status_slot(status);
+        if let Some(counter) = self.by_status.get(slot) {
+            counter
                 .get_or_init(|| {
+                    let code = if slot == OTHER_STATUS {
+                        OTHER_STATUS_LABEL
+                    } else {
+                        status.as_str()
+                    };
                     self.requests_total
-                        .with_label_values(&[self.name.as_str(), status.as_str()])
+                        .with_label_values(&[self.name.as_str(), code])
                 })
-                .inc(),
-            None => self
-                .requests_total
-                .with_label_values(&[self.name.as_str(), status.as_str()])
-                .inc(),
+                .inc();
         }
     }
 
@@ -257,5 +276,29 @@ mod tests {
         families.forget(&upstream);
         let text = metrics.render().unwrap();
         assert!(!text.contains(r#"upstream="payments""#), "{text}");
+    }
+
+    #[test]
+    fn codes_outside_100_to_599_share_one_series_that_forget_removes() {
+        let metrics = Metrics::new().unwrap();
+        let families = ProxyMetrics::register(&metrics).unwrap();
+        let upstream = families.series("odd");
+        for code in [600, 777, 999, 599, 100] {
+            let status = http::StatusCode::from_u16(code).unwrap();
+            upstream.request_answered(status, Duration::ZERO);
+        }
+        let text = metrics.render().unwrap();
+        assert!(
+            text.contains(r#"bearerd_requests_total{code="other",upstream="odd"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"bearerd_requests_total{code="599",upstream="odd"} 1"#));
+        assert!(text.contains(r#"bearerd_requests_total{code="100",upstream="odd"} 1"#));
+        for code in ["600", "777", "999"] {
+            assert!(!text.contains(&format!("code=\"{code}\"")), "{text}");
+        }
+        families.forget(&upstream);
+        let text = metrics.render().unwrap();
+        assert!(!text.contains(r#"upstream="odd""#), "{text}");
     }
 }

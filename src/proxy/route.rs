@@ -105,14 +105,20 @@ impl Routes {
     /// The route `request` goes to. A request whose path has `.` or `..` segments is refused:
     /// an upstream would resolve them, and `/v2/../admin` must not reach `/admin` through the
     /// route of `/v2` (nor climb out of an upstream's base path).
+    ///
+    /// On a reverse listener, two `Host` headers or an invalid one are refused too, whatever
+    /// the route (RFC 9112 §3.2: 400).
     pub fn choose<B>(&self, request: &Request<B>, mode: Mode) -> Result<&Arc<Route>, ProxyError> {
         let uri = request.uri();
         if has_dot_segments(uri.path()) {
             return Err(ProxyError::BadRequest {
-                reason: "the path has . or .. segments (perhaps percent-encoded); send it resolved"
-                    .into(),
+                reason: "the path has . or .. segments (perhaps percent-encoded), or a double-encoded, %u or overlong UTF-8 escape; send it resolved and encoded once".into(),
             });
         }
+        let named = match mode {
+            Mode::Reverse => host_header(request)?,
+            Mode::Forward => None,
+        };
         // An `[[upstream]]`: one route that takes everything, nothing to look at.
         if let [only] = self.all.as_slice() {
             if mode == Mode::Reverse && only.matching.takes_everything() {
@@ -123,7 +129,7 @@ impl Routes {
             Mode::Forward => uri.host().ok_or_else(|| ProxyError::BadRequest {
                 reason: "this is a forward proxy: send absolute-form requests (set HTTP_PROXY=http://<this address>) for http:// URLs of the hosts it serves".into(),
             })?,
-            Mode::Reverse => uri.host().or_else(|| host_header(request)).unwrap_or(""),
+            Mode::Reverse => uri.host().or(named).unwrap_or(""),
         };
         // Lowercase is compared without copying; the root's trailing dot is ignored.
         let host = host.strip_suffix('.').unwrap_or(host);
@@ -166,25 +172,110 @@ impl Routes {
     }
 }
 
-/// The host of the `Host` header, without its port.
-fn host_header<B>(request: &Request<B>) -> Option<&str> {
-    let value = request.headers().get(http::header::HOST)?.to_str().ok()?;
-    Some(match value.strip_prefix('[') {
-        // `[::1]:8080` is `[::1]`, as `Uri::host` gives IPv6 literals.
-        Some(rest) => rest.find(']').map_or(value, |end| &value[..end + 2]),
-        None => value.split(':').next().unwrap_or(value),
-    })
+/// The host of the request's `Host` header, without its port; `None` without one. A request
+/// with two `Host` headers, or with one that is not `uri-host [ ":" port ]` (RFC 9110 §7.2:
+/// an RFC 3986 §3.2.2 host, a port of digits up to 65535), is refused: RFC 9112 §3.2 says 400.
+/// Parsed in place: the usual request, one valid `Host`, costs no allocation.
+fn host_header<B>(request: &Request<B>) -> Result<Option<&str>, ProxyError> {
+    let mut values = request.headers().get_all(http::header::HOST).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ProxyError::BadRequest {
+            reason: "the request has more than one Host header (RFC 9112 §3.2)".into(),
+        });
+    }
+    value
+        .to_str()
+        .ok()
+        .and_then(host_of)
+        .map(Some)
+        .ok_or_else(|| ProxyError::BadRequest {
+            reason: "the Host header is not a host and an optional port of 0 to 65535 (RFC 9112 §3.2, RFC 3986 §3.2.2)".into(),
+        })
+}
+
+/// The host of a `Host` value, without its port, if the value is `uri-host [ ":" port ]`. An
+/// empty value is allowed (RFC 9112 §3.2: a target without an authority), and so is an empty
+/// port (RFC 3986 §3.2.3: `port = *DIGIT`).
+fn host_of(value: &str) -> Option<&str> {
+    let (host, port) = match value.strip_prefix('[') {
+        // IP-literal: an IPv6 address in brackets, kept with them, as `Uri::host` gives it.
+        // (IPvFuture and zone identifiers are not used in HTTP: refused.)
+        Some(rest) => {
+            let end = rest.find(']')?;
+            rest[..end].parse::<std::net::Ipv6Addr>().ok()?;
+            let (host, after) = value.split_at(end + 2);
+            let port = match after.strip_prefix(':') {
+                Some(port) => port,
+                None if after.is_empty() => "",
+                None => return None,
+            };
+            (host, port)
+        }
+        // IPv4address or reg-name: unreserved, pct-encoded and sub-delims only (RFC 3986
+        // §3.2.2); an IPv4 address is made of such characters.
+        None => {
+            let (host, port) = value.split_once(':').unwrap_or((value, ""));
+            if !is_reg_name(host) {
+                return None;
+            }
+            (host, port)
+        }
+    };
+    // Digits only (`u16::from_str` would take a leading `+`), at most 65535; leading zeros
+    // are digits too.
+    let port_ok = port.is_empty()
+        || (port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok());
+    port_ok.then_some(host)
+}
+
+/// Whether `host` is an RFC 3986 §3.2.2 reg-name: `*( unreserved / pct-encoded / sub-delims )`.
+fn is_reg_name(host: &str) -> bool {
+    let bytes = host.as_bytes();
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        match byte {
+            b'A'..=b'Z'
+            | b'a'..=b'z'
+            | b'0'..=b'9'
+            | b'-'
+            | b'.'
+            | b'_'
+            | b'~'
+            | b'!'
+            | b'$'
+            | b'&'
+            | b'\''
+            | b'('
+            | b')'
+            | b'*'
+            | b'+'
+            | b','
+            | b';'
+            | b'=' => at += 1,
+            b'%' if hex_at(bytes, at + 1).is_some() => at += 3,
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Whether a path has a `.` or `..` segment in any form an upstream server may resolve:
 /// percent-encoded (`%2e`), before a path parameter (`..;x`: Tomcat, Jetty, Spring), or
 /// between encoded slashes or backslashes (`..%2F`, `..\`, `%5C`: servers that decode
-/// them, IIS). Most paths have neither a dot nor an escape and are passed at a glance.
+/// them, IIS). Escapes that a server decoding twice, or decoding the wrong way, would turn
+/// into such a segment are refused wherever they are ([`has_disguised_escape`]). Most paths
+/// have neither a dot nor an escape and are passed at a glance.
 fn has_dot_segments(path: &str) -> bool {
     if !path.contains(['.', '%']) {
         return false;
     }
     let decoded = if path.contains('%') {
+        if has_disguised_escape(path.as_bytes()) {
+            return true;
+        }
         std::borrow::Cow::Owned(decode_separators(path))
     } else {
         std::borrow::Cow::Borrowed(path)
@@ -193,6 +284,105 @@ fn has_dot_segments(path: &str) -> bool {
         let name = segment.split(';').next().unwrap_or_default();
         name == "." || name == ".."
     })
+}
+
+/// The byte of the two hex digits at `at`, if there are two.
+fn hex_at(bytes: &[u8], at: usize) -> Option<u8> {
+    let digit = |at: usize| bytes.get(at).and_then(|&b| char::from(b).to_digit(16));
+    let value = digit(at)? * 16 + digit(at + 1)?;
+    u8::try_from(value).ok()
+}
+
+/// A hex digit at `at`, written as itself or percent-encoded (`%32` is `2`): its value and
+/// where the next character starts.
+fn layered_digit(bytes: &[u8], at: usize) -> Option<(u32, usize)> {
+    match *bytes.get(at)? {
+        b'%' => char::from(hex_at(bytes, at + 1)?)
+            .to_digit(16)
+            .map(|value| (value, at + 3)),
+        byte => char::from(byte).to_digit(16).map(|value| (value, at + 1)),
+    }
+}
+
+/// Whether `byte`, once a second decoding makes it of an escape, would be a separator or a
+/// dot, another escape, or the lead byte of an overlong UTF-8 form.
+fn is_dangerous_decoded(byte: u32) -> bool {
+    matches!(
+        byte,
+        0x2e | 0x2f | 0x5c | 0x25 | 0xc0 | 0xc1 | 0xe0 | 0xf0 | 0xf8 | 0xfc
+    )
+}
+
+/// Whether a path has an escape that a server decoding twice or by an older rule would turn
+/// into a dot or separator (and so perhaps a dot segment): a double encoding (`%252e`,
+/// `%252f`, `%255c`, `%25%32%65`, `%%32%65`), a `%u` escape (`%u002e`, IIS), or an overlong
+/// UTF-8 form (`%c0%ae`, `%e0%80%ae`; lenient decoders read them as `.`, `/` or `\`). Every
+/// `%c0` and `%c1` is overlong; `%e0` and `%f0` are when their next byte is too small.
+fn has_disguised_escape(bytes: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(found) = bytes
+        .get(at..)
+        .and_then(|rest| rest.iter().position(|&b| b == b'%'))
+    {
+        at += found;
+        if matches!(bytes.get(at + 1), Some(b'u' | b'U')) {
+            return true;
+        }
+        match hex_at(bytes, at + 1) {
+            // `%25`: what follows is an escape after one decoding.
+            Some(0x25) => {
+                if disguised_after_percent(bytes, at + 3) {
+                    return true;
+                }
+            }
+            Some(0xc0 | 0xc1) => return true,
+            Some(lead @ (0xe0 | 0xf0 | 0xf8 | 0xfc)) => {
+                // The smallest second byte that is not overlong, for each lead (RFC 3629 §4
+                // for the first two; the five- and six-byte forms are not UTF-8 at all).
+                let smallest = match lead {
+                    0xe0 => 0xa0,
+                    0xf0 => 0x90,
+                    0xf8 => 0x88,
+                    _ => 0x84,
+                };
+                if bytes.get(at + 3) == Some(&b'%')
+                    && hex_at(bytes, at + 4).is_some_and(|next| (0x80..smallest).contains(&next))
+                {
+                    return true;
+                }
+            }
+            Some(_) => {}
+            // A `%` that is not an escape by itself, but `%%32%65` is `%2e` to a decoder
+            // that decodes the digits first.
+            None => {
+                if disguised_after_percent(bytes, at + 1) {
+                    return true;
+                }
+            }
+        }
+        at += 1;
+    }
+    false
+}
+
+/// Whether the text at `at`, after a `%` that a decoding produced or left, makes an escape a
+/// second decoding would turn into something [`is_dangerous_decoded`] (or a `%u` escape).
+fn disguised_after_percent(bytes: &[u8], at: usize) -> bool {
+    let u_next = match bytes.get(at) {
+        Some(b'u' | b'U') => true,
+        Some(b'%') => matches!(hex_at(bytes, at + 1), Some(b'u' | b'U')),
+        _ => false,
+    };
+    if u_next {
+        return true;
+    }
+    let Some((high, next)) = layered_digit(bytes, at) else {
+        return false;
+    };
+    let Some((low, _)) = layered_digit(bytes, next) else {
+        return false;
+    };
+    is_dangerous_decoded(high * 16 + low)
 }
 
 /// `path` with the escapes of `.`, `/`, `\` and `;` decoded, and no others.
@@ -466,15 +656,118 @@ mod tests {
     #[test]
     fn the_host_header_loses_its_port() {
         let request = |host: &str| Request::get("/").header("host", host).body(()).unwrap();
+        let host = |value: &str| host_header(&request(value)).unwrap().map(str::to_owned);
         assert_eq!(
-            host_header(&request("api.example.com:8080")),
-            Some("api.example.com")
+            host("api.example.com:8080"),
+            Some("api.example.com".to_owned())
+        );
+        assert_eq!(host("api.example.com"), Some("api.example.com".to_owned()));
+        assert_eq!(host("[::1]:8443"), Some("[::1]".to_owned()));
+        assert_eq!(host("[::1]"), Some("[::1]".to_owned()));
+        assert_eq!(host("10.0.0.1:0"), Some("10.0.0.1".to_owned()));
+        assert_eq!(
+            host("api.example.com:65535"),
+            Some("api.example.com".to_owned())
         );
         assert_eq!(
-            host_header(&request("api.example.com")),
-            Some("api.example.com")
+            host("api.example.com:00080"),
+            Some("api.example.com".to_owned())
         );
-        assert_eq!(host_header(&request("[::1]:8443")), Some("[::1]"));
-        assert_eq!(host_header(&request("[::1]")), Some("[::1]"));
+        // RFC 3986 §3.2.3: `port = *DIGIT`; RFC 9112 §3.2: empty when the target has no
+        // authority.
+        assert_eq!(host("api.example.com:"), Some("api.example.com".to_owned()));
+        assert_eq!(host(""), Some("".to_owned()));
+        assert_eq!(
+            host_header(&Request::get("/").body(()).unwrap()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn two_host_headers_or_an_invalid_one_are_refused() {
+        let two = Request::get("/")
+            .header("host", "a.example")
+            .header("host", "a.example")
+            .body(())
+            .unwrap();
+        assert!(matches!(
+            host_header(&two),
+            Err(ProxyError::BadRequest { .. })
+        ));
+        for value in [
+            "api.example.com:65536",
+            "api.example.com:99999999999999999999",
+            "api.example.com:-1",
+            "api.example.com:+80",
+            "api.example.com:80a",
+            "api.example.com:80:80",
+            "api.example.com: 80",
+            "user@api.example.com",
+            "api.example.com/x",
+            "api example.com",
+            "[::1",
+            "[::1]x",
+            "[::1]:8080x",
+            "[not-v6]",
+            "[v1.x]",
+            "[fe80::1%25eth0]",
+            "%zz.example",
+            "a\\b",
+        ] {
+            let request = Request::get("/").header("host", value).body(()).unwrap();
+            assert!(
+                matches!(host_header(&request), Err(ProxyError::BadRequest { .. })),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn disguised_dots_and_separators_are_refused() {
+        for path in [
+            // Double encoding, in either case and with the digits themselves encoded.
+            "/v2/%252e%252e/admin",
+            "/v2/%252E%252E/admin",
+            "/a%252fb",
+            "/a%252Fb",
+            "/a%255cb",
+            "/a%25%32%65",
+            "/a%25%32e",
+            "/a%%32%65%%32%65/x",
+            "/a%25252e",
+            "/a%25u002e",
+            "/a%25%75002e",
+            // %u escapes (IIS).
+            "/v2/%u002e%u002e/admin",
+            "/%U002F",
+            "/a%u",
+            // Overlong UTF-8 forms of `.`, `/`, `\`.
+            "/%c0%ae%c0%ae/admin",
+            "/a%c0%afb",
+            "/a%C1%9Cb",
+            "/%e0%80%ae",
+            "/%E0%80%AF",
+            "/%f0%80%80%ae",
+            "/%f8%80%80%80%ae",
+            "/%fc%80%80%80%80%ae",
+            "/%c0",
+        ] {
+            assert!(has_dot_segments(path), "{path}");
+        }
+        for path in [
+            "/a%20b",
+            "/%25",
+            "/100%25off",
+            "/a%2541",
+            "/caf%c3%a9",
+            "/%e0%a4%85",
+            "/%f0%9f%98%80",
+            "/a%2fb",
+            "/%",
+            "/a%2",
+            "/a%e0",
+        ] {
+            assert!(!has_dot_segments(path), "{path}");
+        }
     }
 }

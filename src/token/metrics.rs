@@ -184,6 +184,7 @@ impl TokenMetrics {
         TokenSeries {
             name: name.to_owned(),
             cache_operations: self.cache_operations_total.clone(),
+            cache_labels: std::sync::Mutex::new(Vec::new()),
             source_info: self.source_info.clone(),
             described: std::sync::Mutex::new(None),
             token_endpoint_nonce_retries: nonce_retries(NonceAt::TokenEndpoint),
@@ -214,6 +215,18 @@ impl TokenMetrics {
     pub fn forget(&self, series: &TokenSeries) {
         let name = series.name.as_str();
         series.describe(None);
+        // Made as operations happened, with labels the cache chose: removed as recorded.
+        let cache_labels = std::mem::take(
+            &mut *series
+                .cache_labels
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for [backend, op, outcome] in &cache_labels {
+            let _ = self
+                .cache_operations_total
+                .remove_label_values(&[name, backend, op, outcome]);
+        }
         for at in [NonceAt::TokenEndpoint, NonceAt::Upstream] {
             let _ = self
                 .dpop_nonce_retries_total
@@ -241,6 +254,9 @@ impl TokenMetrics {
 pub struct TokenSeries {
     name: String,
     cache_operations: IntCounterVec,
+    /// The `backend`, `op` and `outcome` of each `cache_operations` series made, so that
+    /// [`TokenMetrics::forget`] removes every one.
+    cache_labels: std::sync::Mutex<Vec<[String; 3]>>,
     source_info: IntGaugeVec,
     /// The `auth` and `dpop` labels of its `bearerd_token_source_info` series.
     described: std::sync::Mutex<Option<(&'static str, &'static str)>>,
@@ -296,6 +312,18 @@ impl TokenSeries {
     /// A token cache operation ended with `outcome`. (Cache operations are few, one or two
     /// per token request: the series is looked up each time.)
     pub fn cache_operation(&self, backend: &str, op: &str, outcome: &str) {
+        {
+            let mut made = self
+                .cache_labels
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !made
+                .iter()
+                .any(|[b, o, r]| b == backend && o == op && r == outcome)
+            {
+                made.push([backend.to_owned(), op.to_owned(), outcome.to_owned()]);
+            }
+        }
         self.cache_operations
             .with_label_values(&[&self.name, backend, op, outcome])
             .inc();
@@ -385,5 +413,25 @@ mod tests {
         families.forget(&series);
         let text = metrics.render().unwrap();
         assert!(!text.contains(r#"upstream="payments""#), "{text}");
+    }
+
+    #[test]
+    fn forget_removes_the_cache_series_too() {
+        let metrics = Metrics::new().unwrap();
+        let families = TokenMetrics::register(&metrics).unwrap();
+        let series = families.series("gone");
+        let kept = families.series("kept");
+        series.cache_operation("redis", "get", "hit");
+        series.cache_operation("redis", "get", "hit");
+        series.cache_operation("redis", "lease", "busy");
+        kept.cache_operation("redis", "get", "miss");
+        let text = metrics.render().unwrap();
+        assert!(text.contains(
+            r#"bearerd_token_cache_operations_total{backend="redis",op="get",outcome="hit",upstream="gone"} 2"#
+        ));
+        families.forget(&series);
+        let text = metrics.render().unwrap();
+        assert!(!text.contains(r#"upstream="gone""#), "{text}");
+        assert!(text.contains(r#"upstream="kept""#), "{text}");
     }
 }

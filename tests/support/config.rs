@@ -280,6 +280,10 @@ impl Admin {
     pub fn max_connections(self, n: i64) -> Self {
         self.set("max_connections", n)
     }
+    /// `allow_from`, networks such as `"10.0.0.0/8"`.
+    pub fn allow_from(self, networks: &[&str]) -> Self {
+        self.set("allow_from", strings(networks))
+    }
 }
 
 /// `[server]`
