@@ -7,7 +7,6 @@
 //! to a new one.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -197,19 +196,10 @@ const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 /// counts as mid-answer, and may give way to a new connection.
 const STALLED_AFTER: Duration = Duration::from_secs(1);
 
-/// Says at start that the admin listener is open to more than the pod when it is.
-pub(crate) fn warn_about_exposure(settings: &config::Admin, addr: SocketAddr) {
-    if is_exposed(settings, addr) {
-        tracing::warn!(
-            listen = %addr,
-            "[admin] listens beyond loopback without allow_from: any peer that reaches it can hold its connections and read /metrics; set [admin] allow_from to the node's and Prometheus's networks"
-        );
-    }
-}
-
-/// Whether the admin listener on `addr` takes connections from beyond loopback, from anyone.
-fn is_exposed(settings: &config::Admin, addr: SocketAddr) -> bool {
-    !addr.ip().is_loopback() && settings.allow_from.is_none()
+/// Whether the admin listener takes connections from beyond loopback, from anyone: the
+/// preparation step warns of it.
+pub(crate) fn is_exposed(settings: &config::Admin) -> bool {
+    !settings.listen.ip().is_loopback() && settings.allow_from.is_none()
 }
 
 /// Serves `admin` on `listener` until `shutdown`, to the peers `settings.allow_from` admits,
@@ -497,10 +487,7 @@ mod tests {
 
     #[test]
     fn exposed_beyond_loopback_without_allow_from() {
-        let exposed = |listen: &str, allow_from| {
-            let settings = settings(listen, allow_from);
-            is_exposed(&settings, settings.listen)
-        };
+        let exposed = |listen: &str, allow_from| is_exposed(&settings(listen, allow_from));
         assert!(exposed("0.0.0.0:9464", None));
         assert!(exposed("[::]:9464", None));
         assert!(!exposed("0.0.0.0:9464", Some("10.0.0.0/8")));

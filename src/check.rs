@@ -53,6 +53,7 @@ fn describe(config: &Config, prepared: &Prepared) -> String {
             None => String::new(),
         }
     );
+    warnings(&mut out, prepared, "[admin]", "");
     let _ = writeln!(
         out,
         "server: request bodies idle at most {}, {} kept for 401 replays",

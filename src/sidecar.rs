@@ -135,7 +135,6 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             source,
         })?;
     tracing::info!(listen = %admin_addr, "admin listening");
-    admin::warn_about_exposure(&config.admin, admin_addr);
     // The admin listener outlives the proxy listeners: probes and scrapes see the drain.
     source_tasks.spawn(admin::serve(
         admin_listener,

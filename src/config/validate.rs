@@ -15,7 +15,7 @@ use toml::Spanned;
 use super::file;
 use super::keys;
 use super::listener::{check_unique, listeners};
-use super::values::{count, duration, size, socket_addr};
+use super::values::{count, duration, networks, size, socket_addr};
 use super::{
     Admin, Cache, Config, Log, LogFormat, Problem, Server, DEFAULT_ADMIN_LISTEN,
     DEFAULT_ADMIN_MAX_CONNECTIONS, DEFAULT_BODY_IDLE_TIMEOUT, DEFAULT_CACHE_KEY_PREFIX,
@@ -56,7 +56,7 @@ impl Validator<'_> {
             .admin
             .as_ref()
             .and_then(|a| a.get_ref().allow_from.as_ref())
-            .map(|list| self.networks(list, "admin.allow_from"));
+            .map(|list| networks(self, list, "admin.allow_from"));
         let log = self.log(raw.log.as_ref());
         let server = self.server(raw.server.as_ref());
         let (upstreams, listeners) = listeners(self, &raw);

@@ -67,7 +67,8 @@ pub struct Prepared {
     pub(crate) sources: HashMap<SourceKey, PreparedSource>,
     /// `[cache]`, read but not connected.
     pub(crate) cache: Option<cache::Prepared>,
-    /// In the order found: `[cache]` first, then each upstream, then each listener.
+    /// In the order found: `[cache]` and `[admin]` first, then each upstream, then each
+    /// listener.
     pub findings: Vec<Finding>,
 }
 
@@ -118,6 +119,13 @@ pub fn prepare(config: &Config) -> Prepared {
             }
             Err(error) => prepared.found(Severity::Fatal, "[cache]", cache_message(&error)),
         }
+    }
+    if crate::admin::is_exposed(&config.admin) {
+        prepared.found(
+            Severity::Warning,
+            "[admin]",
+            "listens beyond loopback without allow_from: any peer that reaches it can hold its connections and read /metrics; set [admin] allow_from to the node's and Prometheus's networks".into(),
+        );
     }
     for upstream in &config.upstreams {
         prepared.prepare_upstream(upstream);
