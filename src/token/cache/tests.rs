@@ -454,7 +454,7 @@ fn a_loose_cache_key_file_is_warned_of() {
     .unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let prepared = prepare(&file_settings(&dir, Some(&key))).unwrap();
-    assert_eq!(prepared.loose_key_files(), [key.clone()]);
+    assert_eq!(prepared.loose_key_files(), [key]);
 }
 
 #[test]
