@@ -9,20 +9,24 @@
 //!   raw form); [`secret`]: the client secret, redacted everywhere, and the redactor that
 //!   removes it, in every encoding, from what a token endpoint says; `files`: the bounded
 //!   reader every credential file goes through (regular files only, capped, and off the
-//!   runtime's thread under the token timeout when a token request reads them);
+//!   runtime's thread under the token timeout when a token request reads them); `jose`: JWS
+//!   signing, JWK thumbprints and hashes, the leaf that `token` and `tls` both use;
 //! - `tls`: trust anchors and the pooled HTTPS client used for every outbound request;
 //! - [`token`]: client authentication (`client_auth`), fetch (`fetch`, `response`), refresh
-//!   timing (`schedule`), the refresher task and its supervisor (`refresher`), and the handle
-//!   requests read tokens through (`source`); upstreams with equal settings share one source
-//!   ([`token::SourceKey`]);
-//! - [`proxy`]: the local listeners (and who may use them), each serving a table of routes;
-//!   what is refused before a token is attached, request rewriting and forwarding, the app's
-//!   body under its deadline, error answers;
+//!   timing (`schedule`), the refresher task and its supervisor (`refresher`), the handle
+//!   requests read tokens through (`source`, which also starts a source: fetcher, cache and
+//!   refresher), and a route's `credential` (the token, and with DPoP its proof); upstreams
+//!   with equal settings share one source ([`token::SourceKey`]);
+//! - [`proxy`]: the local listeners (and who may use them), each serving a table of routes
+//!   that build themselves from their config; what is refused before a token is attached,
+//!   request rewriting and forwarding, the app's body under its deadline, error answers;
 //! - [`metrics`] and [`admin`]: the Prometheus registry (each part registers the families it
 //!   owns), `/metrics`, `/healthz`, `/readyz`;
-//! - [`sidecar`]: all of the above started from a config, reloaded by a plan (what to keep,
-//!   start and stop), and shut down;
-//! - [`check`]: what `bearerd --check` prints; [`jwk`]: what `bearerd --public-jwk` prints.
+//! - [`sidecar`]: one preparation step ([`sidecar::prepare`]: every file read, every key
+//!   built, every problem found) shared by start and `--check`; then all of the above started
+//!   from a config, reloaded by a plan (what to keep, start and stop), and shut down;
+//! - [`check`]: what `bearerd --check` prints of the preparation; [`jwk`]: what
+//!   `bearerd --public-jwk` prints.
 //!
 //! [`start`] returns a [`Running`] sidecar; tests start one in-process on port 0 and read its
 //! addresses from it, and `main.rs` drives it with signals.

@@ -1374,7 +1374,7 @@ async fn a_cache_dir_others_may_write_in_is_refused_by_check_and_at_start() {
         "--check accepted a 0777 dir: {checked:?}"
     );
     assert!(
-        said.contains("[cache] dir") && said.contains("writable by others (mode 0777)"),
+        said.contains("[cache]: dir") && said.contains("writable by others (mode 0777)"),
         "{said}"
     );
 
@@ -1410,8 +1410,10 @@ async fn a_cache_dir_others_may_write_in_is_refused_by_check_and_at_start() {
     assert_eq!(node.authorization("api").await, "Bearer tok-api-0");
     let warned = node.daemon.log.lock().unwrap().iter().any(|line| {
         line.contains("\"level\":\"WARN\"")
-            && line.contains("key file is readable by group or others")
-            && line.contains(key.to_str().unwrap())
+            && line.contains(&format!(
+                "key file {} is readable by group or others",
+                key.display()
+            ))
     });
     assert!(warned, "{:?}", node.daemon.log.lock().unwrap());
     node.stop();

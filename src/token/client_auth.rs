@@ -10,11 +10,10 @@ use base64::Engine;
 use http::HeaderValue;
 use serde_json::json;
 
-use super::fetch::FetchError;
 use crate::config::{Assertion, ClientAuth, TokenSettings};
 use crate::files::{self, Content};
 use crate::jose::{self as jws, unix_now, SigningKey};
-use crate::secret::{Redactor, Secret};
+use crate::secret::{Redactor, Secret, SecretError};
 
 /// `client_assertion_type` of a JWT assertion (RFC 7523 §2.2).
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -38,6 +37,21 @@ impl Credentials {
     }
 }
 
+/// Why a client's credentials could not be presented; no request was sent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CredentialError {
+    /// The client secret could not be read.
+    #[error("{0}")]
+    Secret(#[from] SecretError),
+    /// Another credential (a key, an assertion, a certificate) could not be read or used; the
+    /// text names the file.
+    #[error("{0}")]
+    Unusable(String),
+    /// A credential unfit for the request it goes in (a header value, a signature).
+    #[error("{0}")]
+    Build(String),
+}
+
 /// Reads the credentials of `settings.auth` and returns what the request carries, after
 /// adding every form of them to `redactor`. Files are read off the runtime's thread, waiting
 /// until `deadline` (the token request's) at most.
@@ -45,7 +59,7 @@ pub(crate) async fn present(
     settings: &TokenSettings,
     redactor: &mut Redactor,
     deadline: tokio::time::Instant,
-) -> Result<Credentials, FetchError> {
+) -> Result<Credentials, CredentialError> {
     let client_id = settings.client_id.as_deref().unwrap_or_default();
     // The client_id goes along with an assertion or a certificate: RFC 7523 §3 lets servers
     // want it, and RFC 8705 §2 requires it.
@@ -112,9 +126,10 @@ pub(crate) async fn present(
                 .map_err(credentials)?
                 .trim();
             if jwt.is_empty() {
-                return Err(FetchError::Credentials {
-                    reason: format!("the assertion file {} is empty", path.display()),
-                });
+                return Err(CredentialError::Unusable(format!(
+                    "the assertion file {} is empty",
+                    path.display()
+                )));
             }
             Ok(with_assertion(id_field(), jwt.to_owned(), redactor))
         }
@@ -143,7 +158,7 @@ fn sign_assertion(
     key: &SigningKey,
     assertion: &Assertion,
     header: serde_json::Value,
-) -> Result<String, FetchError> {
+) -> Result<String, CredentialError> {
     let client_id = settings.client_id.as_deref().unwrap_or_default();
     let now = unix_now();
     let audience = assertion
@@ -162,16 +177,12 @@ fn sign_assertion(
 }
 
 /// A credential file that could not be read or used, as a fetch reports it.
-fn credentials(error: impl std::error::Error) -> FetchError {
-    FetchError::Credentials {
-        reason: error.to_string(),
-    }
+fn credentials(error: impl std::error::Error) -> CredentialError {
+    CredentialError::Unusable(error.to_string())
 }
 
-fn signing_failed(error: jws::SignError) -> FetchError {
-    FetchError::BuildRequest {
-        reason: error.to_string(),
-    }
+fn signing_failed(error: jws::SignError) -> CredentialError {
+    CredentialError::Build(error.to_string())
 }
 
 /// Reads and loads every credential `auth` uses, as a fetch would, without sending anything:
@@ -254,15 +265,12 @@ pub(crate) fn describe(auth: &ClientAuth) -> String {
 
 /// `Basic base64(urlencode(id) ":" urlencode(secret))`: RFC 6749 §2.3.1 has both encoded with
 /// `application/x-www-form-urlencoded` first, which leaves the usual alphanumeric ids alone.
-fn basic_credentials(client_id: &str, secret: &Secret) -> Result<HeaderValue, FetchError> {
+fn basic_credentials(client_id: &str, secret: &Secret) -> Result<HeaderValue, CredentialError> {
     let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let pair = format!("{}:{}", encode(client_id), encode(secret.expose()));
     let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
-    let mut value = HeaderValue::try_from(format!("Basic {encoded}")).map_err(|e| {
-        FetchError::BuildRequest {
-            reason: format!("the Basic header: {e}"),
-        }
-    })?;
+    let mut value = HeaderValue::try_from(format!("Basic {encoded}"))
+        .map_err(|e| CredentialError::Build(format!("the Basic header: {e}")))?;
     value.set_sensitive(true);
     Ok(value)
 }

@@ -3,6 +3,7 @@
 use super::*;
 use crate::config::JwsAlg;
 use crate::secret::SecretSource;
+use crate::token::fetch::FetchError;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,6 +16,7 @@ fn present(settings: &TokenSettings, redactor: &mut Redactor) -> Result<Credenti
         .build()
         .unwrap()
         .block_on(super::present(settings, redactor, deadline))
+        .map_err(FetchError::from)
 }
 
 fn inline(secret: &str) -> SecretSource {

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::errors;
 use crate::secret::SecretError;
+use crate::token::client_auth::CredentialError;
 use crate::token::metrics::FetchOutcome;
 use crate::token::response::{self, EndpointError};
 
@@ -73,6 +74,16 @@ pub enum FetchError {
         /// What is wrong with it.
         problem: response::InvalidResponse,
     },
+}
+
+impl From<CredentialError> for FetchError {
+    fn from(error: CredentialError) -> Self {
+        match error {
+            CredentialError::Secret(error) => Self::Secret(error),
+            CredentialError::Unusable(reason) => Self::Credentials { reason },
+            CredentialError::Build(reason) => Self::BuildRequest { reason },
+        }
+    }
 }
 
 impl FetchError {
