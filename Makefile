@@ -32,9 +32,9 @@ check-deploy:
 deny:
 	bash scripts/deny.sh
 
-## bearerd against a real Django OAuth Toolkit server (tests/interop.rs), in a Python
+## bearerd against a real Django OAuth Toolkit server (tests/interop/django.rs), in a Python
 ## virtualenv under target/ that scripts/interop.sh makes or updates from PyPI, and against
-## node's oidc-provider (tests/interop_oidc.rs), npm packages from tests/interop/oidc's lock.
+## node's oidc-provider (tests/interop/oidc.rs), npm packages from tests/interop/oidc's lock.
 interop:
 	CARGO="$(CARGO)" bash scripts/interop.sh
 

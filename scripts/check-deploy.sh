@@ -14,7 +14,7 @@
 #   - every query of deploy/grafana/bearerd-dashboard.json parses (promtool);
 #   - deploy/Dockerfile parses, and has the expected shape (it is not built: no container
 #     engine runs on the development and CI machines).
-# tests/deploy.rs (cargo test) checks that the dashboard and the alerts query only metrics
+# tests/in_process/deploy.rs (cargo test) checks that the dashboard and the alerts query only metrics
 # bearerd exports, and that the Kubernetes config loads.
 #
 # Installs what it needs when missing: promtool (Debian's prometheus package, through

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs beyond the Rust toolchain, when it is missing, so that the
 # tests run the same on a fresh machine and in CI:
-#   promtool, prometheus  (Debian's prometheus package) for tests/observability.rs
-#   node, npm             (Debian's nodejs and npm packages) for tests/interop_oidc.rs, whose
+#   promtool, prometheus  (Debian's prometheus package) for tests/spawned/observability.rs
+#   node, npm             (Debian's nodejs and npm packages) for tests/interop/oidc.rs, whose
 #                         npm packages scripts/interop.sh installs
-#   redis-server          (Debian's redis-server package) for tests/cache.rs, which starts its
+#   redis-server          (Debian's redis-server package) for tests/spawned/cache.rs, which starts its
 #                         own servers on loopback ports; the distribution's service is not
 #                         left running
-#   curl, wget, python3 with requests   the clients tests/routing.rs sends through a forward
+#   curl, wget, python3 with requests   the clients tests/spawned/routing.rs sends through a forward
 #                         listener with their proxy settings
 set -euo pipefail
 

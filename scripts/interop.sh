@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs tests/interop.rs, bearerd against a real Django OAuth Toolkit server, and
-# tests/interop_oidc.rs, bearerd against node's oidc-provider (every client authentication
+# Runs tests/interop/django.rs, bearerd against a real Django OAuth Toolkit server, and
+# tests/interop/oidc.rs, bearerd against node's oidc-provider (every client authentication
 # method, DPoP, mutual TLS).
 #
 # Makes the Python virtualenv target/interop-venv from tests/interop/requirements.txt when it
@@ -94,8 +94,8 @@ say "checking the oidc-provider server: $NODE $oidc/selfcheck.mjs"
 (cd "$oidc" && timeout 300 "$NODE" selfcheck.mjs)
 
 node_path="$(command -v "$NODE")"
-say "running: BEARERD_INTEROP_PYTHON=$venv/bin/python BEARERD_INTEROP_NODE=$node_path BEARERD_INTEROP_OIDC_SERVER=$oidc/server.mjs $CARGO test --locked --test interop --test interop_oidc -- --ignored --test-threads=1"
+say "running: BEARERD_INTEROP_PYTHON=$venv/bin/python BEARERD_INTEROP_NODE=$node_path BEARERD_INTEROP_OIDC_SERVER=$oidc/server.mjs $CARGO test --locked --test interop -- --ignored --test-threads=1"
 BEARERD_INTEROP_PYTHON="$PWD/$venv/bin/python" \
   BEARERD_INTEROP_NODE="$node_path" \
   BEARERD_INTEROP_OIDC_SERVER="$PWD/$oidc/server.mjs" \
-  "$CARGO" test --locked --test interop --test interop_oidc -- --ignored --test-threads=1
+  "$CARGO" test --locked --test interop -- --ignored --test-threads=1

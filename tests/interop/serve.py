@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Runs the Django OAuth Toolkit server for tests/interop.rs.
+"""Runs the Django OAuth Toolkit server for tests/interop/django.rs.
 
 Sets up the database (the interop_setup command: migrate, then the two applications, whose
 ids and secrets come from the environment), binds 127.0.0.1 on the port given as the first

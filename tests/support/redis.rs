@@ -41,7 +41,7 @@ pub fn binary() -> PathBuf {
     });
     found.unwrap_or_else(|| {
         panic!(
-            "redis-server is not installed, and tests/cache.rs needs a real Redis: run \
+            "redis-server is not installed, and tests/spawned/cache.rs needs a real Redis: run \
              `bash scripts/install-test-deps.sh` (which `make test` runs; it installs Debian's \
              redis-server package), or set BEARERD_TEST_REDIS to a redis-server binary"
         )

@@ -1,4 +1,4 @@
-"""Settings of the Django OAuth Toolkit server that tests/interop.rs runs bearerd against.
+"""Settings of the Django OAuth Toolkit server that tests/interop/django.rs runs bearerd against.
 
 A throwaway server for tests: one process, loopback only, DEBUG off, and a SQLite database
 in the directory named by BEARERD_INTEROP_DB_DIR (a temporary directory the test makes; the

@@ -1,4 +1,4 @@
-// An oidc-provider authorization server and a resource server, for tests/interop_oidc.rs.
+// An oidc-provider authorization server and a resource server, for tests/interop/oidc.rs.
 //
 //     node server.mjs OUT.json        (or BEARERD_INTEROP_OIDC_OUT=OUT.json node server.mjs)
 //

@@ -8,7 +8,7 @@
     clippy::needless_pass_by_value
 )]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -20,7 +20,7 @@
     clippy::needless_pass_by_value
 )]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};

@@ -8,7 +8,7 @@
     clippy::needless_pass_by_value
 )]
 
-mod support;
+use crate::support;
 
 use http::StatusCode;
 use support::config::{ConfigBuilder, Server, Tls, Token, Upstream};

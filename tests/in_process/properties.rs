@@ -18,7 +18,7 @@
     clippy::needless_pass_by_value
 )]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -9,7 +9,7 @@
     clippy::needless_pass_by_value
 )]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

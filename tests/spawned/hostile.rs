@@ -13,7 +13,7 @@
     clippy::needless_pass_by_value
 )]
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -8,7 +8,7 @@
 //!
 //! Redis must be installed: without it these tests fail, saying how to install it
 //! (`make test` does, through scripts/install-test-deps.sh). The tests print what they measured
-//! on lines starting with `cache-measure:` (`cargo test --test cache -- --nocapture`), for the
+//! on lines starting with `cache-measure:` (`cargo test --test spawned cache:: -- --nocapture`), for the
 //! table in docs/cache.md.
 
 #![allow(
@@ -18,7 +18,7 @@
     clippy::needless_pass_by_value
 )]
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

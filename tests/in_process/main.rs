@@ -1,0 +1,20 @@
+//! Tests that run bearerd in this process (a `Sidecar` on port 0 beside in-process token
+//! endpoints and upstreams), and the checks of files the repository ships (config example,
+//! docs, deploy). One binary, so that the crate and the fixtures are linked once.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod admin;
+mod auth;
+mod config;
+mod deploy;
+mod docs;
+mod hostile_requests;
+mod limits;
+mod properties;
+mod proxy;
+mod recipes;
+mod reload;
+mod unauthorized;
+mod vendors;

@@ -1,0 +1,14 @@
+//! Tests that run the `bearerd` binary as a process (flags, `--check`, signals, a real Redis,
+//! real HTTP clients, chaos under load), one binary so that the crate is linked once; they
+//! are kept apart from the in-process tests, whose timings they would disturb.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod cache;
+mod chaos;
+mod cli;
+mod credential_files;
+mod hostile;
+mod observability;
+mod routing;
