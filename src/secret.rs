@@ -4,9 +4,13 @@
 //! and the only way to the value is [`Secret::expose`], so every use is easy to find.
 //!
 //! A [`Redactor`] removes a credential from text that came back from the network (a token
-//! endpoint that echoes the request it got), in every form in which the request carried it.
+//! endpoint that echoes the request it got), in every form in which the request carried it
+//! and in whatever encoding the echo wraps it: the text is brought to a normal form
+//! ([`normal`]) first, and only that form, redacted, is ever shown.
 
-use std::fmt;
+pub mod normal;
+
+use std::fmt::{self, Write as _};
 use std::path::PathBuf;
 
 use base64::Engine;
@@ -167,9 +171,25 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
 /// base64 value; shorter runs would match ordinary text.
 const MIN_BASE64_CORE: usize = 8;
 
-/// Removes credentials from untrusted text, in every form a request may have carried them:
-/// as they are, form-urlencoded, percent-encoded (either hex case), and in base64 or base64url,
-/// alone or inside a longer value such as a `Basic` header.
+/// Longest piece of a text that is brought to normal form and searched: more than any error
+/// body or field is worth quoting, and a bound on the work one answer can ask for.
+pub const MAX_NORMALISED_BYTES: usize = 8 * 1024;
+
+/// What a cut at [`MAX_NORMALISED_BYTES`] can leave of one escape beyond the credential's own
+/// characters, partly decoded: a character written as `&#x10FFFF;` or as a surrogate pair of
+/// `\uXXXX`, percent-encoded again in the next layers.
+const CUT_ESCAPE_CHARS: usize = 128;
+
+/// Removes credentials from untrusted text, in every form a request may have carried them and
+/// in every encoding an echo may wrap them in.
+///
+/// Text is first brought to a normal form ([`normal`]: character references, JSON and
+/// JavaScript escapes and percent-encoding decoded, pass after pass), and each credential is
+/// looked for at every step on the way there: as it is, form-urlencoded, percent-encoded (either
+/// hex case), in its own normal form (and that with `+` for spaces, as form encoding writes
+/// them), and in base64 or base64url, alone or inside a longer value such as a `Basic` header.
+/// What comes out is the normal form, redacted, with control characters escaped: a log line
+/// never shows an encoded text, only what it says.
 ///
 /// Whatever text a token endpoint sends back goes through one before it reaches a log line,
 /// so that an endpoint that echoes the request it got cannot put the secret there.
@@ -178,6 +198,9 @@ pub struct Redactor {
     /// Every form of every credential, longest first, so that a longer form is replaced before
     /// a shorter one inside it breaks it up.
     forms: Vec<String>,
+    /// Characters in the longest form: what a cut at [`MAX_NORMALISED_BYTES`] may leave of a
+    /// credential at the end of a text.
+    longest: usize,
 }
 
 impl Redactor {
@@ -194,13 +217,17 @@ impl Redactor {
         let form_encoded: String = form_urlencoded::byte_serialize(credential.as_bytes()).collect();
         let percent_encoded = utf8_percent_encode(credential, UNRESERVED).to_string();
         let lower_hex = lowercase_percent_escapes(&percent_encoded);
-        for form in [
-            credential.to_owned(),
-            form_encoded,
-            percent_encoded,
-            lower_hex,
-        ] {
+        for form in [form_encoded, percent_encoded, lower_hex] {
             self.push(form);
+        }
+        // The credential as text is normalised, step by step: a credential that looks
+        // encoded itself (`p%41ss`, `a&amp;b`) is decoded with the text around it.
+        for normal in std::iter::once(credential.to_owned()).chain(normal::stages(credential)) {
+            // Form encoding's `+` for a space, left in the text by the normal form.
+            if normal.contains(' ') {
+                self.push(normal.replace(' ', "+"));
+            }
+            self.push(normal);
         }
         // A credential inside any base64 value: the characters that encode its bytes alone,
         // at each of the three alignments it may have in the encoded value.
@@ -241,26 +268,121 @@ impl Redactor {
 
     fn push(&mut self, form: String) {
         if !form.is_empty() && !self.forms.contains(&form) {
+            self.longest = self.longest.max(form.chars().count());
             self.forms.push(form);
             self.forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
         }
     }
 
-    /// `text` with every form of every credential replaced by [`REDACTED`].
+    /// `text` in normal form with every form of every credential replaced by [`REDACTED`],
+    /// and control characters (and the format characters that reorder a line) escaped as
+    /// `\n`, `\u{1b}`. Only the first [`MAX_NORMALISED_BYTES`] of `text` are kept; a text cut
+    /// there ends in `…`.
     pub fn redact(&self, text: &str) -> String {
-        let mut text = text.to_owned();
+        let (clean, _) = self.clean(text);
+        self.finish(&clean)
+    }
+
+    /// Like [`redact`](Self::redact), on one line: every run of white space (line breaks
+    /// included) as one space, as an excerpt of a body is quoted.
+    pub fn redact_line(&self, text: &str) -> String {
+        let (clean, _) = self.clean(text);
+        let folded = clean.split_whitespace().collect::<Vec<_>>().join(" ");
+        // Folding can join what a line break kept apart.
+        self.finish(&self.replace(folded, &mut false))
+    }
+
+    /// Whether `text` holds any form of a credential, as it is or on its way to normal form.
+    pub fn finds_in(&self, text: &str) -> bool {
+        self.clean(text).1
+    }
+
+    /// `text` cut to [`MAX_NORMALISED_BYTES`], brought to normal form and redacted at every
+    /// step, and whether anything was redacted.
+    fn clean(&self, text: &str) -> (String, bool) {
+        let cut = text.len() > MAX_NORMALISED_BYTES;
+        let head = text
+            .get(..floor_char_boundary(text, MAX_NORMALISED_BYTES))
+            .unwrap_or_default();
+        let mut found = false;
+        // Redacted before anything is decoded, so that a credential written as it is cannot
+        // be decoded into something else with the text around it.
+        let mut current = self.replace(head.to_owned(), &mut found);
+        for _ in 0..normal::MAX_PASSES {
+            match normal::decode_pass(&current) {
+                Some(next) => current = self.replace(next, &mut found),
+                None => break,
+            }
+        }
+        if cut {
+            // The cut may have gone through a credential, leaving its start, too short to be
+            // matched, at the end: that end is dropped, as long as the longest form and what
+            // one escape can add.
+            let kept = current
+                .chars()
+                .count()
+                .saturating_sub(self.longest + CUT_ESCAPE_CHARS);
+            current = current.chars().take(kept).collect();
+            current.push('…');
+        }
+        (current, found)
+    }
+
+    /// `text` with every form replaced; `found` is set when there was one.
+    fn replace(&self, mut text: String, found: &mut bool) -> String {
         for form in &self.forms {
             if text.contains(form.as_str()) {
+                *found = true;
                 text = text.replace(form.as_str(), REDACTED);
             }
         }
         text
     }
 
-    /// Whether `text` holds any form of a credential.
-    pub fn finds_in(&self, text: &str) -> bool {
-        self.forms.iter().any(|form| text.contains(form.as_str()))
+    /// Control characters escaped, and redacted once more: an escape written here must not
+    /// complete a credential that holds one (`a\nb` written out as it was meant).
+    fn finish(&self, text: &str) -> String {
+        self.replace(escape_controls(text), &mut false)
     }
+}
+
+/// The largest character boundary of `text` at or below `index`.
+fn floor_char_boundary(text: &str, index: usize) -> usize {
+    (0..=index.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0)
+}
+
+/// `text` with control characters written as escapes (`\n`, `\r`, `\t`, `\u{1b}`), and
+/// with them the characters that change how a line is shown: bidirectional overrides and
+/// isolates (Unicode TR 9), which can make a log line read as something else, and the line
+/// and paragraph separators.
+fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control()
+                || matches!(
+                    c,
+                    '\u{061C}'
+                        | '\u{200E}'
+                        | '\u{200F}'
+                        | '\u{202A}'..='\u{202E}'
+                        | '\u{2066}'..='\u{2069}'
+                        | '\u{2028}'
+                        | '\u{2029}'
+                ) =>
+            {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Names how many forms it holds, never the forms.
