@@ -562,3 +562,335 @@ mod redactor_tests {
         assert!(base64_cores(b"abc", 1).is_empty());
     }
 }
+
+/// The redactor against echoes in encodings a request never used: each one alone, nested, and
+/// mixed within one secret, by encoders written here apart from the decoder.
+#[cfg(test)]
+mod encoding_tests {
+    use std::fmt::Write as _;
+
+    use proptest::prelude::*;
+
+    use super::normal::{normal_form, stages, MAX_PASSES};
+    use super::*;
+
+    /// The issue's example: characters each encoding changes (`/`, `&`, `=`, `+`, space,
+    /// `%`, `"`, `<`, a backslash, non-ASCII in and beyond the BMP).
+    const SECRET: &str = "S3cr3t/päss&x=1+2 %<\"\\>😀";
+
+    fn redactor() -> Redactor {
+        let mut r = Redactor::new();
+        r.add_client_secret("app", SECRET);
+        r
+    }
+
+    /// The encodings an echo may use, as common escapers write them.
+    #[derive(Clone, Copy, Debug)]
+    enum Encoding {
+        /// OWASP's HTML escaping: `& < > " ' /` by reference, non-ASCII by name or number.
+        Html,
+        /// Every character as a decimal XML reference.
+        XmlDecimal,
+        /// Every character but letters and digits as a hex reference.
+        XmlHex,
+        /// JSON with `\/`, and everything outside printable ASCII as `\uXXXX` (pairs beyond the
+        /// BMP), and `& < >` too (as Go's HTML-safe encoder does).
+        Json,
+        /// JavaScript `\xHH` for each byte of each character but letters and digits.
+        JsHex,
+        /// JavaScript `\u{…}` for everything outside printable ASCII, and `\\`.
+        JsBrace,
+        /// RFC 3986 percent-encoding of all but the unreserved characters.
+        Percent,
+        /// The same with lower-case hex digits.
+        PercentLower,
+        /// Form encoding: `+` for a space.
+        Form,
+    }
+
+    const ALL: [Encoding; 9] = [
+        Encoding::Html,
+        Encoding::XmlDecimal,
+        Encoding::XmlHex,
+        Encoding::Json,
+        Encoding::JsHex,
+        Encoding::JsBrace,
+        Encoding::Percent,
+        Encoding::PercentLower,
+        Encoding::Form,
+    ];
+
+    fn encode(encoding: Encoding, text: &str) -> String {
+        let mut out = String::new();
+        for c in text.chars() {
+            let code = u32::from(c);
+            let mut utf8 = [0u8; 4];
+            let bytes = c.encode_utf8(&mut utf8).as_bytes();
+            match encoding {
+                Encoding::Html => match c {
+                    '&' => out.push_str("&amp;"),
+                    '<' => out.push_str("&lt;"),
+                    '>' => out.push_str("&gt;"),
+                    '"' => out.push_str("&quot;"),
+                    '\'' => out.push_str("&#x27;"),
+                    '/' => out.push_str("&#x2F;"),
+                    'ä' => out.push_str("&auml;"),
+                    c if c.is_ascii() => out.push(c),
+                    c => write!(out, "&#x{:X};", u32::from(c)).unwrap(),
+                },
+                Encoding::XmlDecimal => write!(out, "&#{code};").unwrap(),
+                Encoding::XmlHex if c.is_ascii_alphanumeric() => out.push(c),
+                Encoding::XmlHex => write!(out, "&#x{code:x};").unwrap(),
+                Encoding::Json => match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '/' => out.push_str("\\/"),
+                    '\n' => out.push_str("\\n"),
+                    ' '..='~' if !"&<>".contains(c) => out.push(c),
+                    c => {
+                        let mut units = [0u16; 2];
+                        for unit in c.encode_utf16(&mut units) {
+                            write!(out, "\\u{unit:04x}").unwrap();
+                        }
+                    }
+                },
+                Encoding::JsHex if c.is_ascii_alphanumeric() => out.push(c),
+                Encoding::JsHex => {
+                    for b in bytes {
+                        write!(out, "\\x{b:02x}").unwrap();
+                    }
+                }
+                Encoding::JsBrace => match c {
+                    '\\' => out.push_str("\\\\"),
+                    ' '..='~' => out.push(c),
+                    c => write!(out, "\\u{{{:x}}}", u32::from(c)).unwrap(),
+                },
+                Encoding::Percent | Encoding::PercentLower | Encoding::Form => {
+                    if c.is_ascii_alphanumeric() || "-._~".contains(c) {
+                        out.push(c);
+                    } else if c == ' ' && matches!(encoding, Encoding::Form) {
+                        out.push('+');
+                    } else {
+                        for b in bytes {
+                            if matches!(encoding, Encoding::PercentLower) {
+                                write!(out, "%{b:02x}").unwrap();
+                            } else {
+                                write!(out, "%{b:02X}").unwrap();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn assert_redacted(r: &Redactor, echo: &str) {
+        let text = format!("<p>invalid client_secret {echo}, try again</p>");
+        let shown = r.redact(&text);
+        assert!(
+            shown.contains(REDACTED),
+            "{echo}: nothing redacted: {shown}"
+        );
+        assert!(!shown.contains(SECRET), "{echo}: {shown}");
+        assert!(!normal_form(&shown).contains(SECRET), "{echo}: {shown}");
+        assert!(!r.finds_in(&shown), "{echo}: something is left: {shown}");
+        assert!(r.finds_in(&text), "{echo}");
+        // The text around it is shown decoded.
+        assert!(shown.starts_with("<p>invalid client_secret "), "{shown}");
+    }
+
+    #[test]
+    fn each_encoding_alone() {
+        let r = redactor();
+        for encoding in ALL {
+            let echo = encode(encoding, SECRET);
+            assert_ne!(echo, SECRET, "{encoding:?}");
+            assert_redacted(&r, &echo);
+        }
+    }
+
+    #[test]
+    fn the_issues_examples() {
+        let mut r = Redactor::new();
+        r.add("S3cr3t/päss");
+        for echo in [
+            "S3cr3t&#x2F;p&auml;ss&amp;x=1",
+            "&#83;&#51;&#99;&#114;&#51;&#116;&#47;&#112;&#228;&#115;&#115;",
+            r"S3cr3t\/p\u00e4ss",
+        ] {
+            let shown = r.redact(echo);
+            assert!(shown.starts_with(REDACTED), "{echo}: {shown}");
+            assert!(!shown.contains("S3cr3t"), "{echo}: {shown}");
+        }
+    }
+
+    #[test]
+    fn nested_encodings() {
+        let r = redactor();
+        for outer in ALL {
+            for inner in ALL {
+                assert_redacted(&r, &encode(outer, &encode(inner, SECRET)));
+            }
+        }
+        // Four layers, the bound.
+        let four = [
+            Encoding::Form,
+            Encoding::Json,
+            Encoding::Html,
+            Encoding::Percent,
+        ]
+        .iter()
+        .fold(SECRET.to_owned(), |text, &e| encode(e, &text));
+        assert_redacted(&r, &four);
+    }
+
+    #[test]
+    fn encodings_mixed_within_one_secret() {
+        let r = redactor();
+        // Each character in the next encoding round.
+        let mixed: String = SECRET
+            .chars()
+            .enumerate()
+            .map(|(i, c)| encode(ALL[i % ALL.len()], &c.to_string()))
+            .collect();
+        assert_redacted(&r, &mixed);
+        // Halves in different encodings, one of them nested.
+        let (head, tail) = SECRET.split_at(SECRET.find('&').unwrap());
+        let half = format!(
+            "{}{}",
+            encode(Encoding::XmlDecimal, head),
+            encode(Encoding::Percent, &encode(Encoding::Json, tail))
+        );
+        assert_redacted(&r, &half);
+    }
+
+    #[test]
+    fn a_secret_that_looks_encoded_is_found_as_written_and_encoded() {
+        // Its own normal form differs from it: `p%41ss&amp;x\u0041` reads `pAss&xA`.
+        let secret = r"p%41ss&amp;x\u0041 +y";
+        let mut r = Redactor::new();
+        r.add(secret);
+        for echo in [
+            secret.to_owned(),
+            encode(Encoding::Html, secret),
+            encode(Encoding::Json, secret),
+            encode(Encoding::Form, secret),
+            encode(Encoding::Percent, &encode(Encoding::Html, secret)),
+            normal_form(secret),
+        ] {
+            let shown = r.redact(&format!("got {echo}."));
+            assert_eq!(shown, "got [redacted].", "{echo}");
+        }
+    }
+
+    #[test]
+    fn a_plus_is_matched_as_the_secret_has_it_and_as_form_encoding_writes_a_space() {
+        let mut r = Redactor::new();
+        r.add("a+b c/d");
+        for echo in [
+            "a+b c/d",
+            "a%2Bb+c%2Fd",
+            "a&#43;b+c&#x2f;d",
+            r"a+b+c\/d",
+            "a%2Bb%20c%2Fd",
+        ] {
+            assert_eq!(r.redact(echo), REDACTED, "{echo}");
+        }
+        // Base64 keeps its `+`: the Basic form is still found.
+        let mut r = Redactor::new();
+        r.add_client_secret("app", "s3cr3t~~>");
+        let basic = base64::engine::general_purpose::STANDARD.encode("app:s3cr3t~~>");
+        assert!(basic.contains('+'), "{basic}");
+        assert_eq!(r.redact(&format!("&#x3D;{basic}")), format!("={REDACTED}"));
+    }
+
+    #[test]
+    fn control_characters_are_escaped_after_redaction() {
+        let mut r = Redactor::new();
+        r.add("line1\nline2");
+        assert_eq!(
+            r.redact(r"x\nline1\nline2\u001b[31m"),
+            r"x\n[redacted]\u{1b}[31m"
+        );
+        // A bidirectional override would make the line read otherwise.
+        assert_eq!(r.redact("a&#x202E;b\u{2066}"), r"a\u{202e}b\u{2066}");
+        // One line: white space folded, then redacted again, then escaped.
+        let mut r = Redactor::new();
+        r.add("a b");
+        assert_eq!(
+            r.redact_line("<p>\n  a\n b\t</p>\u{7}"),
+            r"<p> [redacted] </p>\u{7}"
+        );
+    }
+
+    #[test]
+    fn a_long_text_is_cut_without_leaving_part_of_a_secret() {
+        let r = redactor();
+        let echo = encode(Encoding::XmlDecimal, SECRET);
+        for filler in 0..echo.len() {
+            // The cut at MAX_NORMALISED_BYTES falls at each place inside the echo.
+            let text = format!(
+                "{}{echo}{}",
+                "x".repeat(MAX_NORMALISED_BYTES - filler),
+                "y".repeat(100)
+            );
+            let shown = r.redact(&text);
+            assert!(shown.ends_with('…'), "{filler}");
+            assert!(shown.len() <= MAX_NORMALISED_BYTES + '…'.len_utf8());
+            let tail: String = shown.chars().rev().take(200).collect();
+            assert!(!tail.contains('S'), "{filler}: {tail}");
+        }
+    }
+
+    #[test]
+    fn nothing_decodes_forever_and_nothing_grows() {
+        let r = redactor();
+        let text = "%2525252525252541".repeat(2000);
+        let shown = r.redact(&text);
+        assert!(shown.len() <= MAX_NORMALISED_BYTES + '…'.len_utf8());
+        assert_eq!(stages("%2525252525252541").len(), MAX_PASSES);
+    }
+
+    /// A secret of characters that every encoding touches, escape-like ones included.
+    fn secret_strategy() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                proptest::char::range('a', 'z'),
+                proptest::char::range('0', '9'),
+                proptest::sample::select(vec![
+                    '%', '&', '#', ';', '\\', '/', '+', ' ', '"', '\'', '<', 'x', 'u', '{', '}',
+                    'ä', '€', '😀', '\n',
+                ]),
+            ],
+            6..24,
+        )
+        .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Wrapped in as many layers as the bound leaves after its own normal form, the
+        /// secret is found, and nothing of its normal form is left in what is shown.
+        #[test]
+        fn no_encoded_secret_survives(
+            secret in secret_strategy(),
+            chain in proptest::collection::vec(0..ALL.len(), 0..=MAX_PASSES),
+        ) {
+            let normal = normal_form(&secret);
+            let context = format!("error {REDACTED}{REDACTED} end");
+            prop_assume!(!context.contains(&secret) && !context.contains(&normal));
+            let layers = MAX_PASSES - stages(&secret).len();
+            let echo = chain
+                .iter()
+                .take(layers)
+                .fold(secret.clone(), |text, &e| encode(ALL[e], &text));
+            let mut r = Redactor::new();
+            r.add(&secret);
+            let shown = r.redact(&format!("error {echo} end"));
+            let again = normal_form(&shown);
+            prop_assert!(!again.contains(&secret) && !again.contains(&normal), "{echo:?} shown as {shown:?}");
+        }
+    }
+}
