@@ -276,7 +276,8 @@ impl Redactor {
 
     /// `text` in normal form with every form of every credential replaced by [`REDACTED`],
     /// and control characters (and the format characters that reorder a line) escaped as
-    /// `\n`, `\u{1b}`. Only the first [`MAX_NORMALISED_BYTES`] of `text` are read; a text cut
+    /// `\n`, `\u{1b}` (a backslash as `\\`). A text that a last pass would still change is
+    /// not in normal form and is not shown: [`REDACTED`] and why stand for it. Only the first [`MAX_NORMALISED_BYTES`] of `text` are read; a text cut
     /// there ends in `…`, without the end that could hold the start of a credential. (Escapes
     /// and markers can be longer than what they replace, so the result can be somewhat
     /// longer than that.)
@@ -315,6 +316,17 @@ impl Redactor {
                 Some(next) => current = self.replace(next, &mut found),
                 None => break,
             }
+        }
+        if normal::decode_pass(&current).is_some() {
+            // Still encoded after the last pass: not in normal form, so not shown, as an
+            // echo nested one layer deeper than the passes reach would be shown encoded.
+            return (
+                format!(
+                    "{REDACTED} (still encoded after {} decoding passes)",
+                    normal::MAX_PASSES
+                ),
+                found,
+            );
         }
         if cut {
             // The cut may have gone through a credential, leaving its start, too short to be
@@ -356,7 +368,8 @@ fn floor_char_boundary(text: &str, index: usize) -> usize {
         .unwrap_or(0)
 }
 
-/// `text` with control characters written as escapes (`\n`, `\r`, `\t`, `\u{1b}`), and
+/// `text` with control characters written as escapes (`\n`, `\r`, `\t`, `\u{1b}`, and `\\` for
+/// a backslash), and
 /// with them the characters that change how a line is shown: bidirectional overrides and
 /// isolates (Unicode TR 9), which can make a log line read as something else, and the line
 /// and paragraph separators.
@@ -364,6 +377,9 @@ fn escape_controls(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
+            // A backslash of the text itself is escaped too, so that the escapes written here
+            // read back as what they stand for and nothing else.
+            '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
@@ -647,6 +663,9 @@ mod encoding_tests {
                     '"' => out.push_str("\\\""),
                     '\\' => out.push_str("\\\\"),
                     '/' => out.push_str("\\/"),
+                    // A backslash of the text itself is escaped too, so that the escapes written here
+                    // read back as what they stand for and nothing else.
+                    '\\' => out.push_str("\\\\"),
                     '\n' => out.push_str("\\n"),
                     ' '..='~' if !"&<>".contains(c) => out.push(c),
                     c => {
@@ -849,10 +868,16 @@ mod encoding_tests {
     #[test]
     fn nothing_decodes_forever_and_nothing_grows() {
         let r = redactor();
-        let text = "%2525252525252541".repeat(2000);
+        let text = "%25252541".repeat(2000);
         let shown = r.redact(&text);
         assert!(shown.len() <= MAX_NORMALISED_BYTES + '…'.len_utf8());
-        assert_eq!(stages("%2525252525252541").len(), MAX_PASSES);
+        assert!(shown.starts_with("AAAA"), "{shown}");
+        // One layer more than the passes reach: not in normal form, so not shown.
+        assert_eq!(stages("%2525252541").len(), MAX_PASSES);
+        assert_eq!(
+            r.redact(&format!("{SECRET} and %2525252541")),
+            "[redacted] (still encoded after 4 decoding passes)"
+        );
     }
 
     /// A secret of characters that every encoding touches, escape-like ones included.
