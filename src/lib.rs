@@ -7,7 +7,8 @@
 //! Modules, in the order data flows through them:
 //! - [`config`]: the TOML file, validated into plain runtime types (`config/file.rs` is the
 //!   raw form); [`secret`]: the client secret, redacted everywhere, and the redactor that
-//!   removes it, in every encoding, from what a token endpoint says;
+//!   removes it, in every encoding, from what a token endpoint says (which it first brings to
+//!   a normal form, `secret/normal.rs`);
 //! - `tls`: trust anchors and the pooled HTTPS client used for every outbound request;
 //! - [`token`]: client authentication (`client_auth`), fetch (`fetch`, `response`), refresh
 //!   timing (`schedule`), the refresher task and its supervisor (`refresher`), and the handle

@@ -7,9 +7,11 @@
 //! `{"error","message","status",...}` (IBM), or a body that is not JSON at all.
 //!
 //! Everything an endpoint says is untrusted: what is quoted from it passes through the
-//! source's [`Redactor`] (an endpoint may echo the request, secret included), and only the
-//! status and a well-formed `error` code ever reach the app ([`EndpointError::code`]); the
-//! rest is for the log. Success bodies are never quoted: they hold the token.
+//! source's [`Redactor`] (an endpoint may echo the request, secret included, in any
+//! encoding), which quotes it in normal form (references and escapes decoded) and redacted,
+//! never as it came; and only the status and a well-formed `error` code ever reach the app
+//! ([`EndpointError::code`]); the rest is for the log. Success bodies are never quoted: they
+//! hold the token.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
