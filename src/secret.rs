@@ -276,11 +276,13 @@ impl Redactor {
 
     /// `text` in normal form with every form of every credential replaced by [`REDACTED`],
     /// and control characters (and the format characters that reorder a line) escaped as
-    /// `\n`, `\u{1b}` (a backslash as `\\`). A text that a last pass would still change is
-    /// not in normal form and is not shown: [`REDACTED`] and why stand for it. Only the first [`MAX_NORMALISED_BYTES`] of `text` are read; a text cut
-    /// there ends in `…`, without the end that could hold the start of a credential. (Escapes
-    /// and markers can be longer than what they replace, so the result can be somewhat
-    /// longer than that.)
+    /// `\n`, `\u{1b}` (a backslash as `\\`).
+    ///
+    /// A text that a last pass would still change is not in normal form and is not shown:
+    /// [`REDACTED`] and why stand for it. Only the first [`MAX_NORMALISED_BYTES`] of `text` are
+    /// read; a text cut there ends in `…`, without the end that could hold the start of a
+    /// credential. (Escapes and markers can be longer than what they replace, so the result
+    /// can be somewhat longer than that.)
     pub fn redact(&self, text: &str) -> String {
         let (clean, _) = self.clean(text);
         self.finish(&clean)
@@ -894,7 +896,11 @@ mod encoding_tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
 
         /// Wrapped in as many layers as the bound leaves after its own normal form, the
         /// secret is found, and nothing of its normal form is left in what is shown.
@@ -915,7 +921,10 @@ mod encoding_tests {
             r.add(&secret);
             let shown = r.redact(&format!("error {echo} end"));
             let again = normal_form(&shown);
-            prop_assert!(!again.contains(&secret) && !again.contains(&normal), "{echo:?} shown as {shown:?}");
+            prop_assert!(
+                !again.contains(&secret) && !again.contains(&normal),
+                "{echo:?} shown as {shown:?}"
+            );
         }
     }
 }
