@@ -23,7 +23,7 @@
 //! A run of `%HH` or `\xHH` escapes is read as UTF-8 where it is valid, and any byte that is
 //! not as the Latin-1 character of that number (what JavaScript's `escape()` and `\xHH`
 //! mean). An escape that does not decode to a character (a lone surrogate, a code point past
-//! U+10FFFF, `&#0;`) is left as it is.
+//! U+10FFFF) is left as it is.
 //!
 //! `+` is left alone, although form encoding (WHATWG URL §5) writes a space as `+`: a secret
 //! may hold a `+` of its own, and base64 is full of them. The redactor instead also matches
@@ -131,8 +131,9 @@ fn char_reference(bytes: &[u8], at: usize, out: &mut String) -> Option<usize> {
         if end == digits_from {
             return None;
         }
-        // NUL is not a character either language lets a reference stand for.
-        let c = char::from_u32(value).filter(|&c| c != '\0')?;
+        // `&#0;` too, although neither language allows it: a naive escaper writes it for a
+        // NUL, and what it stands for is what matters here.
+        let c = char::from_u32(value)?;
         if bytes.get(end) == Some(&b';') {
             end += 1;
         }
@@ -358,8 +359,8 @@ mod tests {
         );
         assert_eq!(once("&sol;&commat;&bsol;&yuml;&Agrave;&euro;"), "/@\\ÿÀ€");
         // Not characters, or not references: left as they are.
+        assert_eq!(once("&#0;"), "\0");
         for kept in [
-            "&#0;",
             "&#xD800;",
             "&#x110000;",
             "&#99999999999999999999;",
