@@ -879,6 +879,20 @@ mod encoding_tests {
         );
     }
 
+    /// Inputs the `redaction` fuzz target found.
+    #[test]
+    fn found_by_fuzzing() {
+        // A NUL, written `&#0;` by an escaper that writes every character by number.
+        let secret = "p%41ss&amp;x\\b\0\0\01";
+        let mut r = Redactor::new();
+        r.add(secret);
+        let echo = encode(Encoding::XmlDecimal, secret);
+        assert_eq!(
+            r.redact(&format!("error: {echo}. end")),
+            "error: [redacted]. end"
+        );
+    }
+
     /// A secret of characters that every encoding touches, escape-like ones included.
     fn secret_strategy() -> impl Strategy<Value = String> {
         proptest::collection::vec(

@@ -10,13 +10,14 @@
 //! of its own).
 //!
 //! Checks: no panic; the redacted text, brought to normal form once more, holds neither the
-//! secret nor its normal form; and the text held the secret as the redactor sees it.
+//! secret nor its normal form; and the text, when within the redactor's 8 KiB, held the secret
+//! as the redactor sees it.
 #![no_main]
 
 use std::fmt::Write as _;
 
 use bearerd::secret::normal::{decode_pass, normal_form, MAX_PASSES};
-use bearerd::secret::{Redactor, REDACTED};
+use bearerd::secret::{Redactor, MAX_NORMALISED_BYTES, REDACTED};
 use libfuzzer_sys::fuzz_target;
 
 /// The encodings an echo may use, as common escapers write them.
@@ -168,7 +169,11 @@ fuzz_target!(|data: &[u8]| {
         redactor.add(&secret);
     }
     let text = format!("error: {echo}. end");
-    assert!(redactor.finds_in(&text), "not found in {text:?}");
+    // Beyond the bound the text is cut, and the secret with it (three layers of references
+    // make a few characters several KiB).
+    if text.len() <= MAX_NORMALISED_BYTES {
+        assert!(redactor.finds_in(&text), "not found in {text:?}");
+    }
     let shown = redactor.redact(&text);
     let again = normal_form(&shown);
     assert!(
