@@ -18,9 +18,10 @@ cd "$(dirname "$0")/.."
 CARGO="${CARGO:-cargo}"
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 # -max_len per target: above the largest real input of its kind (a token response of a few
-# KiB; a config file, config.example.toml being 9 KiB; one request target and its headers).
-declare -A MAX_LEN=([token_response]=8192 [config]=16384 [request_rewrite]=2048)
-FUZZ_TARGETS="${FUZZ_TARGETS:-token_response config request_rewrite}"
+# KiB; a config file, config.example.toml being 9 KiB; one request target and its headers; a
+# control byte, four encodings and a secret of at most 64 characters).
+declare -A MAX_LEN=([token_response]=8192 [config]=16384 [request_rewrite]=2048 [redaction]=512 [cache_entry]=20000)
+FUZZ_TARGETS="${FUZZ_TARGETS:-token_response config request_rewrite redaction cache_entry}"
 
 say() { echo "fuzz: $*"; }
 

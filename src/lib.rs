@@ -7,10 +7,11 @@
 //! Modules, in the order data flows through them:
 //! - [`config`]: the TOML file, validated into plain runtime types (`config/file.rs` is the
 //!   raw form); [`secret`]: the client secret, redacted everywhere, and the redactor that
-//!   removes it, in every encoding, from what a token endpoint says; `files`: the bounded
-//!   reader every credential file goes through (regular files only, capped, and off the
-//!   runtime's thread under the token timeout when a token request reads them); `jose`: JWS
-//!   signing, JWK thumbprints and hashes, the leaf that `token` and `tls` both use;
+//!   removes it, in every encoding, from what a token endpoint says (which it first brings to
+//!   a normal form, `secret/normal.rs`); `files`: the bounded reader every credential file
+//!   goes through (regular files only, capped, and off the runtime's thread under the token
+//!   timeout when a token request reads them); `jose`: JWS signing, JWK thumbprints and
+//!   hashes, the leaf that `token` and `tls` both use;
 //! - `tls`: trust anchors and the pooled HTTPS client used for every outbound request;
 //! - [`token`]: client authentication (`client_auth`), fetch (`fetch`, `response`), refresh
 //!   timing (`schedule`), the refresher task and its supervisor (`refresher`), the handle

@@ -4,9 +4,13 @@
 //! and the only way to the value is [`Secret::expose`], so every use is easy to find.
 //!
 //! A [`Redactor`] removes a credential from text that came back from the network (a token
-//! endpoint that echoes the request it got), in every form in which the request carried it.
+//! endpoint that echoes the request it got), in every form in which the request carried it
+//! and in whatever encoding the echo wraps it: the text is brought to a normal form
+//! ([`normal`]) first, and only that form, redacted, is ever shown.
 
-use std::fmt;
+pub mod normal;
+
+use std::fmt::{self, Write as _};
 use std::path::PathBuf;
 
 use base64::Engine;
@@ -185,9 +189,25 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
 /// base64 value; shorter runs would match ordinary text.
 const MIN_BASE64_CORE: usize = 8;
 
-/// Removes credentials from untrusted text, in every form a request may have carried them:
-/// as they are, form-urlencoded, percent-encoded (either hex case), and in base64 or base64url,
-/// alone or inside a longer value such as a `Basic` header.
+/// Longest piece of a text that is brought to normal form and searched: more than any error
+/// body or field is worth quoting, and a bound on the work one answer can ask for.
+pub const MAX_NORMALISED_BYTES: usize = 8 * 1024;
+
+/// What a cut at [`MAX_NORMALISED_BYTES`] can leave of one escape beyond the credential's own
+/// characters, partly decoded: a character written as `&#x10FFFF;` or as a surrogate pair of
+/// `\uXXXX`, percent-encoded again in the next layers.
+const CUT_ESCAPE_CHARS: usize = 128;
+
+/// Removes credentials from untrusted text, in every form a request may have carried them and
+/// in every encoding an echo may wrap them in.
+///
+/// Text is first brought to a normal form ([`normal`]: character references, JSON and
+/// JavaScript escapes and percent-encoding decoded, pass after pass), and each credential is
+/// looked for at every step on the way there: as it is, form-urlencoded, percent-encoded (either
+/// hex case), in its own normal form (and that with `+` for spaces, as form encoding writes
+/// them), and in base64 or base64url, alone or inside a longer value such as a `Basic` header.
+/// What comes out is the normal form, redacted, with control characters escaped: a log line
+/// never shows an encoded text, only what it says.
 ///
 /// Whatever text a token endpoint sends back goes through one before it reaches a log line,
 /// so that an endpoint that echoes the request it got cannot put the secret there.
@@ -196,6 +216,9 @@ pub struct Redactor {
     /// Every form of every credential, longest first, so that a longer form is replaced before
     /// a shorter one inside it breaks it up.
     forms: Vec<String>,
+    /// Characters in the longest form: what a cut at [`MAX_NORMALISED_BYTES`] may leave of a
+    /// credential at the end of a text.
+    longest: usize,
 }
 
 impl Redactor {
@@ -212,13 +235,17 @@ impl Redactor {
         let form_encoded: String = form_urlencoded::byte_serialize(credential.as_bytes()).collect();
         let percent_encoded = utf8_percent_encode(credential, UNRESERVED).to_string();
         let lower_hex = lowercase_percent_escapes(&percent_encoded);
-        for form in [
-            credential.to_owned(),
-            form_encoded,
-            percent_encoded,
-            lower_hex,
-        ] {
+        for form in [form_encoded, percent_encoded, lower_hex] {
             self.push(form);
+        }
+        // The credential as text is normalised, step by step: a credential that looks
+        // encoded itself (`p%41ss`, `a&amp;b`) is decoded with the text around it.
+        for normal in std::iter::once(credential.to_owned()).chain(normal::stages(credential)) {
+            // Form encoding's `+` for a space, left in the text by the normal form.
+            if normal.contains(' ') {
+                self.push(normal.replace(' ', "+"));
+            }
+            self.push(normal);
         }
         // A credential inside any base64 value: the characters that encode its bytes alone,
         // at each of the three alignments it may have in the encoded value.
@@ -259,26 +286,141 @@ impl Redactor {
 
     fn push(&mut self, form: String) {
         if !form.is_empty() && !self.forms.contains(&form) {
+            self.longest = self.longest.max(form.chars().count());
             self.forms.push(form);
             self.forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
         }
     }
 
-    /// `text` with every form of every credential replaced by [`REDACTED`].
+    /// `text` in normal form with every form of every credential replaced by [`REDACTED`],
+    /// and control characters (and the format characters that reorder a line) escaped as
+    /// `\n`, `\u{1b}` (a backslash as `\\`).
+    ///
+    /// A text that a last pass would still change is not in normal form and is not shown:
+    /// [`REDACTED`] and why stand for it. Only the first [`MAX_NORMALISED_BYTES`] of `text` are
+    /// read; a text cut there ends in `…`, without the end that could hold the start of a
+    /// credential. (Escapes and markers can be longer than what they replace, so the result
+    /// can be somewhat longer than that.)
     pub fn redact(&self, text: &str) -> String {
-        let mut text = text.to_owned();
+        let (clean, _) = self.clean(text);
+        self.finish(&clean)
+    }
+
+    /// Like [`redact`](Self::redact), on one line: every run of white space (line breaks
+    /// included) as one space, as an excerpt of a body is quoted.
+    pub fn redact_line(&self, text: &str) -> String {
+        let (clean, _) = self.clean(text);
+        let folded = clean.split_whitespace().collect::<Vec<_>>().join(" ");
+        // Folding can join what a line break kept apart.
+        self.finish(&self.replace(folded, &mut false))
+    }
+
+    /// Whether `text` holds any form of a credential, as it is or on its way to normal form.
+    pub fn finds_in(&self, text: &str) -> bool {
+        self.clean(text).1
+    }
+
+    /// `text` cut to [`MAX_NORMALISED_BYTES`], brought to normal form and redacted at every
+    /// step, and whether anything was redacted.
+    fn clean(&self, text: &str) -> (String, bool) {
+        let cut = text.len() > MAX_NORMALISED_BYTES;
+        let head = text
+            .get(..floor_char_boundary(text, MAX_NORMALISED_BYTES))
+            .unwrap_or_default();
+        let mut found = false;
+        // Redacted before anything is decoded, so that a credential written as it is cannot
+        // be decoded into something else with the text around it.
+        let mut current = self.replace(head.to_owned(), &mut found);
+        for _ in 0..normal::MAX_PASSES {
+            match normal::decode_pass(&current) {
+                Some(next) => current = self.replace(next, &mut found),
+                None => break,
+            }
+        }
+        if normal::decode_pass(&current).is_some() {
+            // Still encoded after the last pass: not in normal form, so not shown, as an
+            // echo nested one layer deeper than the passes reach would be shown encoded.
+            return (
+                format!(
+                    "{REDACTED} (still encoded after {} decoding passes)",
+                    normal::MAX_PASSES
+                ),
+                found,
+            );
+        }
+        if cut {
+            // The cut may have gone through a credential, leaving its start, too short to be
+            // matched, at the end: that end is dropped, as long as the longest form and what
+            // one escape can add.
+            let kept = current
+                .chars()
+                .count()
+                .saturating_sub(self.longest + CUT_ESCAPE_CHARS);
+            current = current.chars().take(kept).collect();
+            current.push('…');
+        }
+        (current, found)
+    }
+
+    /// `text` with every form replaced; `found` is set when there was one.
+    fn replace(&self, mut text: String, found: &mut bool) -> String {
         for form in &self.forms {
             if text.contains(form.as_str()) {
+                *found = true;
                 text = text.replace(form.as_str(), REDACTED);
             }
         }
         text
     }
 
-    /// Whether `text` holds any form of a credential.
-    pub fn finds_in(&self, text: &str) -> bool {
-        self.forms.iter().any(|form| text.contains(form.as_str()))
+    /// Control characters escaped, and redacted once more: an escape written here must not
+    /// complete a credential that holds one (`a\nb` written out as it was meant).
+    fn finish(&self, text: &str) -> String {
+        self.replace(escape_controls(text), &mut false)
     }
+}
+
+/// The largest character boundary of `text` at or below `index`.
+fn floor_char_boundary(text: &str, index: usize) -> usize {
+    (0..=index.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0)
+}
+
+/// `text` with control characters written as escapes (`\n`, `\r`, `\t`, `\u{1b}`, and `\\` for
+/// a backslash), and
+/// with them the characters that change how a line is shown: bidirectional overrides and
+/// isolates (Unicode TR 9), which can make a log line read as something else, and the line
+/// and paragraph separators.
+fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            // A backslash of the text itself is escaped too, so that the escapes written here
+            // read back as what they stand for and nothing else.
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control()
+                || matches!(
+                    c,
+                    '\u{061C}'
+                        | '\u{200E}'
+                        | '\u{200F}'
+                        | '\u{202A}'..='\u{202E}'
+                        | '\u{2066}'..='\u{2069}'
+                        | '\u{2028}'
+                        | '\u{2029}'
+                ) =>
+            {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Names how many forms it holds, never the forms.
@@ -456,5 +598,365 @@ mod redactor_tests {
         assert_eq!(r.redact("xabcx"), "x[redacted]x");
         // Three bytes make too few base64 characters of their own to be a reliable mark.
         assert!(base64_cores(b"abc", 1).is_empty());
+    }
+}
+
+/// The redactor against echoes in encodings a request never used: each one alone, nested, and
+/// mixed within one secret, by encoders written here apart from the decoder.
+#[cfg(test)]
+mod encoding_tests {
+    use std::fmt::Write as _;
+
+    use proptest::prelude::*;
+
+    use super::normal::{normal_form, stages, MAX_PASSES};
+    use super::*;
+
+    /// The issue's example: characters each encoding changes (`/`, `&`, `=`, `+`, space,
+    /// `%`, `"`, `<`, a backslash, non-ASCII in and beyond the BMP).
+    const SECRET: &str = "S3cr3t/päss&x=1+2 %<\"\\>😀";
+
+    fn redactor() -> Redactor {
+        let mut r = Redactor::new();
+        r.add_client_secret("app", SECRET);
+        r
+    }
+
+    /// The encodings an echo may use, as common escapers write them.
+    #[derive(Clone, Copy, Debug)]
+    enum Encoding {
+        /// OWASP's HTML escaping: `& < > " ' /` by reference, non-ASCII by name or number.
+        Html,
+        /// Every character as a decimal XML reference.
+        XmlDecimal,
+        /// Every character but letters and digits as a hex reference.
+        XmlHex,
+        /// JSON with `\/`, and everything outside printable ASCII as `\uXXXX` (pairs beyond the
+        /// BMP), and `& < >` too (as Go's HTML-safe encoder does).
+        Json,
+        /// JavaScript `\xHH` for each byte of each character but letters and digits.
+        JsHex,
+        /// JavaScript `\u{…}` for everything outside printable ASCII, and `\\`.
+        JsBrace,
+        /// RFC 3986 percent-encoding of all but the unreserved characters.
+        Percent,
+        /// The same with lower-case hex digits.
+        PercentLower,
+        /// Form encoding: `+` for a space.
+        Form,
+    }
+
+    const ALL: [Encoding; 9] = [
+        Encoding::Html,
+        Encoding::XmlDecimal,
+        Encoding::XmlHex,
+        Encoding::Json,
+        Encoding::JsHex,
+        Encoding::JsBrace,
+        Encoding::Percent,
+        Encoding::PercentLower,
+        Encoding::Form,
+    ];
+
+    fn encode(encoding: Encoding, text: &str) -> String {
+        let mut out = String::new();
+        for c in text.chars() {
+            let code = u32::from(c);
+            let mut utf8 = [0u8; 4];
+            let bytes = c.encode_utf8(&mut utf8).as_bytes();
+            match encoding {
+                Encoding::Html => match c {
+                    '&' => out.push_str("&amp;"),
+                    '<' => out.push_str("&lt;"),
+                    '>' => out.push_str("&gt;"),
+                    '"' => out.push_str("&quot;"),
+                    '\'' => out.push_str("&#x27;"),
+                    '/' => out.push_str("&#x2F;"),
+                    'ä' => out.push_str("&auml;"),
+                    c if c.is_ascii() => out.push(c),
+                    c => write!(out, "&#x{:X};", u32::from(c)).unwrap(),
+                },
+                Encoding::XmlDecimal => write!(out, "&#{code};").unwrap(),
+                Encoding::XmlHex if c.is_ascii_alphanumeric() => out.push(c),
+                Encoding::XmlHex => write!(out, "&#x{code:x};").unwrap(),
+                Encoding::Json => match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '/' => out.push_str("\\/"),
+                    '\n' => out.push_str("\\n"),
+                    ' '..='~' if !"&<>".contains(c) => out.push(c),
+                    c => {
+                        let mut units = [0u16; 2];
+                        for unit in c.encode_utf16(&mut units) {
+                            write!(out, "\\u{unit:04x}").unwrap();
+                        }
+                    }
+                },
+                Encoding::JsHex if c.is_ascii_alphanumeric() => out.push(c),
+                Encoding::JsHex => {
+                    for b in bytes {
+                        write!(out, "\\x{b:02x}").unwrap();
+                    }
+                }
+                Encoding::JsBrace => match c {
+                    '\\' => out.push_str("\\\\"),
+                    ' '..='~' => out.push(c),
+                    c => write!(out, "\\u{{{:x}}}", u32::from(c)).unwrap(),
+                },
+                Encoding::Percent | Encoding::PercentLower | Encoding::Form => {
+                    if c.is_ascii_alphanumeric() || "-._~".contains(c) {
+                        out.push(c);
+                    } else if c == ' ' && matches!(encoding, Encoding::Form) {
+                        out.push('+');
+                    } else {
+                        for b in bytes {
+                            if matches!(encoding, Encoding::PercentLower) {
+                                write!(out, "%{b:02x}").unwrap();
+                            } else {
+                                write!(out, "%{b:02X}").unwrap();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn assert_redacted(r: &Redactor, echo: &str) {
+        let text = format!("<p>invalid client_secret {echo}, try again</p>");
+        let shown = r.redact(&text);
+        assert!(
+            shown.contains(REDACTED),
+            "{echo}: nothing redacted: {shown}"
+        );
+        assert!(!shown.contains(SECRET), "{echo}: {shown}");
+        assert!(!normal_form(&shown).contains(SECRET), "{echo}: {shown}");
+        assert!(!r.finds_in(&shown), "{echo}: something is left: {shown}");
+        assert!(r.finds_in(&text), "{echo}");
+        // The text around it is shown decoded.
+        assert!(shown.starts_with("<p>invalid client_secret "), "{shown}");
+    }
+
+    #[test]
+    fn each_encoding_alone() {
+        let r = redactor();
+        for encoding in ALL {
+            let echo = encode(encoding, SECRET);
+            assert_ne!(echo, SECRET, "{encoding:?}");
+            assert_redacted(&r, &echo);
+        }
+    }
+
+    #[test]
+    fn the_issues_examples() {
+        let mut r = Redactor::new();
+        r.add("S3cr3t/päss");
+        for echo in [
+            "S3cr3t&#x2F;p&auml;ss&amp;x=1",
+            "&#83;&#51;&#99;&#114;&#51;&#116;&#47;&#112;&#228;&#115;&#115;",
+            r"S3cr3t\/p\u00e4ss",
+        ] {
+            let shown = r.redact(echo);
+            assert!(shown.starts_with(REDACTED), "{echo}: {shown}");
+            assert!(!shown.contains("S3cr3t"), "{echo}: {shown}");
+        }
+    }
+
+    #[test]
+    fn nested_encodings() {
+        let r = redactor();
+        for outer in ALL {
+            for inner in ALL {
+                assert_redacted(&r, &encode(outer, &encode(inner, SECRET)));
+            }
+        }
+        // Four layers, the bound.
+        let four = [
+            Encoding::Form,
+            Encoding::Json,
+            Encoding::Html,
+            Encoding::Percent,
+        ]
+        .iter()
+        .fold(SECRET.to_owned(), |text, &e| encode(e, &text));
+        assert_redacted(&r, &four);
+    }
+
+    #[test]
+    fn encodings_mixed_within_one_secret() {
+        let r = redactor();
+        // Each character in the next encoding round.
+        let mixed: String = SECRET
+            .chars()
+            .enumerate()
+            .map(|(i, c)| encode(ALL[i % ALL.len()], &c.to_string()))
+            .collect();
+        assert_redacted(&r, &mixed);
+        // Halves in different encodings, one of them nested.
+        let (head, tail) = SECRET.split_at(SECRET.find('&').unwrap());
+        let half = format!(
+            "{}{}",
+            encode(Encoding::XmlDecimal, head),
+            encode(Encoding::Percent, &encode(Encoding::Json, tail))
+        );
+        assert_redacted(&r, &half);
+    }
+
+    #[test]
+    fn a_secret_that_looks_encoded_is_found_as_written_and_encoded() {
+        // Its own normal form differs from it: `p%41ss&amp;x\u0041` reads `pAss&xA`.
+        let secret = r"p%41ss&amp;x\u0041 +y";
+        let mut r = Redactor::new();
+        r.add(secret);
+        for echo in [
+            secret.to_owned(),
+            encode(Encoding::Html, secret),
+            encode(Encoding::Json, secret),
+            encode(Encoding::Form, secret),
+            encode(Encoding::Percent, &encode(Encoding::Html, secret)),
+            normal_form(secret),
+        ] {
+            let shown = r.redact(&format!("got {echo}."));
+            assert_eq!(shown, "got [redacted].", "{echo}");
+        }
+    }
+
+    #[test]
+    fn a_plus_is_matched_as_the_secret_has_it_and_as_form_encoding_writes_a_space() {
+        let mut r = Redactor::new();
+        r.add("a+b c/d");
+        for echo in [
+            "a+b c/d",
+            "a%2Bb+c%2Fd",
+            "a&#43;b+c&#x2f;d",
+            r"a+b+c\/d",
+            "a%2Bb%20c%2Fd",
+        ] {
+            assert_eq!(r.redact(echo), REDACTED, "{echo}");
+        }
+        // Base64 keeps its `+`: the Basic form is still found.
+        let mut r = Redactor::new();
+        r.add_client_secret("app", "s3cr3t~~>");
+        let basic = base64::engine::general_purpose::STANDARD.encode("app:s3cr3t~~>");
+        assert!(basic.contains('+'), "{basic}");
+        assert_eq!(r.redact(&format!("&#x3D;{basic}")), format!("={REDACTED}"));
+    }
+
+    #[test]
+    fn control_characters_are_escaped_after_redaction() {
+        let mut r = Redactor::new();
+        r.add("line1\nline2");
+        assert_eq!(
+            r.redact(r"x\nline1\nline2\u001b[31m"),
+            r"x\n[redacted]\u{1b}[31m"
+        );
+        // A bidirectional override would make the line read otherwise.
+        assert_eq!(r.redact("a&#x202E;b\u{2066}"), r"a\u{202e}b\u{2066}");
+        // One line: white space folded, then redacted again, then escaped.
+        let mut r = Redactor::new();
+        r.add("a b");
+        assert_eq!(
+            r.redact_line("<p>\n  a\n b\t</p>\u{7}"),
+            r"<p> [redacted] </p>\u{7}"
+        );
+    }
+
+    #[test]
+    fn a_long_text_is_cut_without_leaving_part_of_a_secret() {
+        let r = redactor();
+        let echo = encode(Encoding::XmlDecimal, SECRET);
+        for filler in 0..echo.len() {
+            // The cut at MAX_NORMALISED_BYTES falls at each place inside the echo.
+            let text = format!(
+                "{}{echo}{}",
+                "x".repeat(MAX_NORMALISED_BYTES - filler),
+                "y".repeat(100)
+            );
+            let shown = r.redact(&text);
+            assert!(shown.ends_with('…'), "{filler}");
+            // Escapes and markers can be longer than what they stand for; not much longer.
+            assert!(shown.len() < 2 * MAX_NORMALISED_BYTES, "{filler}");
+            // Not even its first two characters, decoded or not.
+            assert!(!normal_form(&shown).contains("S3"), "{filler}: {shown}");
+        }
+    }
+
+    #[test]
+    fn nothing_decodes_forever_and_nothing_grows() {
+        let r = redactor();
+        let text = "%25252541".repeat(2000);
+        let shown = r.redact(&text);
+        assert!(shown.len() <= MAX_NORMALISED_BYTES + '…'.len_utf8());
+        assert!(shown.starts_with("AAAA"), "{shown}");
+        // One layer more than the passes reach: not in normal form, so not shown.
+        assert_eq!(stages("%2525252541").len(), MAX_PASSES);
+        assert_eq!(
+            r.redact(&format!("{SECRET} and %2525252541")),
+            "[redacted] (still encoded after 4 decoding passes)"
+        );
+    }
+
+    /// Inputs the `redaction` fuzz target found.
+    #[test]
+    fn found_by_fuzzing() {
+        // A NUL, written `&#0;` by an escaper that writes every character by number.
+        let secret = "p%41ss&amp;x\\b\0\0\x001";
+        let mut r = Redactor::new();
+        r.add(secret);
+        let echo = encode(Encoding::XmlDecimal, secret);
+        assert_eq!(
+            r.redact(&format!("error: {echo}. end")),
+            "error: [redacted]. end"
+        );
+    }
+
+    /// A secret of characters that every encoding touches, escape-like ones included.
+    fn secret_strategy() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                proptest::char::range('a', 'z'),
+                proptest::char::range('0', '9'),
+                proptest::sample::select(vec![
+                    '%', '&', '#', ';', '\\', '/', '+', ' ', '"', '\'', '<', 'x', 'u', '{', '}',
+                    'ä', '€', '😀', '\n',
+                ]),
+            ],
+            6..24,
+        )
+        .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// Wrapped in as many layers as the bound leaves after its own normal form, the
+        /// secret is found, and nothing of its normal form is left in what is shown.
+        #[test]
+        fn no_encoded_secret_survives(
+            secret in secret_strategy(),
+            chain in proptest::collection::vec(0..ALL.len(), 0..=MAX_PASSES),
+        ) {
+            let normal = normal_form(&secret);
+            let context = format!("error {REDACTED}{REDACTED} end");
+            prop_assume!(!context.contains(&secret) && !context.contains(&normal));
+            let layers = MAX_PASSES - stages(&secret).len();
+            let echo = chain
+                .iter()
+                .take(layers)
+                .fold(secret.clone(), |text, &e| encode(ALL[e], &text));
+            let mut r = Redactor::new();
+            r.add(&secret);
+            let shown = r.redact(&format!("error {echo} end"));
+            let again = normal_form(&shown);
+            prop_assert!(
+                !again.contains(&secret) && !again.contains(&normal),
+                "{echo:?} shown as {shown:?}"
+            );
+        }
     }
 }

@@ -19,7 +19,8 @@ const SECRET: &str = "fuzz-secret-Zx9";
 
 fn assert_no_secret(error: &(impl Display + Debug), redactor: &Redactor) {
     let shown = format!("{error}\n{error:?}");
-    // As it is, or in any form the redactor knows (encoded, inside base64 Basic credentials).
+    // As it is, or in any form the redactor knows (encoded, inside base64 Basic credentials,
+    // or wrapped in references and escapes that its normal form decodes).
     let leaked = shown.contains(SECRET) || redactor.finds_in(&shown);
     assert!(!leaked, "the secret is in an error: {shown}");
 }

@@ -7,9 +7,11 @@
 //! `{"error","message","status",...}` (IBM), or a body that is not JSON at all.
 //!
 //! Everything an endpoint says is untrusted: what is quoted from it passes through the
-//! source's [`Redactor`] (an endpoint may echo the request, secret included), and only the
-//! status and a well-formed `error` code ever reach the app ([`EndpointError::code`]); the
-//! rest is for the log. Success bodies are never quoted: they hold the token.
+//! source's [`Redactor`] (an endpoint may echo the request, secret included, in any
+//! encoding), which quotes it in normal form (references and escapes decoded) and redacted,
+//! never as it came; and only the status and a well-formed `error` code ever reach the app
+//! ([`EndpointError::code`]); the rest is for the log. Success bodies are never quoted: they
+//! hold the token.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -232,14 +234,13 @@ impl fmt::Display for EndpointError {
 /// Reads an error body. Everything quoted goes through `redactor`, in case the server echoes
 /// the request back.
 pub fn parse_error(status: StatusCode, body: &[u8], redactor: &Redactor) -> EndpointError {
-    let scrub = |text: String| redactor.redact(&text);
-    // Scrubbed before parsing, and each piece again after: JSON escapes (`\/`, `\u0026`) and
-    // folded whitespace can hide the secret from one pass but not from the other. Always
-    // before anything is cut, so that no part of a secret survives.
-    let text = scrub(String::from_utf8_lossy(body).into_owned());
+    let text = String::from_utf8_lossy(body);
+    // JSON is parsed as it came, so that its escapes are read as JSON; each string taken out
+    // of it is then normalised and redacted on its own. Anything else is quoted only in
+    // normal form, redacted before it is cut.
     let (error, description) = match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Object(object)) => error_fields(&object, &scrub),
-        _ => (None, excerpt(&text, &scrub)),
+        Ok(Value::Object(object)) => error_fields(&object, &|text| redactor.redact(&text)),
+        _ => (None, excerpt(&text, redactor)),
     };
     EndpointError {
         status,
@@ -299,9 +300,10 @@ fn describe_json_error(object: &Map<String, Value>, redactor: &Redactor) -> Opti
     }
 }
 
-/// The start of a body, on one line, for a person to recognise (an HTML error page, say).
-fn excerpt(text: &str, scrub: &dyn Fn(String) -> String) -> Option<String> {
-    let one_line = scrub(text.split_whitespace().collect::<Vec<_>>().join(" "));
+/// The start of a body, on one line, for a person to recognise (an HTML error page, say): in
+/// normal form, redacted, and only then cut.
+fn excerpt(text: &str, redactor: &Redactor) -> Option<String> {
+    let one_line = redactor.redact_line(text);
     if one_line.is_empty() {
         return Some("(empty body)".into());
     }

@@ -623,3 +623,266 @@ async fn healthz_fails_while_a_token_source_is_down_and_recovers_when_it_restart
     assert_eq!(health(), StatusCode::OK);
     shutdown.cancel();
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. An endpoint that echoes the secret in an encoding the request never used.
+// ---------------------------------------------------------------------------------------------
+
+/// The secret as an endpoint understood it: from the Basic credentials or from the form.
+fn secret_of(request: &TokenRequest) -> String {
+    request
+        .basic()
+        .map(|(_, secret)| secret)
+        .or_else(|| request.form.get("client_secret").cloned())
+        .unwrap_or_default()
+}
+
+/// HTML character references as OWASP's escaper writes them (`&`, `<`, `>`, `"`, `'` and `/`),
+/// with Latin-1 letters by name as Java's `escapeHtml4` writes them.
+fn html_references(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_owned(),
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            '"' => "&quot;".to_owned(),
+            '\'' => "&#x27;".to_owned(),
+            '/' => "&#x2F;".to_owned(),
+            'ü' => "&uuml;".to_owned(),
+            c if c.is_ascii() => c.to_string(),
+            c => format!("&#x{:X};", u32::from(c)),
+        })
+        .collect()
+}
+
+/// Every character as an XML decimal character reference.
+fn xml_references(text: &str) -> String {
+    text.chars()
+        .map(|c| format!("&#{};", u32::from(c)))
+        .collect()
+}
+
+/// JSON string escapes as PHP's `json_encode` writes them with `JSON_HEX_AMP`: `\/`, `&` as
+/// `\u0026`, everything outside ASCII as `\uXXXX`.
+fn js_escapes(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '/' => "\\/".to_owned(),
+            '"' => "\\\"".to_owned(),
+            '\\' => "\\\\".to_owned(),
+            '&' => "\\u0026".to_owned(),
+            c if c.is_ascii() && !c.is_ascii_control() => c.to_string(),
+            c => {
+                let mut units = [0u16; 2];
+                c.encode_utf16(&mut units)
+                    .iter()
+                    .map(|unit| format!("\\u{unit:04x}"))
+                    .collect()
+            }
+        })
+        .collect()
+}
+
+/// The secret as the echoes below carry it, and pieces of that long enough to give it away.
+fn encoded_secret_forms() -> Vec<String> {
+    let mut forms = Vec::new();
+    for encoded in [
+        html_references(SECRET),
+        xml_references(SECRET),
+        js_escapes(SECRET),
+    ] {
+        forms.push(encoded.chars().take(12).collect());
+        forms.push(
+            encoded
+                .chars()
+                .rev()
+                .take(12)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect(),
+        );
+        forms.push(encoded);
+    }
+    forms
+}
+
+/// No form of the secret in `text`: none a request carries, none of the echoes below, and not
+/// the secret itself once `text` is decoded as bearerd decodes.
+fn assert_no_encoded_secret(place: &str, text: &str) {
+    assert_no_secret(place, text);
+    for leaked in encoded_secret_forms() {
+        assert!(
+            !text.contains(&leaked),
+            "the secret ({leaked:?}) reached {place}:\n{text}"
+        );
+    }
+    let decoded = bearerd::secret::normal::normal_form(text);
+    assert!(
+        !decoded.contains(SECRET) && !decoded.contains(&SECRET[..8]),
+        "the secret reached {place}, encoded:\n{text}"
+    );
+}
+
+/// (upstream, path, client authentication): each echo, with the secret sent either way.
+const ENCODED_SHAPES: [(&str, &str, &str); 6] = [
+    ("html", "/html", "basic"),
+    ("html-post", "/html", "post"),
+    ("xml", "/xml", "post"),
+    ("xml-basic", "/xml", "basic"),
+    ("js", "/js", "basic"),
+    ("js-post", "/js", "post"),
+];
+
+/// What each path's answer says around the secret, as bearerd shows it: decoded, the secret
+/// redacted.
+fn shown_of(path: &str) -> &'static str {
+    match path {
+        "/html" => "client_secret=\"[redacted]\"&x=1",
+        "/xml" => "<client_secret>[redacted]</client_secret>",
+        _ => "client_secret \"[redacted]\" is not",
+    }
+}
+
+/// Answers every token request with an error body that is not JSON and quotes the secret it
+/// got in the encoding its path names.
+async fn encoding_echo_endpoint() -> TokenEndpoint {
+    token_endpoint(|_, request| async move {
+        let secret = secret_of(&request);
+        assert_eq!(secret, SECRET, "the request carried the secret");
+        let (status, content_type, body) = match request.path.as_str() {
+            "/html" => (
+                StatusCode::UNAUTHORIZED,
+                "text/html",
+                format!(
+                    "<html>\n<body>\n  <h1>401</h1>\n  <p>Unknown client: client_secret=&quot;{}&quot;&amp;x=1</p>\n</body>\n</html>\n",
+                    html_references(&secret)
+                ),
+            ),
+            "/xml" => (
+                StatusCode::BAD_REQUEST,
+                "application/xml",
+                format!(
+                    "<?xml version=\"1.0\"?>\n<fault><code>invalid_client</code><client_secret>{}</client_secret></fault>",
+                    xml_references(&secret)
+                ),
+            ),
+            _ => (
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                format!(
+                    "invalid_client: client_secret \"{}\" is not known\n",
+                    js_escapes(&secret)
+                ),
+            ),
+        };
+        http::Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(support::full(body))
+            .unwrap()
+    })
+    .await
+}
+
+/// A config with one upstream per shape, all fetching from `endpoint`, written into `dir`.
+fn encoded_shapes_config(
+    endpoint: &TokenEndpoint,
+    upstream: &str,
+    dir: &std::path::Path,
+) -> String {
+    std::fs::write(dir.join("secret"), format!("{SECRET}\n")).unwrap();
+    let mut config = ConfigBuilder::new().log(Log::new().format("json"));
+    for (name, path, auth) in ENCODED_SHAPES {
+        config = config.upstream(
+            Upstream::new(name, upstream).token(
+                Token::new(&endpoint.url(path), CLIENT_ID)
+                    .secret_file("secret")
+                    .auth(auth),
+            ),
+        );
+    }
+    let path = dir.join("bearerd.toml");
+    std::fs::write(&path, config.render()).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_echoed_as_character_references_or_escapes_never_reaches_the_log() {
+    let endpoint = encoding_echo_endpoint().await;
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = encoded_shapes_config(&endpoint, &upstream.url(), dir.path());
+
+    let mut daemon = Daemon::start_with(&path, &[("RUST_LOG", "trace")]);
+    for (name, _, _) in ENCODED_SHAPES {
+        let answer = exchange(
+            daemon.listen_addr(name),
+            b"GET /data HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status_of(&answer), 503, "{name}: {answer}");
+        assert_no_encoded_secret(&format!("the app ({name})"), &answer);
+    }
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit().code(), Some(0));
+    let log = wait_for_log_line(&daemon, "stopped");
+    assert_no_encoded_secret("the trace-level log", &log);
+    // Each echo was logged, decoded and redacted: the test saw the path it means to test.
+    for (name, path, _) in ENCODED_SHAPES {
+        let description = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|event| {
+                event["fields"]["message"] == "token fetch failed"
+                    && event["fields"]["upstream"] == name
+            })
+            .and_then(|event| {
+                event["fields"]["endpoint_error_description"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| panic!("{name}: no failed fetch logged:\n{log}"));
+        assert!(
+            description.contains(shown_of(path)),
+            "{name}: {description}"
+        );
+    }
+    assert_eq!(upstream.received(), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_echoed_as_character_references_or_escapes_is_not_printed_by_fetch_token() {
+    let endpoint = encoding_echo_endpoint().await;
+    // Never reached: --fetch-token asks the token endpoint only.
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = encoded_shapes_config(&endpoint, &upstream.url(), dir.path());
+    for (name, path_of_echo, _) in ENCODED_SHAPES {
+        let output = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || {
+                Command::new(BIN)
+                    .args(["--config", &path, "--fetch-token", name])
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{name}");
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(printed.contains("failed"), "{name}: {printed}");
+        assert_no_encoded_secret(&format!("--fetch-token {name}"), &printed);
+        // Quoted decoded, the secret redacted.
+        assert!(
+            printed.contains(shown_of(path_of_echo)),
+            "{name}: {printed}"
+        );
+    }
+    assert_eq!(upstream.received(), "");
+}
