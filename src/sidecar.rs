@@ -101,11 +101,7 @@ pub struct Running {
 /// Starts token sources and listeners for `config`. Token sources fetch at once; listeners
 /// accept at once, and requests that arrive before the first token wait for it.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
-    let mut prepared = prepare(config);
-    let fatal: Vec<Finding> = prepared.fatal().cloned().collect();
-    if !fatal.is_empty() {
-        return Err(StartError::Prepare(fatal));
-    }
+    let mut prepared = prepare_to_run(config)?;
     let metrics = MetricFamilies::new()?;
     let cache = match (&config.cache, prepared.cache.take()) {
         (Some(settings), Some(ready)) => {
@@ -211,11 +207,7 @@ impl Running {
                 );
             }
         }
-        let prepared = prepare(config);
-        let fatal: Vec<Finding> = prepared.fatal().cloned().collect();
-        if !fatal.is_empty() {
-            return Err(StartError::Prepare(fatal));
-        }
+        let prepared = prepare_to_run(config)?;
         self.apply(config, prepared).await?;
         tracing::info!(upstreams = config.upstreams.len(), "config reloaded");
         Ok(())
@@ -259,6 +251,17 @@ impl Running {
         self.stop_sources.cancel();
         self.source_tasks.close();
         self.source_tasks.wait().await;
+    }
+}
+
+/// `config` prepared, or every finding that stops it from running.
+fn prepare_to_run(config: &Config) -> Result<Prepared, StartError> {
+    let prepared = prepare(config);
+    let fatal: Vec<Finding> = prepared.fatal().cloned().collect();
+    if fatal.is_empty() {
+        Ok(prepared)
+    } else {
+        Err(StartError::Prepare(fatal))
     }
 }
 

@@ -59,14 +59,19 @@ pub enum ProxyError {
     /// No route of the listener matches the request.
     #[error("no route of this listener matches the request")]
     NoRoute,
-    /// No route of a forward listener takes the request's host and path: bearerd is not an
-    /// open proxy. The host may be one a route names, with a path outside every prefix of its
-    /// routes, so the message blames neither alone; it names no route, host or prefix, which
-    /// are the operator's to tell.
+    /// No route of a forward listener names the request's host: bearerd is not an open
+    /// proxy. The message names no route or host, which are the operator's to tell.
     #[error(
-        "no route of this forward proxy takes this host and path: bearerd forwards requests to the hosts of its routes only, and on each host only the paths within a route's path_prefix"
+        "no route of this forward proxy takes this host: bearerd forwards requests to the hosts of its routes only"
     )]
     HostNotServed,
+    /// A forward listener's routes name the request's host, but none takes its path: it is
+    /// outside every `path_prefix` of them. Answered as [`Self::HostNotServed`] is, with a
+    /// message that says which half was refused.
+    #[error(
+        "this forward proxy serves this host, but no route of it takes this path: on each host it forwards only the paths within a route's path_prefix"
+    )]
+    PathNotServed,
 
     /// The upstream could not be reached: DNS, TCP connect, TLS or HTTP handshake.
     #[error("{}", errors::chain(.source))]
@@ -166,7 +171,8 @@ impl ProxyError {
             | Self::UnknownTransferCoding { .. }
             | Self::RequestBody { .. }
             | Self::NoRoute
-            | Self::HostNotServed => Fault::App,
+            | Self::HostNotServed
+            | Self::PathNotServed => Fault::App,
             Self::UpstreamUnreachable { .. }
             | Self::ConnectTimeout { .. }
             | Self::ResponseTimeout { .. }
@@ -186,7 +192,7 @@ impl ProxyError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnknownTransferCoding { .. } => StatusCode::NOT_IMPLEMENTED,
             Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::HostNotServed => StatusCode::FORBIDDEN,
+            Self::HostNotServed | Self::PathNotServed => StatusCode::FORBIDDEN,
             Self::UpstreamUnreachable { .. } | Self::UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -206,7 +212,7 @@ impl ProxyError {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::UnknownTransferCoding { .. } => "not_implemented",
             Self::NoRoute => "no_route",
-            Self::HostNotServed => "host_not_served",
+            Self::HostNotServed | Self::PathNotServed => "host_not_served",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => "upstream_timeout",
             Self::UpstreamFailed { .. } => "upstream_failed",
@@ -422,16 +428,16 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_host_or_path_is_not_said_to_be_an_unknown_host() {
-        // A served host with a path no route takes lands here too: the detail must hold for
-        // it, and say what to check.
-        let detail = ProxyError::HostNotServed.to_string();
-        assert!(!detail.contains("not among them"), "{detail}");
+    fn a_refused_path_is_not_said_to_be_an_unknown_host() {
+        let detail = ProxyError::PathNotServed.to_string();
         assert!(
-            detail.contains("this host and path") && detail.contains("path_prefix"),
+            detail.contains("serves this host") && detail.contains("path_prefix"),
             "{detail}"
         );
-        assert_eq!(ProxyError::HostNotServed.status(), StatusCode::FORBIDDEN);
+        assert_eq!(ProxyError::PathNotServed.status(), StatusCode::FORBIDDEN);
+        assert_eq!(ProxyError::PathNotServed.code(), "host_not_served");
+        let detail = ProxyError::HostNotServed.to_string();
+        assert!(detail.contains("takes this host"), "{detail}");
     }
 
     #[test]

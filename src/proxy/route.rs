@@ -147,6 +147,8 @@ impl Routes {
         };
         // The longest prefix wins; among equals, the first in the file.
         let mut best: Option<(usize, usize)> = None;
+        // Whether a route names this host (not one that takes any host), for the refusal.
+        let mut host_named = false;
         for &position in exact.iter().chain(&self.any_host) {
             let Some(route) = self.all.get(position) else {
                 continue;
@@ -154,6 +156,7 @@ impl Routes {
             if !route.matching.host_matches(host) {
                 continue;
             }
+            host_named |= route.matching.host.is_some();
             let Some(length) = route.matching.prefix_length(uri.path()) else {
                 continue;
             };
@@ -166,6 +169,7 @@ impl Routes {
         }
         match (best.and_then(|(_, position)| self.all.get(position)), mode) {
             (Some(route), _) => Ok(route),
+            (None, Mode::Forward) if host_named => Err(ProxyError::PathNotServed),
             (None, Mode::Forward) => Err(ProxyError::HostNotServed),
             (None, Mode::Reverse) => Err(ProxyError::NoRoute),
         }

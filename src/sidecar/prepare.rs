@@ -75,9 +75,7 @@ pub struct Prepared {
 impl Prepared {
     /// The findings that stop a start.
     pub fn fatal(&self) -> impl Iterator<Item = &Finding> {
-        self.findings
-            .iter()
-            .filter(|f| f.severity == Severity::Fatal)
+        self.of(Severity::Fatal)
     }
 
     /// The findings of `severity`.

@@ -20,7 +20,7 @@ use base64::Engine;
 use http::StatusCode;
 use serde_json::{Map, Value};
 
-use crate::secret::{Redactor, Secret};
+use crate::secret::{Redactor, Secret, MAX_NORMALISED_BYTES};
 
 /// Characters of a non-JSON error body quoted in messages.
 const EXCERPT_CHARS: usize = 200;
@@ -122,7 +122,15 @@ pub fn parse_success(body: &[u8], redactor: &Redactor) -> Result<Grant, InvalidR
         None | Some(Value::Null) => None,
         Some(value) => Some(parse_expires_in(value)?),
     };
+    // The scope is kept as granted, unless it holds a credential (an endpoint echoing the
+    // request): then only its normal form, redacted, is kept. A scope too long to be searched
+    // whole is kept redacted too.
     let scope = match object.get("scope") {
+        Some(Value::String(scope))
+            if scope.len() <= MAX_NORMALISED_BYTES && !redactor.finds_in(scope) =>
+        {
+            Some(scope.clone())
+        }
         Some(Value::String(scope)) => Some(redactor.redact(scope)),
         _ => None,
     };

@@ -332,3 +332,51 @@ async fn codes_outside_100_to_599_share_one_series_that_a_reload_removes() {
     assert!(scrape.contains(r#"upstream="kept""#), "{scrape}");
     sidecar.stop().await;
 }
+
+/// A forward listener refuses a host it does not serve and a path its host's routes do not
+/// take with the same status and code, and a detail that says which of the two it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_host_with_an_unserved_path_is_refused_as_such() {
+    let upstream = RecordingUpstream::start().await;
+    let endpoint = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
+    let config = ConfigBuilder::new()
+        .listener(
+            Listener::new("forward").route(
+                Route::named("v1")
+                    .host("pre.rec.test")
+                    .path_prefix("/v1")
+                    .url(&upstream.url())
+                    .allow_plain_http(true)
+                    .token(token(&endpoint)),
+            ),
+        )
+        .render();
+    let sidecar = Sidecar::start(&config).await;
+    let addr = sidecar.running().local_addr("v1").unwrap();
+    for (target, detail) in [
+        (
+            "http://pre.rec.test/v2/x",
+            "serves this host, but no route of it takes this path",
+        ),
+        (
+            "http://other.rec.test/v1/x",
+            "no route of this forward proxy takes this host",
+        ),
+    ] {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: pre.rec.test\r\nConnection: close\r\n\r\n");
+        let answer = exchange(addr, request.as_bytes()).await;
+        assert_eq!(
+            refusal(&answer),
+            (403, "host_not_served".to_owned()),
+            "{answer}"
+        );
+        assert!(answer.contains(detail), "{target}: {answer}");
+    }
+    assert_eq!(
+        upstream.received(),
+        "",
+        "a refused request reached the upstream"
+    );
+    sidecar.stop().await;
+}
