@@ -280,6 +280,45 @@ pub(crate) fn certificate_thumbprint_of(path: &Path, pem: &[u8]) -> Result<Strin
     Ok(sha256_base64url(cert.as_ref()))
 }
 
+/// Checks that the first certificate of `certificate` is the certificate of the private key
+/// in `key`: an assertion whose `x5t#S256` names another key's certificate is refused by the
+/// server, so `--check` says so first. A key rustls cannot load is not judged here (the
+/// signing key itself is checked on its own).
+pub(crate) fn check_certificate_matches(certificate: &Path, key: &Path) -> Result<(), KeyError> {
+    let cert_pem = files::read_sync(certificate, Content::Certificate)?;
+    let cert = CertificateDer::from_pem_slice(&cert_pem).map_err(|e| KeyError::Certificate {
+        path: certificate.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let key_pem = files::read_sync(key, Content::Key)?;
+    let Ok(key_der) = PrivateKeyDer::from_pem_slice(&key_pem) else {
+        return Ok(());
+    };
+    let provider = rustls::crypto::ring::default_provider();
+    match rustls::sign::CertifiedKey::from_der(vec![cert.into_owned()], key_der, &provider) {
+        Err(rustls::Error::InconsistentKeys(_)) => Err(KeyError::Unusable {
+            path: certificate.to_owned(),
+            reason: format!(
+                "is not the certificate of the key in {}: its public key is another's",
+                key.display()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// What `--check` calls a key's fingerprint: the RFC 7638 JWK thumbprint of an EC or Ed25519
+/// key (what a DPoP-bound token's `cnf.jkt` holds), the SHA-256 of an RSA public key.
+pub(crate) fn describe_fingerprint(key: &SigningKey) -> String {
+    match key.public_jwk() {
+        Some(jwk) => format!("JWK thumbprint (RFC 7638) {}", thumbprint(&jwk)),
+        None => format!(
+            "public key SHA-256 {}",
+            key.fingerprint().unwrap_or_default()
+        ),
+    }
+}
+
 /// The JWK SHA-256 thumbprint (RFC 7638 §3): the required members in lexical order, as JSON
 /// without whitespace, hashed.
 pub(crate) fn thumbprint(jwk: &Value) -> String {

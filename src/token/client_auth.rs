@@ -206,12 +206,13 @@ pub(crate) fn check(auth: &ClientAuth) -> Result<String, String> {
         } => {
             let key = SigningKey::from_pem_file(key_file, *alg).map_err(|e| e.to_string())?;
             let mut found = format!(
-                "{} ({}), public key sha256 {}",
+                "{} ({}), {}",
                 key.kind(),
                 key.alg(),
-                key.fingerprint().unwrap_or_default()
+                jws::describe_fingerprint(&key)
             );
             if let Some(certificate) = certificate_file {
+                jws::check_certificate_matches(certificate, key_file).map_err(|e| e.to_string())?;
                 let x5t = jws::certificate_thumbprint(certificate).map_err(|e| e.to_string())?;
                 found.push_str(&format!(", certificate x5t#S256 {x5t}"));
             }

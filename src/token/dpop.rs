@@ -64,7 +64,7 @@ impl DpopKey {
     /// What `--check` says of the key.
     pub(crate) fn describe(&self) -> String {
         format!(
-            "{} ({}), jkt {}",
+            "{} ({}), JWK thumbprint (RFC 7638, the jkt of its tokens) {}",
             self.key.kind(),
             self.key.alg(),
             self.thumbprint()

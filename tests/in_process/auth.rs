@@ -462,11 +462,16 @@ fn check_shows_key_kinds_and_fingerprints_never_the_keys() {
     let config = bearerd::config::Config::parse(&path, &text).unwrap();
     let out = bearerd::check::check(&config).unwrap();
     assert!(
-        out.contains("credentials: RSA 2048-bit key (PS256), public key sha256 "),
+        out.contains("credentials: RSA 2048-bit key (PS256), public key SHA-256 "),
         "{out}"
     );
     assert!(out.contains("certificate x5t#S256 "), "{out}");
-    assert!(out.contains("dpop: Ed25519 key (EdDSA), jkt "), "{out}");
+    assert!(
+        out.contains(
+            "dpop: Ed25519 key (EdDSA), JWK thumbprint (RFC 7638, the jkt of its tokens) "
+        ),
+        "{out}"
+    );
     for key in ["rsa-2048.pem", "ed25519.pem"] {
         let pem = std::fs::read_to_string(fixture(key)).unwrap();
         for line in pem.lines().filter(|l| !l.starts_with("-----")) {

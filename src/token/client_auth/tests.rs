@@ -285,11 +285,33 @@ fn check_describes_keys_by_fingerprint_only() {
     };
     let found = check(&auth).unwrap();
     assert!(
-        found.starts_with("EC P-256 key (ES256), public key sha256 "),
+        found.starts_with("EC P-256 key (ES256), JWK thumbprint (RFC 7638) "),
         "{found}"
     );
     let pem = std::fs::read_to_string(fixture("ec-p256.pem")).unwrap();
     let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     assert!(!found.contains(&body[..20]));
     assert!(describe(&auth).contains("kid \"k\""));
+}
+
+/// A `certificate_file` that is not the key's own is refused by `--check`: the server would
+/// refuse every assertion whose `x5t#S256` names it.
+#[test]
+fn check_refuses_a_certificate_of_another_key() {
+    let auth = |key: &str| ClientAuth::PrivateKeyJwt {
+        key_file: fixture(key),
+        alg: None,
+        key_id: None,
+        certificate_file: Some(fixture("rsa-2048-cert.pem")),
+        assertion: assertion(None),
+    };
+    let found = check(&auth("rsa-2048.pem")).unwrap();
+    assert!(found.contains("public key SHA-256 "), "{found}");
+    assert!(found.contains("certificate x5t#S256 "), "{found}");
+    let error = check(&auth("ec-p256.pem")).unwrap_err();
+    assert!(
+        error.contains("rsa-2048-cert.pem: is not the certificate of the key in")
+            && error.contains("ec-p256.pem"),
+        "{error}"
+    );
 }
