@@ -19,6 +19,7 @@ mod series;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -44,6 +45,9 @@ pub enum StartError {
     /// per line.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Prepare(Vec<Finding>),
+    /// Reading the config's files did not finish in time (a file on a stalled mount).
+    #[error("reading the config's files did not finish within {}: is a secret, key or certificate on a stalled mount?", humantime::format_duration(*.0))]
+    PrepareStuck(Duration),
     /// A listener could not be bound.
     #[error("upstream {upstream:?}: cannot listen on {addr}: {source}")]
     Bind {
@@ -101,7 +105,7 @@ pub struct Running {
 /// Starts token sources and listeners for `config`. Token sources fetch at once; listeners
 /// accept at once, and requests that arrive before the first token wait for it.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
-    let mut prepared = prepare_to_run(config)?;
+    let mut prepared = prepare_to_run(config).await?;
     let metrics = MetricFamilies::new()?;
     let cache = match (&config.cache, prepared.cache.take()) {
         (Some(settings), Some(ready)) => {
@@ -207,7 +211,7 @@ impl Running {
                 );
             }
         }
-        let prepared = prepare_to_run(config)?;
+        let prepared = prepare_to_run(config).await?;
         self.apply(config, prepared).await?;
         tracing::info!(upstreams = config.upstreams.len(), "config reloaded");
         Ok(())
@@ -254,9 +258,21 @@ impl Running {
     }
 }
 
-/// `config` prepared, or every finding that stops it from running.
-fn prepare_to_run(config: &Config) -> Result<Prepared, StartError> {
-    let prepared = prepare(config);
+/// The longest a start or reload waits for its preparation: reading files. Long enough for
+/// any file a healthy mount serves; a stalled NFS or FUSE mount fails the start or reload
+/// instead of holding the runtime's one thread (and with it the proxy, the admin port and
+/// signal handling).
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `config` prepared off the runtime's thread, or every finding that stops it from running.
+async fn prepare_to_run(config: &Config) -> Result<Prepared, StartError> {
+    let owned = config.clone();
+    let preparing = tokio::task::spawn_blocking(move || prepare(&owned));
+    // (A preparation that panicked, which nothing on input should make it do, is reported
+    // the same way: it did not finish.)
+    let Ok(Ok(prepared)) = tokio::time::timeout(PREPARE_TIMEOUT, preparing).await else {
+        return Err(StartError::PrepareStuck(PREPARE_TIMEOUT));
+    };
     let fatal: Vec<Finding> = prepared.fatal().cloned().collect();
     if fatal.is_empty() {
         Ok(prepared)
