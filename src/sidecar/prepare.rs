@@ -135,12 +135,21 @@ pub fn prepare(config: &Config) -> Prepared {
 }
 
 impl Prepared {
+    /// Notes a finding, once: the upstream and its token endpoint share their TLS settings,
+    /// and a CA file that cannot be read is one problem, not two.
     fn found(&mut self, severity: Severity, subject: impl Into<String>, message: String) {
-        self.findings.push(Finding {
+        let finding = Finding {
             severity,
             subject: subject.into(),
             message,
+        };
+        let known = self.findings.iter().any(|f| {
+            (f.severity, &f.subject, &f.message)
+                == (finding.severity, &finding.subject, &finding.message)
         });
+        if !known {
+            self.findings.push(finding);
+        }
     }
 
     fn prepare_upstream(&mut self, upstream: &config::Upstream) {
