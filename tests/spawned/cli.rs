@@ -873,7 +873,8 @@ async fn a_served_host_on_a_path_no_route_takes_is_not_called_an_unknown_host() 
     assert_eq!(json["error"], "host_not_served", "{json}");
     let detail = json["detail"].as_str().unwrap();
     assert!(
-        detail.starts_with("no route of this forward proxy takes this host and path")
+        detail
+            .starts_with("this forward proxy serves this host, but no route of it takes this path")
             && !detail.contains("not among them"),
         "{detail}"
     );
