@@ -304,6 +304,38 @@ pub struct TokenSettings {
     pub backoff_cap: Duration,
 }
 
+/// What unit tests start from, in one place.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::time::Duration;
+
+    use super::{ClientAuth, TokenSettings};
+
+    impl TokenSettings {
+        /// A source authenticating with `auth` at `https://auth.example.com/oauth/token` as
+        /// client `my app`, asking for nothing more, with a 1 s timeout; tests change the
+        /// fields they are about with `TokenSettings { scope: .., ..for_tests(auth) }`.
+        pub(crate) fn for_tests(auth: ClientAuth) -> Self {
+            Self {
+                url: "https://auth.example.com/oauth/token".parse().unwrap(),
+                client_id: Some("my app".into()),
+                auth,
+                scope: None,
+                audience: None,
+                resource: None,
+                params: Default::default(),
+                dpop: None,
+                timeout: Duration::from_secs(1),
+                default_lifetime: Duration::from_secs(300),
+                max_lifetime: Duration::from_secs(86400),
+                allow_plain_http: false,
+                backoff_base: Duration::from_secs(1),
+                backoff_cap: Duration::from_secs(60),
+            }
+        }
+    }
+}
+
 impl TokenSettings {
     /// The private-key files the token source reads: the assertion key, the client
     /// certificate's key, the DPoP key.

@@ -358,20 +358,10 @@ mod tests {
 
     fn settings(auth: fn(SecretSource) -> ClientAuth) -> TokenSettings {
         TokenSettings {
-            url: "https://auth.example.com/oauth/token".parse().unwrap(),
-            client_id: Some("my app".into()),
-            auth: auth(SecretSource::Inline(Secret::new("p@ss:word"))),
             scope: Some("read write".into()),
             audience: Some("https://api.example.com".into()),
-            resource: None,
             params: BTreeMap::from([("organization".into(), "org_1".into())]),
-            dpop: None,
-            timeout: Duration::from_secs(1),
-            default_lifetime: Duration::from_secs(300),
-            max_lifetime: Duration::from_secs(86400),
-            allow_plain_http: false,
-            backoff_base: Duration::from_secs(1),
-            backoff_cap: Duration::from_secs(60),
+            ..TokenSettings::for_tests(auth(SecretSource::Inline(Secret::new("p@ss:word"))))
         }
     }
 

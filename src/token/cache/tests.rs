@@ -40,12 +40,11 @@ impl Fetch for Counting {
 
 /// A source whose tokens live an hour at most.
 fn settings() -> TokenSettings {
-    let text = "[[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nurl = \"https://api.example.com\"\n[upstream.token]\nurl = \"https://auth.example.com/t\"\nclient_id = \"app\"\nclient_secret = \"s\"\nmax_lifetime = \"1h\"\n";
-    crate::config::Config::parse(std::path::Path::new("/x.toml"), text)
-        .unwrap()
-        .upstreams
-        .remove(0)
-        .token
+    let secret = crate::secret::SecretSource::Inline(crate::secret::Secret::new("s"));
+    TokenSettings {
+        max_lifetime: Duration::from_secs(3600),
+        ..TokenSettings::for_tests(crate::config::ClientAuth::Basic { secret })
+    }
 }
 
 fn file_settings(dir: &Path, key_file: Option<&Path>) -> config::Cache {

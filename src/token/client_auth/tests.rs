@@ -24,22 +24,7 @@ fn inline(secret: &str) -> SecretSource {
 }
 
 fn settings(auth: ClientAuth) -> TokenSettings {
-    TokenSettings {
-        url: "https://auth.example.com/oauth/token".parse().unwrap(),
-        client_id: Some("my app".into()),
-        auth,
-        scope: None,
-        audience: None,
-        resource: None,
-        params: Default::default(),
-        dpop: None,
-        timeout: Duration::from_secs(1),
-        default_lifetime: Duration::from_secs(300),
-        max_lifetime: Duration::from_secs(86400),
-        allow_plain_http: false,
-        backoff_base: Duration::from_secs(1),
-        backoff_cap: Duration::from_secs(60),
-    }
+    TokenSettings::for_tests(auth)
 }
 
 fn fixture(name: &str) -> PathBuf {
