@@ -42,7 +42,7 @@ pub(crate) enum SigningKey {
 
 /// A key that could not be read or used. Says which file and why; never holds key material.
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     /// The file is missing, not a regular file, or over its size limit.
     #[error(transparent)]
     File(#[from] FileError),

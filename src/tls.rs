@@ -25,9 +25,9 @@ use crate::files::{self, Content, FileError};
 pub(crate) use identity::{Identity, Loaded as LoadedIdentity};
 
 /// The pooled client used for token requests.
-pub type HttpsClient<B> = Client<Connector, B>;
+pub(crate) type HttpsClient<B> = Client<Connector, B>;
 /// TCP, then TLS where the URL says `https`.
-pub type Connector = HttpsConnector<HttpConnector>;
+pub(crate) type Connector = HttpsConnector<HttpConnector>;
 
 /// How long an idle pooled connection is kept. Below the 60 s or more that common servers and
 /// load balancers allow, so that bearerd closes first rather than reusing a dying connection.
@@ -35,7 +35,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 
 /// Trust anchors that could not be loaded.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     /// A certificate, key or CA file is missing, not a regular file, or over its size limit.
     #[error(transparent)]
     File(#[from] FileError),
@@ -81,7 +81,7 @@ pub enum TlsError {
 
 /// Builds the rustls client configuration for `settings`, presenting `identity` (a client
 /// certificate) when given.
-pub fn client_config(
+pub(crate) fn client_config(
     settings: &TlsSettings,
     identity: Option<&config::Identity>,
 ) -> Result<rustls::ClientConfig, TlsError> {
@@ -134,7 +134,7 @@ pub fn client_config(
 }
 
 /// A pooled client over `tls`, for bodies of type `B`.
-pub fn client<B>(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpsClient<B>
+pub(crate) fn client<B>(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpsClient<B>
 where
     B: Body + Send + 'static,
     B::Data: Send,
@@ -149,7 +149,7 @@ where
 
 /// The connector under [`client`]: TCP with `connect_timeout`, then TLS for `https` URLs,
 /// offering HTTP/2 and HTTP/1.1 by ALPN.
-pub fn connector(tls: rustls::ClientConfig, connect_timeout: Duration) -> Connector {
+pub(crate) fn connector(tls: rustls::ClientConfig, connect_timeout: Duration) -> Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

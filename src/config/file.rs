@@ -16,7 +16,7 @@ use toml::Spanned;
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct File {
+pub(super) struct File {
     /// `[admin]`
     #[serde(default)]
     pub admin: Option<Spanned<Admin>>,
@@ -40,7 +40,7 @@ pub struct File {
 /// `[cache]`: where tokens are kept beyond the process.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Cache {
+pub(super) struct Cache {
     /// `"file"` or `"redis"`.
     pub backend: Spanned<CacheBackend>,
     /// file: the directory.
@@ -60,7 +60,7 @@ pub struct Cache {
 /// `backend = "file" | "redis"`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum CacheBackend {
+pub(super) enum CacheBackend {
     /// A file per token source in a directory.
     File,
     /// One Redis shared by a fleet.
@@ -70,7 +70,7 @@ pub enum CacheBackend {
 /// `[admin]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Admin {
+pub(super) struct Admin {
     /// Address of the admin listener (metrics, probes).
     pub listen: Option<Spanned<String>>,
     /// Connections the admin listener holds at once.
@@ -82,7 +82,7 @@ pub struct Admin {
 /// `[server]`: limits on app connections and shutdown.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Server {
+pub(super) struct Server {
     /// Time in-flight requests get to finish after SIGTERM.
     pub shutdown_grace: Option<Spanned<DurationText>>,
     /// Time a client may take to send a request head.
@@ -102,7 +102,7 @@ pub struct Server {
 /// `[log]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Log {
+pub(super) struct Log {
     /// Level or filter directives, as `RUST_LOG` takes them.
     pub level: Option<Spanned<String>>,
     /// Line format.
@@ -116,7 +116,7 @@ pub struct Log {
 /// `format = "text" | "json"`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LogFormat {
+pub(super) enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.
@@ -126,7 +126,7 @@ pub enum LogFormat {
 /// `[[listener]]`: one local address serving a table of routes.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Listener {
+pub(super) struct Listener {
     /// Local address the app sends plain HTTP to.
     pub listen: Spanned<String>,
     /// `"reverse"` (the default) or `"forward"`.
@@ -142,7 +142,7 @@ pub struct Listener {
 /// `mode = "reverse" | "forward"`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Mode {
+pub(super) enum Mode {
     /// The app calls bearerd's address as if it were the API.
     Reverse,
     /// The app's `HTTP_PROXY` points at bearerd.
@@ -153,7 +153,7 @@ pub enum Mode {
 /// `strip_prefix`, and has its listener's `listen` and `allow_from`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Upstream {
+pub(super) struct Upstream {
     /// Name used in logs, metrics and error bodies.
     pub name: Spanned<String>,
     /// Local address the app sends plain HTTP to (`[[upstream]]` only).
@@ -187,7 +187,7 @@ pub struct Upstream {
 /// `[upstream.token]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Token {
+pub(super) struct Token {
     /// The token endpoint.
     pub url: Spanned<String>,
     /// The OAuth2 client identifier (optional with `client_assertion_file` only).
@@ -252,7 +252,7 @@ pub struct Token {
 #[allow(clippy::enum_variant_names)] // the variants spell the values, `tls_client_auth` too
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ClientAuth {
+pub(super) enum ClientAuth {
     /// `client_secret_basic`.
     Basic,
     /// `client_secret_post`.
@@ -270,7 +270,7 @@ pub enum ClientAuth {
 /// `[upstream.tls]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Tls {
+pub(super) struct Tls {
     /// Which built-in trust anchors to use.
     #[serde(default)]
     pub roots: Option<Roots>,
@@ -285,7 +285,7 @@ pub struct Tls {
 /// `roots = "webpki" | "native" | "none"`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Roots {
+pub(super) enum Roots {
     /// Mozilla's root program, compiled in (webpki-roots).
     Webpki,
     /// The operating system's store (rustls-native-certs).
@@ -297,11 +297,11 @@ pub enum Roots {
 /// A duration as written, such as `"10s"`; the validator parses it. A number is refused here
 /// with the unit it lacks, rather than serde's bare "expected a string".
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DurationText(pub String);
+pub(super) struct DurationText(pub String);
 
 /// A size as written, such as `"16MiB"`; the validator parses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SizeText(pub String);
+pub(super) struct SizeText(pub String);
 
 impl<'de> Deserialize<'de> for DurationText {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

@@ -21,13 +21,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 /// Body of an answer to the app: the upstream's, streamed, or bearerd's own error JSON.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub(crate) type ResponseBody = Either<Incoming, Full<Bytes>>;
 /// Body of a request to the upstream: the app's, streamed, or kept whole for a replay.
-pub type RequestBody = Either<AppBody, Full<Bytes>>;
+pub(crate) type RequestBody = Either<AppBody, Full<Bytes>>;
 
 /// Why the app's request body could not be read to its end.
 #[derive(Debug, thiserror::Error)]
-pub enum AppBodyError {
+pub(crate) enum AppBodyError {
     /// No byte arrived for the idle timeout.
     #[error("the request body made no progress for {}", humantime::format_duration(*.0))]
     Stalled(Duration),
@@ -38,7 +38,7 @@ pub enum AppBodyError {
 
 impl AppBodyError {
     /// The app's body error somewhere in `error`'s chain of causes, if it is one.
-    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Self> {
+    pub(crate) fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Self> {
         let mut current = Some(error);
         while let Some(e) = current {
             if let Some(found) = e.downcast_ref::<Self>() {
@@ -52,7 +52,7 @@ impl AppBodyError {
 
 /// The app's request body, ended with [`AppBodyError::Stalled`] when it makes no progress for
 /// its idle timeout.
-pub struct AppBody {
+pub(crate) struct AppBody {
     inner: Incoming,
     idle_timeout: Duration,
     /// Made at the first wait, and pushed back whenever a frame arrives: a body that arrives
@@ -64,7 +64,7 @@ pub struct AppBody {
 
 impl AppBody {
     /// Wraps `inner` with `idle_timeout`.
-    pub fn new(inner: Incoming, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(inner: Incoming, idle_timeout: Duration) -> Self {
         Self {
             inner,
             idle_timeout,
@@ -74,7 +74,7 @@ impl AppBody {
     }
 
     /// The whole body, if it arrives in time and is well framed.
-    pub async fn collect(self) -> Result<Bytes, AppBodyError> {
+    pub(crate) async fn collect(self) -> Result<Bytes, AppBodyError> {
         let collected = http_body_util::BodyExt::collect(self).await?;
         Ok(collected.to_bytes())
     }
@@ -124,24 +124,24 @@ impl Body for AppBody {
 /// The memory all listeners together may hold in request bodies kept for a replay
 /// (`[server] replay_memory`): one permit per byte.
 #[derive(Debug, Clone)]
-pub struct ReplayBudget(Arc<Semaphore>);
+pub(crate) struct ReplayBudget(Arc<Semaphore>);
 
 impl ReplayBudget {
     /// A budget of `bytes`.
-    pub fn new(bytes: usize) -> Self {
+    pub(crate) fn new(bytes: usize) -> Self {
         Self(Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))))
     }
 
     /// Room for a body of `bytes`, held until the returned permit is dropped; `None` when the
     /// budget is spent (the request then streams, without a replay).
-    pub fn reserve(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn reserve(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
         let bytes = u32::try_from(bytes).ok()?;
         Arc::clone(&self.0).try_acquire_many_owned(bytes).ok()
     }
 
     /// Bytes not reserved now.
     #[cfg(test)]
-    pub fn available(&self) -> usize {
+    pub(crate) fn available(&self) -> usize {
         self.0.available_permits()
     }
 }

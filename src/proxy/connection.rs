@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Limits of one listener's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// From the first byte of a request head to its end.
     pub header_read_timeout: Duration,
     /// From the end of a response (or the connection's opening) to the next request's first byte.
@@ -67,7 +67,7 @@ const CLOSE: u8 = 2;
 /// What a connection is doing, shared by its IO, its service and its watchdog. Times are
 /// milliseconds since the connection opened.
 #[derive(Debug)]
-pub struct Activity {
+pub(crate) struct Activity {
     opened: Instant,
     /// Requests whose response has not ended.
     open_requests: AtomicUsize,
@@ -96,11 +96,11 @@ pub struct Activity {
 
 /// A request's response head did not arrive in time ([`Activity::within`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Late;
+pub(crate) struct Late;
 
 /// Why the watchdog closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expired {
+pub(crate) enum Expired {
     /// A request head took longer than `header_read_timeout`.
     HeaderRead,
     /// No request for `idle_timeout`.
@@ -109,7 +109,7 @@ pub enum Expired {
 
 impl Activity {
     /// A connection opened now under `limits`: idle until its first request.
-    pub fn new(limits: &Limits) -> Arc<Self> {
+    pub(crate) fn new(limits: &Limits) -> Arc<Self> {
         Arc::new(Self {
             opened: Instant::now(),
             open_requests: AtomicUsize::new(0),
@@ -130,7 +130,7 @@ impl Activity {
     /// `limit`; past it, the watchdog marks the response late and this answers [`Late`].
     /// The exchange is pinned by the caller: taken by value, the future would be moved once
     /// more into this one's (callgrind: +270 instructions per request in `memcpy`).
-    pub async fn within<F: Future>(
+    pub(crate) async fn within<F: Future>(
         &self,
         limit: Duration,
         mut exchange: Pin<&mut F>,
@@ -199,7 +199,7 @@ impl Activity {
     }
 
     /// A request head has been read: the header timer stops until the response ends.
-    pub fn request_started(self: &Arc<Self>) -> RequestGuard {
+    pub(crate) fn request_started(self: &Arc<Self>) -> RequestGuard {
         self.open_requests.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(NOT_STARTED, Ordering::Release);
         RequestGuard(Arc::clone(self))
@@ -214,7 +214,7 @@ impl Activity {
     }
 
     /// Whether a limit has passed, and how long until it might next be worth asking.
-    pub fn check(&self, limits: &Limits) -> Result<Duration, Expired> {
+    pub(crate) fn check(&self, limits: &Limits) -> Result<Duration, Expired> {
         let poll = tick(limits);
         if self.open_requests.load(Ordering::Acquire) > 0 {
             return Ok(self.check_response(poll));
@@ -242,7 +242,7 @@ impl Activity {
 
 /// Serves `connection` until it ends or its watchdog orders it closed, draining it gracefully
 /// when ordered to. Returns the connection's own result, or `None` if it was closed.
-pub async fn serve<C>(mut connection: Pin<&mut C>, activity: &Activity) -> Option<C::Output>
+pub(crate) async fn serve<C>(mut connection: Pin<&mut C>, activity: &Activity) -> Option<C::Output>
 where
     C: GracefulConnection,
 {
@@ -265,7 +265,7 @@ where
 
 /// Watches one connection: closes it when a limit passes, drains it when `shutdown` is
 /// cancelled and closes it when `force_close` is. Returns when the connection has ended.
-pub async fn watchdog(
+pub(crate) async fn watchdog(
     activity: Arc<Activity>,
     limits: Limits,
     shutdown: CancellationToken,
@@ -323,11 +323,11 @@ fn tick(limits: &Limits) -> Duration {
 /// Held while a request is open; dropping it (when the response body ends) makes the
 /// connection idle again.
 #[derive(Debug)]
-pub struct RequestGuard(Arc<Activity>);
+pub(crate) struct RequestGuard(Arc<Activity>);
 
 impl RequestGuard {
     /// The connection the request came on.
-    pub fn activity(&self) -> &Activity {
+    pub(crate) fn activity(&self) -> &Activity {
         &self.0
     }
 }
@@ -342,14 +342,14 @@ impl Drop for RequestGuard {
 }
 
 /// A response body that releases its request's guard when it ends.
-pub struct Tracked<B> {
+pub(crate) struct Tracked<B> {
     inner: B,
     guard: Option<RequestGuard>,
 }
 
 impl<B> Tracked<B> {
     /// Tracks `inner` under `guard`.
-    pub fn new(inner: B, guard: RequestGuard) -> Self {
+    pub(crate) fn new(inner: B, guard: RequestGuard) -> Self {
         Self {
             inner,
             guard: Some(guard),
@@ -382,14 +382,14 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 }
 
 /// The app connection's IO, noting when a new request head starts to arrive.
-pub struct Watched<T> {
+pub(crate) struct Watched<T> {
     inner: T,
     activity: Arc<Activity>,
 }
 
 impl<T> Watched<T> {
     /// Wraps `inner`, reporting to `activity`.
-    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+    pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
         Self { inner, activity }
     }
 }

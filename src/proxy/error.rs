@@ -22,7 +22,7 @@ use crate::token::source::Unavailable;
 /// Why a request was answered by bearerd rather than by the upstream. Grouped by whose fault
 /// it is ([`Fault`]); each variant keeps its cause.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// No usable token: the request was not sent.
     #[error("{}", .0.detail)]
     TokenUnavailable(Unavailable),
@@ -116,7 +116,7 @@ pub enum ProxyError {
 
 /// Whose fault a [`ProxyError`] is: what an operator looks at first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     /// No token could be had (the token endpoint, the credentials, or the network to it).
     TokenSource,
     /// The app sent what bearerd will not forward.
@@ -129,7 +129,7 @@ pub enum Fault {
 
 impl ProxyError {
     /// Classifies a failure to connect to the upstream.
-    pub fn from_connect(source: ConnectError) -> Self {
+    pub(crate) fn from_connect(source: ConnectError) -> Self {
         // `ConnectError` is transparent: its own chain starts below the dial error.
         let timed_out = match &source {
             ConnectError::Dial(dial) => is_timeout(dial.as_ref()),
@@ -144,7 +144,7 @@ impl ProxyError {
 
     /// Classifies a failed exchange: the app's fault when its body failed (it stalled, or its
     /// framing broke), else the upstream's.
-    pub fn from_send(source: hyper::Error) -> Self {
+    pub(crate) fn from_send(source: hyper::Error) -> Self {
         match AppBodyError::find(&source) {
             Some(found) => Self::RequestBody {
                 stalled: matches!(found, AppBodyError::Stalled(_)),
@@ -155,7 +155,7 @@ impl ProxyError {
     }
 
     /// The app's body failed before anything was sent.
-    pub fn from_app_body(source: AppBodyError) -> Self {
+    pub(crate) fn from_app_body(source: AppBodyError) -> Self {
         Self::RequestBody {
             stalled: matches!(source, AppBodyError::Stalled(_)),
             source: Box::new(source),
@@ -163,7 +163,7 @@ impl ProxyError {
     }
 
     /// Whose fault it is.
-    pub fn fault(&self) -> Fault {
+    pub(crate) fn fault(&self) -> Fault {
         match self {
             Self::TokenUnavailable(_) => Fault::TokenSource,
             Self::BadRequest { .. }
@@ -182,7 +182,7 @@ impl ProxyError {
     }
 
     /// The status the app receives.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::TokenUnavailable(_) | Self::ListenerFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadRequest { .. } | Self::RequestBody { stalled: false, .. } => {
@@ -204,7 +204,7 @@ impl ProxyError {
     }
 
     /// The `error` field of the JSON body: stable, for apps to match on.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             Self::TokenUnavailable(_) => "token_unavailable",
             Self::BadRequest { .. } | Self::RequestBody { stalled: false, .. } => "bad_request",
@@ -224,7 +224,7 @@ impl ProxyError {
     /// The answer to the app: `{"error","upstream","detail"}` with the matching status,
     /// `Retry-After` when waiting helps, and `Connection: close` when the connection cannot
     /// carry another request.
-    pub fn into_response(self, upstream: &str) -> Response<ResponseBody> {
+    pub(crate) fn into_response(self, upstream: &str) -> Response<ResponseBody> {
         let (status, headers, body) = self.answer(upstream);
         let mut response = Response::new(Either::Right(Full::new(body)));
         *response.status_mut() = status;
@@ -233,7 +233,7 @@ impl ProxyError {
     }
 
     /// The same answer as raw HTTP/1.1 bytes, for a connection refused before hyper serves it.
-    pub fn into_http1_bytes(self, upstream: &str) -> Vec<u8> {
+    pub(crate) fn into_http1_bytes(self, upstream: &str) -> Vec<u8> {
         let (status, headers, body) = self.answer(upstream);
         let mut out = format!(
             "HTTP/1.1 {} {}\r\n",

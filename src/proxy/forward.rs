@@ -27,7 +27,7 @@ use crate::token::Token;
 /// Request bodies up to this size (by `Content-Length`) are kept, so that a request the
 /// upstream answers 401 can be sent again with a new token. Larger or chunked bodies are
 /// streamed and their 401 passed back.
-pub const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
+pub(super) const REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
 /// The route of `listener` that `request` goes to, after refusing the methods that must never
 /// carry a token (before any route is looked at: a forward proxy names the same refusal for

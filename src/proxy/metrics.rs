@@ -56,7 +56,7 @@ impl Refusal {
 }
 
 /// The families the proxy reports to.
-pub struct ProxyMetrics {
+pub(crate) struct ProxyMetrics {
     requests_total: IntCounterVec,
     request_duration_seconds: HistogramVec,
     requests_in_flight: IntGaugeVec,
@@ -67,7 +67,7 @@ pub struct ProxyMetrics {
 
 impl ProxyMetrics {
     /// Creates the families and registers them in `metrics`.
-    pub fn register(metrics: &Metrics) -> Result<Self, MetricsError> {
+    pub(crate) fn register(metrics: &Metrics) -> Result<Self, MetricsError> {
         let upstream = &["upstream"];
         Ok(Self {
             requests_total: metrics.register(IntCounterVec::new(
@@ -118,7 +118,7 @@ impl ProxyMetrics {
 
     /// The series of upstream `name`, created now so they are exported (at 0) from the start
     /// (but for `requests_total`, which gets a series per status code as it first occurs).
-    pub fn series(&self, name: &str) -> RouteSeries {
+    pub(crate) fn series(&self, name: &str) -> RouteSeries {
         RouteSeries {
             name: name.to_owned(),
             requests_total: self.requests_total.clone(),
@@ -139,7 +139,7 @@ impl ProxyMetrics {
     }
 
     /// Stops exporting the series of an upstream that a reload removed.
-    pub fn forget(&self, series: &RouteSeries) {
+    pub(crate) fn forget(&self, series: &RouteSeries) {
         let name = series.name.as_str();
         for (index, slot) in series.by_status.iter().enumerate() {
             if slot.get().is_none() {

@@ -25,7 +25,7 @@ use crate::tls::Connector;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 
 /// Connections to one upstream.
-pub struct Pool {
+pub(crate) struct Pool {
     connector: Connector,
     /// `scheme://authority` of the upstream: what the connector dials.
     dial: Uri,
@@ -38,7 +38,7 @@ pub struct Pool {
 }
 
 /// One connection's sending side.
-pub enum Sender {
+pub(crate) enum Sender {
     /// Used by one app connection at a time.
     Http1(http1::SendRequest<RequestBody>),
     /// Shared by all (each holds a clone).
@@ -46,7 +46,7 @@ pub enum Sender {
 }
 
 /// A request that could not be sent. (No `Debug`: the request carries the token.)
-pub enum SendError {
+pub(crate) enum SendError {
     /// The connection was gone before the request left: it can go on another connection.
     NotSent(Box<Request<RequestBody>>, hyper::Error),
     /// The exchange failed after the request left.
@@ -55,7 +55,7 @@ pub enum SendError {
 
 /// A new connection could not be made.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     /// TCP connect or TLS handshake.
     #[error(transparent)]
     Dial(Box<dyn std::error::Error + Send + Sync>),
@@ -66,12 +66,12 @@ pub enum ConnectError {
 
 impl Sender {
     /// Whether requests go out as HTTP/2 (absolute URI, no `Host`).
-    pub fn is_http2(&self) -> bool {
+    pub(crate) fn is_http2(&self) -> bool {
         matches!(self, Self::Http2(_))
     }
 
     /// Sends `request` once the connection can take it.
-    pub async fn send(
+    pub(crate) async fn send(
         &mut self,
         request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, SendError> {
@@ -102,7 +102,7 @@ impl Sender {
 impl Pool {
     /// A pool for the upstream at `dial` (scheme and authority), keeping at most `max_idle`
     /// idle connections.
-    pub fn new(connector: Connector, dial: Uri, max_idle: usize) -> Self {
+    pub(crate) fn new(connector: Connector, dial: Uri, max_idle: usize) -> Self {
         Self {
             connector,
             dial,
@@ -114,7 +114,7 @@ impl Pool {
 
     /// A connection for an app connection: the shared HTTP/2 one, an idle HTTP/1.1 one, or a
     /// new one.
-    pub async fn acquire(&self) -> Result<Sender, ConnectError> {
+    pub(crate) async fn acquire(&self) -> Result<Sender, ConnectError> {
         if let Some(shared) = lock(&self.shared).as_ref().filter(|s| !s.is_closed()) {
             return Ok(Sender::Http2(shared.clone()));
         }
@@ -130,7 +130,7 @@ impl Pool {
     }
 
     /// A new connection, whatever the pool holds.
-    pub async fn connect(&self) -> Result<Sender, ConnectError> {
+    pub(crate) async fn connect(&self) -> Result<Sender, ConnectError> {
         let io = self
             .connector
             .clone()
@@ -164,7 +164,7 @@ impl Pool {
     }
 
     /// Takes back a connection whose app connection has closed.
-    pub fn release(&self, sender: Sender) {
+    pub(crate) fn release(&self, sender: Sender) {
         if let Sender::Http1(sender) = sender {
             let mut idle = lock(&self.idle);
             if !sender.is_closed() && idle.len() < self.max_idle {
@@ -177,11 +177,11 @@ impl Pool {
 /// The upstream connection an app connection holds, with the pool it came from (a reload may
 /// give the app connection's next request another upstream).
 #[derive(Default)]
-pub struct Slot(Mutex<Option<(Arc<Pool>, Sender)>>);
+pub(crate) struct Slot(Mutex<Option<(Arc<Pool>, Sender)>>);
 
 impl Slot {
     /// The connection held for `pool`, if any; one held for another pool goes back to it.
-    pub fn take(&self, pool: &Arc<Pool>) -> Option<Sender> {
+    pub(crate) fn take(&self, pool: &Arc<Pool>) -> Option<Sender> {
         match lock(&self.0).take() {
             Some((held, sender)) if Arc::ptr_eq(&held, pool) => Some(sender),
             Some((held, sender)) => {
@@ -193,12 +193,12 @@ impl Slot {
     }
 
     /// Keeps `sender` for the app connection's next request.
-    pub fn put(&self, pool: &Arc<Pool>, sender: Sender) {
+    pub(crate) fn put(&self, pool: &Arc<Pool>, sender: Sender) {
         *lock(&self.0) = Some((Arc::clone(pool), sender));
     }
 
     /// Gives the connection back when the app connection closes.
-    pub fn release(&self) {
+    pub(crate) fn release(&self) {
         if let Some((pool, sender)) = lock(&self.0).take() {
             pool.release(sender);
         }

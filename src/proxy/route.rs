@@ -24,7 +24,7 @@ use crate::tls::{self, TlsError};
 use crate::token::credential::Credential;
 
 /// One listener's settings, replaced whole when a reload changes them.
-pub struct Listener {
+pub(crate) struct Listener {
     /// Reverse or forward proxy.
     pub mode: Mode,
     /// Whether to log one line per request (for those refused before a route is chosen).
@@ -61,7 +61,7 @@ impl Listener {
     }
 
     /// Whether a peer at `ip` may use this listener.
-    pub fn admits(&self, ip: IpAddr) -> bool {
+    pub(crate) fn admits(&self, ip: IpAddr) -> bool {
         // A listener on `[::]` sees IPv4 peers as `::ffff:a.b.c.d`.
         let ip = ip.to_canonical();
         self.allow_from.as_ref().map_or(true, |networks| {
@@ -71,7 +71,7 @@ impl Listener {
 }
 
 /// A listener's routes, in match order.
-pub struct Routes {
+pub(crate) struct Routes {
     /// Every route, in file order.
     all: Vec<Arc<Route>>,
     /// The positions of the routes of each exact host (lowercase), so that a request looks
@@ -84,7 +84,7 @@ pub struct Routes {
 
 impl Routes {
     /// A table of `routes`, in match order.
-    pub fn new(routes: Vec<Route>) -> Self {
+    pub(crate) fn new(routes: Vec<Route>) -> Self {
         let mut by_host: HashMap<Box<str>, Vec<usize>> = HashMap::new();
         let mut any_host = Vec::new();
         for (position, route) in routes.iter().enumerate() {
@@ -108,7 +108,11 @@ impl Routes {
     ///
     /// On a reverse listener, two `Host` headers or an invalid one are refused too, whatever
     /// the route (RFC 9112 §3.2: 400).
-    pub fn choose<B>(&self, request: &Request<B>, mode: Mode) -> Result<&Arc<Route>, ProxyError> {
+    pub(crate) fn choose<B>(
+        &self,
+        request: &Request<B>,
+        mode: Mode,
+    ) -> Result<&Arc<Route>, ProxyError> {
         let uri = request.uri();
         if has_dot_segments(uri.path()) {
             return Err(ProxyError::BadRequest {
@@ -503,7 +507,7 @@ impl Matching for RouteMatch {
 }
 
 /// Everything needed to forward a request to one upstream.
-pub struct Route {
+pub(crate) struct Route {
     /// The configured name, in logs, metrics and error bodies.
     pub name: Arc<str>,
     /// Which requests it takes.
@@ -540,7 +544,7 @@ pub(crate) struct Setup {
 
 /// A route that cannot be set up.
 #[derive(Debug, thiserror::Error)]
-pub enum SetupError {
+pub(crate) enum SetupError {
     /// Trust anchors or the client certificate for the upstream.
     #[error(transparent)]
     Tls(#[from] TlsError),

@@ -99,7 +99,7 @@ pub(crate) enum CacheError {
 
 /// The cache could not be set up: said at start and by `--check`.
 #[derive(Debug, thiserror::Error)]
-pub enum CacheSetupError {
+pub(crate) enum CacheSetupError {
     /// A file it needs could not be read.
     #[error("[cache] {what} {}: {reason}", path.display())]
     File {
@@ -295,7 +295,7 @@ fn read_key(path: &Path) -> Result<SealingKey, CacheSetupError> {
 }
 
 /// The process's one cache, shared by its token sources.
-pub struct Store {
+pub(crate) struct Store {
     backend: Backend,
     /// Whether the last call succeeded, for logging an outage once.
     up: AtomicBool,

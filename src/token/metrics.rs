@@ -76,7 +76,7 @@ impl NonceAt {
 }
 
 /// The families token sources report to.
-pub struct TokenMetrics {
+pub(crate) struct TokenMetrics {
     source_info: IntGaugeVec,
     cache_operations_total: IntCounterVec,
     cache_up: IntGaugeVec,
@@ -92,7 +92,7 @@ pub struct TokenMetrics {
 
 impl TokenMetrics {
     /// Creates the families and registers them in `metrics`.
-    pub fn register(metrics: &Metrics) -> Result<Self, MetricsError> {
+    pub(crate) fn register(metrics: &Metrics) -> Result<Self, MetricsError> {
         let upstream = &["upstream"];
         Ok(Self {
             cache_operations_total: metrics.register(IntCounterVec::new(
@@ -174,7 +174,7 @@ impl TokenMetrics {
     }
 
     /// The series of upstream `name`, created now so they are exported (at 0) from the start.
-    pub fn series(&self, name: &str) -> TokenSeries {
+    pub(crate) fn series(&self, name: &str) -> TokenSeries {
         let fetch =
             |outcome: FetchOutcome| self.fetch_total.with_label_values(&[name, outcome.label()]);
         let nonce_retries = |at: NonceAt| {
@@ -207,12 +207,12 @@ impl TokenMetrics {
     }
 
     /// `bearerd_token_cache_up` of `backend`.
-    pub fn cache_up(&self, backend: &str) -> prometheus::IntGauge {
+    pub(crate) fn cache_up(&self, backend: &str) -> prometheus::IntGauge {
         self.cache_up.with_label_values(&[backend])
     }
 
     /// Stops exporting the series of an upstream that a reload removed.
-    pub fn forget(&self, series: &TokenSeries) {
+    pub(crate) fn forget(&self, series: &TokenSeries) {
         let name = series.name.as_str();
         series.describe(None);
         // Made as operations happened, with labels the cache chose: removed as recorded.

@@ -21,7 +21,7 @@ pub(crate) struct SourceSetup {
 
 /// A source that cannot be set up.
 #[derive(Debug, thiserror::Error)]
-pub enum SetupError {
+pub(crate) enum SetupError {
     /// Trust anchors, or the client certificate of `tls_client_auth`.
     #[error(transparent)]
     Tls(#[from] TlsError),

@@ -2,6 +2,9 @@
 //! endpoints and upstreams), and the checks of files the repository ships (config example,
 //! docs, deploy). One binary, so that the crate and the fixtures are linked once.
 
+// Test fixtures are `pub` for the modules of this crate, as test code usually writes them.
+#![allow(unreachable_pub)]
+
 #[path = "../support/mod.rs"]
 mod support;
 

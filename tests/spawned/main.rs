@@ -2,6 +2,9 @@
 //! real HTTP clients, chaos under load), one binary so that the crate is linked once; they
 //! are kept apart from the in-process tests, whose timings they would disturb.
 
+// Test fixtures are `pub` for the modules of this crate, as test code usually writes them.
+#![allow(unreachable_pub)]
+
 #[path = "../support/mod.rs"]
 mod support;
 
