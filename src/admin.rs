@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics` for Prometheus, `/healthz` and `/readyz` for Kubernetes.
+//! The admin listener: `/metrics` for Prometheus, `/healthz` and `/readyz` for Kubernetes,
+//! `/status` for people (`status`).
 //!
 //! The kubelet restarts bearerd, or takes its pod out of its Services, when probes fail, so
 //! no peer may keep them out: peers outside `[admin] allow_from` are closed on unread, each
@@ -24,6 +25,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub(crate) mod status;
+
 use crate::config;
 use crate::metrics::Metrics;
 use crate::token::metrics::TokenSeries;
@@ -39,6 +42,8 @@ pub struct Admin {
     upstreams: Mutex<Vec<Watched>>,
     /// Cancelled when shutdown begins: `/readyz` turns 503 at once.
     draining: CancellationToken,
+    /// What `/status` shows besides the upstreams' state; replaced whole on reload.
+    overview: Mutex<status::Overview>,
 }
 
 /// One upstream as the admin endpoints see it.
@@ -58,6 +63,50 @@ impl Admin {
             metrics,
             upstreams: Mutex::new(Vec::new()),
             draining,
+            overview: Mutex::new(status::Overview::default()),
+        }
+    }
+
+    /// Sets what `/status` shows of the config, listeners and cache.
+    pub(crate) fn describe(&self, overview: status::Overview) {
+        *self
+            .overview
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = overview;
+    }
+
+    /// Answers `/status` for a peer at `peer`: loopback peers and those in `status_from` get
+    /// the page, as JSON when `headers` ask for it, else as HTML; others 403.
+    pub fn status(
+        &self,
+        method: &Method,
+        headers: &http::HeaderMap,
+        peer: std::net::IpAddr,
+        status_from: &[ipnet::IpNet],
+    ) -> Response<Full<Bytes>> {
+        if *method != Method::GET && *method != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        }
+        if !status::may_read(peer, status_from) {
+            tracing::debug!(%peer, "/status refused: peer neither loopback nor in [admin] status_from");
+            return text(
+                StatusCode::FORBIDDEN,
+                "/status answers loopback peers and [admin] status_from only\n",
+            );
+        }
+        let page = {
+            // Held only while the page is built, with no await: the overview's lock, then
+            // the upstreams' (nothing takes them in the other order).
+            let overview = self
+                .overview
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            status::Page::now(&overview, &self.upstreams(), self.draining.is_cancelled())
+        };
+        if status::wants_json(headers) {
+            page.json()
+        } else {
+            page.html()
         }
     }
 
@@ -85,7 +134,7 @@ impl Admin {
             "/readyz" => self.readiness(),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz or /readyz\n",
+                "not found: try /metrics, /healthz, /readyz or /status\n",
             ),
         }
     }
@@ -216,6 +265,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let connections = GracefulShutdown::new();
+    let status_from: Arc<[ipnet::IpNet]> = settings.status_from.clone().into();
     let places = Arc::new(Places::new(settings.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     // The head deadline is kept here (`Place`), where it also covers a kept-alive connection
@@ -243,11 +293,15 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         let answering = Arc::clone(&place);
         let admin = Arc::clone(&admin);
+        let status_from = Arc::clone(&status_from);
         let service = service_fn(move |request: Request<Incoming>| {
             answering.answering();
-            let (parts, body) = admin
-                .answer(request.method(), request.uri().path())
-                .into_parts();
+            let answer = if request.uri().path() == "/status" {
+                admin.status(request.method(), request.headers(), peer.ip(), &status_from)
+            } else {
+                admin.answer(request.method(), request.uri().path())
+            };
+            let (parts, body) = answer.into_parts();
             let body = AnswerBody {
                 body,
                 _done: Answered(Arc::clone(&answering)),
@@ -482,6 +536,7 @@ mod tests {
             listen: listen.parse().unwrap(),
             max_connections: 2,
             allow_from: allow_from.map(|net| vec![net.parse().unwrap()]),
+            status_from: Vec::new(),
         }
     }
 

@@ -125,6 +125,9 @@ pub struct Admin {
     /// The networks whose peers may connect (the kubelet's node, Prometheus); `None`: every
     /// peer. Others are closed on before a byte is read.
     pub allow_from: Option<Vec<ipnet::IpNet>>,
+    /// The networks whose peers may read `/status`, besides loopback peers (which always may,
+    /// as `kubectl port-forward` arrives from loopback). Empty by default.
+    pub status_from: Vec<ipnet::IpNet>,
 }
 
 /// `[server]`: app connections and shutdown.
@@ -155,6 +158,9 @@ pub struct Log {
     pub format: LogFormat,
     /// One line per proxied request: method, path without query, status, duration.
     pub access: bool,
+    /// Audit events on the `bearerd::audit` target (token acquired, fetch failed, refused,
+    /// rejected by an upstream), whatever `level` says. Default on.
+    pub audit: bool,
 }
 
 /// How log lines are written.
@@ -337,6 +343,12 @@ pub(crate) mod fixtures {
 }
 
 impl TokenSettings {
+    /// The grant's name as RFC 6749 §4 and the status page and audit events say it. Every
+    /// source uses the client-credentials grant (§4.4) for now.
+    pub fn grant_name(&self) -> &'static str {
+        "client_credentials"
+    }
+
     /// The private-key files the token source reads: the assertion key, the client
     /// certificate's key, the DPoP key.
     pub fn key_files(&self) -> Vec<&Path> {

@@ -168,11 +168,24 @@ async fn reload(path: &Path, running: &mut bearerd::Running) {
     }
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` when set, else by `[log] level`.
+/// Logs go to stderr, filtered by `RUST_LOG` when set, else by `[log] level`; audit events
+/// by `[log] audit` alone.
 fn init_logging(log: &bearerd::config::Log) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new(bearerd::config::DEFAULT_LOG_LEVEL));
+    // A directive naming the audit target is more specific than any level or any `bearerd=`
+    // directive, so it decides for audit events whatever `level` or `RUST_LOG` says; added
+    // last, it replaces one for the same target that `RUST_LOG` may have had.
+    let audit = format!(
+        "{}={}",
+        bearerd::token::audit::TARGET,
+        if log.audit { "info" } else { "off" }
+    );
+    let filter = match audit.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

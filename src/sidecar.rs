@@ -171,6 +171,12 @@ impl Running {
         self.admin_addr
     }
 
+    /// What the admin listener answers with (tests drive `/status` through it for peers a
+    /// loopback socket cannot be).
+    pub fn admin(&self) -> &Admin {
+        &self.admin
+    }
+
     /// The metrics registry.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics.registry
@@ -191,7 +197,7 @@ impl Running {
     }
 
     /// Applies a new config, or leaves the running one untouched if it cannot be applied.
-    /// `[admin]`, `[server]` and `[log] level`/`format` need a restart; a change to them is
+    /// `[admin]`, `[server]` and `[log] level`/`format`/`audit` need a restart; a change to them is
     /// logged and otherwise ignored.
     pub async fn reload(&mut self, config: &Config) -> Result<(), StartError> {
         let old = &self.config;
@@ -200,8 +206,9 @@ impl Running {
             ("[server]", old.server != config.server),
             ("[cache]", old.cache != config.cache),
             (
-                "[log] level and format",
-                (&old.log.level, old.log.format) != (&config.log.level, config.log.format),
+                "[log] level, format and audit",
+                (&old.log.level, old.log.format, old.log.audit)
+                    != (&config.log.level, config.log.format, config.log.audit),
             ),
         ] {
             if changed {

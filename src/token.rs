@@ -9,8 +9,10 @@
 //! - [`schedule`]: pure arithmetic of when to refresh and how long to back off;
 //! - [`source`]: the refresher task that keeps one token fresh, and the handle requests read
 //!   it through;
-//! - `metrics`: the token metric families, and each upstream's series of them.
+//! - `metrics`: the token metric families, and each upstream's series of them; [`audit`]: an
+//!   audit event per token obtained, failed, refused or rejected by an upstream.
 
+pub mod audit;
 pub(crate) mod cache;
 #[doc(hidden)]
 pub use cache::fuzzing as cache_fuzzing;

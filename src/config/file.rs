@@ -77,6 +77,8 @@ pub(super) struct Admin {
     pub max_connections: Option<Spanned<i64>>,
     /// The networks whose peers may connect; none: every peer.
     pub allow_from: Option<Spanned<Vec<Spanned<String>>>>,
+    /// The networks, besides loopback, whose peers may read `/status`.
+    pub status_from: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[server]`: limits on app connections and shutdown.
@@ -111,6 +113,9 @@ pub(super) struct Log {
     /// One line per proxied request.
     #[serde(default)]
     pub access: Option<bool>,
+    /// Audit events (target `bearerd::audit`) whatever the level.
+    #[serde(default)]
+    pub audit: Option<bool>,
 }
 
 /// `format = "text" | "json"`

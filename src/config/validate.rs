@@ -57,6 +57,12 @@ impl Validator<'_> {
             .as_ref()
             .and_then(|a| a.get_ref().allow_from.as_ref())
             .map(|list| networks(self, list, "admin.allow_from"));
+        let admin_status_from = raw
+            .admin
+            .as_ref()
+            .and_then(|a| a.get_ref().status_from.as_ref())
+            .map(|list| networks(self, list, "admin.status_from"))
+            .unwrap_or_default();
         let log = self.log(raw.log.as_ref());
         let server = self.server(raw.server.as_ref());
         let (upstreams, listeners) = listeners(self, &raw);
@@ -67,6 +73,7 @@ impl Validator<'_> {
                 listen: admin_listen?,
                 max_connections: admin_max_connections,
                 allow_from: admin_allow_from,
+                status_from: admin_status_from,
             },
             log,
             server,
@@ -300,6 +307,7 @@ impl Validator<'_> {
                 Some(file::LogFormat::Json) => LogFormat::Json,
             },
             access: raw.and_then(|l| l.access).unwrap_or(false),
+            audit: raw.and_then(|l| l.audit).unwrap_or(true),
         }
     }
 

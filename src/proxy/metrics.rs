@@ -219,6 +219,11 @@ impl RouteSeries {
         self.unauthorized_retries.inc();
     }
 
+    /// Requests of this route in flight now, for the status page.
+    pub(crate) fn in_flight(&self) -> i64 {
+        self.in_flight.get()
+    }
+
     /// An app connection was closed unserved.
     pub fn connection_refused(&self, why: Refusal) {
         match why {

@@ -122,6 +122,12 @@ impl Running {
             }
         }
         self.admin.watch(watched);
+        self.admin.describe(admin::status::Overview::of(
+            config,
+            |listener| listeners.get(&ListenerKey::of(listener)).map(|l| l.addr),
+            |name| self.series.get(name).map(|s| Arc::clone(&s.proxy)),
+            self.cache.clone(),
+        ));
         self.sources = sources;
         self.listeners = listeners;
         self.started = true;
@@ -133,6 +139,7 @@ impl Running {
         running.cache = self.config.cache.clone();
         running.log.level = self.config.log.level.clone();
         running.log.format = self.config.log.format;
+        running.log.audit = self.config.log.audit;
         self.config = running;
         Ok(())
     }

@@ -315,7 +315,13 @@ impl Store {
         }
     }
 
-    fn name(&self) -> &'static str {
+    /// Whether the last call to the store succeeded (`bearerd_token_cache_up`).
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// The backend's name, as metrics and logs say it.
+    pub(crate) fn name(&self) -> &'static str {
         match self.backend {
             Backend::File { .. } => "file",
             Backend::Redis(_) => "redis",

@@ -365,6 +365,23 @@ impl TokenSeries {
         }
     }
 
+    /// Token requests so far by outcome (`bearerd_token_fetch_total`), and failures to read
+    /// or use the credentials (`secret_error`), for the status page.
+    pub(crate) fn fetch_counts(&self) -> [(&'static str, u64); 7] {
+        [
+            (FetchOutcome::Success.label(), self.success.get()),
+            (FetchOutcome::Rejected.label(), self.rejected.get()),
+            (FetchOutcome::ServerError.label(), self.server_error.get()),
+            (FetchOutcome::Timeout.label(), self.timeout.get()),
+            (FetchOutcome::ConnectError.label(), self.connect_error.get()),
+            (
+                FetchOutcome::InvalidResponse.label(),
+                self.invalid_response.get(),
+            ),
+            ("secret_error", self.secret_errors.get()),
+        ]
+    }
+
     /// The token source's refresher ended unexpectedly and is started again.
     pub fn source_restarted(&self) {
         self.source_restarts.inc();

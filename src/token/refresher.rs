@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use super::fetch::{Fetch, FetchError};
 use super::metrics::FetchOutcome;
 use super::state::{Phase, RefreshPolicy, SharedObservers, State, REJECTION_REFETCH_INTERVAL};
-use super::{schedule, LifetimeSource, Token};
+use super::{audit, schedule, LifetimeSource, Token};
 
 /// Runs the refresher, and runs it again if it ever ends before shutdown.
 pub(super) struct Supervisor {
@@ -150,6 +150,7 @@ impl Refresher {
                             tracing::info!(upstream = %self.label(), "upstream rejected the token: fetching a new one");
                             let held = self.publish.borrow().token.clone();
                             if let Some(token) = held {
+                                self.audit_rejection(&token, true);
                                 self.fetcher.rejected(&token).await;
                             }
                             // One update, so that waiters see the fetch coming.
@@ -164,6 +165,10 @@ impl Refresher {
                         // upstream's 401, and the fetch happens when the interval has passed,
                         // unless the schedule comes first.
                         tracing::info!(upstream = %self.label(), "upstream rejected the token again soon: fetching a new one later");
+                        let held = self.publish.borrow().token.clone();
+                        if let Some(token) = held {
+                            self.audit_rejection(&token, false);
+                        }
                         self.publish.send_modify(|s| s.rejection_handled = generation);
                         if allowed < sleep.deadline() {
                             sleep.as_mut().reset(allowed);
@@ -189,6 +194,19 @@ impl Refresher {
     /// The source's upstreams, for logs.
     fn label(&self) -> String {
         label_of(&self.observers)
+    }
+
+    /// What the source's audit events say of it.
+    fn audit(&self) -> audit::Describe {
+        self.observers
+            .read()
+            .map(|o| o.audit.clone())
+            .unwrap_or_default()
+    }
+
+    /// The audit event of an upstream's 401 to `token`: refetching `now`, or later.
+    fn audit_rejection(&self, token: &Token, now: bool) {
+        audit::rejected_by_upstream(&self.label(), &self.audit(), token, now);
     }
 
     /// Publishes the outcome of a fetch and returns how long to wait before the next.
@@ -233,6 +251,7 @@ impl Refresher {
                         "token fetched"
                     );
                 }
+                audit::acquired(&label, &self.audit(), &token, from_cache);
                 let next = Instant::now() + delay;
                 self.publish.send_modify(|s| {
                     s.token = Some(Arc::new(token));
@@ -266,6 +285,7 @@ impl Refresher {
                     error = %error,
                     "token fetch failed"
                 );
+                audit::failed(&label, &self.audit(), &error);
                 let next = Instant::now() + delay;
                 let error = Arc::new(error);
                 self.publish.send_modify(|s| {

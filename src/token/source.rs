@@ -60,6 +60,11 @@ impl Handle {
         self.state.borrow().clone()
     }
 
+    /// Whether `other` reads the same source (upstreams with equal token settings share one).
+    pub fn same_source(&self, other: &Handle) -> bool {
+        self.state.same_channel(&other.state)
+    }
+
     /// Whether the source is down: its refresher ended unexpectedly and awaits its restart.
     /// `/healthz` fails while any source is.
     pub fn is_down(&self) -> bool {
@@ -172,7 +177,10 @@ pub(crate) fn start(
     tasks: &TaskTracker,
     stop: CancellationToken,
 ) -> Started {
-    let observers = SharedObservers::new(RwLock::new(Observers::default()));
+    let observers = SharedObservers::new(RwLock::new(Observers {
+        audit: super::audit::Describe::of(&key.token),
+        ..Observers::default()
+    }));
     let counted = Arc::clone(&observers);
     let on_nonce_retry = Box::new(move || {
         if let Ok(observers) = counted.read() {

@@ -113,6 +113,8 @@ pub struct Observers {
     pub label: String,
     /// The upstreams' metric series.
     pub metrics: Vec<Arc<TokenSeries>>,
+    /// What the source's audit events say of how it obtains tokens.
+    pub audit: super::audit::Describe,
 }
 
 /// [`Observers`] as the refresher and the sidecar share them.

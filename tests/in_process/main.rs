@@ -19,5 +19,6 @@ mod properties;
 mod proxy;
 mod recipes;
 mod reload;
+mod status;
 mod unauthorized;
 mod vendors;
