@@ -9,6 +9,8 @@
 #                         left running
 #   curl, wget, python3 with requests   the clients tests/spawned/routing.rs sends through a forward
 #                         listener with their proxy settings
+#   chromium              (Debian's chromium package) for tests/spawned/status_page.rs, which loads
+#                         the status page in it, headless (about 90 MB to download, a minute)
 set -euo pipefail
 
 missing=()
@@ -22,6 +24,9 @@ elif ! command -v npm >/dev/null; then
 fi
 if ! command -v redis-server >/dev/null; then
   missing+=(redis-server)
+fi
+if ! command -v chromium >/dev/null; then
+  missing+=(chromium)
 fi
 for tool in curl wget python3; do
   command -v "$tool" >/dev/null || missing+=("$tool")

@@ -22,7 +22,8 @@
 //!   that build themselves from their config; what is refused before a token is attached,
 //!   request rewriting and forwarding, the app's body under its deadline, error answers;
 //! - [`metrics`] and [`admin`]: the Prometheus registry (each part registers the families it
-//!   owns), `/metrics`, `/healthz`, `/readyz`;
+//!   owns), `/metrics`, `/healthz`, `/readyz`, and `/status` for people (`admin/status.rs`);
+//!   audit events are the token sources' own ([`token::audit`]);
 //! - [`sidecar`]: one preparation step ([`sidecar::prepare`]: every file read, every key
 //!   built, every problem found) shared by start and `--check`; then all of the above started
 //!   from a config, reloaded by a plan (what to keep, start and stop), and shut down;

@@ -467,7 +467,8 @@ impl Page {
                 source.state.replace('_', " "),
                 source.phase.replace('_', " ")
             );
-            if let Some(why) = &source.not_ready_because {
+            // Why, unless the last error (its own column) says it.
+            if let (Some(why), None) = (&source.not_ready_because, &source.last_error) {
                 let _ = write!(state, "<br>{}", escape(why));
             }
             let (age, expires, refreshed) = match &source.token {

@@ -144,6 +144,12 @@ fn dashboard_shows_what_the_issue_asks_for() {
         "bearerd_token_fetch_total",
         "bearerd_requests_total",
         "bearerd_request_duration_seconds_bucket",
+        "bearerd_token_source_info",
+        "bearerd_token_source_restarts_total",
+        "bearerd_dpop_nonce_retries_total",
+        "bearerd_token_cache_up",
+        "bearerd_token_cache_operations_total",
+        "bearerd_connections_refused_total",
     ] {
         assert!(
             names.contains(needed),
@@ -167,6 +173,9 @@ fn alerts_cover_tokens_liveness_and_errors() {
         "BearerdTokenExpiringSoon",
         "BearerdNoValidToken",
         "BearerdHigh5xxRatio",
+        "BearerdTokenSourceRestarting",
+        "BearerdTokenCacheDown",
+        "BearerdListenerFull",
     ] {
         assert!(alerts.contains(alert), "alerts.yml has no {alert}");
     }

@@ -8,6 +8,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod audit;
 mod cache;
 mod chaos;
 mod cli;
@@ -15,3 +16,4 @@ mod credential_files;
 mod hostile;
 mod observability;
 mod routing;
+mod status_page;
