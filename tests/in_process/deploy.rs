@@ -46,6 +46,17 @@ fn exported_families() -> BTreeMap<String, String> {
     upstream
         .proxy
         .request_answered(http::StatusCode::OK, Duration::ZERO);
+    // So are the cache's families until it is used, and the source's info until it is
+    // described.
+    families.cache_up("redis").set(1);
+    upstream.token.cache_operation("redis", "get", "hit");
+    let config = Config::parse(
+        Path::new("x.toml"),
+        "[[upstream]]\nname = \"x\"\nlisten = \"127.0.0.1:0\"\nurl = \"https://x.example\"\n\
+         [upstream.token]\nurl = \"https://id.example/token\"\nclient_id = \"a\"\nclient_secret = \"b\"\n",
+    )
+    .unwrap();
+    upstream.token.describe_source(&config.upstreams[0].token);
     let text = families.registry.render().unwrap();
     let families: BTreeMap<String, String> = text
         .lines()

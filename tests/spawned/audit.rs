@@ -290,3 +290,47 @@ client_secret = "{CLIENT_SECRET}"
     assert!(audit_events(&daemon).is_empty(), "{log}");
     assert!(!log.contains("bearerd::audit"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_the_cache_is_acquired_as_cached() {
+    let endpoint = token_endpoint(|n, _| async move { token_ok(&token(n), 3600) }).await;
+    let upstream = serve(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+[log]
+format = "json"
+[cache]
+backend = "file"
+dir = "cache"
+
+[[upstream]]
+name = "api"
+listen = "127.0.0.1:0"
+url = "{upstream}"
+[upstream.token]
+url = "{good}"
+client_id = "app"
+client_secret = "{CLIENT_SECRET}"
+"#,
+        upstream = upstream.url(""),
+        good = endpoint.url("/token"),
+    );
+    let path = dir.path().join("bearerd.toml");
+    std::fs::write(&path, config).unwrap();
+    // The first bearerd fetches the token and stores it; the second, after a restart, takes
+    // it from the cache without a token request.
+    for outcome in ["fetched", "cached"] {
+        let mut daemon = Daemon::start(path.to_str().unwrap());
+        let api = daemon.listen_addr("api");
+        get(&format!("http://{api}/x")).await.echo();
+        let event = wait_for_event(&daemon, |e| e["event"] == "acquired");
+        assert_eq!(event["outcome"], outcome, "{event}");
+        assert_eq!(event["token_fingerprint"], fingerprint(&token(0)));
+        daemon.signal("TERM");
+        assert_eq!(daemon.wait_exit().code(), Some(0));
+    }
+    assert_eq!(endpoint.count(), 1);
+}
