@@ -13,6 +13,11 @@
       forward [[listener]], that the app containers' HTTP_PROXY names it and NO_PROXY leaves
       its routes' hosts to it.
 
+  check-deploy.py bearerd-check BEARERD BUILT.yaml
+      Runs `BEARERD --check` on the config BUILT.yaml mounts (bearerd.toml and conf.d/ from
+      their ConfigMaps, under a temporary root, with made-up credentials where the pod's
+      Secrets and tokens would be): it must pass and have merged every conf.d file.
+
   check-deploy.py dashboard-rules DASHBOARD.json OUT.yml
       Writes every PromQL expression of the Grafana dashboard as a recording rule, with the
       dashboard's variables filled in, so that `promtool check rules OUT.yml` parses them.
@@ -302,6 +307,17 @@ def check_forward_proxy_env(listen, routes, apps):
         )
 
 
+def merge_config(into, extra):
+    """conf.d's merge as bearerd does it: tables key by key, arrays of tables appended."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge_config(into[key], value)
+        elif isinstance(value, list) and isinstance(into.get(key), list):
+            into[key] = into[key] + value
+        else:
+            into[key] = value
+
+
 def probe(container, kind):
     get = (container.get(kind) or {}).get("httpGet") or {}
     return get.get("path"), get.get("port")
@@ -346,13 +362,18 @@ def check_pod(docs, sidecar):
 
     # Hardening, for every container.
     security = pod.get("securityContext") or {}
-    check(security.get("runAsNonRoot") is True, "pod: runAsNonRoot")
-    check(
-        (security.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
-        "pod: seccomp RuntimeDefault",
-    )
     for c in every:
         sc = c.get("securityContext") or {}
+        # Set for the pod, or for the container (the sidecar component sets its own).
+        check(
+            sc.get("runAsNonRoot", security.get("runAsNonRoot")) is True,
+            f"{c['name']}: runAsNonRoot",
+        )
+        check(
+            (sc.get("seccompProfile") or security.get("seccompProfile") or {}).get("type")
+            == "RuntimeDefault",
+            f"{c['name']}: seccomp RuntimeDefault",
+        )
         check(
             sc.get("allowPrivilegeEscalation") is False
             and sc.get("readOnlyRootFilesystem") is True
@@ -391,6 +412,13 @@ def check_pod(docs, sidecar):
         "bearerd: --config /etc/bearerd/bearerd.toml",
     )
     config = tomllib.loads(maps[config_map]["data"]["bearerd.toml"])
+    # The components' files, which bearerd merges into it (its own loader is run on them by
+    # `bearerd-check`; this merge only lets the checks below see every part).
+    conf_d = mounts.get("/etc/bearerd/conf.d", ({}, {}))[1].get("configMap", {}).get("name")
+    if check(conf_d in maps, f"bearerd: ConfigMap {conf_d} mounted at /etc/bearerd/conf.d"):
+        for name in sorted(maps[conf_d].get("data") or {}):
+            if name.endswith(".toml") and not name.startswith("."):
+                merge_config(config, tomllib.loads(maps[conf_d]["data"][name]))
     check(
         config.get("admin", {}).get("listen") == "0.0.0.0:9464",
         "config: [admin] listen = 0.0.0.0:9464 (probes and scrapes come to the pod IP)",
@@ -441,16 +469,24 @@ def check_pod(docs, sidecar):
             apps = [c for c in regular if c["name"] != "bearerd"]
             check_forward_proxy_env(listen, routes, apps)
 
-    # Scraping.
+    # Scraping: by the prometheus.io/* annotations or by a PodMonitor, never both (the pod
+    # would be scraped twice).
     annotations = template["metadata"].get("annotations") or {}
-    check(
-        annotations.get("prometheus.io/scrape") == "true"
-        and annotations.get("prometheus.io/port") == "9464"
-        and annotations.get("prometheus.io/path") == "/metrics",
-        "pod: prometheus.io/scrape, port 9464, path /metrics annotations",
-    )
     monitors = [d for d in docs if d["kind"] == "PodMonitor"]
-    if check(len(monitors) == 1, "one PodMonitor"):
+    annotated = any(k.startswith("prometheus.io/") for k in annotations)
+    check(
+        annotated != bool(monitors),
+        f"pod: scraped one way ({'annotations' if annotated else ''}"
+        f"{' and ' if annotated and monitors else ''}{'PodMonitor' if monitors else ''})",
+    )
+    if annotated:
+        check(
+            annotations.get("prometheus.io/scrape") == "true"
+            and annotations.get("prometheus.io/port") == "9464"
+            and annotations.get("prometheus.io/path") == "/metrics",
+            "pod: prometheus.io/scrape, port 9464, path /metrics annotations",
+        )
+    if monitors and check(len(monitors) == 1, "one PodMonitor"):
         spec = monitors[0]["spec"]
         labels = template["metadata"].get("labels") or {}
         selector = spec["selector"].get("matchLabels") or {}
@@ -485,6 +521,107 @@ def manifests(args):
         print(f"{built}: {len(docs)} objects: " + ", ".join(d["kind"] for d in docs))
         validate_schemas(docs, versions.split(","))
         check_pod(docs, sidecar)
+
+
+def credential_kinds(table, in_cache=False):
+    """(path, kind) of every file the config names, by its key: what `bearerd --check` reads."""
+    for key, value in table.items():
+        if isinstance(value, dict):
+            yield from credential_kinds(value, in_cache or key == "cache")
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    yield from credential_kinds(item, in_cache)
+        elif isinstance(value, str) and value.startswith("/") and key.endswith("_file"):
+            if in_cache and key == "key_file":
+                yield value, "cache-key"
+            elif key in ("cert_file", "certificate_file"):
+                yield value, "certificate"
+            elif key in ("key_file", "private_key_file", "dpop_key_file"):
+                yield value, "private-key"
+            elif key == "assertion_file":
+                yield value, "assertion"
+            else:
+                yield value, "secret"
+
+
+def bearerd_check(args):
+    """Runs `bearerd --check` on the config a build mounts: bearerd.toml and conf.d/ written
+    from their ConfigMaps under a temporary root, the paths of the pod's other mounts moved
+    under it, and made-up credentials where the pod's Secrets and tokens would be."""
+    import base64
+    import subprocess
+    import tempfile
+
+    with open(args.built) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    bearerd = next(
+        c for c in (pod.get("initContainers") or []) + pod["containers"] if c["name"] == "bearerd"
+    )
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    with tempfile.TemporaryDirectory() as root:
+        texts = {}
+        others = []
+        for mount in bearerd.get("volumeMounts") or []:
+            path = mount["mountPath"]
+            volume = volumes[mount["name"]]
+            if path in ("/etc/bearerd", "/etc/bearerd/conf.d"):
+                data = maps[volume["configMap"]["name"]].get("data") or {}
+                for name, text in data.items():
+                    texts[f"{path}/{name}"] = text
+            else:
+                others.append(path)
+                os.makedirs(root + path, mode=0o700, exist_ok=True)
+        merged = {}
+        for name in sorted(texts):
+            merge_config(merged, tomllib.loads(texts[name]))
+        # Every path of a mount, moved under the root.
+        for name, text in texts.items():
+            for path in others:
+                text = text.replace(f'"{path}/', f'"{root}{path}/')
+            os.makedirs(os.path.dirname(root + name), exist_ok=True)
+            with open(root + name, "w") as f:
+                f.write(text)
+        key = os.path.join(root, "made-up.key")
+        cert = os.path.join(root, "made-up.crt")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", key, "-out", cert, "-subj", "/CN=check-deploy", "-days", "1"],
+            check=True, capture_output=True,
+        )
+        made_up = {
+            "secret": b"made-up-secret\n",
+            "cache-key": base64.b64encode(os.urandom(32)) + b"\n",
+            "certificate": open(cert, "rb").read(),
+            "private-key": open(key, "rb").read(),
+            "assertion": b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJjaGVjayJ9.c2ln\n",
+        }
+        for path, kind in credential_kinds(merged):
+            if not check(
+                any(path.startswith(m + "/") for m in others),
+                f"bearerd --check: {path} is under one of bearerd's mounts",
+            ):
+                continue
+            os.makedirs(os.path.dirname(root + path), mode=0o700, exist_ok=True)
+            with open(root + path, "wb") as f:
+                f.write(made_up[kind])
+            os.chmod(root + path, 0o400)
+        run = subprocess.run(
+            [args.bearerd, "--check", "--config", root + "/etc/bearerd/bearerd.toml"],
+            capture_output=True, text=True,
+        )
+        output = (run.stdout + run.stderr).replace(root, "")
+        conf_d = [n for n in texts if n.startswith("/etc/bearerd/conf.d/") and n.endswith(".toml")]
+        merged_lines = [l for l in output.splitlines() if l.strip().startswith("merged:")]
+        check(run.returncode == 0, f"bearerd --check passes on {args.built}'s config")
+        print("    " + output.rstrip().replace("\n", "\n    "))
+        check(
+            len(merged_lines) == len(conf_d),
+            f"bearerd --check merged the {len(conf_d)} conf.d files "
+            f"({', '.join(sorted(os.path.basename(n) for n in conf_d))})",
+        )
 
 
 def dockerfile(args):
@@ -602,10 +739,13 @@ def main():
     d = sub.add_parser("dashboard-rules")
     d.add_argument("dashboard")
     d.add_argument("out")
+    b = sub.add_parser("bearerd-check")
+    b.add_argument("bearerd")
+    b.add_argument("built")
     f = sub.add_parser("dockerfile")
     f.add_argument("dockerfile")
     args = parser.parse_args()
-    commands = {"manifests": manifests, "dashboard-rules": dashboard_rules, "dockerfile": dockerfile}
+    commands = {"manifests": manifests, "bearerd-check": bearerd_check, "dashboard-rules": dashboard_rules, "dockerfile": dockerfile}
     commands[args.command](args)
     sys.exit(1 if failures else 0)
 

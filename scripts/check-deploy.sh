@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Checks deploy/ (`make check-deploy`, part of `make test`):
-#   - each kustomization in deploy/kubernetes builds (`kubectl kustomize`), and every object
+#   - each kustomization in deploy/kubernetes builds (`kubectl kustomize`), and so does the
+#     example with each component of deploy/kubernetes/components alone and several together
+#     (MATRIX below); `bearerd --check` passes on the config each of them mounts (conf.d
+#     merged, made-up credentials in place of the Secrets); and every object
 #     it makes validates against the Kubernetes schemas, offline and strict (kubernetes-
 #     validate): the native-sidecar pod in Kubernetes 1.29 (the first release with native
 #     sidecars on by default) and 1.37, the legacy pod in 1.25 and 1.37; the PodMonitor
@@ -82,7 +85,7 @@ run() {
 }
 
 # Kubernetes: build each kustomization, then validate what it made.
-for kustomization in base example legacy workload-identity mtls cache-file cache-redis \
+for kustomization in app base example legacy workload-identity mtls cache-file cache-redis \
   forward-proxy; do
   run "kubectl kustomize $KUBERNETES/$kustomization" \
     "$kubectl" kustomize "$KUBERNETES/$kustomization" -o "$OUT/$kustomization.yaml"
@@ -96,6 +99,60 @@ run "validate the built objects" "$python" scripts/check-deploy.py manifests \
   "native:1.29.0,1.37.0:$OUT/cache-file.yaml" \
   "native:1.29.0,1.37.0:$OUT/cache-redis.yaml" \
   "native:1.29.0,1.37.0:$OUT/forward-proxy.yaml"
+# The app alone has no bearerd: it must not, since the sidecar component adds it.
+run "the app alone has no bearerd" bash -c "! grep -q 'name: bearerd\$' '$OUT/app.yaml'"
+
+# The components of deploy/kubernetes/components on the example app (app, with the sidecar
+# component): each alone, and several together, built in kustomizations made here (NAME:COMPONENT,COMPONENT...). Each output is
+# validated as above (the sidecar present once, with its probes and every mount its config
+# needs), and `bearerd --check` runs on the config it mounts, conf.d merged.
+readonly MATRIX=(
+  "sidecar:"
+  "with-cache-file:cache-file"
+  "with-cache-redis:cache-redis"
+  "with-forward-proxy:forward-proxy"
+  "with-mtls:mtls"
+  "with-workload-identity:workload-identity"
+  "with-podmonitor:podmonitor"
+  "together:cache-redis,forward-proxy,workload-identity,podmonitor"
+  "together-with-file-cache:cache-file,forward-proxy,mtls,podmonitor"
+)
+say "building bearerd for --check"
+cargo build --quiet --locked --bin bearerd
+specs=()
+for entry in "${MATRIX[@]}"; do
+  name=${entry%%:*}
+  IFS=, read -r -a components <<<"${entry#*:}"
+  dir="$OUT/matrix/$name"
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  {
+    echo "apiVersion: kustomize.config.k8s.io/v1beta1"
+    echo "kind: Kustomization"
+    echo "resources:"
+    echo "  - ../../../../$KUBERNETES/app"
+    echo "components:"
+    echo "  - ../../../../$KUBERNETES/components/sidecar"
+    for component in "${components[@]}"; do
+      echo "  - ../../../../$KUBERNETES/components/$component"
+    done
+    # The app's side of a forward proxy (HTTP_PROXY), as the forward-proxy example sets it.
+    if [[ " ${components[*]} " == *" forward-proxy "* ]]; then
+      cp "$KUBERNETES/forward-proxy/app-patch.yaml" "$dir/"
+      echo "patches:"
+      echo "  - path: app-patch.yaml"
+    fi
+  } >"$dir/kustomization.yaml"
+  run "kubectl kustomize (app + sidecar + ${entry#*:})" \
+    "$kubectl" kustomize "$dir" -o "$OUT/matrix-$name.yaml"
+  specs+=("native:1.29.0,1.37.0:$OUT/matrix-$name.yaml")
+done
+run "validate the components' combinations" "$python" scripts/check-deploy.py manifests \
+  "${specs[@]}"
+for built in "$OUT"/matrix-*.yaml "$OUT"/{base,legacy,workload-identity,mtls,cache-file,cache-redis,forward-proxy}.yaml; do
+  run "bearerd --check on the config of $built" "$python" scripts/check-deploy.py \
+    bearerd-check target/debug/bearerd "$built"
+done
 
 # Prometheus alerts and their unit tests.
 run "promtool check rules deploy/prometheus/alerts.yml" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measures what bearerd uses under load, to size the Kubernetes resources in
-# deploy/kubernetes/base/deployment.yaml (the numbers are written there and in docs/kubernetes.md).
+# deploy/kubernetes/components/sidecar/sidecar.yaml (the numbers are written there and in docs/kubernetes.md).
 #
 # Starts, all on 127.0.0.1 and on ports free at run time, the demo token endpoint and echo
 # upstream (examples/demo_servers.rs) and release-built bearerd between them, then loads

@@ -36,6 +36,9 @@ fn describe(config: &Config, prepared: &Prepared) -> String {
     let mut out = String::new();
     // Writing to a String cannot fail; the results are ignored for that reason.
     let _ = writeln!(out, "config {}: valid", config.path.display());
+    for extra in &config.extra_files {
+        let _ = writeln!(out, "  merged: {}", extra.display());
+    }
     let _ = writeln!(
         out,
         "admin: listen {} (at most {} connections{})",

@@ -12,6 +12,7 @@ mod credentials;
 mod file;
 mod keys;
 mod listener;
+mod sources;
 mod token;
 mod validate;
 mod values;
@@ -25,6 +26,8 @@ use std::time::Duration;
 use http::Uri;
 
 pub use credentials::{Assertion, ClientAuth, Dpop, Identity, JwsAlg, DEFAULT_ASSERTION_LIFETIME};
+use sources::Sources;
+pub use sources::CONF_D;
 use validate::Validator;
 
 /// Admin listener address when `[admin] listen` is not set. Loopback, so that nothing outside
@@ -56,6 +59,8 @@ pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 pub struct Config {
     /// The file it was read from, for messages.
     pub path: PathBuf,
+    /// The `conf.d/*.toml` files beside it that were merged into it, in merge order.
+    pub extra_files: Vec<PathBuf>,
     /// `[admin]`
     pub admin: Admin,
     /// `[log]`
@@ -400,9 +405,9 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file was read and has problems; each is listed.
-    #[error("{}", Problems { path, problems })]
+    #[error("{}", Problems { problems })]
     Invalid {
-        /// The path given.
+        /// The path given (a problem may be in one of its `conf.d` files: see its `file`).
         path: PathBuf,
         /// Every problem found, in file order.
         problems: Vec<Problem>,
@@ -412,6 +417,10 @@ pub enum ConfigError {
 /// One problem in the config file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// The file: the config file, or one of its `conf.d` files.
+    pub file: PathBuf,
+    /// The file's place in merge order (0: the config file), to list problems in order.
+    pub(crate) file_index: usize,
     /// 1-based line.
     pub line: usize,
     /// 1-based column.
@@ -424,7 +433,6 @@ pub struct Problem {
 
 /// Renders problems one per line as `file:line:column: key: message`.
 struct Problems<'a> {
-    path: &'a Path,
     problems: &'a [Problem],
 }
 
@@ -437,7 +445,7 @@ impl fmt::Display for Problems<'_> {
             write!(
                 f,
                 "{}:{}:{}: {}: {}",
-                self.path.display(),
+                p.file.display(),
                 p.line,
                 p.column,
                 p.key,
@@ -449,20 +457,31 @@ impl fmt::Display for Problems<'_> {
 }
 
 impl Config {
-    /// Reads and validates the file at `path`.
+    /// Reads and validates the file at `path`, with every `*.toml` of the `conf.d/`
+    /// directory beside it ([`CONF_D`]) merged in, by name: tables key by key, `[[upstream]]`
+    /// and `[[listener]]` appended; a key set in two files is a problem naming both.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        Self::validate(&Sources::read(path)?)
     }
 
-    /// Validates `text` as if read from `path`. Relative file paths in it are taken relative
-    /// to the directory of `path`.
+    /// Validates `text` as if read from `path`, alone (no `conf.d`). Relative file paths in
+    /// it are taken relative to the directory of `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_files(vec![(path.to_owned(), text.to_owned())])
+    }
+
+    /// Validates files as if read by [`Config::load`]: the config file first, then its
+    /// `conf.d` files in merge order. Relative file paths in any of them are taken relative
+    /// to the directory of the config file.
+    pub fn parse_files(files: Vec<(PathBuf, String)>) -> Result<Self, ConfigError> {
+        Self::validate(&Sources::new(files))
+    }
+
+    /// The merged files checked as a whole.
+    fn validate(sources: &Sources) -> Result<Self, ConfigError> {
+        let path = sources.main_path();
         let mut validator = Validator {
-            text,
+            sources,
             base_dir: path.parent().unwrap_or(Path::new("")),
             problems: Vec::new(),
         };
@@ -470,7 +489,9 @@ impl Config {
         match config {
             Some(config) if validator.problems.is_empty() => Ok(config),
             _ => {
-                validator.problems.sort_by_key(|p| (p.line, p.column));
+                validator
+                    .problems
+                    .sort_by_key(|p| (p.file_index, p.line, p.column));
                 Err(ConfigError::Invalid {
                     path: path.to_owned(),
                     problems: validator.problems,

@@ -343,11 +343,17 @@ fn one_route(
 /// Two listeners on one address would fail at bind time with a vaguer message; names
 /// must be unique because metrics and logs tell routes apart by them.
 pub(super) fn check_unique(v: &mut Validator<'_>, raw: &file::File, admin: Option<SocketAddr>) {
-    let mut names: HashMap<&str, String> = HashMap::new();
-    let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
+    let mut names: HashMap<&str, (String, Range<usize>)> = HashMap::new();
+    let mut addrs: HashMap<SocketAddr, (String, Option<Range<usize>>)> = HashMap::new();
     if let Some(admin) = admin {
-        addrs.insert(admin, "[admin]".into());
+        addrs.insert(admin, ("[admin]".into(), None));
     }
+    // Set in another file (conf.d): name it, so both files are named.
+    let elsewhere =
+        |v: &Validator<'_>, first: Option<&Range<usize>>, here: &Range<usize>| match first {
+            Some(first) if v.other_file(first, here) => format!(" (at {})", v.place(first)),
+            _ => String::new(),
+        };
     let routes = raw
         .upstream
         .iter()
@@ -362,11 +368,12 @@ pub(super) fn check_unique(v: &mut Validator<'_>, raw: &file::File, admin: Optio
         }));
     for (key, route) in routes {
         let name = route.name.get_ref().as_str();
-        if let Some(first) = names.insert(name, key.clone()) {
+        if let Some((first, at)) = names.insert(name, (key.clone(), route.name.span())) {
+            let note = elsewhere(v, Some(&at), &route.name.span());
             v.problem(
                 route.name.span(),
                 format!("{key}.name"),
-                format!("{name:?} is already the name of {first}"),
+                format!("{name:?} is already the name of {first}{note}"),
             );
         }
     }
@@ -386,11 +393,12 @@ pub(super) fn check_unique(v: &mut Validator<'_>, raw: &file::File, admin: Optio
         // Port 0 asks the OS for a free port, so it never collides (tests use it).
         if let Ok(addr) = listen.get_ref().parse::<SocketAddr>() {
             if addr.port() != 0 {
-                if let Some(first) = addrs.insert(addr, owner) {
+                if let Some((first, at)) = addrs.insert(addr, (owner, Some(listen.span()))) {
+                    let note = elsewhere(v, at.as_ref(), &listen.span());
                     v.problem(
                         listen.span(),
                         key,
-                        format!("{addr} is already the listen address of {first}"),
+                        format!("{addr} is already the listen address of {first}{note}"),
                     );
                 }
             }

@@ -15,6 +15,7 @@ use toml::Spanned;
 use super::file;
 use super::keys;
 use super::listener::{check_unique, listeners};
+use super::sources::Sources;
 use super::values::{count, duration, networks, size, socket_addr};
 use super::{
     Admin, Cache, Config, Log, LogFormat, Problem, Server, DEFAULT_ADMIN_LISTEN,
@@ -26,8 +27,8 @@ use super::{
 
 /// Walks the raw file, collecting problems as it goes.
 pub(super) struct Validator<'a> {
-    /// The file's text, to turn byte offsets into lines and columns.
-    pub(super) text: &'a str,
+    /// The files read (main and `conf.d`), to turn offsets into files, lines and columns.
+    pub(super) sources: &'a Sources,
     /// Relative paths in the file are taken from here.
     pub(super) base_dir: &'a Path,
     /// Every problem found so far.
@@ -38,6 +39,7 @@ impl Validator<'_> {
     /// The whole file, or `None` when some part could not be built (its problems recorded).
     pub(super) fn file(&mut self, path: &Path) -> Option<Config> {
         let raw = self.deserialize()?;
+        let extra_files = self.sources.extra_paths();
         let admin_listen = match raw.admin.as_ref().and_then(|a| a.get_ref().listen.as_ref()) {
             Some(listen) => socket_addr(self, listen, "admin.listen"),
             #[allow(clippy::expect_used)] // a constant that a unit test parses
@@ -69,6 +71,7 @@ impl Validator<'_> {
         check_unique(self, &raw, admin_listen);
         Some(Config {
             path: path.to_owned(),
+            extra_files,
             admin: Admin {
                 listen: admin_listen?,
                 max_connections: admin_max_connections,
@@ -199,15 +202,30 @@ impl Validator<'_> {
         }
     }
 
-    /// Serde's pass: syntax, types, unknown and missing keys. It stops at the first problem.
+    /// The files merged ([`Sources::merged`]), then serde's pass: syntax, types, unknown and
+    /// missing keys. Serde stops at the first problem.
     fn deserialize(&mut self) -> Option<file::File> {
-        let deserializer = match toml::Deserializer::parse(self.text) {
-            Ok(d) => d,
-            Err(e) => {
-                self.problem(e.span().unwrap_or(0..0), "(syntax)", e.message());
+        let sources = self.sources;
+        let mut merge_problems = Vec::new();
+        let merged = sources.merged(&mut merge_problems);
+        for p in merge_problems {
+            let message = match (p.message, p.first) {
+                (Some(message), _) => message,
+                (None, first) => format!(
+                    "is set twice: first at {}; a key is set in one file only (the config file or one file of conf.d/)",
+                    sources.place(first.unwrap_or(0))
+                ),
+            };
+            self.problem(p.span, p.key, message);
+        }
+        let merged = match merged {
+            Ok(table) => table,
+            Err(p) => {
+                self.problem(p.span, p.key, p.message.unwrap_or_default());
                 return None;
             }
         };
+        let deserializer = toml::Deserializer::from(merged);
         match serde_path_to_error::deserialize::<_, file::File>(deserializer) {
             Ok(file) => Some(file),
             Err(e) => {
@@ -311,6 +329,16 @@ impl Validator<'_> {
         }
     }
 
+    /// `file:line:column` of where `span` starts.
+    pub(super) fn place(&self, span: &Range<usize>) -> String {
+        self.sources.place(span.start).to_string()
+    }
+
+    /// Whether two spans are in different files.
+    pub(super) fn other_file(&self, a: &Range<usize>, b: &Range<usize>) -> bool {
+        self.sources.place(a.start).index != self.sources.place(b.start).index
+    }
+
     /// Records a problem at the byte offset where `span` starts.
     pub(super) fn problem(
         &mut self,
@@ -318,10 +346,12 @@ impl Validator<'_> {
         key: impl Into<String>,
         message: impl Into<String>,
     ) {
-        let (line, column) = line_and_column(self.text, span.start);
+        let place = self.sources.place(span.start);
         self.problems.push(Problem {
-            line,
-            column,
+            file: place.path.to_owned(),
+            file_index: place.index,
+            line: place.line,
+            column: place.column,
             key: key.into(),
             message: message.into(),
         });
@@ -365,28 +395,4 @@ fn key_names(path: &serde_path_to_error::Path) -> Vec<&str> {
         })
         .filter(|name| !name.starts_with("$__serde_spanned"))
         .collect()
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let column = before[line_start..].chars().count() + 1;
-    (line, column)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn line_and_column_count_from_one() {
-        let text = "a = 1\nbé = 2\n";
-        assert_eq!(line_and_column(text, 0), (1, 1));
-        assert_eq!(line_and_column(text, 6), (2, 1));
-        assert_eq!(line_and_column(text, text.find('=').unwrap()), (1, 3));
-        assert_eq!(line_and_column(text, text.rfind('=').unwrap()), (2, 4));
-        assert_eq!(line_and_column(text, 1000), (3, 1));
-    }
 }

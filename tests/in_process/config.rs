@@ -746,3 +746,168 @@ fn the_keys_offered_are_those_of_the_table_written() {
         assert!(!offered.contains(key), "{key} in {message}");
     }
 }
+
+/// A config file `main` in a fresh directory, with `conf.d/` holding `extra` (name, text).
+fn with_conf_d(main: &str, extra: &[(&str, &str)]) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bearerd.toml");
+    std::fs::write(&path, main).unwrap();
+    std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+    for (name, text) in extra {
+        std::fs::write(dir.path().join("conf.d").join(name), text).unwrap();
+    }
+    (dir, path)
+}
+
+/// The problems of loading `path`, with the directory shown as `$DIR`.
+fn load_errors(dir: &tempfile::TempDir, path: &Path) -> String {
+    match Config::load(path) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e
+            .to_string()
+            .replace(&dir.path().display().to_string(), "$DIR"),
+    }
+}
+
+const FORWARD: &str = r#"[[listener]]
+listen = "127.0.0.1:3128"
+mode = "forward"
+
+[[listener.route]]
+name = "inventory"
+host = "api.inventory.example"
+url = "https://api.inventory.example"
+
+[listener.route.token]
+url = "https://auth.example.com/oauth/token"
+client_id = "inventory"
+client_secret_env = "INVENTORY_SECRET"
+"#;
+
+#[test]
+fn conf_d_files_are_merged_by_name_and_others_skipped() {
+    let (dir, path) = with_conf_d(
+        &format!("[admin]\nallow_from = [\"10.0.0.0/8\"]\n\n{VALID}"),
+        &[
+            ("20-forward.toml", FORWARD),
+            ("10-admin.toml", "[admin]\nlisten = \"0.0.0.0:9464\"\n"),
+            (
+                "30-cache.toml",
+                "[cache]\nbackend = \"file\"\ndir = \"tokens\"\n",
+            ),
+            // Not a .toml, and a ConfigMap volume's hidden entries: not read.
+            ("notes.txt", "not toml"),
+            ("..data.toml", "not = [toml"),
+        ],
+    );
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.admin.listen.to_string(), "0.0.0.0:9464");
+    assert_eq!(
+        config.admin.allow_from.as_ref().map(Vec::len),
+        Some(1),
+        "keys of one table from two files"
+    );
+    let names: Vec<_> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(names, ["payments", "inventory"]);
+    assert_eq!(config.listeners.len(), 2);
+    assert_eq!(
+        config.cache,
+        Some(bearerd::config::Cache::File {
+            // Relative to the config file's directory, as in the config file.
+            dir: dir.path().join("tokens"),
+            key_file: None,
+        })
+    );
+    let extra: Vec<_> = config
+        .extra_files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(extra, ["10-admin.toml", "20-forward.toml", "30-cache.toml"]);
+}
+
+#[test]
+fn no_conf_d_directory_is_no_extra_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bearerd.toml");
+    std::fs::write(&path, VALID).unwrap();
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.extra_files.is_empty());
+}
+
+#[test]
+fn a_key_set_in_two_files_names_both() {
+    let (dir, path) = with_conf_d(
+        &format!("[server]\nshutdown_grace = \"20s\"\n\n{VALID}"),
+        &[("server.toml", "# mine\n[server]\nshutdown_grace = \"5s\"\n")],
+    );
+    assert_eq!(
+        load_errors(&dir, &path),
+        "$DIR/conf.d/server.toml:3:18: server.shutdown_grace: is set twice: first at \
+         $DIR/bearerd.toml:2:18; a key is set in one file only (the config file or one file \
+         of conf.d/)"
+    );
+    // A whole table set in two files is the same: its keys are set twice.
+    let (dir, path) = with_conf_d(
+        VALID,
+        &[
+            ("a.toml", "[cache]\nbackend = \"file\"\ndir = \"a\"\n"),
+            ("b.toml", "[cache]\nbackend = \"redis\"\n"),
+        ],
+    );
+    let errors = load_errors(&dir, &path);
+    assert!(
+        errors.starts_with(
+            "$DIR/conf.d/b.toml:2:11: cache.backend: is set twice: first at $DIR/conf.d/a.toml:2:11"
+        ),
+        "{errors}"
+    );
+}
+
+#[test]
+fn a_route_or_address_in_two_files_names_both() {
+    let (dir, path) = with_conf_d(VALID, &[("again.toml", VALID)]);
+    let errors = load_errors(&dir, &path);
+    assert!(
+        errors.contains(
+            "$DIR/conf.d/again.toml:2:8: upstream[1].name: \"payments\" is already the name of \
+             upstream[0] (at $DIR/bearerd.toml:2:8)"
+        ),
+        "{errors}"
+    );
+    assert!(
+        errors.contains(
+            "$DIR/conf.d/again.toml:3:10: upstream[1].listen: 127.0.0.1:8081 is already the \
+             listen address of upstream \"payments\" (at $DIR/bearerd.toml:3:10)"
+        ),
+        "{errors}"
+    );
+}
+
+#[test]
+fn problems_in_a_conf_d_file_have_its_line_and_column() {
+    let (dir, path) = with_conf_d(
+        VALID,
+        &[(
+            "forward.toml",
+            &FORWARD.replace("\"forward\"", "\"sideways\""),
+        )],
+    );
+    let errors = load_errors(&dir, &path);
+    assert!(
+        errors.starts_with("$DIR/conf.d/forward.toml:3:8: listener[0].mode:"),
+        "{errors}"
+    );
+    let (dir, path) = with_conf_d(VALID, &[("broken.toml", "\n[server\n")]);
+    let errors = load_errors(&dir, &path);
+    assert!(errors.starts_with("$DIR/conf.d/broken.toml:2:"), "{errors}");
+    let (dir, path) = with_conf_d(
+        VALID,
+        &[("late.toml", "[server]\nidle_timeout = \"soon\"\n")],
+    );
+    let errors = load_errors(&dir, &path);
+    assert!(
+        errors.starts_with("$DIR/conf.d/late.toml:2:16: server.idle_timeout:"),
+        "{errors}"
+    );
+}

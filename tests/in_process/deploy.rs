@@ -219,47 +219,106 @@ fn a_misspelt_or_misused_metric_is_noticed() {
     );
 }
 
-/// The examples without a client secret: each loads, and its credentials are files under
-/// /var/run/secrets/, where their kustomization mounts them.
+/// The config of deploy/kubernetes/app with a component's conf.d file merged in, as the pod
+/// mounts them (/etc/bearerd/bearerd.toml and /etc/bearerd/conf.d/).
+fn with_component(component: &str, file: &str) -> Config {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let files = [
+        (
+            root.join("app/bearerd.toml"),
+            "/etc/bearerd/bearerd.toml".to_owned(),
+        ),
+        (
+            root.join("components/sidecar/sidecar.toml"),
+            "/etc/bearerd/conf.d/sidecar.toml".to_owned(),
+        ),
+        (
+            root.join("components").join(component).join(file),
+            format!("/etc/bearerd/conf.d/{file}"),
+        ),
+    ];
+    let files = files
+        .into_iter()
+        .map(|(from, name)| (name.into(), std::fs::read_to_string(from).unwrap()))
+        .collect();
+    Config::parse_files(files).unwrap_or_else(|e| panic!("{component}: {e}"))
+}
+
+/// The components without a client secret: each loads beside the app's config, and its
+/// upstream's credentials are files under /var/run/secrets/, where its patch mounts them.
 #[test]
-fn credential_examples_load_with_their_mounted_files() {
+fn credential_components_load_with_their_mounted_files() {
     use bearerd::config::ClientAuth;
-    for (example, method) in [
+    for (component, method) in [
         ("workload-identity", "client_assertion_file"),
         ("mtls", "tls_client_auth"),
     ] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("deploy/kubernetes")
-            .join(example)
-            .join("bearerd.toml");
-        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        for upstream in &config.upstreams {
-            assert_eq!(upstream.token.auth.method(), method, "{example}");
-            assert!(
-                upstream.token.auth.secret().is_none(),
-                "{example}: no secret"
-            );
-            let files: Vec<&Path> = match &upstream.token.auth {
-                ClientAuth::AssertionFile { path } => vec![path.as_path()],
-                ClientAuth::TlsClientAuth { identity } => {
-                    vec![identity.cert_file.as_path(), identity.key_file.as_path()]
-                }
-                other => panic!("{example}: {other:?}"),
-            };
-            for file in files {
-                assert!(
-                    file.starts_with("/var/run/secrets/"),
-                    "{example}: {}",
-                    file.display()
-                );
+        let config = with_component(component, &format!("{component}.toml"));
+        assert_eq!(
+            config.upstreams.len(),
+            2,
+            "{component}: the app's and its own"
+        );
+        let upstream = &config.upstreams[1];
+        assert_eq!(upstream.token.auth.method(), method, "{component}");
+        assert!(
+            upstream.token.auth.secret().is_none(),
+            "{component}: no secret"
+        );
+        let files: Vec<&Path> = match &upstream.token.auth {
+            ClientAuth::AssertionFile { path } => vec![path.as_path()],
+            ClientAuth::TlsClientAuth { identity } => {
+                vec![identity.cert_file.as_path(), identity.key_file.as_path()]
             }
+            other => panic!("{component}: {other:?}"),
+        };
+        for file in files {
+            assert!(
+                file.starts_with("/var/run/secrets/"),
+                "{component}: {}",
+                file.display()
+            );
         }
     }
 }
 
+/// Every component's file merges with the app's config and with each other's but the two
+/// caches, which both set [cache]: the error names both files.
+#[test]
+fn components_compose_and_the_two_caches_collide() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let mut files = vec![
+        ("/etc/bearerd/bearerd.toml".into(), read("app/bearerd.toml")),
+        (
+            "/etc/bearerd/conf.d/cache.toml".into(),
+            read("components/cache-redis/cache.toml"),
+        ),
+    ];
+    for component in ["forward-proxy", "mtls", "workload-identity"] {
+        files.push((
+            format!("/etc/bearerd/conf.d/{component}.toml").into(),
+            read(&format!("components/{component}/{component}.toml")),
+        ));
+    }
+    let config = Config::parse_files(files.clone()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.upstreams.len(), 4);
+    assert!(config.cache.is_some());
+    files.push((
+        "/etc/bearerd/conf.d/file-cache.toml".into(),
+        read("components/cache-file/cache.toml"),
+    ));
+    let error = Config::parse_files(files).unwrap_err().to_string();
+    assert!(
+        error.contains("/etc/bearerd/conf.d/file-cache.toml:")
+            && error.contains("is set twice: first at /etc/bearerd/conf.d/cache.toml:"),
+        "{error}"
+    );
+}
+
 #[test]
 fn kubernetes_config_loads_and_fits_the_pod() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base/bearerd.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/app/bearerd.toml");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     // Probes and scrapes come to the pod IP, on the port the manifests name.
     assert_eq!(config.admin.listen.to_string(), "0.0.0.0:9464");
@@ -281,7 +340,7 @@ fn kubernetes_config_loads_and_fits_the_pod() {
         };
         assert!(
             secret.starts_with("/var/run/secrets/"),
-            "{}: {} is not where deployment.yaml mounts Secrets",
+            "{}: {} is not where the sidecar component mounts Secrets",
             upstream.name,
             secret.display()
         );

@@ -1630,17 +1630,21 @@ async fn a_lease_bearerd_could_not_have_set_is_treated_as_absent() {
 // The Kubernetes examples
 // ---------------------------------------------------------------------------------------
 
-/// deploy/kubernetes/cache-file and cache-redis: their configs load with bearerd's own loader,
-/// and name the paths their kustomizations mount (scripts/check-deploy.sh checks the mounts).
+/// deploy/kubernetes/components/cache-file and cache-redis: their conf.d files load with
+/// bearerd's own loader beside the app's config, and name the paths their patches mount
+/// (scripts/check-deploy.sh checks the mounts).
 #[test]
-fn the_kubernetes_cache_examples_load() {
+fn the_kubernetes_cache_components_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
     for (example, backend) in [("cache-file", "file"), ("cache-redis", "redis")] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("deploy/kubernetes")
-            .join(example)
-            .join("bearerd.toml");
-        bearerd::config::Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let path = root.join("components").join(example).join("cache.toml");
         let text = std::fs::read_to_string(&path).unwrap();
+        let main = std::fs::read_to_string(root.join("app/bearerd.toml")).unwrap();
+        bearerd::config::Config::parse_files(vec![
+            ("/etc/bearerd/bearerd.toml".into(), main),
+            ("/etc/bearerd/conf.d/cache.toml".into(), text.clone()),
+        ])
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let file: toml::Table = text.parse().unwrap();
         let cache = file["cache"].as_table().unwrap();
         assert_eq!(cache["backend"].as_str(), Some(backend), "{example}");

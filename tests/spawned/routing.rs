@@ -1347,22 +1347,34 @@ listener 127.0.0.1:8080 (reverse proxy: Host and path), routes in match order:
 // The Kubernetes example
 // ---------------------------------------------------------------------------------------------
 
-/// deploy/kubernetes/forward-proxy loads with bearerd's loader, and its app container's
-/// HTTP_PROXY names the forward listener and its calls the hosts of the routes.
+/// deploy/kubernetes/components/forward-proxy loads with bearerd's loader beside the app's
+/// config, and the forward-proxy example's app container's HTTP_PROXY names the forward
+/// listener and its calls the hosts of the routes.
 #[test]
 fn forward_proxy_example_loads_and_matches_its_pod() {
     use bearerd::config::{Config, Mode};
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/forward-proxy");
-    let config = Config::load(&example.join("bearerd.toml")).unwrap_or_else(|e| panic!("{e}"));
-    let [listener] = config.listeners.as_slice() else {
-        panic!("one listener wanted: {:?}", config.listeners)
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let config = Config::parse_files(vec![
+        ("/etc/bearerd/bearerd.toml".into(), read("app/bearerd.toml")),
+        (
+            "/etc/bearerd/conf.d/forward-proxy.toml".into(),
+            read("components/forward-proxy/forward-proxy.toml"),
+        ),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    let [_, listener] = config.listeners.as_slice() else {
+        panic!(
+            "the app's listener and the forward one wanted: {:?}",
+            config.listeners
+        )
     };
     assert_eq!(listener.mode, Mode::Forward);
     assert_eq!(listener.listen.to_string(), "127.0.0.1:3128");
-    assert_eq!(listener.routes.len(), 2);
-    let patch = std::fs::read_to_string(example.join("deployment-patch.yaml")).unwrap();
+    assert_eq!(listener.routes.len(), 1);
+    let patch = read("forward-proxy/app-patch.yaml");
     assert!(patch.contains("value: http://127.0.0.1:3128"), "{patch}");
-    for upstream in &config.upstreams {
+    for upstream in config.upstreams.iter().filter(|u| u.route.host.is_some()) {
         let host = upstream.route.host.as_deref().unwrap();
         assert!(
             patch.contains(&format!("http://{host}/")),
