@@ -152,6 +152,8 @@ pub struct Server {
     pub body_idle_timeout: Duration,
     /// See [`DEFAULT_REPLAY_MEMORY`].
     pub replay_memory: usize,
+    /// See [`DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS`].
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// `[log]`
@@ -205,6 +207,14 @@ pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// all listeners, so that a request the upstream answers 401 can be sent again. Past it,
 /// requests stream without a replay.
 pub const DEFAULT_REPLAY_MEMORY: usize = 16 * 1024 * 1024;
+
+/// `[server] http2_max_concurrent_streams` when not set: the streams an HTTP/2 app connection
+/// may have open at once (RFC 9113 §5.1.2: at least 100 is recommended); more are refused
+/// with `REFUSED_STREAM`, which a client may retry.
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// `[server] http2_max_concurrent_streams` at most: each open stream may hold an upstream
+/// connection and a kept body.
+pub const MAX_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 10_000;
 
 /// `[upstream.token] backoff_base` when not set: the first wait after a failed token request.
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -269,6 +279,8 @@ pub struct Upstream {
     /// When the upstream answers 401 to a token, fetch a new one and replay the request once
     /// (if its body was kept). Default on.
     pub retry_on_401: bool,
+    /// The HTTP version spoken to the upstream.
+    pub protocol: UpstreamProtocol,
     /// The networks whose peers may connect; `None` (allowed only on a loopback `listen`)
     /// lets every peer in, as only the pod can reach a loopback address.
     pub allow_from: Option<Vec<ipnet::IpNet>>,
@@ -278,6 +290,30 @@ pub struct Upstream {
     pub token: TokenSettings,
     /// Trust anchors for the upstream and its token endpoint.
     pub tls: TlsSettings,
+}
+
+/// `protocol`: which HTTP version bearerd speaks to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// An `https://` upstream chooses HTTP/2 or HTTP/1.1 by ALPN; an `http://` one gets
+    /// HTTP/1.1.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only (ALPN offers `http/1.1` alone).
+    Http1,
+    /// HTTP/2 with prior knowledge over plain TCP (RFC 9113 §3.3): an in-cluster gRPC server.
+    H2c,
+}
+
+impl UpstreamProtocol {
+    /// The value as written in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Http1 => "http1",
+            Self::H2c => "h2c",
+        }
+    }
 }
 
 /// `[upstream.token]`. Upstreams with equal settings (and equal TLS settings) share one token

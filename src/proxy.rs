@@ -1,8 +1,9 @@
 //! The proxy: local listeners, forwarding each request with a token.
 //!
 //! In data-flow order:
-//! - `serve` (here): accept app connections (HTTP/1.1) from the peers `allow_from` admits,
-//!   within the `connection` limits, and drain them on shutdown;
+//! - `serve` (here): accept app connections from the peers `allow_from` admits, within the
+//!   `connection` limits, tell HTTP/1.1 from HTTP/2 by their first bytes, and drain them on
+//!   shutdown; `stream`: what differs for a request on an HTTP/2 connection;
 //! - `route`: what a listener serves, and the route each request goes to;
 //! - `forward`: refuse what must never carry the token, take a token, rewrite the request
 //!   ([`rewrite`]), send it on the app connection's upstream connection (`pool`) with the
@@ -13,22 +14,24 @@ pub(crate) mod body;
 pub(crate) mod connection;
 pub(crate) mod error;
 mod forward;
+mod grpc;
 pub(crate) mod metrics;
 pub(crate) mod pool;
 pub mod rewrite;
 mod route;
+mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use connection::{Activity, Limits, Tracked, Watched};
+use connection::{Activity, Limits, Protocol, Tracked, Watched};
 use error::ProxyError;
 use metrics::Refusal;
 pub(crate) use route::{shadows, Listener, Route, Setup as RouteSetup, Shared as RouteShared};
@@ -49,11 +52,13 @@ pub(crate) async fn serve(
     // One permit per open connection: all of them back means every connection has ended.
     let max_connections = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let capacity = Arc::new(Semaphore::new(max_connections as usize));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
         // The header and idle timers are kept by `connection::watchdog`.
         .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes);
+    let http2 = http2_builder(&limits);
     loop {
         let Some((stream, peer)) = crate::listener::accept(&socket, &name, &shutdown).await else {
             break;
@@ -82,34 +87,6 @@ pub(crate) async fn serve(
         // Small requests and answers go out at once rather than waiting on Nagle.
         let _ = stream.set_nodelay(true);
         let activity = Activity::new(&limits);
-        let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
-        let current = listener.clone();
-        let requests = Arc::clone(&activity);
-        // The upstream connection this app connection holds, from its first request on.
-        let slot = Arc::new(pool::Slot::default());
-        let held = Arc::clone(&slot);
-        let service = service_fn(move |request| {
-            let listener = Arc::clone(&current.borrow());
-            let guard = requests.request_started();
-            let slot = Arc::clone(&held);
-            // The route is chosen here rather than in a function of its own: another async
-            // layer would make every request's future larger, and hyper moves it whole
-            // (callgrind: +180 instructions per request).
-            async move {
-                let response = match forward::route(&listener, &request) {
-                    Ok(route) => {
-                        let on = forward::Connection {
-                            slot: &slot,
-                            activity: guard.activity(),
-                        };
-                        forward::forward(route, listener.mode, on, request).await
-                    }
-                    Err(error) => forward::unrouted(&listener, &request, error),
-                };
-                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
-            }
-        });
-        let connection = http.serve_connection(io, service);
         tokio::spawn(connection::watchdog(
             Arc::clone(&activity),
             limits,
@@ -117,16 +94,18 @@ pub(crate) async fn serve(
             force_close.clone(),
             Arc::clone(&name),
         ));
-        let name = Arc::clone(&name);
+        let app = App {
+            listener: listener.clone(),
+            activity,
+            name: Arc::clone(&name),
+        };
+        let (http1, http2) = (http1.clone(), http2.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let mut connection = std::pin::pin!(connection);
-            // Whichever way the connection ends, its upstream connection goes back; declared
-            // after the connection, so it is dropped, and the upstream connection is back in
-            // the pool, before the app sees its connection close.
-            let _release = ReleaseOnDrop(slot);
-            if let Some(Err(error)) = connection::serve(connection.as_mut(), &activity).await {
-                tracing::debug!(upstream = %name, %error, "app connection ended with an error");
+            match connection::detect(&stream, &app.activity).await {
+                Some(Protocol::Http1) => app.serve_http1(&http1, stream).await,
+                Some(Protocol::Http2) => app.serve_http2(&http2, stream).await,
+                None => app.activity.end(),
             }
         });
     }
@@ -141,6 +120,115 @@ pub(crate) async fn serve(
         }
     }
 }
+
+/// One accepted app connection, before and while it is served.
+struct App {
+    listener: watch::Receiver<Arc<Listener>>,
+    activity: Arc<Activity>,
+    name: Arc<str>,
+}
+
+impl App {
+    /// Serves an HTTP/1.1 connection: its requests one after the other, on the one upstream
+    /// connection it holds from its first request on, under its watchdog's timers.
+    async fn serve_http1(self, http: &hyper::server::conn::http1::Builder, stream: TcpStream) {
+        let App {
+            listener,
+            activity,
+            name,
+        } = self;
+        let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
+        let requests = Arc::clone(&activity);
+        // The upstream connection this app connection holds, from its first request on.
+        let slot = Arc::new(pool::Slot::default());
+        let held = Arc::clone(&slot);
+        let service = service_fn(move |request| {
+            let listener = Arc::clone(&listener.borrow());
+            let guard = requests.request_started();
+            let slot = Arc::clone(&held);
+            // The route is chosen here rather than in a function of its own: another async
+            // layer would make every request's future larger, and hyper moves it whole
+            // (callgrind: +180 instructions per request).
+            async move {
+                let response = match forward::route(&listener, &request) {
+                    Ok(route) => {
+                        let on = forward::Connection {
+                            slot: &slot,
+                            activity: Some(guard.activity()),
+                        };
+                        forward::forward(route, listener.mode, on, request).await
+                    }
+                    Err(error) => forward::unrouted(&listener, &request, error),
+                };
+                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
+            }
+        });
+        let connection = http.serve_connection(io, service);
+        let mut connection = std::pin::pin!(connection);
+        // Whichever way the connection ends, its upstream connection goes back; declared
+        // after the connection, so it is dropped, and the upstream connection is back in the
+        // pool, before the app sees its connection close.
+        let _release = ReleaseOnDrop(slot);
+        if let Some(Err(error)) = connection::serve(connection.as_mut(), &activity).await {
+            tracing::debug!(upstream = %name, %error, "app connection ended with an error");
+        }
+    }
+
+    /// Serves an HTTP/2 connection: each stream is a request of its own, which takes an
+    /// upstream connection from the pool for its exchange and gives it back when its response
+    /// has ended, under a response header timer of its own. The watchdog keeps the idle
+    /// timeout (no stream open), drains on shutdown (GOAWAY) and closes after the grace.
+    async fn serve_http2(
+        self,
+        http: &hyper::server::conn::http2::Builder<TokioExecutor>,
+        stream: TcpStream,
+    ) {
+        let App {
+            listener,
+            activity,
+            name,
+        } = self;
+        let requests = Arc::clone(&activity);
+        let service = service_fn(move |request| {
+            let listener = Arc::clone(&listener.borrow());
+            let guard = requests.request_started();
+            async move {
+                let response = stream::serve(&listener, request).await;
+                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
+            }
+        });
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let mut connection = std::pin::pin!(connection);
+        if let Some(Err(error)) = connection::serve(connection.as_mut(), &activity).await {
+            tracing::debug!(upstream = %name, %error, "HTTP/2 app connection ended with an error");
+        }
+    }
+}
+
+/// The HTTP/2 server's settings: `[server]`'s limits per connection and per stream, and the
+/// defences of h2 against floods made explicit rather than left to defaults that may move.
+fn http2_builder(limits: &Limits) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http.timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        // SETTINGS_MAX_HEADER_LIST_SIZE: the request head limit of HTTP/1.1, per stream.
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid reset (CVE-2023-44487): streams the client opened and reset before bearerd
+        // accepted them; past this many at once, the connection is ended with GOAWAY.
+        .max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_RESETS))
+        // Streams bearerd itself had to reset for the client's errors; past this many, GOAWAY.
+        .max_local_error_reset_streams(Some(HTTP2_MAX_LOCAL_RESETS))
+        // Bytes queued for one stream before its response body waits for the client to read.
+        .max_send_buf_size(HTTP2_MAX_SEND_BUFFER);
+    http
+}
+
+/// See [`http2_builder`]: h2's own defaults at the time of writing.
+const HTTP2_MAX_PENDING_RESETS: usize = 20;
+/// See [`http2_builder`].
+const HTTP2_MAX_LOCAL_RESETS: usize = 1024;
+/// See [`http2_builder`]: 400 KiB, hyper's default.
+const HTTP2_MAX_SEND_BUFFER: usize = 400 * 1024;
 
 /// Gives an app connection's upstream connection back to the pool when dropped.
 struct ReleaseOnDrop(Arc<pool::Slot>);

@@ -150,15 +150,29 @@ where
 /// The connector under [`client`]: TCP with `connect_timeout`, then TLS for `https` URLs,
 /// offering HTTP/2 and HTTP/1.1 by ALPN.
 pub(crate) fn connector(tls: rustls::ClientConfig, connect_timeout: Duration) -> Connector {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_all_versions()
-        .wrap_connector(http)
+        .wrap_connector(tcp(connect_timeout))
+}
+
+/// [`connector`] offering HTTP/1.1 alone by ALPN (an upstream's `protocol = "http1"`).
+pub(crate) fn http1_connector(tls: rustls::ClientConfig, connect_timeout: Duration) -> Connector {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp(connect_timeout))
+}
+
+/// TCP connections for any scheme (TLS is the layer above), without Nagle's delay.
+fn tcp(connect_timeout: Duration) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http
 }
 
 #[cfg(test)]

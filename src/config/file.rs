@@ -99,6 +99,8 @@ pub(super) struct Server {
     pub body_idle_timeout: Option<Spanned<DurationText>>,
     /// Total of request bodies kept for a 401 replay, such as "16MiB".
     pub replay_memory: Option<Spanned<SizeText>>,
+    /// Streams an HTTP/2 app connection may have open at once.
+    pub http2_max_concurrent_streams: Option<Spanned<i64>>,
 }
 
 /// `[log]`
@@ -126,6 +128,18 @@ pub(super) enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// `protocol = "auto" | "http1" | "h2c"`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Protocol {
+    /// HTTP/2 when an https upstream chooses it by ALPN, else HTTP/1.1.
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 with prior knowledge over plain text.
+    H2c,
 }
 
 /// `[[listener]]`: one local address serving a table of routes.
@@ -178,6 +192,9 @@ pub(super) struct Upstream {
     /// Replay a request once with a new token when the upstream answers 401.
     #[serde(default)]
     pub retry_on_401: Option<bool>,
+    /// The HTTP version spoken to the upstream: "auto", "http1" or "h2c".
+    #[serde(default)]
+    pub protocol: Option<Spanned<Protocol>>,
     /// Networks (CIDRs) whose peers may connect; required for a non-loopback `listen`.
     pub allow_from: Option<Spanned<Vec<Spanned<String>>>>,
     /// Allow a plain `http://` url to a host that is not loopback.

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 
+use http::Uri;
 use toml::Spanned;
 
 use super::credentials::Identity;
@@ -14,8 +15,8 @@ use super::token::token;
 use super::validate::Validator;
 use super::values::{duration, http_url, networks, socket_addr};
 use super::{
-    Listener, Mode, Roots, RouteMatch, TlsSettings, Upstream, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_RESPONSE_HEADER_TIMEOUT,
+    Listener, Mode, Roots, RouteMatch, TlsSettings, Upstream, UpstreamProtocol,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_RESPONSE_HEADER_TIMEOUT,
 };
 
 /// A `[[listener]]` as its routes see it.
@@ -283,6 +284,7 @@ fn one_route(
         &format!("{key}.response_header_timeout"),
         DEFAULT_RESPONSE_HEADER_TIMEOUT,
     );
+    let protocol = upstream_protocol(v, key, raw, url.as_ref());
     let token = token(v, &format!("{key}.token"), &raw.token);
     let tls = match &raw.tls {
         None => TlsSettings {
@@ -333,11 +335,38 @@ fn one_route(
         connect_timeout,
         response_header_timeout,
         retry_on_401: raw.retry_on_401.unwrap_or(true),
+        protocol,
         allow_from,
         allow_plain_http,
         token: token?,
         tls,
     })
+}
+
+/// `protocol`: h2c is HTTP/2 over plain TCP, so it needs an `http://` url; an `https://`
+/// upstream that speaks HTTP/2 says so by ALPN.
+fn upstream_protocol(
+    v: &mut Validator<'_>,
+    key: &str,
+    raw: &file::Upstream,
+    url: Option<&Uri>,
+) -> UpstreamProtocol {
+    let Some(spanned) = &raw.protocol else {
+        return UpstreamProtocol::Auto;
+    };
+    let protocol = match spanned.get_ref() {
+        file::Protocol::Auto => UpstreamProtocol::Auto,
+        file::Protocol::Http1 => UpstreamProtocol::Http1,
+        file::Protocol::H2c => UpstreamProtocol::H2c,
+    };
+    if protocol == UpstreamProtocol::H2c && url.and_then(Uri::scheme_str) == Some("https") {
+        v.problem(
+            spanned.span(),
+            format!("{key}.protocol"),
+            "h2c is HTTP/2 over plain TCP and needs an http:// url; an https:// upstream that speaks HTTP/2 chooses it by ALPN with protocol = \"auto\"",
+        );
+    }
+    protocol
 }
 
 /// Two listeners on one address would fail at bind time with a vaguer message; names

@@ -20,9 +20,10 @@ use super::values::{count, duration, networks, size, socket_addr};
 use super::{
     Admin, Cache, Config, Log, LogFormat, Problem, Server, DEFAULT_ADMIN_LISTEN,
     DEFAULT_ADMIN_MAX_CONNECTIONS, DEFAULT_BODY_IDLE_TIMEOUT, DEFAULT_CACHE_KEY_PREFIX,
-    DEFAULT_CACHE_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOG_LEVEL,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_REPLAY_MEMORY,
-    DEFAULT_SHUTDOWN_GRACE, MAX_MAX_CONNECTIONS, MIN_MAX_HEADER_BYTES,
+    DEFAULT_CACHE_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_LOG_LEVEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_REPLAY_MEMORY, DEFAULT_SHUTDOWN_GRACE, MAX_HTTP2_MAX_CONCURRENT_STREAMS,
+    MAX_MAX_CONNECTIONS, MIN_MAX_HEADER_BYTES,
 };
 
 /// Walks the raw file, collecting problems as it goes.
@@ -292,6 +293,13 @@ impl Validator<'_> {
             "server.replay_memory",
             DEFAULT_REPLAY_MEMORY,
         );
+        let http2_max_concurrent_streams = count(
+            self,
+            raw.and_then(|s| s.http2_max_concurrent_streams.as_ref()),
+            "server.http2_max_concurrent_streams",
+            DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS as usize,
+            1..=MAX_HTTP2_MAX_CONCURRENT_STREAMS as usize,
+        );
         Server {
             shutdown_grace,
             header_read_timeout,
@@ -300,6 +308,8 @@ impl Validator<'_> {
             max_connections,
             body_idle_timeout,
             replay_memory,
+            http2_max_concurrent_streams: u32::try_from(http2_max_concurrent_streams)
+                .unwrap_or(DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS),
         }
     }
 

@@ -41,6 +41,8 @@ pub(crate) struct Limits {
     pub max_header_bytes: usize,
     /// Connections held at once; more are answered 503 and closed.
     pub max_connections: usize,
+    /// Streams an HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl From<&crate::config::Server> for Limits {
@@ -50,6 +52,7 @@ impl From<&crate::config::Server> for Limits {
             idle_timeout: server.idle_timeout,
             max_header_bytes: server.max_header_bytes,
             max_connections: server.max_connections,
+            http2_max_concurrent_streams: server.http2_max_concurrent_streams,
         }
     }
 }
@@ -198,6 +201,11 @@ impl Activity {
         u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 
+    /// Tells the watchdog that the connection ended before it was served.
+    pub(crate) fn end(&self) {
+        self.ended.notify_one();
+    }
+
     /// A request head has been read: the header timer stops until the response ends.
     pub(crate) fn request_started(self: &Arc<Self>) -> RequestGuard {
         self.open_requests.fetch_add(1, Ordering::AcqRel);
@@ -261,6 +269,63 @@ where
     .await;
     activity.ended.notify_one();
     ended
+}
+
+/// The protocol an app connection speaks, told by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): the connection opened with the client preface.
+    Http2,
+}
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4). It was chosen so that no
+/// HTTP/1.1 request starts with it: its method `PRI` is not one a client sends.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long to wait before looking again at a connection whose first bytes are a part of the
+/// preface and no more: rare (clients send the preface in one write), so a short wait rather
+/// than a wake-up per byte.
+const PARTIAL_PREFACE_WAIT: Duration = Duration::from_millis(5);
+
+/// Tells HTTP/1.1 from HTTP/2 by peeking at the connection's first bytes, which stay in the
+/// socket for the server that then reads them: no buffer or wrapper is left on the IO of
+/// either protocol (hyper-util's auto server wraps the IO to replay the bytes it read). The
+/// answer comes with the first byte that differs from the preface, or the whole preface.
+/// `None` when the connection closed, failed, or its watchdog ordered it closed (or drained)
+/// before it said which: nothing was asked yet, so nothing is lost.
+pub(crate) async fn detect(
+    stream: &tokio::net::TcpStream,
+    activity: &Activity,
+) -> Option<Protocol> {
+    let mut first = [0u8; PREFACE.len()];
+    loop {
+        let peeked = poll_fn(|cx| {
+            if activity.poll_order(cx) != SERVE {
+                return Poll::Ready(None);
+            }
+            let mut buf = ReadBuf::new(&mut first);
+            match stream.poll_peek(cx, &mut buf) {
+                Poll::Ready(Ok(n)) => Poll::Ready(Some(n)),
+                Poll::Ready(Err(_)) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        let seen = first.get(..peeked)?;
+        if seen.is_empty() {
+            return None;
+        }
+        if !PREFACE.starts_with(seen) {
+            return Some(Protocol::Http1);
+        }
+        if peeked == PREFACE.len() {
+            return Some(Protocol::Http2);
+        }
+        // A part of the preface: the peer is sending a head, so the header read timeout runs.
+        activity.bytes_read();
+        tokio::time::sleep(PARTIAL_PREFACE_WAIT).await;
+    }
 }
 
 /// Watches one connection: closes it when a limit passes, drains it when `shutdown` is
@@ -448,6 +513,7 @@ mod tests {
         idle_timeout: Duration::from_millis(300),
         max_header_bytes: 8192,
         max_connections: 1,
+        http2_max_concurrent_streams: 1,
     };
 
     fn backdate(activity: &Activity, field: &AtomicU64, ms: u64) {

@@ -95,6 +95,12 @@ pub(crate) enum ProxyError {
         /// The timeout that passed.
         after: Duration,
     },
+    /// A gRPC call to a route whose upstream speaks HTTP/1.1 only: gRPC needs HTTP/2.
+    #[error("the upstream {authority} speaks HTTP/1.1 on this route and gRPC needs HTTP/2: for a plain-text gRPC server set protocol = \"h2c\" on the route")]
+    NeedsHttp2 {
+        /// The upstream's authority.
+        authority: String,
+    },
     /// The upstream broke the exchange (reset, malformed response).
     #[error("{}", errors::chain(.source))]
     UpstreamFailed {
@@ -176,6 +182,7 @@ impl ProxyError {
             Self::UpstreamUnreachable { .. }
             | Self::ConnectTimeout { .. }
             | Self::ResponseTimeout { .. }
+            | Self::NeedsHttp2 { .. }
             | Self::UpstreamFailed { .. } => Fault::Upstream,
             Self::ListenerFull | Self::Internal { .. } => Fault::Bearerd,
         }
@@ -193,9 +200,9 @@ impl ProxyError {
             Self::UnknownTransferCoding { .. } => StatusCode::NOT_IMPLEMENTED,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::HostNotServed | Self::PathNotServed => StatusCode::FORBIDDEN,
-            Self::UpstreamUnreachable { .. } | Self::UpstreamFailed { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::UpstreamUnreachable { .. }
+            | Self::UpstreamFailed { .. }
+            | Self::NeedsHttp2 { .. } => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -216,6 +223,7 @@ impl ProxyError {
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => "upstream_timeout",
             Self::UpstreamFailed { .. } => "upstream_failed",
+            Self::NeedsHttp2 { .. } => "upstream_needs_h2c",
             Self::ListenerFull => "too_many_connections",
             Self::Internal { .. } => "internal_error",
         }
@@ -230,6 +238,16 @@ impl ProxyError {
         *response.status_mut() = status;
         *response.headers_mut() = headers;
         response
+    }
+
+    /// [`Self::into_response`], or for a gRPC call the same failure as gRPC status
+    /// ([`super::grpc`]).
+    pub(crate) fn into_response_for(self, upstream: &str, grpc: bool) -> Response<ResponseBody> {
+        if grpc {
+            super::grpc::error_response(&self, upstream)
+        } else {
+            self.into_response(upstream)
+        }
     }
 
     /// The same answer as raw HTTP/1.1 bytes, for a connection refused before hyper serves it.

@@ -3,10 +3,10 @@
 //! answers 401 and the request can be replayed.
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, EXPECT, HOST, TRANSFER_ENCODING};
+use http::header::{AUTHORIZATION, EXPECT, HOST, TE, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::body::{AppBody, ReplayBudget, RequestBody, ResponseBody};
 use super::connection::Activity;
 use super::error::ProxyError;
+use super::grpc;
 use super::pool::{SendError, Slot};
 use super::rewrite::{strip_hop_by_hop, strip_prefix};
 use super::route::{Listener, Route};
@@ -47,7 +48,7 @@ pub(super) fn unrouted<B>(
     error: ProxyError,
 ) -> Response<ResponseBody> {
     log_error(&listener.name, &error, "request refused");
-    let response = error.into_response(&listener.name);
+    let response = error.into_response_for(&listener.name, is_grpc(request));
     listener
         .metrics
         .request_answered(response.status(), std::time::Duration::ZERO);
@@ -64,11 +65,19 @@ pub(super) fn unrouted<B>(
 }
 
 /// The app connection a request came on: its hold on an upstream connection, and its
-/// watchdog's view of it (which keeps the response header timeout).
+/// watchdog's view of it, which keeps the response header timeout of an HTTP/1.1
+/// connection's one request in flight. (The streams of an HTTP/2 connection are many at once:
+/// each holds a slot of its own and keeps its own timer.)
 #[derive(Clone, Copy)]
 pub(super) struct Connection<'a> {
     pub slot: &'a Slot,
-    pub activity: &'a Activity,
+    pub activity: Option<&'a Activity>,
+}
+
+/// Whether `request` is a gRPC call, whose failures bearerd answers in gRPC's terms. gRPC is
+/// HTTP/2 only, so an HTTP/1.1 request is not looked at further.
+fn is_grpc<B>(request: &Request<B>) -> bool {
+    request.version() == Version::HTTP_2 && grpc::is_grpc(request.headers())
 }
 
 /// Forwards `request` to `upstream`, answering with the upstream's response or an error JSON.
@@ -84,7 +93,8 @@ pub(super) async fn forward(
     let logged = upstream
         .access_log
         .then(|| (request.method().clone(), request.uri().path().to_owned()));
-    let response = match try_forward(upstream, mode, on, request).await {
+    let grpc = is_grpc(&request);
+    let response = match try_forward(upstream, mode, on, request, grpc).await {
         Ok(response) => response,
         Err(error) => {
             if let ProxyError::TokenUnavailable(_) = error {
@@ -92,7 +102,7 @@ pub(super) async fn forward(
             } else {
                 log_error(&upstream.name, &error, "request failed");
             }
-            error.into_response(&upstream.name)
+            error.into_response_for(&upstream.name, grpc)
         }
     };
     let elapsed = started.elapsed();
@@ -136,8 +146,14 @@ async fn try_forward(
     mode: Mode,
     on: Connection<'_>,
     request: Request<Incoming>,
+    grpc: bool,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     refuse_unforwardable(upstream, mode, &request)?;
+    // A gRPC call's own deadline bounds the wait for the upstream's answer too.
+    let deadline = match grpc.then(|| grpc::timeout(request.headers())).flatten() {
+        Some(call) => call.min(upstream.response_header_timeout),
+        None => upstream.response_header_timeout,
+    };
     // The token comes next: without one the request never leaves bearerd.
     let token = upstream
         .credential
@@ -159,6 +175,13 @@ async fn try_forward(
                 reason: e.to_string(),
             })?;
     strip_hop_by_hop(&mut parts.headers);
+    if grpc {
+        // `te: trailers` is the one TE value HTTP/2 allows (RFC 9113 §8.2.2), and gRPC servers
+        // require it: it says the client reads trailers, which bearerd passes on.
+        parts
+            .headers
+            .insert(TE, HeaderValue::from_static("trailers"));
+    }
     // hyper already answered `100 Continue` to the app when the body was first read.
     parts.headers.remove(EXPECT);
     // The app's version does not constrain the upstream's, which ALPN chose.
@@ -167,6 +190,8 @@ async fn try_forward(
         upstream,
         on,
         path_and_query: &path_and_query,
+        deadline,
+        grpc,
     };
 
     let body = AppBody::new(body, upstream.body_idle_timeout);
@@ -288,11 +313,13 @@ fn refuse_unforwardable(
 }
 
 /// Where a request goes: the upstream, from which app connection, and the path and query
-/// there.
+/// there; how long it may wait for the answer's head, and whether it needs HTTP/2 (gRPC).
 struct Destination<'a> {
     upstream: &'a Route,
     on: Connection<'a>,
     path_and_query: &'a PathAndQuery,
+    deadline: Duration,
+    grpc: bool,
 }
 
 impl Destination<'_> {
@@ -323,6 +350,12 @@ impl Destination<'_> {
                     .await
                     .map_err(ProxyError::from_connect)?,
             };
+            if self.grpc && !sender.is_http2() {
+                self.on.slot.put(&upstream.pool, sender);
+                return Err(ProxyError::NeedsHttp2 {
+                    authority: upstream.target.authority().to_string(),
+                });
+            }
             let request = self.address(Request::from_parts(parts, body), sender.is_http2())?;
             let sent = match sender.send(request).await {
                 // The connection was gone before the request left (an idle one the upstream
@@ -346,14 +379,19 @@ impl Destination<'_> {
                 }
             })
         });
-        self.on
-            .activity
-            .within(upstream.response_header_timeout, exchange)
-            .await
-            .map_err(|_| ProxyError::ResponseTimeout {
-                authority: upstream.target.authority().to_string(),
-                after: upstream.response_header_timeout,
-            })?
+        let late = || ProxyError::ResponseTimeout {
+            authority: upstream.target.authority().to_string(),
+            after: self.deadline,
+        };
+        match self.on.activity {
+            Some(activity) => activity
+                .within(self.deadline, exchange)
+                .await
+                .map_err(|_| late())?,
+            None => tokio::time::timeout(self.deadline, exchange)
+                .await
+                .map_err(|_| late())?,
+        }
     }
 
     /// Sets the request target and `Host` as the connection's protocol wants them:

@@ -35,6 +35,8 @@ pub(crate) struct Pool {
     shared: Mutex<Option<http2::SendRequest<RequestBody>>>,
     /// Idle connections kept at most.
     max_idle: usize,
+    /// Speak HTTP/2 on every connection without waiting for ALPN (`protocol = "h2c"`).
+    prior_knowledge: bool,
 }
 
 /// One connection's sending side.
@@ -101,14 +103,21 @@ impl Sender {
 
 impl Pool {
     /// A pool for the upstream at `dial` (scheme and authority), keeping at most `max_idle`
-    /// idle connections.
-    pub(crate) fn new(connector: Connector, dial: Uri, max_idle: usize) -> Self {
+    /// idle connections; `prior_knowledge` speaks HTTP/2 on plain TCP from the first byte
+    /// (RFC 9113 §3.3).
+    pub(crate) fn new(
+        connector: Connector,
+        dial: Uri,
+        max_idle: usize,
+        prior_knowledge: bool,
+    ) -> Self {
         Self {
             connector,
             dial,
             idle: Mutex::new(Vec::new()),
             shared: Mutex::new(None),
             max_idle,
+            prior_knowledge,
         }
     }
 
@@ -137,7 +146,7 @@ impl Pool {
             .call(self.dial.clone())
             .await
             .map_err(ConnectError::Dial)?;
-        if io.connected().is_negotiated_h2() {
+        if self.prior_knowledge || io.connected().is_negotiated_h2() {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)

@@ -19,7 +19,7 @@ use super::error::ProxyError;
 use super::metrics::RouteSeries;
 use super::pool::Pool;
 use super::rewrite::{BadTarget, Target};
-use crate::config::{self, Mode, RouteMatch};
+use crate::config::{self, Mode, RouteMatch, UpstreamProtocol};
 use crate::tls::{self, TlsError};
 use crate::token::credential::Credential;
 
@@ -595,10 +595,17 @@ impl Route {
         shared: &Shared,
     ) -> Self {
         let Setup { tls, target, .. } = setup;
+        let connector = match upstream.protocol {
+            UpstreamProtocol::Http1 => tls::http1_connector(tls, upstream.connect_timeout),
+            UpstreamProtocol::Auto | UpstreamProtocol::H2c => {
+                tls::connector(tls, upstream.connect_timeout)
+            }
+        };
         let pool = Pool::new(
-            tls::connector(tls, upstream.connect_timeout),
+            connector,
             target.dial(),
             shared.max_connections,
+            upstream.protocol == UpstreamProtocol::H2c,
         );
         Self {
             name: upstream.name.as_str().into(),

@@ -14,6 +14,7 @@ mod config;
 mod deploy;
 mod docs;
 mod hostile_requests;
+mod http2;
 mod limits;
 mod properties;
 mod proxy;

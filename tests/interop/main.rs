@@ -8,4 +8,6 @@
 mod support;
 
 mod django;
+mod grpc;
+mod http2_hostile;
 mod oidc;
