@@ -23,6 +23,8 @@
 //!   request rewriting and forwarding, the app's body under its deadline, error answers;
 //! - [`metrics`] and [`admin`]: the Prometheus registry (each part registers the families it
 //!   owns), `/metrics`, `/healthz`, `/readyz`;
+//! - `telemetry`: OpenTelemetry traces of requests, upstream attempts and token fetches,
+//!   exported over OTLP/HTTP in the background (`[telemetry]`; absent, nothing is traced);
 //! - [`sidecar`]: one preparation step ([`sidecar::prepare`]: every file read, every key
 //!   built, every problem found) shared by start and `--check`; then all of the above started
 //!   from a config, reloaded by a plan (what to keep, start and stop), and shut down;
@@ -44,6 +46,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod secret;
 pub mod sidecar;
+mod telemetry;
 mod tls;
 pub mod token;
 

@@ -314,6 +314,14 @@ impl Destination<'_> {
             .map_err(|e| ProxyError::Internal {
                 reason: e.to_string(),
             })?;
+        if let Some(telemetry) = &upstream.telemetry {
+            telemetry.attempt_started(
+                &mut parts.headers,
+                &parts.method,
+                upstream.target.authority(),
+                || upstream.target.htu(self.path_and_query),
+            );
+        }
         let exchange = std::pin::pin!(async {
             // Connecting is rare and its future is large (TCP, TLS, HTTP handshake): boxed, it
             // stays out of the future of every request, which hyper moves into place whole.
@@ -346,14 +354,24 @@ impl Destination<'_> {
                 }
             })
         });
-        self.on
+        let sent = self
+            .on
             .activity
             .within(upstream.response_header_timeout, exchange)
             .await
             .map_err(|_| ProxyError::ResponseTimeout {
                 authority: upstream.target.authority().to_string(),
                 after: upstream.response_header_timeout,
-            })?
+            })
+            .and_then(|sent| sent);
+        if let Some(telemetry) = &upstream.telemetry {
+            telemetry.attempt_ended(
+                sent.as_ref()
+                    .map(Response::status)
+                    .map_err(ProxyError::code),
+            );
+        }
+        sent
     }
 
     /// Sets the request target and `Host` as the connection's protocol wants them:

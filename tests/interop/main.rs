@@ -9,3 +9,4 @@ mod support;
 
 mod django;
 mod oidc;
+mod telemetry;
