@@ -427,7 +427,7 @@ impl ShouldSample for Sampling {
         links: &[Link],
     ) -> SamplingResult {
         // Fetches are few, and the traces of the requests that waited link to them.
-        if name == FETCH_SPAN && parent_context.is_none_or(|cx| !cx.has_active_span()) {
+        if name == FETCH_SPAN && !parent_context.is_some_and(TraceContextExt::has_active_span) {
             return SamplingResult {
                 decision: SamplingDecision::RecordAndSample,
                 attributes: Vec::new(),
