@@ -781,5 +781,8 @@ fn telemetry_gets_its_defaults_and_its_mistakes_name_the_key() {
     let problems = errors(&with("service_name = \"x\"\n"));
     assert!(problems.contains("otlp_endpoint"), "{problems}");
     let problems = errors(&with("otlp_endpoint = \"http://u:p@127.0.0.1:4318\"\n"));
-    assert!(problems.contains("must not hold a user name or password"), "{problems}");
+    assert!(
+        problems.contains("must not hold a user name or password"),
+        "{problems}"
+    );
 }
