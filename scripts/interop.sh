@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs tests/interop/django.rs, bearerd against a real Django OAuth Toolkit server, and
 # tests/interop/oidc.rs, bearerd against node's oidc-provider (every client authentication
-# method, DPoP, mutual TLS).
+# method, DPoP, mutual TLS), and tests/interop/telemetry.rs, bearerd's traces decoded by an
+# OTLP/HTTP receiver built on the opentelemetry-proto package.
 #
 # Makes the Python virtualenv target/interop-venv from tests/interop/requirements.txt when it
 # is missing or the requirements changed (a stamp in the virtualenv keeps their hash), and

@@ -75,7 +75,27 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// `[cache]`; `None`: tokens live in the process only.
     pub cache: Option<Cache>,
+    /// `[telemetry]`; `None`: no trace is recorded or exported.
+    pub telemetry: Option<Telemetry>,
 }
+
+/// `[telemetry]`: OpenTelemetry traces of proxied requests and token fetches, exported over
+/// OTLP/HTTP (protobuf) in the background.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Telemetry {
+    /// Where spans are posted: `otlp_endpoint` with `/v1/traces` appended.
+    pub traces_url: http::Uri,
+    /// `service.name` of the resource every span belongs to.
+    pub service_name: String,
+    /// The share of requests without a parent that are traced; a parent's sampled flag is
+    /// followed.
+    pub sample_ratio: f64,
+}
+
+/// `[telemetry] service_name` when not given.
+pub const DEFAULT_SERVICE_NAME: &str = "bearerd";
+/// `[telemetry] sample_ratio` when not given: one request in twenty.
+pub const DEFAULT_SAMPLE_RATIO: f64 = 0.05;
 
 /// `[cache]`: where tokens are kept beyond the process, so that a restart, or a fleet of
 /// replicas, needs no new token.

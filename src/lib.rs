@@ -24,6 +24,8 @@
 //! - [`metrics`] and [`admin`]: the Prometheus registry (each part registers the families it
 //!   owns), `/metrics`, `/healthz`, `/readyz`, and `/status` for people (`admin/status.rs`);
 //!   audit events are the token sources' own ([`token::audit`]);
+//! - `telemetry`: OpenTelemetry traces of requests, upstream attempts and token fetches,
+//!   exported over OTLP/HTTP in the background (`[telemetry]`; absent, nothing is traced);
 //! - [`sidecar`]: one preparation step ([`sidecar::prepare`]: every file read, every key
 //!   built, every problem found) shared by start and `--check`; then all of the above started
 //!   from a config, reloaded by a plan (what to keep, start and stop), and shut down;
@@ -45,6 +47,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod secret;
 pub mod sidecar;
+mod telemetry;
 mod tls;
 pub mod token;
 

@@ -156,7 +156,17 @@ impl App {
                             slot: &slot,
                             activity: Some(guard.activity()),
                         };
-                        forward::forward(route, listener.mode, on, request).await
+                        match &route.telemetry {
+                            None => forward::forward(route, listener.mode, on, request).await,
+                            // `[telemetry]` on: the request in its server span, boxed so
+                            // that it stays out of the untraced requests' future.
+                            Some(telemetry) => {
+                                let host = route.target.authority().host();
+                                let cx = telemetry.request(&route.name, host, &request);
+                                let forwarded = forward::forward(route, listener.mode, on, request);
+                                Box::pin(crate::telemetry::traced(cx, forwarded)).await
+                            }
+                        }
                     }
                     Err(error) => forward::unrouted(&listener, &request, error),
                 };

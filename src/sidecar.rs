@@ -30,6 +30,7 @@ use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::{self, body::ReplayBudget, connection::Limits};
+use crate::telemetry::Telemetry;
 use crate::token::cache::Store;
 use crate::token::source::{self, Handle};
 use crate::token::SourceKey;
@@ -69,6 +70,9 @@ pub enum StartError {
     /// Metrics could not be set up.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// `[telemetry]` could not be started.
+    #[error("{0}")]
+    Telemetry(String),
 }
 
 struct Listener {
@@ -100,6 +104,8 @@ pub struct Running {
     replay_budget: ReplayBudget,
     /// `[cache]`, shared by every token source.
     cache: Option<Arc<Store>>,
+    /// `[telemetry]`: the tracer routes and token sources share, when on.
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 /// Starts token sources and listeners for `config`. Token sources fetch at once; listeners
@@ -114,6 +120,15 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             Some(Arc::new(store))
         }
         _ => None,
+    };
+    let telemetry = match &config.telemetry {
+        Some(settings) => {
+            let telemetry = Telemetry::start(settings, &metrics.registry)
+                .map_err(|e| StartError::Telemetry(e.to_string()))?;
+            tracing::info!(url = %settings.traces_url, sample_ratio = settings.sample_ratio, "traces exported");
+            Some(telemetry)
+        }
+        None => None,
     };
     let stop_listeners = CancellationToken::new();
     let stop_sources = CancellationToken::new();
@@ -157,6 +172,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         source_tasks,
         replay_budget: ReplayBudget::new(config.server.replay_memory),
         cache,
+        telemetry,
     };
     if let Err(error) = running.apply(config, prepared).await {
         running.stop_sources.cancel();
@@ -205,6 +221,7 @@ impl Running {
             ("[admin]", old.admin != config.admin),
             ("[server]", old.server != config.server),
             ("[cache]", old.cache != config.cache),
+            ("[telemetry]", old.telemetry != config.telemetry),
             (
                 "[log] level, format and audit",
                 (&old.log.level, old.log.format, old.log.audit)
@@ -262,6 +279,10 @@ impl Running {
         self.stop_sources.cancel();
         self.source_tasks.close();
         self.source_tasks.wait().await;
+        // Last: the spans of the requests drained above go out.
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.shutdown().await;
+        }
     }
 }
 

@@ -35,6 +35,21 @@ pub(super) struct File {
     /// `[cache]`
     #[serde(default)]
     pub cache: Option<Spanned<Cache>>,
+    /// `[telemetry]`
+    #[serde(default)]
+    pub telemetry: Option<Spanned<Telemetry>>,
+}
+
+/// `[telemetry]`: OpenTelemetry traces exported over OTLP/HTTP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Telemetry {
+    /// The collector's OTLP/HTTP base URL; `/v1/traces` is appended.
+    pub otlp_endpoint: Spanned<String>,
+    /// `service.name` of every span.
+    pub service_name: Option<Spanned<String>>,
+    /// The share of requests without a sampled parent that are traced.
+    pub sample_ratio: Option<Spanned<f64>>,
 }
 
 /// `[cache]`: where tokens are kept beyond the process.

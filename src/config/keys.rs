@@ -68,6 +68,11 @@ fn tables() -> Vec<Table> {
             keys: keys_of::<file::Cache>().to_vec(),
         },
         Table {
+            path: &["telemetry"],
+            header: "[telemetry]",
+            keys: keys_of::<file::Telemetry>().to_vec(),
+        },
+        Table {
             path: &["upstream"],
             header: "[[upstream]]",
             keys: upstream,

@@ -16,7 +16,7 @@ use super::file;
 use super::keys;
 use super::listener::{check_unique, listeners};
 use super::sources::Sources;
-use super::values::{count, duration, networks, size, socket_addr};
+use super::values::{count, duration, http_url, networks, size, socket_addr};
 use super::{
     Admin, Cache, Config, Log, LogFormat, Problem, Server, DEFAULT_ADMIN_LISTEN,
     DEFAULT_ADMIN_MAX_CONNECTIONS, DEFAULT_BODY_IDLE_TIMEOUT, DEFAULT_CACHE_KEY_PREFIX,
@@ -25,6 +25,7 @@ use super::{
     DEFAULT_REPLAY_MEMORY, DEFAULT_SHUTDOWN_GRACE, MAX_HTTP2_MAX_CONCURRENT_STREAMS,
     MAX_MAX_CONNECTIONS, MIN_MAX_HEADER_BYTES,
 };
+use super::{Telemetry, DEFAULT_SAMPLE_RATIO, DEFAULT_SERVICE_NAME};
 
 /// Walks the raw file, collecting problems as it goes.
 pub(super) struct Validator<'a> {
@@ -85,6 +86,10 @@ impl Validator<'_> {
             listeners: listeners?,
             cache: match &raw.cache {
                 Some(cache) => Some(self.cache(cache)?),
+                None => None,
+            },
+            telemetry: match &raw.telemetry {
+                Some(telemetry) => Some(self.telemetry(telemetry.get_ref())?),
                 None => None,
             },
         })
@@ -201,6 +206,54 @@ impl Validator<'_> {
                 })
             }
         }
+    }
+
+    /// `[telemetry]`: the collector's URL (`/v1/traces` appended, OTLP/HTTP), the service
+    /// name, and a ratio between 0 and 1.
+    fn telemetry(&mut self, raw: &file::Telemetry) -> Option<Telemetry> {
+        // Spans hold no secret or token (src/telemetry.rs): plain http to a collector on the
+        // network is allowed, as collectors usually listen so.
+        let base = http_url(self, &raw.otlp_endpoint, "telemetry.otlp_endpoint", true);
+        let traces_url = base.and_then(|base| {
+            let text = base.to_string();
+            let url = format!("{}/v1/traces", text.trim_end_matches('/'));
+            match url.parse::<http::Uri>() {
+                Ok(url) if base.query().is_none() => Some(url),
+                _ => {
+                    self.problem(
+                        raw.otlp_endpoint.span(),
+                        "telemetry.otlp_endpoint",
+                        format!("{text:?} must be a base URL without a query, such as \"http://127.0.0.1:4318\": /v1/traces is appended"),
+                    );
+                    None
+                }
+            }
+        });
+        let service_name = match &raw.service_name {
+            Some(name) if name.get_ref().trim().is_empty() => {
+                self.problem(name.span(), "telemetry.service_name", "must not be empty");
+                None
+            }
+            Some(name) => Some(name.get_ref().clone()),
+            None => Some(DEFAULT_SERVICE_NAME.to_owned()),
+        };
+        let sample_ratio = match &raw.sample_ratio {
+            Some(ratio) if !(0.0..=1.0).contains(ratio.get_ref()) => {
+                self.problem(
+                    ratio.span(),
+                    "telemetry.sample_ratio",
+                    format!("{} is not between 0 and 1", ratio.get_ref()),
+                );
+                None
+            }
+            Some(ratio) => Some(*ratio.get_ref()),
+            None => Some(DEFAULT_SAMPLE_RATIO),
+        };
+        Some(Telemetry {
+            traces_url: traces_url?,
+            service_name: service_name?,
+            sample_ratio: sample_ratio?,
+        })
     }
 
     /// The files merged ([`Sources::merged`]), then serde's pass: syntax, types, unknown and

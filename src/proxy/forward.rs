@@ -341,6 +341,14 @@ impl Destination<'_> {
             .map_err(|e| ProxyError::Internal {
                 reason: e.to_string(),
             })?;
+        if let Some(telemetry) = &upstream.telemetry {
+            telemetry.attempt_started(
+                &mut parts.headers,
+                &parts.method,
+                upstream.target.authority(),
+                || upstream.target.htu(self.path_and_query),
+            );
+        }
         let exchange = std::pin::pin!(async {
             // Connecting is rare and its future is large (TCP, TLS, HTTP handshake): boxed, it
             // stays out of the future of every request, which hyper moves into place whole.
@@ -383,15 +391,20 @@ impl Destination<'_> {
             authority: upstream.target.authority().to_string(),
             after: self.deadline,
         };
-        match self.on.activity {
-            Some(activity) => activity
-                .within(self.deadline, exchange)
-                .await
-                .map_err(|_| late())?,
-            None => tokio::time::timeout(self.deadline, exchange)
-                .await
-                .map_err(|_| late())?,
+        let sent = match self.on.activity {
+            Some(activity) => activity.within(self.deadline, exchange).await.ok(),
+            None => tokio::time::timeout(self.deadline, exchange).await.ok(),
         }
+        .ok_or_else(late)
+        .and_then(|sent| sent);
+        if let Some(telemetry) = &upstream.telemetry {
+            telemetry.attempt_ended(
+                sent.as_ref()
+                    .map(Response::status)
+                    .map_err(ProxyError::code),
+            );
+        }
+        sent
     }
 
     /// Sets the request target and `Host` as the connection's protocol wants them:

@@ -20,6 +20,7 @@ use super::metrics::RouteSeries;
 use super::pool::Pool;
 use super::rewrite::{BadTarget, Target};
 use crate::config::{self, Mode, RouteMatch, UpstreamProtocol};
+use crate::telemetry::Telemetry;
 use crate::tls::{self, TlsError};
 use crate::token::credential::Credential;
 
@@ -530,6 +531,8 @@ pub(crate) struct Route {
     pub body_idle_timeout: Duration,
     /// Memory for request bodies kept for a replay, shared by all listeners.
     pub replay_budget: ReplayBudget,
+    /// `[telemetry]`: the tracer of its requests; `None`, nothing is traced.
+    pub(crate) telemetry: Option<Arc<Telemetry>>,
 }
 
 /// What a route needs that can fail to load (the upstream's TLS settings and client
@@ -582,6 +585,8 @@ pub(crate) struct Shared {
     pub(crate) replay_budget: ReplayBudget,
     /// `[log] access`.
     pub(crate) access_log: bool,
+    /// `[telemetry]`, when on.
+    pub(crate) telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Route {
@@ -619,6 +624,7 @@ impl Route {
             retry_on_401: upstream.retry_on_401,
             body_idle_timeout: shared.body_idle_timeout,
             replay_budget: shared.replay_budget.clone(),
+            telemetry: shared.telemetry.clone(),
         }
     }
 }

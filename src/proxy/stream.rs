@@ -38,7 +38,15 @@ pub(super) async fn serve(
                     slot: &slot,
                     activity: None,
                 };
-                let response = forward::forward(route, listener.mode, on, request).await;
+                let response = match &route.telemetry {
+                    None => forward::forward(route, listener.mode, on, request).await,
+                    Some(telemetry) => {
+                        let host = route.target.authority().host();
+                        let cx = telemetry.request(&route.name, host, &request);
+                        let forwarded = forward::forward(route, listener.mode, on, request);
+                        Box::pin(crate::telemetry::traced(cx, forwarded)).await
+                    }
+                };
                 return response.map(|body| Released { body, slot });
             }
             Err(error) => forward::unrouted(listener, &request, error),

@@ -63,6 +63,7 @@ impl Running {
                         self.cache.as_ref(),
                         &self.source_tasks,
                         self.stop_sources.child_token(),
+                        self.telemetry.as_ref(),
                     )
                 }
             };
@@ -137,6 +138,7 @@ impl Running {
         running.admin = self.config.admin.clone();
         running.server = self.config.server;
         running.cache = self.config.cache.clone();
+        running.telemetry = self.config.telemetry.clone();
         running.log.level = self.config.log.level.clone();
         running.log.format = self.config.log.format;
         running.log.audit = self.config.log.audit;
@@ -174,6 +176,7 @@ impl Running {
             body_idle_timeout: self.config.server.body_idle_timeout,
             replay_budget: self.replay_budget.clone(),
             access_log: config.log.access,
+            telemetry: self.telemetry.clone(),
         };
         let mut table = Vec::with_capacity(routes.len());
         for upstream in routes {

@@ -13,6 +13,7 @@ use super::fetch::{Fetch, FetchError};
 use super::metrics::FetchOutcome;
 use super::state::{Phase, RefreshPolicy, SharedObservers, State, REJECTION_REFETCH_INTERVAL};
 use super::{audit, schedule, LifetimeSource, Token};
+use crate::telemetry::{self, FetchTracing};
 
 /// Runs the refresher, and runs it again if it ever ends before shutdown.
 pub(super) struct Supervisor {
@@ -24,6 +25,8 @@ pub(super) struct Supervisor {
     pub(super) publish: Arc<watch::Sender<State>>,
     pub(super) rejections: watch::Sender<u64>,
     pub(super) tasks: TaskTracker,
+    /// `[telemetry]`: what each fetch's span says.
+    pub(super) tracing: Option<Arc<FetchTracing>>,
 }
 
 impl Supervisor {
@@ -35,6 +38,7 @@ impl Supervisor {
                 policy: self.policy.clone(),
                 observers: Arc::clone(&self.observers),
                 publish: Arc::clone(&self.publish),
+                tracing: self.tracing.clone(),
                 // Generations go on counting across restarts: a 401 names a token by them.
                 generations: self
                     .publish
@@ -117,6 +121,7 @@ struct Refresher {
     policy: RefreshPolicy,
     observers: SharedObservers,
     publish: Arc<watch::Sender<State>>,
+    tracing: Option<Arc<FetchTracing>>,
     /// Tokens published so far.
     generations: u64,
 }
@@ -127,11 +132,12 @@ impl Refresher {
         loop {
             self.publish.send_modify(|s| s.phase = Phase::Fetching);
             let started = Instant::now();
+            let span = self.tracing.as_ref().map(|t| t.start());
             let outcome = tokio::select! {
                 outcome = self.fetcher.fetch() => outcome,
                 () = shutdown.cancelled() => break,
             };
-            let delay = self.record(outcome, started);
+            let delay = self.record(outcome, started, span);
             let sleep = tokio::time::sleep(delay);
             tokio::pin!(sleep);
             loop {
@@ -210,7 +216,12 @@ impl Refresher {
     }
 
     /// Publishes the outcome of a fetch and returns how long to wait before the next.
-    fn record(&mut self, outcome: Result<Token, FetchError>, started: Instant) -> Duration {
+    fn record(
+        &mut self,
+        outcome: Result<Token, FetchError>,
+        started: Instant,
+        span: Option<opentelemetry_sdk::trace::Span>,
+    ) -> Duration {
         let elapsed = started.elapsed();
         let fetch_outcome = match &outcome {
             Ok(_) => Some(FetchOutcome::Success),
@@ -224,6 +235,15 @@ impl Refresher {
                 metrics.fetch_finished(fetch_outcome, elapsed);
             }
         }
+        let fetch_span = span.map(|span| {
+            let status = outcome
+                .as_ref()
+                .err()
+                .and_then(FetchError::endpoint)
+                .map(|e| e.status);
+            let label = fetch_outcome.map_or("secret_error", FetchOutcome::label);
+            telemetry::fetch_ended(span, label, status, from_cache)
+        });
         let label = self.label();
         match outcome {
             Ok(mut token) => {
@@ -258,6 +278,7 @@ impl Refresher {
                     s.phase = Phase::Scheduled { next };
                     s.last_error = None;
                     s.failures = 0;
+                    s.fetch_span = fetch_span;
                 });
                 delay
             }
@@ -292,6 +313,7 @@ impl Refresher {
                     s.phase = Phase::BackingOff { next };
                     s.last_error = Some(error);
                     s.failures = failures;
+                    s.fetch_span = fetch_span;
                 });
                 delay
             }

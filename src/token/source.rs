@@ -36,6 +36,7 @@ pub use super::state::{
     Observers, Phase, RefreshPolicy, SharedObservers, State, REJECTION_REFETCH_INTERVAL,
 };
 use super::{refresher, SourceKey, Token};
+use crate::telemetry::{FetchTracing, Telemetry};
 
 /// No usable token can be had for a request now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,8 +124,15 @@ impl Handle {
     ) -> Result<Arc<Token>, Unavailable> {
         let mut state = self.state.clone();
         loop {
-            if let Some(answer) = decide(&state.borrow_and_update(), Instant::now()) {
-                return answer;
+            {
+                let current = state.borrow_and_update();
+                if let Some(answer) = decide(&current, Instant::now()) {
+                    // A traced request links to the fetch whose outcome it got.
+                    if let Some(fetch) = &current.fetch_span {
+                        crate::telemetry::link_to_fetch(fetch);
+                    }
+                    return answer;
+                }
             }
             if state.changed().await.is_err() {
                 return Err(Unavailable {
@@ -176,6 +184,7 @@ pub(crate) fn start(
     cache: Option<&Arc<Store>>,
     tasks: &TaskTracker,
     stop: CancellationToken,
+    telemetry: Option<&Arc<Telemetry>>,
 ) -> Started {
     let observers = SharedObservers::new(RwLock::new(Observers {
         audit: super::audit::Describe::of(&key.token),
@@ -206,12 +215,13 @@ pub(crate) fn start(
         )),
         None => Arc::new(fetcher),
     };
-    let handle = spawn(
+    let handle = spawn_traced(
         fetcher,
         RefreshPolicy::from(&key.token),
         Arc::clone(&observers),
         tasks,
         stop.clone(),
+        telemetry.map(|t| t.fetches(&key.token)),
     );
     Started {
         handle,
@@ -253,12 +263,25 @@ pub fn spawn(
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Handle {
+    spawn_traced(fetcher, policy, observers, tasks, shutdown, None)
+}
+
+/// [`spawn`], each fetch traced by `tracing` when `[telemetry]` is on.
+fn spawn_traced(
+    fetcher: Arc<dyn Fetch>,
+    policy: RefreshPolicy,
+    observers: SharedObservers,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+    tracing: Option<FetchTracing>,
+) -> Handle {
     let (publish, state) = watch::channel(State {
         token: None,
         phase: Phase::Fetching,
         last_error: None,
         failures: 0,
         rejection_handled: 0,
+        fetch_span: None,
     });
     let (rejections, _) = watch::channel(0);
     let supervisor = refresher::Supervisor {
@@ -268,6 +291,7 @@ pub fn spawn(
         publish: Arc::new(publish),
         rejections: rejections.clone(),
         tasks: tasks.clone(),
+        tracing: tracing.map(Arc::new),
     };
     tasks.spawn(supervisor.run(shutdown));
     Handle { state, rejections }

@@ -55,6 +55,9 @@ pub struct State {
     /// The newest token generation whose rejection by an upstream the refresher has acted on
     /// (0 for none).
     pub rejection_handled: u64,
+    /// With `[telemetry]`: the span of the last fetch, which requests that waited on its
+    /// outcome link to.
+    pub(crate) fetch_span: Option<opentelemetry::trace::SpanContext>,
 }
 
 impl State {

@@ -909,5 +909,42 @@ fn problems_in_a_conf_d_file_have_its_line_and_column() {
     assert!(
         errors.starts_with("$DIR/conf.d/late.toml:2:16: server.idle_timeout:"),
         "{errors}"
+#[test]
+fn telemetry_gets_its_defaults_and_its_mistakes_name_the_key() {
+    let with = |table: &str| format!("{}\n[telemetry]\n{table}", only(payments()));
+    let config = Config::parse(
+        Path::new("/etc/bearerd/bearerd.toml"),
+        &with("otlp_endpoint = \"http://collector.example:4318/otlp/\"\n"),
+    )
+    .unwrap();
+    let telemetry = config.telemetry.unwrap();
+    assert_eq!(
+        telemetry.traces_url.to_string(),
+        "http://collector.example:4318/otlp/v1/traces",
+        "plain http to a collector is allowed; /v1/traces appended"
+    );
+    assert_eq!(telemetry.service_name, "bearerd");
+    assert!((telemetry.sample_ratio - 0.05).abs() < f64::EPSILON);
+    assert!(Config::parse(Path::new("/etc/bearerd/bearerd.toml"), VALID)
+        .unwrap()
+        .telemetry
+        .is_none());
+
+    let problems = errors(&with(
+        "otlp_endpoint = \"http://127.0.0.1:4318/?x=1\"\nservice_name = \" \"\nsample_ratio = 1.5\n",
+    ));
+    for expected in [
+        "telemetry.otlp_endpoint: \"http://127.0.0.1:4318/?x=1\" must be a base URL without a query",
+        "telemetry.service_name: must not be empty",
+        "telemetry.sample_ratio: 1.5 is not between 0 and 1",
+    ] {
+        assert!(problems.contains(expected), "{expected} in {problems}");
+    }
+    let problems = errors(&with("service_name = \"x\"\n"));
+    assert!(problems.contains("otlp_endpoint"), "{problems}");
+    let problems = errors(&with("otlp_endpoint = \"http://u:p@127.0.0.1:4318\"\n"));
+    assert!(
+        problems.contains("must not hold a user name or password"),
+        "{problems}"
     );
 }

@@ -11,3 +11,4 @@ mod django;
 mod grpc;
 mod http2_hostile;
 mod oidc;
+mod telemetry;
