@@ -909,6 +909,9 @@ fn problems_in_a_conf_d_file_have_its_line_and_column() {
     assert!(
         errors.starts_with("$DIR/conf.d/late.toml:2:16: server.idle_timeout:"),
         "{errors}"
+    );
+}
+
 #[test]
 fn telemetry_gets_its_defaults_and_its_mistakes_name_the_key() {
     let with = |table: &str| format!("{}\n[telemetry]\n{table}", only(payments()));
