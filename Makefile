@@ -42,8 +42,9 @@ interop:
 demo:
 	bash scripts/demo.sh
 
-## bearerd against nginx and the bare upstream with wrk, plus the cold-start herd (not part of
-## test; about 5 minutes; BENCH_SECONDS=3 BENCH_ROUNDS=1 for a quick look). docs/benchmarks.md.
+## bearerd against nginx and the bare upstream with wrk, the HTTP/2 cell with h2load, plus the
+## cold-start herd (not part of test; about 7 minutes; BENCH_SECONDS=3 BENCH_ROUNDS=1 for a
+## quick look). docs/benchmarks.md.
 .PHONY: bench
 bench:
 	$(CARGO) build --release --bin bearerd

@@ -16,6 +16,14 @@ One run measures, against one fast upstream (nginx `return 200`, 401 without a B
            token source, its own token endpoint), and wrk sending `Host: api50.bench`, so that
            every request matches the last route: the route lookup's worst case;
 with wrk at 1, 16 and 128 connections, BENCH_SECONDS (10) each, in BENCH_ROUNDS (3) rounds.
+Then the HTTP/2 cell, with h2load (Debian's nghttp2-client) speaking h2c (HTTP/2 over plain
+TCP with prior knowledge) at
+  h2-nginx    nginx with an HTTP/2 plain listener (nginx-h2-proxy.conf.tmpl), otherwise the
+              nginx target (keep-alive HTTP/1.1 pool to the same upstream, `Bearer x`);
+  h2-bearerd  the bearerd target itself (its one port takes HTTP/1.1 and h2c alike), whose
+              upstream is that same upstream over HTTP/1.1;
+at BENCH_H2 ("16x10,1x100": 16 connections of 10 concurrent streams each, and 1 of 100),
+BENCH_SECONDS each, in BENCH_ROUNDS rounds, alternating the order as above.
 The order reverses every other round (1 conn: direct nginx haproxy bearerd bearerd-dpop
 bearerd-routes50, 16: ..., 128: ...; then the whole sequence backwards), so that drift hits
 every target alike; the "DPoP proof cost" and "Route lookup cost" sections pair bearerd-dpop
@@ -33,12 +41,13 @@ seconds per target before round 1), BENCH_HERD (0 skips it), BENCH_HERD_DELAY,
 BENCH_SERVER_CPU / BENCH_LOAD_CPU (cores; default the first two this process may use),
 BEARERD_BIN (default $CARGO_TARGET_DIR or target, /release/bearerd), BENCH_KEEP=1 (keep the
 temporary directory with configs and logs), BENCH_OUT (also write the report to this file),
-BENCH_DPOP=0 (skip the bearerd-dpop target and its section), BENCH_ROUTES=0 (skip the
+BENCH_DPOP=0 (skip the bearerd-dpop target and its section), BENCH_H2=0 (skip the HTTP/2
+cell), BENCH_ROUTES=0 (skip the
 bearerd-routes50 target and its section), BENCH_HAPROXY=0 (skip the haproxy target),
 BENCH_CHART (the SVG chart of req/s and CPU µs per request, each round's values over the
 medians; default $CARGO_TARGET_DIR or target, /bench/bench.svg; empty: no chart).
 
-Needs nginx, haproxy (unless BENCH_HAPROXY=0) and wrk (installed with apt-get when missing, as root or through sudo) and
+Needs nginx, haproxy (unless BENCH_HAPROXY=0), wrk and h2load (unless BENCH_H2=0) (installed with apt-get when missing, as root or through sudo) and
 Python 3.11 (standard library only). Every process it starts is stopped by PID at the end,
 also on Ctrl-C or an error.
 """
@@ -76,6 +85,10 @@ ROUTES_HOST = f"api{ROUTES_N}.bench"
 # The order within a round (reversed every other one).
 ALL_TARGETS = TARGETS + (DPOP_TARGET, ROUTES_TARGET)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The HTTP/2 cell (unless BENCH_H2=0): h2load at these two, in this order within a round.
+H2_NGINX = "h2-nginx"
+H2_BEARERD = "h2-bearerd"
+H2_TARGETS = (H2_NGINX, H2_BEARERD)
 
 # Targets of issue 16, performance round two (see docs/benchmarks.md). Each is relative to
 # nginx measured in the same run, so they hold on any machine, unlike the absolute µs of the
@@ -133,8 +146,9 @@ def nginx_pids(prefixes=("nginx",)):
     return pids
 
 
-def ensure_tools(haproxy=True):
-    """Installs nginx, haproxy (if wanted) and wrk with apt-get when missing, without letting
+def ensure_tools(haproxy=True, h2load=True):
+    """Installs nginx, haproxy (if wanted), wrk and h2load (if wanted; Debian's
+    nghttp2-client) with apt-get when missing, without letting
     the packages' own nginx or haproxy service start (or, if one started anyway, stopping it by
     PID)."""
     missing = []
@@ -144,6 +158,8 @@ def ensure_tools(haproxy=True):
         missing.append("haproxy")
     if not shutil.which("wrk"):
         missing.append("wrk")
+    if h2load and not shutil.which("h2load"):
+        missing.append("nghttp2-client")
     if not missing:
         return
     if not shutil.which("apt-get"):
@@ -194,8 +210,9 @@ def ensure_tools(haproxy=True):
                                        str(pid)], check=False)
             except OSError:
                 pass
-    if not find_nginx() or not shutil.which("wrk") or (haproxy and not find_haproxy()):
-        raise HarnessError("nginx, haproxy or wrk still missing after apt-get install")
+    if (not find_nginx() or not shutil.which("wrk") or (haproxy and not find_haproxy())
+            or (h2load and not shutil.which("h2load"))):
+        raise HarnessError("nginx, haproxy, wrk or h2load still missing after apt-get install")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,6 +619,184 @@ def run_wrk(procs, directory, url, connections, seconds, cpu, headers=()):
 
 
 # ---------------------------------------------------------------------------------------------
+# h2load (the HTTP/2 cell)
+
+
+def h2_loads():
+    """[(connections, streams per connection)] from BENCH_H2 ("16x10,1x100"; "0": none)."""
+    raw = os.environ.get("BENCH_H2", "16x10,1x100").strip()
+    if raw in ("", "0"):
+        return []
+    loads = []
+    for item in raw.split(","):
+        match = re.fullmatch(r"\s*([1-9]\d*)x([1-9]\d*)\s*", item)
+        if not match:
+            sys.exit(f"bench: BENCH_H2={raw!r}: expected CONNECTIONSxSTREAMS,... or 0")
+        loads.append((int(match[1]), int(match[2])))
+    return loads
+
+
+def nginx_http2_directives(nginx):
+    """(after the listen address, inside the server block): plain-text HTTP/2 is
+    `listen ... http2` before nginx 1.25.1 and `http2 on;` from then on."""
+    result = subprocess.run([nginx, "-v"], capture_output=True, text=True)
+    match = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", result.stdout + result.stderr)
+    if match and tuple(map(int, match.groups())) >= (1, 25, 1):
+        return "", "http2 on;"
+    return " http2", ""
+
+
+def parse_h2load(output, log_path):
+    """h2load's summary, with p50 and p99 from its per-request log (the summary has only the
+    mean and the standard deviation)."""
+    def find(pattern):
+        match = re.search(pattern, output, re.MULTILINE)
+        if match is None:
+            raise HarnessError(f"h2load output lacks /{pattern}/:\n{output}")
+        return match
+
+    if not re.search(r"^Application protocol: h2c$", output, re.MULTILINE):
+        raise HarnessError(f"h2load did not speak h2c:\n{output}")
+    done = find(r"^requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, "
+                r"(\d+) failed, (\d+) errored, (\d+) timeout")
+    statuses = find(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
+    latencies = sorted(int(line.split("\t")[2])
+                       for line in Path(log_path).read_text().splitlines() if line.strip())
+    if not latencies:
+        raise HarnessError(f"h2load logged no request:\n{output}")
+
+    def percentile(p):
+        return float(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))])
+
+    return {
+        "requests": int(done[1]),
+        "rps": float(find(r"^finished in [\d.]+\w+, ([\d.]+) req/s")[1]),
+        "mean_us": statistics.fmean(latencies),
+        "p50_us": percentile(50),
+        "p99_us": percentile(99),
+        # Failed, errored and timed-out requests, and answers other than 2xx.
+        "errors": sum(int(g) for g in done.groups()[2:]) + sum(int(g) for g in
+                                                               statuses.groups()[1:]),
+    }
+
+
+def run_h2load(procs, directory, url, connections, streams, seconds, cpu, requests=None):
+    """h2load -t1 over h2c: for `seconds` (-D), or `requests` (-n) if given."""
+    argv = ["h2load", "-t1", f"-c{connections}", f"-m{streams}"]
+    argv += [f"-n{requests}"] if requests else [f"-D{seconds}"]
+    log_path = directory / "h2load.log"
+    log_path.write_bytes(b"")
+    argv += ["--log-file", log_path, url]
+    out_path = directory / "h2load.out"
+    out_path.write_bytes(b"")
+    started = procs.start("h2load", argv, cpu, out_path)
+    try:
+        code = started.popen.wait(seconds + 30)
+    finally:
+        procs.stop(started)
+    output = out_path.read_text(errors="replace")
+    if code != 0:
+        raise HarnessError(f"h2load exited {code}:\n{output}")
+    return parse_h2load(output, log_path)
+
+
+def run_h2(procs, tmp, nginx, bearerd_url, bearerd_pid, up_port, upstream_worker, loads,
+           seconds, rounds, warmup, server_cpu, load_cpu):
+    """The HTTP/2 cell: nginx with an h2c listener and bearerd, both in front of the same
+    upstream, under h2load. Returns its results (dicts like the wrk rounds')."""
+    (port,) = free_ports(1)
+    listen, on = nginx_http2_directives(nginx)
+    proxy, worker = start_nginx(procs, nginx, "h2 proxy nginx", "nginx-h2-proxy.conf.tmpl",
+                                tmp / "h2-proxy", server_cpu, PORT=port, UPSTREAM_PORT=up_port,
+                                HTTP2_LISTEN=listen, HTTP2_ON=on)
+    targets = {H2_NGINX: (f"http://{HOST}:{port}/", worker),
+               H2_BEARERD: (bearerd_url, bearerd_pid)}
+    # Sanity: each answers 2xx over h2c (parse_h2load checks the protocol), which the
+    # upstream gives only to a request that carries `Authorization: Bearer`.
+    for name, (url, _) in targets.items():
+        try:
+            numbers = run_h2load(procs, tmp, url, 1, 2, seconds, load_cpu, requests=4)
+        except HarnessError as error:
+            raise HarnessError(f"{name}: {url}: {error}") from error
+        if numbers["requests"] != 4 or numbers["errors"]:
+            raise HarnessError(f"{name}: h2load -n4 at {url}: {numbers['requests']} done, "
+                               f"{numbers['errors']} errors or non-2xx")
+    log(f"sanity (HTTP/2): {', '.join(targets)} answer 2xx over h2c")
+    if warmup > 0:
+        for name, (url, _) in targets.items():
+            log(f"warm-up: {name}, 16 connections x 10 streams, {warmup} s")
+            run_h2load(procs, tmp, url, 16, 10, warmup, load_cpu)
+    results = []
+    for r in range(rounds):
+        sequence = [(load, t) for load in loads for t in H2_TARGETS]
+        if r % 2:
+            sequence.reverse()
+        log(f"HTTP/2 round {r + 1}/{rounds} (load average {os.getloadavg()[0]:.2f}): "
+            f"{' '.join(f'{t}@{c}x{m}' for (c, m), t in sequence)}")
+        for (c, m), name in sequence:
+            url, pid = targets[name]
+            before = (cpu_ticks(pid), cpu_ticks(upstream_worker))
+            numbers = run_h2load(procs, tmp, url, c, m, seconds, load_cpu)
+            after = (cpu_ticks(pid), cpu_ticks(upstream_worker))
+            per_request = 1_000_000 / CLK_TCK / max(numbers["requests"], 1)
+            numbers.update(
+                round=r + 1, connections=c, streams=m, target=name,
+                cpu_us=(after[0][0] - before[0][0]) * per_request,
+                sys_us=(after[0][1] - before[0][1]) * per_request,
+                upstream_cpu_us=(after[1][0] - before[1][0]) * per_request,
+            )
+            results.append(numbers)
+            log(f"  {name:12} {c}x{m:<4} {numbers['rps']:>9.0f} req/s  p50 "
+                f"{fmt_us(numbers['p50_us'])} µs  p99 {fmt_us(numbers['p99_us'])} µs  "
+                f"errors {numbers['errors']}")
+    procs.stop(proxy)
+    return results
+
+
+def h2_section(results, rounds, loads):
+    """The HTTP/2 cell's tables: each round, and the medians with the paired ratio."""
+    by = {(x["round"], x["connections"], x["streams"], x["target"]): x for x in results}
+    for x in results:
+        ref = by.get((x["round"], x["connections"], x["streams"], H2_NGINX))
+        x["ratio"] = x["rps"] / ref["rps"] if ref and ref["rps"] else None
+    head = ("| conns × streams | target | req/s | mean µs | p50 µs | p99 µs | ÷ h2-nginx "
+            "| proxy CPU µs/req | of which system | upstream CPU µs/req | errors |")
+    rule = "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    lines = ["", "## HTTP/2 (h2c)", "",
+             "h2load -t1 over h2c (prior knowledge) at nginx with an `http2` plain listener "
+             "(h2-nginx) and at bearerd's listener (h2-bearerd), both forwarding over "
+             "keep-alive HTTP/1.1 to the same upstream; pinned as the wrk rounds. Latency: "
+             "h2load's per-request log (`--log-file`), from each request's start to its "
+             "response's end. *÷ h2-nginx*: paired within the round.", "",
+             "| round " + head, "|---:" + rule]
+    for x in sorted(results, key=lambda x: (x["round"], -x["connections"], x["streams"],
+                                            H2_TARGETS.index(x["target"]))):
+        lines.append(
+            f"| {x['round']} | {x['connections']} × {x['streams']} | {x['target']} "
+            f"| {x['rps']:.0f} | {fmt_us(x['mean_us'])} | {fmt_us(x['p50_us'])} "
+            f"| {fmt_us(x['p99_us'])} | {fmt(x['ratio'], '.2f')} | {x['cpu_us']:.2f} "
+            f"| {x['sys_us']:.2f} | {x['upstream_cpu_us']:.2f} | {x['errors']} |")
+    lines += ["", f"Medians over {rounds} round(s):", "", head, rule]
+    for c, m in loads:
+        for t in H2_TARGETS:
+            xs = [x for x in results
+                  if x["connections"] == c and x["streams"] == m and x["target"] == t]
+            if not xs:
+                continue
+            lines.append(
+                f"| {c} × {m} | {t} | {median(x['rps'] for x in xs):.0f} "
+                f"| {fmt_us(median(x['mean_us'] for x in xs))} "
+                f"| {fmt_us(median(x['p50_us'] for x in xs))} "
+                f"| {fmt_us(median(x['p99_us'] for x in xs))} "
+                f"| {fmt(median(x['ratio'] for x in xs), '.2f')} "
+                f"| {median(x['cpu_us'] for x in xs):.2f} "
+                f"| {median(x['sys_us'] for x in xs):.2f} "
+                f"| {median(x['upstream_cpu_us'] for x in xs):.2f} "
+                f"| {sum(x['errors'] for x in xs)} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
 # Reporting
 
 
@@ -682,7 +877,8 @@ def main():
     bearerd_src = Path(os.environ.get("BEARERD_BIN") or target_dir / "release" / "bearerd")
     if not os.access(bearerd_src, os.X_OK):
         raise HarnessError(f"{bearerd_src} not found: run `cargo build --release --bin bearerd`")
-    ensure_tools(haproxy=with_haproxy)
+    h2_plan = h2_loads()
+    ensure_tools(haproxy=with_haproxy, h2load=bool(h2_plan))
     nginx = find_nginx()
     haproxy = find_haproxy() if with_haproxy else None
     chart_path = os.environ.get("BENCH_CHART")
@@ -710,7 +906,7 @@ def main():
     try:
         report, results = run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds,
                               warmup, connections, server_cpu, load_cpu, herd_n, herd_delay,
-                              dpop, routes, haproxy)
+                              dpop, routes, haproxy, h2_plan)
     except Exception:
         keep = True  # for a look at the configs and logs; not on Ctrl-C
         raise
@@ -739,7 +935,7 @@ def main():
 
 
 def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, connections,
-        server_cpu, load_cpu, herd_n, herd_delay, dpop, routes, haproxy=None):
+        server_cpu, load_cpu, herd_n, herd_delay, dpop, routes, haproxy=None, h2_plan=()):
     names = tuple(t for t in ALL_TARGETS
                   if (t != DPOP_TARGET or dpop) and (t != ROUTES_TARGET or routes)
                   and (t != HAPROXY_TARGET or haproxy))
@@ -754,6 +950,12 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
         f"({', '.join(names)}) × {seconds} s; "
         f"warm-up {warmup} s per target before round 1",
     ]
+    if h2_plan:
+        h2load_version = subprocess.run(["h2load", "--version"], capture_output=True,
+                                        text=True).stdout.strip()
+        report += [f"- HTTP/2 cell: {rounds} round(s) × {len(h2_plan)} loads "
+                   f"({', '.join(f'{c}x{m}' for c, m in h2_plan)}) × {len(H2_TARGETS)} targets "
+                   f"({', '.join(H2_TARGETS)}) × {seconds} s; {h2load_version}"]
 
     # --- servers for the throughput rounds
     up_port, nginx_port, bearerd_port, admin_port = free_ports(4)
@@ -912,6 +1114,11 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
         dpop_check = dict(dpop_check, at_end=token_counts(dpop_token_port))
     if routes:
         routes_check = dict(routes_check, token_requests=token_count(routes_token_port))
+    h2_results = []
+    if h2_plan:
+        h2_results = run_h2(procs, tmp, nginx, targets["bearerd"][0], targets["bearerd"][2],
+                            up_port, upstream_worker, h2_plan, seconds, rounds, warmup,
+                            server_cpu, load_cpu)
     loads.append(os.getloadavg()[0])
 
     # --- stop the throughput proxies before the herd (the upstream stays)
@@ -937,6 +1144,8 @@ def run(procs, tmp, nginx, bearerd_bin, bearerd_src, seconds, rounds, warmup, co
         report += ["- VmHWM could not be reset between phases: peak RSS is since start"]
     report += summarise(results, rounds, connections, token_requests, herd, herd_delay,
                         dpop_check, routes_check, haproxy is not None)
+    if h2_results:
+        report += h2_section(h2_results, rounds, h2_plan)
     return report, results
 
 

@@ -2,8 +2,8 @@
 # bearerd's hot path under valgrind, counted per request: the repeatable form of the method in
 # docs/benchmarks.md ("Profile and what changed the numbers").
 #
-#   scripts/bench/valgrind.sh [--tool callgrind|cachegrind|dhat] [--connections N] [--top]
-#                             BEARERD_BINARY [SECONDS]
+#   scripts/bench/valgrind.sh [--tool callgrind|cachegrind|dhat] [--connections N] [--close]
+#                             [--top] BEARERD_BINARY [SECONDS]
 #
 # Starts the demo servers (examples/demo_servers.rs) as token endpoint and upstream, and
 # BEARERD_BINARY (a release build) under valgrind with an upstream URL that has a base path
@@ -27,6 +27,10 @@
 # at any moment: with N connections open it includes N app connections and N upstream
 # connections, so the difference between two connection counts, divided by the difference in
 # connections, is one connection pair's heap.
+#
+# --close wrk sends `Connection: close`: every request opens a new app connection, so the
+#         per-connection work (accept, telling HTTP/1.1 from HTTP/2, hyper's connection, the
+#         watchdog task) counts once per request; the conns column reads "N close".
 #
 # --top   callgrind/cachegrind: also write the 15 functions with the most self and the 15 with
 #         the most inclusive cost (callgrind_annotate / cg_annotate) to OUTPUT.top.txt; dhat:
@@ -52,7 +56,7 @@ readonly READY_TIMEOUT=120   # seconds for bearerd under valgrind to answer 200
 readonly STOP_TIMEOUT=120    # seconds for bearerd to exit after SIGTERM
 
 usage() {
-  echo "usage: $0 [--tool callgrind|cachegrind|dhat] [--connections N] [--top]" \
+  echo "usage: $0 [--tool callgrind|cachegrind|dhat] [--connections N] [--close] [--top]" \
     "BEARERD_BINARY [SECONDS]" >&2
   exit 2
 }
@@ -62,12 +66,14 @@ die() { log "$*"; exit 1; }
 top=0
 tool=callgrind
 connections=16
+close=0
 args=()
 while (($#)); do
   case $1 in
     --top) top=1 ;;
     --tool) (($# >= 2)) || usage; tool=$2; shift ;;
     --connections) (($# >= 2)) || usage; connections=$2; shift ;;
+    --close) close=1 ;;
     -h | --help) usage ;;
     -*) usage ;;
     *) args+=("$1") ;;
@@ -76,6 +82,13 @@ while (($#)); do
 done
 case $tool in callgrind | cachegrind | dhat) ;; *) usage ;; esac
 [[ $connections =~ ^[1-9][0-9]*$ ]] || die "--connections must be a positive integer"
+# --close: the header wrk adds, and how the conns column and the output file name say so.
+wrk_headers=()
+conns_label=$connections
+if ((close)); then
+  wrk_headers=(-H "Connection: close")
+  conns_label="$connections close"
+fi
 ((${#args[@]} >= 1 && ${#args[@]} <= 2)) || usage
 bearerd_bin="$(realpath -- "${args[0]}")"
 seconds="${args[1]:-10}"
@@ -95,7 +108,7 @@ fi
 out_dir="${VALGRIND_OUT_DIR:-$TARGET_DIR/bench-valgrind}"
 mkdir -p "$out_dir"
 out_dir="$(realpath -- "$out_dir")"
-out_file="$out_dir/$tool.out.$(basename "$bearerd_bin").c$connections.$(date -u +%Y%m%dT%H%M%SZ).$$"
+out_file="$out_dir/$tool.out.$(basename "$bearerd_bin").c$connections$( ((close)) && echo .close).$(date -u +%Y%m%dT%H%M%SZ).$$"
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/bearerd-valgrind.XXXXXX")"
 servers_pid=""
@@ -201,8 +214,9 @@ until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$URL" || true) =
   sleep 0.5
 done
 
-log "wrk -t1 -c$connections -d${seconds}s $URL"
-wrk -t1 -c"$connections" -d"${seconds}s" --timeout 10s "$URL" >"$tmp/wrk.out" 2>&1 ||
+log "wrk -t1 -c$connections -d${seconds}s ${wrk_headers[*]} $URL"
+wrk -t1 -c"$connections" -d"${seconds}s" --timeout 10s "${wrk_headers[@]}" "$URL" \
+  >"$tmp/wrk.out" 2>&1 ||
   die "wrk failed: $(cat "$tmp/wrk.out")"
 requests="$(sed -nE 's/^ *([0-9]+) requests in .*/\1/p' "$tmp/wrk.out")"
 [[ -n $requests && $requests -gt 0 ]] || die "no requests completed: $(cat "$tmp/wrk.out")"
@@ -231,7 +245,7 @@ log "$tool output: $out_file"
 label="$(basename "$bearerd_bin")"
 
 if [[ $tool == dhat ]]; then
-  python3 - "$out_file" "$requests" "$label" "$connections" "$top" <<'PY'
+  python3 - "$out_file" "$requests" "$label" "$conns_label" "$top" <<'PY'
 import json, sys
 path, requests, label, conns, top = sys.argv[1], int(sys.argv[2]), *sys.argv[3:5], sys.argv[5] == "1"
 data = json.load(open(path))
@@ -287,7 +301,7 @@ if [[ $tool == cachegrind ]]; then
     cg_annotate "$out_file" 2>/dev/null | sed -n 1,60p >"$out_file.top.txt"
     log "top functions: $out_file.top.txt"
   fi
-  python3 - "$out_file" "$requests" "$label" "$connections" <<'PY'
+  python3 - "$out_file" "$requests" "$label" "$conns_label" <<'PY'
 import sys
 path, requests, label, conns = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 events = summary = None
@@ -328,4 +342,4 @@ fi
 per_request="$(python3 -c "import sys; print(f'{int(sys.argv[1]) / int(sys.argv[2]):,.0f}')" \
   "$total_ir" "$requests")"
 total_fmt="$(python3 -c "import sys; print(f'{int(sys.argv[1]):,}')" "$total_ir")"
-echo "| $label | $connections | $seconds | $requests | $total_fmt | $per_request |"
+echo "| $label | $conns_label | $seconds | $requests | $total_fmt | $per_request |"
