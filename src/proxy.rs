@@ -58,7 +58,8 @@ pub(crate) async fn serve(
         // The header and idle timers are kept by `connection::watchdog`.
         .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes);
-    let http2 = http2_builder(&limits);
+    // Shared by every connection: only the one its first bytes choose is used.
+    let (http1, http2) = (Arc::new(http1), Arc::new(http2_builder(&limits)));
     loop {
         let Some((stream, peer)) = crate::listener::accept(&socket, &name, &shutdown).await else {
             break;
@@ -99,7 +100,7 @@ pub(crate) async fn serve(
             activity,
             name: Arc::clone(&name),
         };
-        let (http1, http2) = (http1.clone(), http2.clone());
+        let (http1, http2) = (Arc::clone(&http1), Arc::clone(&http2));
         tokio::spawn(async move {
             let _permit = permit;
             match connection::detect(&stream, &app.activity).await {

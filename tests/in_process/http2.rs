@@ -24,6 +24,17 @@ fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
         .build_http()
 }
 
+/// bearerd with one `[[upstream]]` named `api` to `upstream`, its tokens from `tokens`.
+async fn sidecar_for(upstream: &support::Server, tokens: &support::TokenEndpoint) -> Sidecar {
+    Sidecar::start(&support::config(
+        "api",
+        &upstream.url(""),
+        &tokens.url("/oauth/token"),
+        "client_id = \"app\"\nclient_secret = \"s3cret\"",
+    ))
+    .await
+}
+
 /// A response read whole, with its trailers.
 struct H2Answer {
     status: StatusCode,
@@ -63,13 +74,7 @@ fn grpc_call(url: &str) -> Request<Full<Bytes>> {
 async fn http2_and_http1_on_one_port_both_carry_the_token() {
     let upstream = serve(echo).await;
     let tokens = token_endpoint(|_, _| async { token_ok("tok-h2", 3600) }).await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &upstream.url(""),
-        &tokens.url("/oauth/token"),
-        "client_id = \"app\"\nclient_secret = \"s3cret\"",
-    ))
-    .await;
+    let sidecar = sidecar_for(&upstream, &tokens).await;
     let url = sidecar.url("api", "/v1/things?x=1");
 
     let over_h2 = send_h2(get(&url)).await;
@@ -93,13 +98,7 @@ async fn http2_and_http1_on_one_port_both_carry_the_token() {
 async fn many_streams_on_one_connection_each_get_an_answer() {
     let upstream = serve(echo).await;
     let tokens = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &upstream.url(""),
-        &tokens.url("/oauth/token"),
-        "client_id = \"app\"\nclient_secret = \"s3cret\"",
-    ))
-    .await;
+    let sidecar = sidecar_for(&upstream, &tokens).await;
     let client = h2_client();
     let calls = (0..50).map(|i| {
         let request = get(&sidecar.url("api", &format!("/n/{i}")));
@@ -137,13 +136,7 @@ where
 async fn a_host_header_that_differs_from_authority_is_refused() {
     let upstream = serve(echo).await;
     let tokens = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &upstream.url(""),
-        &tokens.url("/oauth/token"),
-        "client_id = \"app\"\nclient_secret = \"s3cret\"",
-    ))
-    .await;
+    let sidecar = sidecar_for(&upstream, &tokens).await;
     let request = Request::get(sidecar.url("api", "/v1"))
         .header("host", "elsewhere.example")
         .body(Full::default())
@@ -188,13 +181,7 @@ async fn a_401_on_a_stream_is_replayed_with_a_new_token() {
         async move { token_ok(if n == 0 { "first" } else { "second" }, 3600) }
     })
     .await;
-    let sidecar = Sidecar::start(&support::config(
-        "api",
-        &upstream.url(""),
-        &tokens.url("/oauth/token"),
-        "client_id = \"app\"\nclient_secret = \"s3cret\"",
-    ))
-    .await;
+    let sidecar = sidecar_for(&upstream, &tokens).await;
     let request = Request::post(sidecar.url("api", "/v1"))
         .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
         .unwrap();
@@ -380,5 +367,89 @@ client_secret = "wrong"
     // The same failure to an app that is not gRPC is the JSON answer.
     let plain = send_h2(get(&url("/pkg.Unknown/Call"))).await;
     assert_eq!(plain.status, StatusCode::NOT_FOUND);
+    sidecar.stop().await;
+}
+
+/// Shutdown drains an HTTP/2 connection as it does an HTTP/1.1 one: the stream in flight
+/// gets its answer, and the connection is told to open no more (GOAWAY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_the_stream_in_flight_finish() {
+    let tokens = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let upstream = support::Holding::start().await;
+    let mut sidecar = Sidecar::start(&support::config(
+        "api",
+        &upstream.url(""),
+        &tokens.url("/oauth/token"),
+        "client_id = \"app\"\nclient_secret = \"s3cret\"",
+    ))
+    .await;
+    let client = h2_client();
+    let in_flight = tokio::spawn(client.request(get(&sidecar.url("api", "/slow"))));
+    upstream.arrived().await;
+    let running = sidecar.running.take().unwrap();
+    let shutdown = tokio::spawn(running.shutdown());
+    upstream.release();
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let seen: support::Echo = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen.uri, "/slow");
+    shutdown.await.unwrap();
+}
+
+/// Streams are counted and logged as requests: the route's request metrics see each one.
+#[tokio::test]
+async fn streams_are_counted_per_request() {
+    let upstream = serve(echo).await;
+    let tokens = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let sidecar = sidecar_for(&upstream, &tokens).await;
+    for _ in 0..3 {
+        assert_eq!(
+            send_h2(get(&sidecar.url("api", "/x"))).await.status,
+            StatusCode::OK
+        );
+    }
+    let admin = sidecar.running().admin_addr();
+    let scrape = support::get(&format!("http://{admin}/metrics")).await;
+    let scrape = String::from_utf8_lossy(&scrape.body).into_owned();
+    let answered = scrape
+        .lines()
+        .filter(|line| {
+            line.starts_with("bearerd_requests_total{") && line.contains("upstream=\"api\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert_eq!(answered, 3.0, "{scrape}");
+    sidecar.stop().await;
+}
+
+/// curl, a client nobody here wrote, speaking HTTP/2 with prior knowledge to bearerd.
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_with_http2_prior_knowledge_gets_its_answer_with_the_token() {
+    let upstream = serve(echo).await;
+    let tokens = token_endpoint(|_, _| async { token_ok("tok-curl", 3600) }).await;
+    let sidecar = sidecar_for(&upstream, &tokens).await;
+    let url = sidecar.url("api", "/via/curl");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["--silent", "--show-error", "--http2-prior-knowledge"])
+            .args(["--write-out", "\n%{http_version}"])
+            .arg(url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let (body, version) = stdout.rsplit_once('\n').unwrap();
+    assert_eq!(version, "2");
+    let seen: support::Echo = serde_json::from_str(body).unwrap();
+    assert_eq!(seen.header("authorization"), Some("Bearer tok-curl"));
+    assert_eq!(seen.uri, "/via/curl");
     sidecar.stop().await;
 }
