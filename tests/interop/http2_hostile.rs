@@ -14,12 +14,13 @@ use http::StatusCode;
 use support::{echo, serve, token_endpoint, token_ok, Sidecar};
 
 const ATTACKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/h2_hostile.py");
-/// The most frames an attack sends (h2_hostile.py's LIMIT).
-const LIMIT: u64 = 200_000;
-
 #[derive(Debug, serde::Deserialize)]
 struct Outcome {
     sent: u64,
+    /// The most frames the attack would send (h2_hostile.py's LIMIT or FLOOD_LIMIT).
+    limit: u64,
+    /// A send waited seconds: bearerd stopped reading the connection.
+    stalled: bool,
     goaway: Option<u32>,
     closed: bool,
 }
@@ -79,7 +80,7 @@ const ENHANCE_YOUR_CALM: u32 = 0xb;
 #[ignore = "needs the h2 package: make interop"]
 async fn rapid_reset_ends_the_connection() {
     let outcome = survives("rapid_reset").await;
-    assert!(outcome.sent < LIMIT, "{outcome:?}");
+    assert!(outcome.sent < outcome.limit, "{outcome:?}");
     assert!(
         outcome.goaway == Some(ENHANCE_YOUR_CALM) || outcome.closed,
         "{outcome:?}"
@@ -102,8 +103,9 @@ async fn settings_and_ping_floods_are_held_back_by_the_peer_not_read() {
     for kind in ["settings", "ping"] {
         let outcome = survives(kind).await;
         // bearerd stops reading a peer that does not read its answers: the flood stalls in
-        // the peer's own socket, not in bearerd's memory.
-        assert!(outcome.sent < LIMIT, "{kind}: {outcome:?}");
+        // the socket buffers (a few MiB), long before the attacker's 150 MB are out.
+        assert!(outcome.stalled || outcome.closed, "{kind}: {outcome:?}");
+        assert!(outcome.sent < outcome.limit, "{kind}: {outcome:?}");
     }
 }
 
