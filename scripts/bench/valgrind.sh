@@ -44,6 +44,8 @@
 #   DEMO_SERVERS       the demo servers binary (default: $CARGO_TARGET_DIR or target,
 #                      /release/examples/demo_servers, built with cargo when missing)
 #   KEEP_TMP=1         keep the temporary directory (config, logs, wrk output)
+#   EXTRA_CONFIG       a TOML file appended to the config written here, for a run with a
+#                      feature on (e.g. a [telemetry] table pointing at an OTLP receiver)
 #
 # Ports are free loopback ports picked by the OS. Every process started here is stopped by
 # its PID, also on error or Ctrl-C. Needs valgrind, wrk, curl and python3.
@@ -165,6 +167,10 @@ client_secret_file = "$ROOT/examples/demo-secret.txt"
 auth = "basic"
 scope = "demo"
 EOF
+if [[ -n ${EXTRA_CONFIG:-} ]]; then
+  [[ -r $EXTRA_CONFIG ]] || die "EXTRA_CONFIG is not a readable file: $EXTRA_CONFIG"
+  { echo; cat -- "$EXTRA_CONFIG"; } >>"$tmp/bearerd.toml"
+fi
 
 port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 

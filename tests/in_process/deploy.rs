@@ -29,6 +29,14 @@ const QUERYING_FILES: &[&str] = &[
 /// Series Prometheus makes itself for every target, not exported by bearerd.
 const PROMETHEUS_OWN: &[&str] = &["up"];
 
+/// Families registered only when a feature is configured, so not in the scrape of a fresh
+/// registry: name, type, and the file that registers it (checked to name it).
+const FEATURE_FAMILIES: &[(&str, &str, &str)] = &[(
+    "bearerd_telemetry_spans_dropped_total",
+    "counter",
+    "src/telemetry.rs",
+)];
+
 fn repo_file(relative: &str) -> (PathBuf, String) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
     let text = std::fs::read_to_string(&path)
@@ -69,6 +77,16 @@ fn exported_families() -> BTreeMap<String, String> {
         families.contains_key("bearerd_token_valid"),
         "no # TYPE lines parsed from:\n{text}"
     );
+    let mut families = families;
+    for (name, kind, registered_in) in FEATURE_FAMILIES {
+        let (path, source) = repo_file(registered_in);
+        assert!(
+            source.contains(&format!("\"{name}\"")),
+            "{} does not register {name}",
+            path.display()
+        );
+        families.insert((*name).to_owned(), (*kind).to_owned());
+    }
     families
 }
 
@@ -161,6 +179,7 @@ fn dashboard_shows_what_the_issue_asks_for() {
         "bearerd_token_cache_up",
         "bearerd_token_cache_operations_total",
         "bearerd_connections_refused_total",
+        "bearerd_telemetry_spans_dropped_total",
     ] {
         assert!(
             names.contains(needed),
