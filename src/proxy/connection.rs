@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -95,6 +94,28 @@ pub(crate) struct Activity {
     tick_ms: u64,
     /// Wakes the watchdog to look again now.
     nudge: Notify,
+    /// The tunnel of an upgrade this connection switched to, run once hyper has handed the
+    /// connection over ([`tunnel`]).
+    tunnel: Handover,
+}
+
+/// See [`Activity::hand_over`].
+#[derive(Default)]
+struct Handover(std::sync::Mutex<Option<super::upgrade::Tunnel>>);
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handover")
+    }
+}
+
+impl Handover {
+    fn take(&self) -> Option<super::upgrade::Tunnel> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// A request's response head did not arrive in time ([`Activity::within`]).
@@ -126,6 +147,7 @@ impl Activity {
             response_waker: AtomicWaker::new(),
             tick_ms: millis(tick(limits)),
             nudge: Notify::new(),
+            tunnel: Handover::default(),
         })
     }
 
@@ -201,6 +223,18 @@ impl Activity {
         u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 
+    /// Gives the connection's task the tunnel of the upgrade its request is switching to, to
+    /// run once hyper has handed the connection over. The tunnel counts as a request open, so
+    /// that the watchdog's idle timer stays off while it runs (it has a timeout of its own).
+    pub(crate) fn hand_over(&self, tunnel: super::upgrade::Tunnel) {
+        self.open_requests.fetch_add(1, Ordering::AcqRel);
+        *self
+            .tunnel
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tunnel);
+    }
+
     /// Tells the watchdog that the connection ended before it was served.
     pub(crate) fn end(&self) {
         self.ended.notify_one();
@@ -252,7 +286,7 @@ impl Activity {
 /// when ordered to. Returns the connection's own result, or `None` if it was closed.
 pub(crate) async fn serve<C>(mut connection: Pin<&mut C>, activity: &Activity) -> Option<C::Output>
 where
-    C: GracefulConnection,
+    C: Graceful,
 {
     let mut draining = false;
     let ended = poll_fn(|cx| {
@@ -267,8 +301,60 @@ where
         connection.as_mut().poll(cx).map(Some)
     })
     .await;
-    activity.ended.notify_one();
+    match activity.tunnel.take() {
+        // The connection was handed over to an upgrade: it is not over yet.
+        Some(tunnel) => run_tunnel(tunnel, activity).await,
+        None => activity.ended.notify_one(),
+    }
     ended
+}
+
+/// Runs the tunnel an upgraded connection became until it ends or the watchdog orders the
+/// connection closed (its shutdown grace is over). A drain leaves it running: a tunnel has no
+/// request boundary at which to stop.
+async fn run_tunnel(mut tunnel: super::upgrade::Tunnel, activity: &Activity) {
+    poll_fn(|cx| {
+        if activity.poll_order(cx) == CLOSE {
+            return Poll::Ready(());
+        }
+        tunnel.as_mut().poll(cx)
+    })
+    .await;
+    activity.ended.notify_one();
+}
+
+/// A served connection that can be drained: hyper-util's `GracefulConnection`, which does not
+/// cover the HTTP/1.1 connection served with upgrades.
+pub(crate) trait Graceful: Future {
+    /// Finish the requests in flight, take no more, then end.
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, B, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        Self::graceful_shutdown(self);
+    }
+}
+
+impl<I, B, S, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        Self::graceful_shutdown(self);
+    }
 }
 
 /// The protocol an app connection speaks, told by its first bytes.

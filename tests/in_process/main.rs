@@ -22,4 +22,5 @@ mod recipes;
 mod reload;
 mod status;
 mod unauthorized;
+mod upgrade;
 mod vendors;
