@@ -208,7 +208,7 @@ impl App {
             let listener = Arc::clone(&listener.borrow());
             let guard = requests.request_started();
             async move {
-                let response = stream::serve(&listener, request).await;
+                let response = stream::serve(&listener, request, &guard).await;
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
@@ -234,7 +234,9 @@ fn http2_builder(limits: &Limits) -> hyper::server::conn::http2::Builder<TokioEx
         // Streams bearerd itself had to reset for the client's errors; past this many, GOAWAY.
         .max_local_error_reset_streams(Some(HTTP2_MAX_LOCAL_RESETS))
         // Bytes queued for one stream before its response body waits for the client to read.
-        .max_send_buf_size(HTTP2_MAX_SEND_BUFFER);
+        .max_send_buf_size(HTTP2_MAX_SEND_BUFFER)
+        // RFC 8441: WebSockets over HTTP/2 (an extended CONNECT, `:protocol websocket`).
+        .enable_connect_protocol();
     http
 }
 

@@ -481,6 +481,12 @@ impl RequestGuard {
     pub(crate) fn activity(&self) -> &Activity {
         &self.0
     }
+
+    /// Another request open on the same connection: an HTTP/2 stream's tunnel, which
+    /// outlives its response and must keep the connection from counting as idle.
+    pub(crate) fn another(&self) -> RequestGuard {
+        self.0.request_started()
+    }
 }
 
 impl Drop for RequestGuard {

@@ -178,7 +178,7 @@ async fn try_forward(
     // An `Upgrade` the route lets through takes another way (`upgrade`); found only on the
     // way that removes hop-by-hop headers, so a plain request pays nothing for it.
     if let Some(protocols) = strip_hop_by_hop_but_upgrade(&mut parts.headers) {
-        if let Some(app_side) = upgrade::accepted(upstream, &protocols, &mut parts) {
+        if let Some(app_side) = upgrade::accepted(upstream, &protocols, &mut parts)? {
             let to = upgrade::Handshake {
                 upstream,
                 path_and_query: &path_and_query,

@@ -7,6 +7,9 @@
 //! `:authority` is refused: a route chosen by one and a log naming the other could not both
 //! be right.
 //!
+//! An extended CONNECT for a WebSocket (RFC 8441) becomes the HTTP/1.1 handshake first
+//! ([`upgrade::from_extended_connect`]).
+//!
 //! Around: the stream takes an upstream connection for itself ([`pool::Slot`]) and gives it
 //! back once its response has ended ([`Released`]), as it cannot share its app connection's.
 
@@ -19,17 +22,22 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::body::ResponseBody;
+use super::connection::RequestGuard;
 use super::error::ProxyError;
 use super::forward;
 use super::pool::Slot;
 use super::route::Listener;
+use super::upgrade;
 use crate::config::Mode;
 
 /// Answers one stream of an HTTP/2 app connection.
 pub(super) async fn serve(
     listener: &Listener,
     mut request: Request<Incoming>,
+    guard: &RequestGuard,
 ) -> Response<Released> {
+    // A WebSocket over HTTP/2 (RFC 8441) goes on as the HTTP/1.1 handshake (`upgrade`).
+    upgrade::from_extended_connect(&mut request, guard);
     let mut response = match authority_as_host(&mut request, listener.mode) {
         Ok(()) => match forward::route(listener, &request) {
             Ok(route) => {

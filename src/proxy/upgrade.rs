@@ -25,10 +25,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, HOST, SEC_WEBSOCKET_ACCEPT, UPGRADE};
+use http::header::{
+    CONNECTION, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
+};
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -55,20 +57,57 @@ pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 #[derive(Clone)]
 pub(crate) struct ExtendedConnect(pub(crate) Arc<RequestGuard>);
 
+/// Turns an HTTP/2 extended CONNECT for a WebSocket (RFC 8441 §4: `:method CONNECT`,
+/// `:protocol websocket`) into the HTTP/1.1 handshake (RFC 6455 §4.1) the upstream is sent:
+/// `GET` with `Upgrade: websocket`, `Connection: Upgrade`, a key of bearerd's own and version
+/// 13; the app's `Sec-WebSocket-Protocol` and `-Extensions` go on as they came. `false` for
+/// any other request, which is left as it is (a CONNECT is then refused as every CONNECT).
+pub(crate) fn from_extended_connect<B>(request: &mut Request<B>, guard: &RequestGuard) -> bool {
+    if request.method() != Method::CONNECT {
+        return false;
+    }
+    let websocket = request
+        .extensions()
+        .get::<hyper::ext::Protocol>()
+        .is_some_and(|protocol| protocol.as_str().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        return false;
+    }
+    let Some(key) = websocket_key() else {
+        return false;
+    };
+    *request.method_mut() = Method::GET;
+    let headers = request.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(SEC_WEBSOCKET_KEY, key);
+    headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    request
+        .extensions_mut()
+        .insert(ExtendedConnect(Arc::new(guard.another())));
+    true
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64 (RFC 6455 §4.1).
+fn websocket_key() -> Option<HeaderValue> {
+    use base64::Engine as _;
+    use ring::rand::SecureRandom as _;
+    let mut nonce = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut nonce).ok()?;
+    let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    HeaderValue::from_str(&key).ok()
+}
+
 /// The app side of an upgrade the route lets through: `None` when `protocols` (the request's
 /// `Upgrade` header) names one the route does not list, or hyper cannot hand the app's
 /// connection over (HTTP/1.0). Then the request goes on without its `Upgrade` header, as any
-/// request does: the upstream answers it as a plain request.
+/// request does: the upstream answers it as a plain request. An HTTP/2 WebSocket has no
+/// plain request to fall back to: refused (405, as any CONNECT).
 pub(super) fn accepted(
     route: &Route,
     protocols: &HeaderValue,
     parts: &mut Parts,
-) -> Option<OnUpgrade> {
-    let text = protocols.to_str().ok()?;
-    let mut names = text
-        .split(',')
-        .map(str::trim)
-        .filter(|name| !name.is_empty());
+) -> Result<Option<OnUpgrade>, ProxyError> {
     let listed = |name: &str| {
         // `websocket` or `name/version`: the route lists names.
         let name = name.split('/').next().unwrap_or_default();
@@ -77,12 +116,23 @@ pub(super) fn accepted(
             .iter()
             .any(|allowed| allowed.eq_ignore_ascii_case(name))
     };
-    let all_listed = names.clone().next().is_some() && names.all(listed);
-    if !all_listed {
-        tracing::debug!(upstream = %route.name, "Upgrade header dropped: protocol not in upgrade_protocols");
-        return None;
+    let all_listed = protocols.to_str().is_ok_and(|text| {
+        let mut names = text
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty());
+        names.clone().next().is_some() && names.all(listed)
+    });
+    if all_listed {
+        return Ok(parts.extensions.remove::<OnUpgrade>());
     }
-    parts.extensions.remove::<OnUpgrade>()
+    if parts.extensions.get::<ExtendedConnect>().is_some() {
+        return Err(ProxyError::MethodNotAllowed {
+            reason: "WebSocket is not in this route's upgrade_protocols: its extended CONNECT is refused as any CONNECT is",
+        });
+    }
+    tracing::debug!(upstream = %route.name, "Upgrade header dropped: protocol not in upgrade_protocols");
+    Ok(None)
 }
 
 /// Where the handshake goes and how long it may wait for the upstream's answer.
@@ -138,6 +188,12 @@ pub(super) async fn forward(
                 answer = send(&to, again(), &replacement, empty()).await?;
             }
         }
+    }
+    if extended.is_some() && answer.status().is_success() {
+        return Err(ProxyError::NotSwitched {
+            authority: upstream.target.authority().to_string(),
+            status: answer.status(),
+        });
     }
     if answer.status() != StatusCode::SWITCHING_PROTOCOLS {
         // Refused: the upstream's answer, as any answer goes back.

@@ -21,7 +21,12 @@ use tokio::net::TcpStream;
 /// An upstream that switches every request asking for `websocket` to an echo of its bytes,
 /// after checking that the handshake carries bearerd's token; anything else gets `echo`.
 async fn switching_upstream() -> support::Server {
-    serve(|mut request: Request<hyper::body::Incoming>| async move {
+    serve(switching).await
+}
+
+/// The handler of [`switching_upstream`].
+async fn switching(mut request: Request<hyper::body::Incoming>) -> http::Response<support::Body> {
+    {
         let wants = request
             .headers()
             .get("upgrade")
@@ -57,8 +62,7 @@ async fn switching_upstream() -> support::Server {
             .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
             .body(full(""))
             .unwrap()
-    })
-    .await
+    }
 }
 
 /// bearerd in front of `upstream`, with `server` the body of its `[server]` table and `route`
@@ -287,4 +291,102 @@ async fn a_tunnel_holds_its_connection_against_max_connections_and_ends_at_shutd
     let mut rest = Vec::new();
     let _ = tunnel.read_to_end(&mut rest).await;
     assert!(rest.is_empty());
+}
+
+/// An HTTP/2 connection to `addr` whose first request has been answered, so that bearerd's
+/// SETTINGS (with `ENABLE_CONNECT_PROTOCOL`) have arrived before an extended CONNECT.
+async fn h2_app(sidecar: &Sidecar) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let addr = sidecar.running().local_addr("api").unwrap();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let first = Request::get(format!("http://{addr}/plain"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(
+        sender.send_request(first).await.unwrap().status(),
+        StatusCode::OK
+    );
+    sender
+}
+
+/// An extended CONNECT for a WebSocket (RFC 8441) to `path`.
+fn extended_connect(sidecar: &Sidecar, path: &str) -> Request<Full<Bytes>> {
+    let addr = sidecar.running().local_addr("api").unwrap();
+    let mut request = Request::connect(format!("http://{addr}{path}"))
+        .version(http::Version::HTTP_2)
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-protocol", "chat")
+        .body(Full::default())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    request
+}
+
+#[tokio::test]
+async fn a_websocket_over_http2_becomes_the_http1_handshake_and_its_stream_a_tunnel() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None::<http::HeaderMap>));
+    let saw = std::sync::Arc::clone(&seen);
+    // The switching upstream, noting the handshake it was sent.
+    let upstream = serve(move |request: Request<hyper::body::Incoming>| {
+        let saw = std::sync::Arc::clone(&saw);
+        async move {
+            if request.headers().contains_key("upgrade") {
+                *saw.lock().unwrap() = Some(request.headers().clone());
+                assert_eq!(request.method(), http::Method::GET);
+                assert_eq!(request.version(), http::Version::HTTP_11);
+            }
+            switching(request).await
+        }
+    })
+    .await;
+    let tokens = tokens_ws().await;
+    let sidecar = sidecar(&upstream, &tokens, "", "").await;
+    let mut app = h2_app(&sidecar).await;
+    let mut response = app
+        .send_request(extended_connect(&sidecar, "/socket"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().get("sec-websocket-accept").is_none());
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
+    tunnel.write_all(b"over h2").await.unwrap();
+    let mut back = [0u8; 7];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"over h2");
+
+    let handshake = seen.lock().unwrap().clone().unwrap();
+    assert_eq!(handshake["authorization"], "Bearer tok-ws");
+    assert_eq!(handshake["upgrade"], "websocket");
+    assert!(handshake["connection"]
+        .to_str()
+        .unwrap()
+        .eq_ignore_ascii_case("upgrade"));
+    assert_eq!(handshake["sec-websocket-version"], "13");
+    assert_eq!(handshake["sec-websocket-protocol"], "chat");
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(handshake["sec-websocket-key"].as_bytes())
+        .unwrap();
+    assert_eq!(key.len(), 16);
+}
+
+#[tokio::test]
+async fn a_websocket_over_http2_to_a_route_without_websocket_is_refused() {
+    let upstream = switching_upstream().await;
+    let tokens = tokens_ws().await;
+    let sidecar = sidecar(&upstream, &tokens, "", "upgrade_protocols = []").await;
+    let mut app = h2_app(&sidecar).await;
+    let response = app
+        .send_request(extended_connect(&sidecar, "/socket"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
 }
