@@ -12,8 +12,9 @@
 //! times per request. The connection's task only reads one atomic order ([`serve`]).
 //!
 //! The watchdog also keeps the response header timeout of the request in flight
-//! ([`Activity::within`]): it wakes while a request is open anyway, and a timer of the runtime's
-//! for every request cost 2.7% of a request's instructions (callgrind).
+//! ([`Activity::within`]), and once the head is in, the response body's idle timeout
+//! ([`Activity::expect_body`]): it wakes while a request is open anyway, and a timer of the
+//! runtime's for every request cost 2.7% of a request's instructions (callgrind).
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -95,8 +96,20 @@ pub(crate) struct Activity {
     /// Wakes the watchdog to look again now.
     nudge: Notify,
     /// The tunnel of an upgrade this connection switched to, run once hyper has handed the
-    /// connection over ([`tunnel`]).
+    /// connection over ([`Activity::hand_over`]).
     tunnel: Handover,
+    /// The response body idle timeout of the response being sent, in milliseconds, or
+    /// [`NOT_STARTED`] when none is (or it has none): set when its head arrives
+    /// ([`Activity::expect_body`]), cleared when the connection is idle again.
+    body_limit: AtomicU64,
+    /// Frames of response bodies sent so far: the connection's task counts them, the
+    /// watchdog looks for a change (no clock is read per frame).
+    body_frames: AtomicU64,
+    /// A new response body is under way: the watchdog starts its silence from now.
+    body_fresh: AtomicBool,
+    /// The watchdog's own: `body_frames` when it last changed, and when that was.
+    body_seen: AtomicU64,
+    body_seen_at: AtomicU64,
 }
 
 /// See [`Activity::hand_over`].
@@ -129,6 +142,8 @@ pub(crate) enum Expired {
     HeaderRead,
     /// No request for `idle_timeout`.
     Idle,
+    /// A response body sent nothing for its route's `response_body_idle_timeout`.
+    ResponseBodyIdle,
 }
 
 impl Activity {
@@ -148,7 +163,54 @@ impl Activity {
             tick_ms: millis(tick(limits)),
             nudge: Notify::new(),
             tunnel: Handover::default(),
+            body_limit: AtomicU64::new(NOT_STARTED),
+            body_frames: AtomicU64::new(0),
+            body_fresh: AtomicBool::new(false),
+            body_seen: AtomicU64::new(0),
+            body_seen_at: AtomicU64::new(0),
         })
+    }
+
+    /// The response head has arrived: its body may then be silent for at most `limit`
+    /// (`None`: for ever), which the watchdog keeps. Two stores: no timer of the runtime's per
+    /// request, which cost 2.7% (see the module's notes).
+    pub(crate) fn expect_body(&self, limit: Option<Duration>) {
+        self.body_limit
+            .store(limit.map_or(NOT_STARTED, millis), Ordering::Release);
+        self.body_fresh.store(true, Ordering::Release);
+    }
+
+    /// A frame of the response body went out. Only the connection's task writes the count, so
+    /// a plain load and store do (no locked instruction).
+    fn body_progressed(&self) {
+        let frames = self.body_frames.load(Ordering::Relaxed);
+        self.body_frames
+            .store(frames.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// Whether the response body under way has been silent for its limit; else how long the
+    /// watchdog may wait before it looks again, at most `wait`. Only once the head has arrived
+    /// (the response header timeout keeps the time before).
+    fn check_body(&self, wait: Duration) -> Result<Duration, Expired> {
+        let limit = self.body_limit.load(Ordering::Acquire);
+        if limit == NOT_STARTED || self.response_due.load(Ordering::Acquire) != NOT_STARTED {
+            return Ok(wait);
+        }
+        let frames = self.body_frames.load(Ordering::Relaxed);
+        let now = self.now();
+        if self.body_fresh.swap(false, Ordering::AcqRel)
+            || frames != self.body_seen.load(Ordering::Relaxed)
+        {
+            self.body_seen.store(frames, Ordering::Relaxed);
+            self.body_seen_at.store(now, Ordering::Relaxed);
+            return Ok(wait.min(Duration::from_millis(limit)));
+        }
+        let silent = now.saturating_sub(self.body_seen_at.load(Ordering::Relaxed));
+        if silent >= limit {
+            Err(Expired::ResponseBodyIdle)
+        } else {
+            Ok(wait.min(Duration::from_millis(limit - silent)))
+        }
     }
 
     /// Awaits `exchange` (a request sent upstream, until its response head) for at most
@@ -228,6 +290,8 @@ impl Activity {
     /// that the watchdog's idle timer stays off while it runs (it has a timeout of its own).
     pub(crate) fn hand_over(&self, tunnel: super::upgrade::Tunnel) {
         self.open_requests.fetch_add(1, Ordering::AcqRel);
+        // A tunnel is no response body: its idle timeout is its own.
+        self.body_limit.store(NOT_STARTED, Ordering::Release);
         *self
             .tunnel
             .0
@@ -259,7 +323,7 @@ impl Activity {
     pub(crate) fn check(&self, limits: &Limits) -> Result<Duration, Expired> {
         let poll = tick(limits);
         if self.open_requests.load(Ordering::Acquire) > 0 {
-            return Ok(self.check_response(poll));
+            return self.check_body(self.check_response(poll));
         }
         let now = self.now();
         let head_started = self.head_started.load(Ordering::Acquire);
@@ -494,6 +558,7 @@ impl Drop for RequestGuard {
         let activity = &self.0;
         if activity.open_requests.fetch_sub(1, Ordering::AcqRel) == 1 {
             activity.idle_since.store(activity.now(), Ordering::Release);
+            activity.body_limit.store(NOT_STARTED, Ordering::Release);
         }
     }
 }
@@ -523,8 +588,14 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            self.guard = None;
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(guard) = &self.guard {
+                    guard.0.body_progressed();
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => self.guard = None,
+            Poll::Pending => {}
         }
         polled
     }
@@ -687,5 +758,32 @@ mod tests {
         assert_eq!(activity.head_started.load(Ordering::Acquire), NOT_STARTED);
         drop(guard);
         assert!(activity.check(&LIMITS).is_ok(), "idle again, from now");
+    }
+
+    #[test]
+    fn a_response_body_silent_for_its_limit_expires_and_a_frame_pushes_it_back() {
+        let activity = Arc::new(Activity {
+            opened: Instant::now() - Duration::from_millis(1000),
+            ..Arc::into_inner(Activity::new(&LIMITS)).unwrap()
+        });
+        let guard = activity.request_started();
+        // No limit ("0"): never.
+        activity.expect_body(None);
+        assert!(activity.check(&LIMITS).is_ok());
+        activity.expect_body(Some(Duration::from_millis(100)));
+        assert!(
+            activity.check(&LIMITS).is_ok(),
+            "a new body starts its silence now"
+        );
+        backdate(&activity, &activity.body_seen_at, 150);
+        assert_eq!(activity.check(&LIMITS), Err(Expired::ResponseBodyIdle));
+        activity.body_progressed();
+        assert!(activity.check(&LIMITS).is_ok(), "a frame went out");
+        backdate(&activity, &activity.body_seen_at, 150);
+        drop(guard);
+        assert!(
+            activity.check(&LIMITS).is_ok(),
+            "the body ended: the connection is idle, under its idle timeout"
+        );
     }
 }

@@ -408,7 +408,11 @@ impl Destination<'_> {
             after: self.deadline,
         };
         let sent = match self.on.activity {
-            Some(activity) => activity.within(self.deadline, exchange).await.ok(),
+            Some(activity) => {
+                let sent = activity.within(self.deadline, exchange).await.ok();
+                activity.expect_body(upstream.response_body_idle_timeout);
+                sent
+            }
             None => tokio::time::timeout(self.deadline, exchange).await.ok(),
         }
         .ok_or_else(late)

@@ -529,6 +529,8 @@ pub(crate) struct Route {
     pub retry_on_401: bool,
     /// How long the app's request body may make no progress.
     pub body_idle_timeout: Duration,
+    /// How long the upstream's response body may make no progress; `None`: for ever.
+    pub response_body_idle_timeout: Option<Duration>,
     /// The `Upgrade` protocols passed to the upstream (lowercase); others are dropped.
     pub upgrade_protocols: Box<[String]>,
     /// `[server] upgraded_idle_timeout`.
@@ -632,6 +634,7 @@ impl Route {
             access_log: shared.access_log,
             retry_on_401: upstream.retry_on_401,
             body_idle_timeout: shared.body_idle_timeout,
+            response_body_idle_timeout: upstream.response_body_idle_timeout,
             upgrade_protocols: upstream.upgrade_protocols.clone().into_boxed_slice(),
             upgraded_idle_timeout: shared.upgraded_idle_timeout,
             replay_budget: shared.replay_budget.clone(),
