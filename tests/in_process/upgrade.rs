@@ -390,3 +390,25 @@ async fn a_websocket_over_http2_to_a_route_without_websocket_is_refused() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
 }
+
+#[tokio::test]
+async fn a_websocket_over_http2_ends_at_shutdown_after_the_grace() {
+    let upstream = switching_upstream().await;
+    let tokens = tokens_ws().await;
+    let sidecar = sidecar(&upstream, &tokens, "shutdown_grace = \"100ms\"", "").await;
+    let mut app = h2_app(&sidecar).await;
+    let mut response = app
+        .send_request(extended_connect(&sidecar, "/socket"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
+    tunnel.write_all(b"x").await.unwrap();
+    let mut byte = [0u8; 1];
+    tunnel.read_exact(&mut byte).await.unwrap();
+    // The open stream holds the drain until the grace is over; then its connection closes.
+    sidecar.stop().await;
+    let mut rest = Vec::new();
+    let _ = tunnel.read_to_end(&mut rest).await;
+    assert!(rest.is_empty());
+}
