@@ -25,7 +25,16 @@ async fn switching_upstream() -> support::Server {
 }
 
 /// The handler of [`switching_upstream`].
-async fn switching(mut request: Request<hyper::body::Incoming>) -> http::Response<support::Body> {
+async fn switching(request: Request<hyper::body::Incoming>) -> http::Response<support::Body> {
+    switching_for(request, "Bearer tok-ws", StatusCode::FORBIDDEN).await
+}
+
+/// [`switching`], taking `token` only and answering others `refusal`.
+async fn switching_for(
+    mut request: Request<hyper::body::Incoming>,
+    token: &str,
+    refusal: StatusCode,
+) -> http::Response<support::Body> {
     {
         let wants = request
             .headers()
@@ -34,9 +43,9 @@ async fn switching(mut request: Request<hyper::body::Incoming>) -> http::Respons
         if !wants {
             return echo(request).await;
         }
-        if request.headers().get("authorization").map(|v| v.as_bytes()) != Some(b"Bearer tok-ws") {
+        if request.headers().get("authorization").map(|v| v.as_bytes()) != Some(token.as_bytes()) {
             return http::Response::builder()
-                .status(StatusCode::FORBIDDEN)
+                .status(refusal)
                 .body(full("no token"))
                 .unwrap();
         }
@@ -411,4 +420,24 @@ async fn a_websocket_over_http2_ends_at_shutdown_after_the_grace() {
     let mut rest = Vec::new();
     let _ = tunnel.read_to_end(&mut rest).await;
     assert!(rest.is_empty());
+}
+
+#[tokio::test]
+async fn a_handshake_answered_401_is_sent_again_with_a_new_token() {
+    let upstream = serve(|request: Request<hyper::body::Incoming>| {
+        switching_for(request, "Bearer tok-1", StatusCode::UNAUTHORIZED)
+    })
+    .await;
+    let tokens = token_endpoint(|n, _| async move { token_ok(&format!("tok-{n}"), 3600) }).await;
+    let sidecar = sidecar(&upstream, &tokens, "", "").await;
+    let Handshake::Switched(mut tunnel, _) =
+        handshake(&sidecar.url("api", "/socket"), "websocket").await
+    else {
+        panic!("not switched after the replay");
+    };
+    tunnel.write_all(b"again").await.unwrap();
+    let mut back = [0u8; 5];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"again");
+    assert_eq!(tokens.count(), 2, "the rejected token, and its replacement");
 }
