@@ -2,7 +2,8 @@
 # Runs tests/interop/django.rs, bearerd against a real Django OAuth Toolkit server, and
 # tests/interop/oidc.rs, bearerd against node's oidc-provider (every client authentication
 # method, DPoP, mutual TLS), and tests/interop/telemetry.rs, bearerd's traces decoded by an
-# OTLP/HTTP receiver built on the opentelemetry-proto package.
+# OTLP/HTTP receiver built on the opentelemetry-proto package, and tests/interop/websocket.rs,
+# a Python websockets client and server with bearerd between them.
 #
 # Makes the Python virtualenv target/interop-venv from tests/interop/requirements.txt when it
 # is missing or the requirements changed (a stamp in the virtualenv keeps their hash), and

@@ -174,6 +174,8 @@ pub struct Server {
     pub replay_memory: usize,
     /// See [`DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS`].
     pub http2_max_concurrent_streams: u32,
+    /// See [`DEFAULT_UPGRADED_IDLE_TIMEOUT`].
+    pub upgraded_idle_timeout: Duration,
 }
 
 /// `[log]`
@@ -236,6 +238,18 @@ pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// connection and a kept body.
 pub const MAX_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 10_000;
 
+/// `[server] upgraded_idle_timeout` when not set: how long an upgraded connection (a
+/// WebSocket) may carry no byte in either direction before bearerd closes it.
+pub const DEFAULT_UPGRADED_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// `response_body_idle_timeout` when not set: how long an upstream's response body may send
+/// nothing once its headers have arrived. Long enough for server-sent events with sparse
+/// keep-alives; `"0"` turns it off.
+pub const DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `upgrade_protocols` when not set.
+pub const DEFAULT_UPGRADE_PROTOCOLS: &[&str] = &["websocket"];
+
 /// `[upstream.token] backoff_base` when not set: the first wait after a failed token request.
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// `[upstream.token] backoff_cap` when not set: the longest wait between failed token requests.
@@ -296,6 +310,10 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// See [`DEFAULT_RESPONSE_HEADER_TIMEOUT`].
     pub response_header_timeout: Duration,
+    /// See [`DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT`]; `None` (`"0"`): no limit.
+    pub response_body_idle_timeout: Option<Duration>,
+    /// The `Upgrade` protocols passed to the upstream, lowercase (default `["websocket"]`).
+    pub upgrade_protocols: Vec<String>,
     /// When the upstream answers 401 to a token, fetch a new one and replay the request once
     /// (if its body was kept). Default on.
     pub retry_on_401: bool,

@@ -8,6 +8,7 @@
 //! - `forward`: refuse what must never carry the token, take a token, rewrite the request
 //!   ([`rewrite`]), send it on the app connection's upstream connection (`pool`) with the
 //!   app's body under its deadline (`body`), stream the answer back;
+//! - `upgrade`: a request that switches protocols (WebSocket), and the tunnel after the switch;
 //! - `error`: failures to statuses and JSON bodies; `metrics`: the proxy's metric families.
 
 pub(crate) mod body;
@@ -20,6 +21,7 @@ pub(crate) mod pool;
 pub mod rewrite;
 mod route;
 mod stream;
+mod upgrade;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,7 +176,9 @@ impl App {
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
-        let connection = http.serve_connection(io, service);
+        // With upgrades: after a `101` hyper hands the connection over to its tunnel
+        // (`upgrade`), which `connection::serve` then runs.
+        let connection = http.serve_connection(io, service).with_upgrades();
         let mut connection = std::pin::pin!(connection);
         // Whichever way the connection ends, its upstream connection goes back; declared
         // after the connection, so it is dropped, and the upstream connection is back in the
@@ -204,7 +208,7 @@ impl App {
             let listener = Arc::clone(&listener.borrow());
             let guard = requests.request_started();
             async move {
-                let response = stream::serve(&listener, request).await;
+                let response = stream::serve(&listener, request, &guard).await;
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
@@ -230,7 +234,9 @@ fn http2_builder(limits: &Limits) -> hyper::server::conn::http2::Builder<TokioEx
         // Streams bearerd itself had to reset for the client's errors; past this many, GOAWAY.
         .max_local_error_reset_streams(Some(HTTP2_MAX_LOCAL_RESETS))
         // Bytes queued for one stream before its response body waits for the client to read.
-        .max_send_buf_size(HTTP2_MAX_SEND_BUFFER);
+        .max_send_buf_size(HTTP2_MAX_SEND_BUFFER)
+        // RFC 8441: WebSockets over HTTP/2 (an extended CONNECT, `:protocol websocket`).
+        .enable_connect_protocol();
     http
 }
 

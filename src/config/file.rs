@@ -116,6 +116,8 @@ pub(super) struct Server {
     pub replay_memory: Option<Spanned<SizeText>>,
     /// Streams an HTTP/2 app connection may have open at once.
     pub http2_max_concurrent_streams: Option<Spanned<i64>>,
+    /// Time an upgraded connection (WebSocket) may carry no byte either way.
+    pub upgraded_idle_timeout: Option<Spanned<DurationText>>,
 }
 
 /// `[log]`
@@ -204,6 +206,10 @@ pub(super) struct Upstream {
     pub connect_timeout: Option<Spanned<DurationText>>,
     /// Time allowed from sending a request until the upstream's response headers arrive.
     pub response_header_timeout: Option<Spanned<DurationText>>,
+    /// Time a response body may make no progress; "0" for no limit.
+    pub response_body_idle_timeout: Option<Spanned<DurationText>>,
+    /// Upgrade protocols passed through (`Upgrade: websocket`).
+    pub upgrade_protocols: Option<Spanned<Vec<Spanned<String>>>>,
     /// Replay a request once with a new token when the upstream answers 401.
     #[serde(default)]
     pub retry_on_401: Option<bool>,

@@ -16,7 +16,8 @@ use super::validate::Validator;
 use super::values::{duration, http_url, networks, socket_addr};
 use super::{
     Listener, Mode, Roots, RouteMatch, TlsSettings, Upstream, UpstreamProtocol,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_RESPONSE_HEADER_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT, DEFAULT_RESPONSE_HEADER_TIMEOUT,
+    DEFAULT_UPGRADE_PROTOCOLS,
 };
 
 /// A `[[listener]]` as its routes see it.
@@ -284,6 +285,17 @@ fn one_route(
         &format!("{key}.response_header_timeout"),
         DEFAULT_RESPONSE_HEADER_TIMEOUT,
     );
+    let response_body_idle_timeout = match &raw.response_body_idle_timeout {
+        // "0": a body may be silent for as long as it likes (a stream that only the app ends).
+        Some(text) if text.get_ref().0.trim() == "0" => None,
+        text => Some(duration(
+            v,
+            text.as_ref(),
+            &format!("{key}.response_body_idle_timeout"),
+            DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT,
+        )),
+    };
+    let upgrade_protocols = upgrade_protocols(v, key, raw);
     let protocol = upstream_protocol(v, key, raw, url.as_ref());
     let token = token(v, &format!("{key}.token"), &raw.token);
     let tls = match &raw.tls {
@@ -334,6 +346,8 @@ fn one_route(
         url: url?,
         connect_timeout,
         response_header_timeout,
+        response_body_idle_timeout,
+        upgrade_protocols,
         retry_on_401: raw.retry_on_401.unwrap_or(true),
         protocol,
         allow_from,
@@ -345,6 +359,44 @@ fn one_route(
 
 /// `protocol`: h2c is HTTP/2 over plain TCP, so it needs an `http://` url; an `https://`
 /// upstream that speaks HTTP/2 says so by ALPN.
+/// `upgrade_protocols`: names of `Upgrade` protocols (RFC 9110 §7.8), kept lowercase as they
+/// are matched ignoring case. `h2c` is refused: an HTTP/2 upgrade is not something bearerd
+/// can pass through (its app side would have to speak HTTP/2 to bearerd).
+fn upgrade_protocols(v: &mut Validator<'_>, key: &str, raw: &file::Upstream) -> Vec<String> {
+    let Some(list) = &raw.upgrade_protocols else {
+        return DEFAULT_UPGRADE_PROTOCOLS
+            .iter()
+            .map(|&name| name.to_owned())
+            .collect();
+    };
+    let field = format!("{key}.upgrade_protocols");
+    let mut names = Vec::with_capacity(list.get_ref().len());
+    for name in list.get_ref() {
+        let text = name.get_ref().trim();
+        let is_token = !text.is_empty()
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+        if !is_token {
+            v.problem(
+                name.span(),
+                &field,
+                format!("{text:?} is not a protocol name such as \"websocket\""),
+            );
+        } else if text.eq_ignore_ascii_case("h2c") || text.to_ascii_lowercase().starts_with("h2c/")
+        {
+            v.problem(
+                name.span(),
+                &field,
+                "h2c cannot be passed through as an upgrade: send HTTP/2 to bearerd with prior knowledge instead",
+            );
+        } else {
+            names.push(text.to_ascii_lowercase());
+        }
+    }
+    names
+}
+
 fn upstream_protocol(
     v: &mut Validator<'_>,
     key: &str,

@@ -22,8 +22,8 @@ use super::{
     DEFAULT_ADMIN_MAX_CONNECTIONS, DEFAULT_BODY_IDLE_TIMEOUT, DEFAULT_CACHE_KEY_PREFIX,
     DEFAULT_CACHE_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_LOG_LEVEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES,
-    DEFAULT_REPLAY_MEMORY, DEFAULT_SHUTDOWN_GRACE, MAX_HTTP2_MAX_CONCURRENT_STREAMS,
-    MAX_MAX_CONNECTIONS, MIN_MAX_HEADER_BYTES,
+    DEFAULT_REPLAY_MEMORY, DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPGRADED_IDLE_TIMEOUT,
+    MAX_HTTP2_MAX_CONCURRENT_STREAMS, MAX_MAX_CONNECTIONS, MIN_MAX_HEADER_BYTES,
 };
 use super::{Telemetry, DEFAULT_SAMPLE_RATIO, DEFAULT_SERVICE_NAME};
 
@@ -353,7 +353,14 @@ impl Validator<'_> {
             DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS as usize,
             1..=MAX_HTTP2_MAX_CONCURRENT_STREAMS as usize,
         );
+        let upgraded_idle_timeout = server_duration(
+            self,
+            |s| s.upgraded_idle_timeout.as_ref(),
+            "server.upgraded_idle_timeout",
+            DEFAULT_UPGRADED_IDLE_TIMEOUT,
+        );
         Server {
+            upgraded_idle_timeout,
             shutdown_grace,
             header_read_timeout,
             idle_timeout,

@@ -12,8 +12,9 @@
 //! times per request. The connection's task only reads one atomic order ([`serve`]).
 //!
 //! The watchdog also keeps the response header timeout of the request in flight
-//! ([`Activity::within`]): it wakes while a request is open anyway, and a timer of the runtime's
-//! for every request cost 2.7% of a request's instructions (callgrind).
+//! ([`Activity::within`]), and once the head is in, the response body's idle timeout
+//! ([`Activity::expect_body`]): it wakes while a request is open anyway, and a timer of the
+//! runtime's for every request cost 2.7% of a request's instructions (callgrind).
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -25,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -95,6 +95,40 @@ pub(crate) struct Activity {
     tick_ms: u64,
     /// Wakes the watchdog to look again now.
     nudge: Notify,
+    /// The tunnel of an upgrade this connection switched to, run once hyper has handed the
+    /// connection over ([`Activity::hand_over`]).
+    tunnel: Handover,
+    /// The response body idle timeout of the response being sent, in milliseconds, or
+    /// [`NOT_STARTED`] when none is (or it has none): set when its head arrives
+    /// ([`Activity::expect_body`]), cleared when the connection is idle again.
+    body_limit: AtomicU64,
+    /// Frames of response bodies sent so far: the connection's task counts them, the
+    /// watchdog looks for a change (no clock is read per frame).
+    body_frames: AtomicU64,
+    /// A new response body is under way: the watchdog starts its silence from now.
+    body_fresh: AtomicBool,
+    /// The watchdog's own: `body_frames` when it last changed, and when that was.
+    body_seen: AtomicU64,
+    body_seen_at: AtomicU64,
+}
+
+/// See [`Activity::hand_over`].
+#[derive(Default)]
+struct Handover(std::sync::Mutex<Option<super::upgrade::Tunnel>>);
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handover")
+    }
+}
+
+impl Handover {
+    fn take(&self) -> Option<super::upgrade::Tunnel> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// A request's response head did not arrive in time ([`Activity::within`]).
@@ -108,6 +142,8 @@ pub(crate) enum Expired {
     HeaderRead,
     /// No request for `idle_timeout`.
     Idle,
+    /// A response body sent nothing for its route's `response_body_idle_timeout`.
+    ResponseBodyIdle,
 }
 
 impl Activity {
@@ -126,7 +162,55 @@ impl Activity {
             response_waker: AtomicWaker::new(),
             tick_ms: millis(tick(limits)),
             nudge: Notify::new(),
+            tunnel: Handover::default(),
+            body_limit: AtomicU64::new(NOT_STARTED),
+            body_frames: AtomicU64::new(0),
+            body_fresh: AtomicBool::new(false),
+            body_seen: AtomicU64::new(0),
+            body_seen_at: AtomicU64::new(0),
         })
+    }
+
+    /// The response head has arrived: its body may then be silent for at most `limit`
+    /// (`None`: for ever), which the watchdog keeps. Two stores: no timer of the runtime's per
+    /// request, which cost 2.7% (see the module's notes).
+    pub(crate) fn expect_body(&self, limit: Option<Duration>) {
+        self.body_limit
+            .store(limit.map_or(NOT_STARTED, millis), Ordering::Release);
+        self.body_fresh.store(true, Ordering::Release);
+    }
+
+    /// A frame of the response body went out. Only the connection's task writes the count, so
+    /// a plain load and store do (no locked instruction).
+    fn body_progressed(&self) {
+        let frames = self.body_frames.load(Ordering::Relaxed);
+        self.body_frames
+            .store(frames.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// Whether the response body under way has been silent for its limit; else how long the
+    /// watchdog may wait before it looks again, at most `wait`. Only once the head has arrived
+    /// (the response header timeout keeps the time before).
+    fn check_body(&self, wait: Duration) -> Result<Duration, Expired> {
+        let limit = self.body_limit.load(Ordering::Acquire);
+        if limit == NOT_STARTED || self.response_due.load(Ordering::Acquire) != NOT_STARTED {
+            return Ok(wait);
+        }
+        let frames = self.body_frames.load(Ordering::Relaxed);
+        let now = self.now();
+        if self.body_fresh.swap(false, Ordering::AcqRel)
+            || frames != self.body_seen.load(Ordering::Relaxed)
+        {
+            self.body_seen.store(frames, Ordering::Relaxed);
+            self.body_seen_at.store(now, Ordering::Relaxed);
+            return Ok(wait.min(Duration::from_millis(limit)));
+        }
+        let silent = now.saturating_sub(self.body_seen_at.load(Ordering::Relaxed));
+        if silent >= limit {
+            Err(Expired::ResponseBodyIdle)
+        } else {
+            Ok(wait.min(Duration::from_millis(limit - silent)))
+        }
     }
 
     /// Awaits `exchange` (a request sent upstream, until its response head) for at most
@@ -201,6 +285,20 @@ impl Activity {
         u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 
+    /// Gives the connection's task the tunnel of the upgrade its request is switching to, to
+    /// run once hyper has handed the connection over. The tunnel counts as a request open, so
+    /// that the watchdog's idle timer stays off while it runs (it has a timeout of its own).
+    pub(crate) fn hand_over(&self, tunnel: super::upgrade::Tunnel) {
+        self.open_requests.fetch_add(1, Ordering::AcqRel);
+        // A tunnel is no response body: its idle timeout is its own.
+        self.body_limit.store(NOT_STARTED, Ordering::Release);
+        *self
+            .tunnel
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tunnel);
+    }
+
     /// Tells the watchdog that the connection ended before it was served.
     pub(crate) fn end(&self) {
         self.ended.notify_one();
@@ -225,7 +323,7 @@ impl Activity {
     pub(crate) fn check(&self, limits: &Limits) -> Result<Duration, Expired> {
         let poll = tick(limits);
         if self.open_requests.load(Ordering::Acquire) > 0 {
-            return Ok(self.check_response(poll));
+            return self.check_body(self.check_response(poll));
         }
         let now = self.now();
         let head_started = self.head_started.load(Ordering::Acquire);
@@ -252,7 +350,7 @@ impl Activity {
 /// when ordered to. Returns the connection's own result, or `None` if it was closed.
 pub(crate) async fn serve<C>(mut connection: Pin<&mut C>, activity: &Activity) -> Option<C::Output>
 where
-    C: GracefulConnection,
+    C: Graceful,
 {
     let mut draining = false;
     let ended = poll_fn(|cx| {
@@ -267,8 +365,60 @@ where
         connection.as_mut().poll(cx).map(Some)
     })
     .await;
-    activity.ended.notify_one();
+    match activity.tunnel.take() {
+        // The connection was handed over to an upgrade: it is not over yet.
+        Some(tunnel) => run_tunnel(tunnel, activity).await,
+        None => activity.ended.notify_one(),
+    }
     ended
+}
+
+/// Runs the tunnel an upgraded connection became until it ends or the watchdog orders the
+/// connection closed (its shutdown grace is over). A drain leaves it running: a tunnel has no
+/// request boundary at which to stop.
+async fn run_tunnel(mut tunnel: super::upgrade::Tunnel, activity: &Activity) {
+    poll_fn(|cx| {
+        if activity.poll_order(cx) == CLOSE {
+            return Poll::Ready(());
+        }
+        tunnel.as_mut().poll(cx)
+    })
+    .await;
+    activity.ended.notify_one();
+}
+
+/// A served connection that can be drained: hyper-util's `GracefulConnection`, which does not
+/// cover the HTTP/1.1 connection served with upgrades.
+pub(crate) trait Graceful: Future {
+    /// Finish the requests in flight, take no more, then end.
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, B, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        Self::graceful_shutdown(self);
+    }
+}
+
+impl<I, B, S, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        Self::graceful_shutdown(self);
+    }
 }
 
 /// The protocol an app connection speaks, told by its first bytes.
@@ -395,6 +545,12 @@ impl RequestGuard {
     pub(crate) fn activity(&self) -> &Activity {
         &self.0
     }
+
+    /// Another request open on the same connection: an HTTP/2 stream's tunnel, which
+    /// outlives its response and must keep the connection from counting as idle.
+    pub(crate) fn another(&self) -> RequestGuard {
+        self.0.request_started()
+    }
 }
 
 impl Drop for RequestGuard {
@@ -402,6 +558,7 @@ impl Drop for RequestGuard {
         let activity = &self.0;
         if activity.open_requests.fetch_sub(1, Ordering::AcqRel) == 1 {
             activity.idle_since.store(activity.now(), Ordering::Release);
+            activity.body_limit.store(NOT_STARTED, Ordering::Release);
         }
     }
 }
@@ -431,8 +588,14 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            self.guard = None;
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(guard) = &self.guard {
+                    guard.0.body_progressed();
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => self.guard = None,
+            Poll::Pending => {}
         }
         polled
     }
@@ -595,5 +758,32 @@ mod tests {
         assert_eq!(activity.head_started.load(Ordering::Acquire), NOT_STARTED);
         drop(guard);
         assert!(activity.check(&LIMITS).is_ok(), "idle again, from now");
+    }
+
+    #[test]
+    fn a_response_body_silent_for_its_limit_expires_and_a_frame_pushes_it_back() {
+        let activity = Arc::new(Activity {
+            opened: Instant::now() - Duration::from_millis(1000),
+            ..Arc::into_inner(Activity::new(&LIMITS)).unwrap()
+        });
+        let guard = activity.request_started();
+        // No limit ("0"): never.
+        activity.expect_body(None);
+        assert!(activity.check(&LIMITS).is_ok());
+        activity.expect_body(Some(Duration::from_millis(100)));
+        assert!(
+            activity.check(&LIMITS).is_ok(),
+            "a new body starts its silence now"
+        );
+        backdate(&activity, &activity.body_seen_at, 150);
+        assert_eq!(activity.check(&LIMITS), Err(Expired::ResponseBodyIdle));
+        activity.body_progressed();
+        assert!(activity.check(&LIMITS).is_ok(), "a frame went out");
+        backdate(&activity, &activity.body_seen_at, 150);
+        drop(guard);
+        assert!(
+            activity.check(&LIMITS).is_ok(),
+            "the body ended: the connection is idle, under its idle timeout"
+        );
     }
 }

@@ -101,6 +101,15 @@ pub(crate) enum ProxyError {
         /// The upstream's authority.
         authority: String,
     },
+    /// The upstream answered an HTTP/2 app's WebSocket (RFC 8441) with a success that is not
+    /// a switch: on the app's stream a 2xx would say the tunnel is open.
+    #[error("the upstream {authority} answered {status} to the WebSocket handshake instead of switching protocols (101)")]
+    NotSwitched {
+        /// The upstream's authority.
+        authority: String,
+        /// What it answered.
+        status: StatusCode,
+    },
     /// The upstream broke the exchange (reset, malformed response).
     #[error("{}", errors::chain(.source))]
     UpstreamFailed {
@@ -183,6 +192,7 @@ impl ProxyError {
             | Self::ConnectTimeout { .. }
             | Self::ResponseTimeout { .. }
             | Self::NeedsHttp2 { .. }
+            | Self::NotSwitched { .. }
             | Self::UpstreamFailed { .. } => Fault::Upstream,
             Self::ListenerFull | Self::Internal { .. } => Fault::Bearerd,
         }
@@ -202,6 +212,7 @@ impl ProxyError {
             Self::HostNotServed | Self::PathNotServed => StatusCode::FORBIDDEN,
             Self::UpstreamUnreachable { .. }
             | Self::UpstreamFailed { .. }
+            | Self::NotSwitched { .. }
             | Self::NeedsHttp2 { .. } => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -222,7 +233,7 @@ impl ProxyError {
             Self::HostNotServed | Self::PathNotServed => "host_not_served",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => "upstream_timeout",
-            Self::UpstreamFailed { .. } => "upstream_failed",
+            Self::UpstreamFailed { .. } | Self::NotSwitched { .. } => "upstream_failed",
             Self::NeedsHttp2 { .. } => "upstream_needs_h2c",
             Self::ListenerFull => "too_many_connections",
             Self::Internal { .. } => "internal_error",

@@ -20,8 +20,9 @@ use super::connection::Activity;
 use super::error::ProxyError;
 use super::grpc;
 use super::pool::{SendError, Slot};
-use super::rewrite::{strip_hop_by_hop, strip_prefix};
+use super::rewrite::{strip_hop_by_hop, strip_hop_by_hop_but_upgrade, strip_prefix};
 use super::route::{Listener, Route};
+use super::upgrade;
 use crate::config::Mode;
 use crate::token::Token;
 
@@ -174,7 +175,22 @@ async fn try_forward(
             .map_err(|e| ProxyError::BadRequest {
                 reason: e.to_string(),
             })?;
-    strip_hop_by_hop(&mut parts.headers);
+    // An `Upgrade` the route lets through takes another way (`upgrade`); found only on the
+    // way that removes hop-by-hop headers, so a plain request pays nothing for it.
+    if let Some(protocols) = strip_hop_by_hop_but_upgrade(&mut parts.headers) {
+        if let Some(app_side) = upgrade::accepted(upstream, &protocols, &mut parts)? {
+            let to = upgrade::Handshake {
+                upstream,
+                path_and_query: &path_and_query,
+                deadline,
+                activity: on.activity,
+            };
+            return Box::pin(upgrade::forward(
+                to, parts, body, token, protocols, app_side,
+            ))
+            .await;
+        }
+    }
     if grpc {
         // `te: trailers` is the one TE value HTTP/2 allows (RFC 9113 §8.2.2), and gRPC servers
         // require it: it says the client reads trailers, which bearerd passes on.
@@ -392,7 +408,11 @@ impl Destination<'_> {
             after: self.deadline,
         };
         let sent = match self.on.activity {
-            Some(activity) => activity.within(self.deadline, exchange).await.ok(),
+            Some(activity) => {
+                let sent = activity.within(self.deadline, exchange).await.ok();
+                activity.expect_body(upstream.response_body_idle_timeout);
+                sent
+            }
             None => tokio::time::timeout(self.deadline, exchange).await.ok(),
         }
         .ok_or_else(late)

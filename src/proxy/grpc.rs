@@ -71,6 +71,7 @@ impl Code {
             ProxyError::TokenUnavailable(_)
             | ProxyError::UpstreamUnreachable { .. }
             | ProxyError::UpstreamFailed { .. }
+            | ProxyError::NotSwitched { .. }
             | ProxyError::NeedsHttp2 { .. } => Self::Unavailable,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => {
                 Self::DeadlineExceeded

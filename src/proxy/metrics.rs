@@ -63,7 +63,15 @@ pub(crate) struct ProxyMetrics {
     token_unavailable_total: IntCounterVec,
     unauthorized_retries_total: IntCounterVec,
     connections_refused_total: IntCounterVec,
+    upgraded_open: IntGaugeVec,
+    upgraded_total: IntCounterVec,
+    upgraded_bytes_total: IntCounterVec,
 }
+
+/// The `direction` label of `bearerd_upgraded_bytes_total`: bytes the app sent on.
+const TO_UPSTREAM: &str = "to_upstream";
+/// The `direction` label of `bearerd_upgraded_bytes_total`: bytes the upstream sent on.
+const TO_APP: &str = "to_app";
 
 impl ProxyMetrics {
     /// Creates the families and registers them in `metrics`.
@@ -113,6 +121,27 @@ impl ProxyMetrics {
                 ),
                 &["upstream", "reason"],
             )?)?,
+            upgraded_open: metrics.register(IntGaugeVec::new(
+                Opts::new(
+                    "bearerd_upgraded_connections_open",
+                    "Upgraded connections (WebSocket) open now, bytes copied both ways.",
+                ),
+                upstream,
+            )?)?,
+            upgraded_total: metrics.register(IntCounterVec::new(
+                Opts::new(
+                    "bearerd_upgraded_connections_total",
+                    "Connections the upstream switched to another protocol (101), since start.",
+                ),
+                upstream,
+            )?)?,
+            upgraded_bytes_total: metrics.register(IntCounterVec::new(
+                Opts::new(
+                    "bearerd_upgraded_bytes_total",
+                    "Bytes copied on upgraded connections, by direction (to_upstream, to_app).",
+                ),
+                &["upstream", "direction"],
+            )?)?,
         })
     }
 
@@ -135,6 +164,12 @@ impl ProxyMetrics {
             refused_listener_full: self
                 .connections_refused_total
                 .with_label_values(&[name, Refusal::ListenerFull.label()]),
+            upgraded_open: self.upgraded_open.with_label_values(&[name]),
+            upgraded_total: self.upgraded_total.with_label_values(&[name]),
+            upgraded_to_upstream: self
+                .upgraded_bytes_total
+                .with_label_values(&[name, TO_UPSTREAM]),
+            upgraded_to_app: self.upgraded_bytes_total.with_label_values(&[name, TO_APP]),
         }
     }
 
@@ -157,8 +192,15 @@ impl ProxyMetrics {
             &self.requests_in_flight,
             &self.token_unavailable_total,
             &self.unauthorized_retries_total,
+            &self.upgraded_open,
+            &self.upgraded_total,
         ] {
             family.remove_upstream(name);
+        }
+        for direction in [TO_UPSTREAM, TO_APP] {
+            let _ = self
+                .upgraded_bytes_total
+                .remove_label_values(&[name, direction]);
         }
         for reason in Refusal::ALL {
             let _ = self
@@ -181,6 +223,10 @@ pub struct RouteSeries {
     unauthorized_retries: IntCounter,
     refused_not_allowed: IntCounter,
     refused_listener_full: IntCounter,
+    upgraded_open: IntGauge,
+    upgraded_total: IntCounter,
+    upgraded_to_upstream: IntCounter,
+    upgraded_to_app: IntCounter,
 }
 
 impl RouteSeries {
@@ -231,6 +277,23 @@ impl RouteSeries {
             Refusal::ListenerFull => &self.refused_listener_full,
         }
         .inc();
+    }
+}
+
+impl RouteSeries {
+    /// An upgraded connection opened; the guard counts it open until dropped.
+    pub(crate) fn upgrade_opened(&self) -> InFlight<'_> {
+        self.upgraded_total.inc();
+        self.upgraded_open.inc();
+        InFlight(&self.upgraded_open)
+    }
+
+    /// The byte counters of upgraded connections: to the upstream, to the app.
+    pub(crate) fn upgraded_bytes(&self) -> (IntCounter, IntCounter) {
+        (
+            self.upgraded_to_upstream.clone(),
+            self.upgraded_to_app.clone(),
+        )
     }
 }
 

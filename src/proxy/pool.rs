@@ -27,6 +27,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// Connections to one upstream.
 pub(crate) struct Pool {
     connector: Connector,
+    /// Offers HTTP/1.1 alone by ALPN: for the connections an upgrade is sent on.
+    upgrades: Connector,
     /// `scheme://authority` of the upstream: what the connector dials.
     dial: Uri,
     /// HTTP/1.1 connections no app connection holds, newest last.
@@ -107,12 +109,14 @@ impl Pool {
     /// (RFC 9113 §3.3).
     pub(crate) fn new(
         connector: Connector,
+        upgrades: Connector,
         dial: Uri,
         max_idle: usize,
         prior_knowledge: bool,
     ) -> Self {
         Self {
             connector,
+            upgrades,
             dial,
             idle: Mutex::new(Vec::new()),
             shared: Mutex::new(None),
@@ -170,6 +174,29 @@ impl Pool {
             });
             Ok(Sender::Http1(sender))
         }
+    }
+
+    /// A new HTTP/1.1 connection of its own for a request that asks for an upgrade: it can
+    /// hand its IO over after a `101`, and is never pooled (after a refusal it is dropped too,
+    /// rather than be told apart from one that switched).
+    pub(crate) async fn connect_upgradable(
+        &self,
+    ) -> Result<http1::SendRequest<RequestBody>, ConnectError> {
+        let io = self
+            .upgrades
+            .clone()
+            .call(self.dial.clone())
+            .await
+            .map_err(ConnectError::Dial)?;
+        let (sender, connection) = http1::handshake(io)
+            .await
+            .map_err(ConnectError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "upstream connection ended");
+            }
+        });
+        Ok(sender)
     }
 
     /// Takes back a connection whose app connection has closed.

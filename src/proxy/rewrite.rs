@@ -23,10 +23,17 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes the hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip_hop_by_hop_but_upgrade(headers);
+}
+
+/// [`strip_hop_by_hop`], answering the `Upgrade` header it removed when `Connection` named it
+/// (RFC 9110 §7.8): the protocols a request asks to switch to. The look for it happens only
+/// on the way that removes something, so a message without hop-by-hop headers pays nothing.
+pub fn strip_hop_by_hop_but_upgrade(headers: &mut HeaderMap) -> Option<HeaderValue> {
     // Most messages carry none: one look over the names, without hashing, before any
     // removal (each of which hashes its name).
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return;
+        return None;
     }
     // Collect first: the names are borrowed from the map they are removed from.
     let named: Vec<HeaderName> = headers
@@ -36,9 +43,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|value| value.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
+    let upgrade = if named.contains(&http::header::UPGRADE) {
+        headers.get(http::header::UPGRADE).cloned()
+    } else {
+        None
+    };
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
+    upgrade
 }
 
 /// Where an upstream's requests go: its scheme, authority and base path, and the forms of them
@@ -296,5 +309,31 @@ mod tests {
         let mut left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-type", "x-request-id"]);
+    }
+
+    #[test]
+    fn the_upgrade_is_answered_only_when_connection_names_it() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        let mut asked = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "k"),
+        ]);
+        assert_eq!(
+            strip_hop_by_hop_but_upgrade(&mut asked).unwrap(),
+            "websocket"
+        );
+        assert!(asked.get("upgrade").is_none() && asked.get("connection").is_none());
+        assert_eq!(asked["sec-websocket-key"], "k");
+        let mut not_named = headers(&[("connection", "close"), ("upgrade", "websocket")]);
+        assert!(strip_hop_by_hop_but_upgrade(&mut not_named).is_none());
+        let mut plain = headers(&[("accept", "*/*")]);
+        assert!(strip_hop_by_hop_but_upgrade(&mut plain).is_none());
     }
 }

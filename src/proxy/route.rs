@@ -529,6 +529,12 @@ pub(crate) struct Route {
     pub retry_on_401: bool,
     /// How long the app's request body may make no progress.
     pub body_idle_timeout: Duration,
+    /// How long the upstream's response body may make no progress; `None`: for ever.
+    pub response_body_idle_timeout: Option<Duration>,
+    /// The `Upgrade` protocols passed to the upstream (lowercase); others are dropped.
+    pub upgrade_protocols: Box<[String]>,
+    /// `[server] upgraded_idle_timeout`.
+    pub upgraded_idle_timeout: Duration,
     /// Memory for request bodies kept for a replay, shared by all listeners.
     pub replay_budget: ReplayBudget,
     /// `[telemetry]`: the tracer of its requests; `None`, nothing is traced.
@@ -581,6 +587,8 @@ pub(crate) struct Shared {
     pub(crate) max_connections: usize,
     /// `[server] body_idle_timeout`.
     pub(crate) body_idle_timeout: Duration,
+    /// `[server] upgraded_idle_timeout`.
+    pub(crate) upgraded_idle_timeout: Duration,
     /// Memory for request bodies kept for a replay, shared by every listener.
     pub(crate) replay_budget: ReplayBudget,
     /// `[log] access`.
@@ -600,14 +608,17 @@ impl Route {
         shared: &Shared,
     ) -> Self {
         let Setup { tls, target, .. } = setup;
+        // An upgrade (WebSocket) is HTTP/1.1 only: its connections offer nothing else by ALPN.
+        let upgrades = tls::http1_connector(tls.clone(), upstream.connect_timeout);
         let connector = match upstream.protocol {
-            UpstreamProtocol::Http1 => tls::http1_connector(tls, upstream.connect_timeout),
+            UpstreamProtocol::Http1 => upgrades.clone(),
             UpstreamProtocol::Auto | UpstreamProtocol::H2c => {
                 tls::connector(tls, upstream.connect_timeout)
             }
         };
         let pool = Pool::new(
             connector,
+            upgrades,
             target.dial(),
             shared.max_connections,
             upstream.protocol == UpstreamProtocol::H2c,
@@ -623,6 +634,9 @@ impl Route {
             access_log: shared.access_log,
             retry_on_401: upstream.retry_on_401,
             body_idle_timeout: shared.body_idle_timeout,
+            response_body_idle_timeout: upstream.response_body_idle_timeout,
+            upgrade_protocols: upstream.upgrade_protocols.clone().into_boxed_slice(),
+            upgraded_idle_timeout: shared.upgraded_idle_timeout,
             replay_budget: shared.replay_budget.clone(),
             telemetry: shared.telemetry.clone(),
         }

@@ -7,29 +7,40 @@
 //! `:authority` is refused: a route chosen by one and a log naming the other could not both
 //! be right.
 //!
+//! An extended CONNECT for a WebSocket (RFC 8441) becomes the HTTP/1.1 handshake first
+//! ([`upgrade::from_extended_connect`]).
+//!
 //! Around: the stream takes an upstream connection for itself ([`pool::Slot`]) and gives it
 //! back once its response has ended ([`Released`]), as it cannot share its app connection's.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::{CONNECTION, HOST};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use super::body::ResponseBody;
+use super::connection::RequestGuard;
 use super::error::ProxyError;
 use super::forward;
 use super::pool::Slot;
 use super::route::Listener;
+use super::upgrade;
 use crate::config::Mode;
 
 /// Answers one stream of an HTTP/2 app connection.
 pub(super) async fn serve(
     listener: &Listener,
     mut request: Request<Incoming>,
+    guard: &RequestGuard,
 ) -> Response<Released> {
+    // A WebSocket over HTTP/2 (RFC 8441) goes on as the HTTP/1.1 handshake (`upgrade`).
+    upgrade::from_extended_connect(&mut request, guard);
     let mut response = match authority_as_host(&mut request, listener.mode) {
         Ok(()) => match forward::route(listener, &request) {
             Ok(route) => {
@@ -47,7 +58,8 @@ pub(super) async fn serve(
                         Box::pin(crate::telemetry::traced(cx, forwarded)).await
                     }
                 };
-                return response.map(|body| Released { body, slot });
+                let idle = route.response_body_idle_timeout.map(BodyIdle::new);
+                return response.map(|body| Released { body, slot, idle });
             }
             Err(error) => forward::unrouted(listener, &request, error),
         },
@@ -59,6 +71,7 @@ pub(super) async fn serve(
     response.map(|body| Released {
         body,
         slot: Slot::default(),
+        idle: None,
     })
 }
 
@@ -105,7 +118,45 @@ fn authority_as_host<B>(request: &mut Request<B>, mode: Mode) -> Result<(), Prox
 pub(crate) struct Released {
     body: ResponseBody,
     slot: Slot,
+    /// The route's `response_body_idle_timeout`: a timer per stream (the watchdog's one
+    /// deadline serves HTTP/1.1's one response at a time).
+    idle: Option<BodyIdle>,
 }
+
+/// A response body's idle deadline, made at its first wait and pushed back whenever a frame
+/// arrives (as [`super::body::AppBody`]'s).
+struct BodyIdle {
+    limit: Duration,
+    deadline: Option<Pin<Box<Sleep>>>,
+    progressed: bool,
+}
+
+impl BodyIdle {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            deadline: None,
+            progressed: false,
+        }
+    }
+
+    /// Whether the body, pending now, has been silent for the limit.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.limit;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if std::mem::take(&mut self.progressed) {
+            deadline.as_mut().reset(Instant::now() + limit);
+        }
+        deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// The error that ends a response body silent for its idle timeout (the stream is reset).
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream's response body sent nothing for {}", humantime::format_duration(*.0))]
+struct BodyStalled(Duration);
 
 impl Drop for Released {
     fn drop(&mut self) {
@@ -121,7 +172,18 @@ impl Body for Released {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Some(idle) = &mut this.idle {
+            match &polled {
+                Poll::Ready(Some(Ok(_))) => idle.progressed = true,
+                Poll::Pending if idle.expired(cx) => {
+                    return Poll::Ready(Some(Err(BodyStalled(idle.limit).into())));
+                }
+                _ => {}
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -174,6 +174,7 @@ impl Running {
         let shared = RouteShared {
             max_connections: self.config.server.max_connections,
             body_idle_timeout: self.config.server.body_idle_timeout,
+            upgraded_idle_timeout: self.config.server.upgraded_idle_timeout,
             replay_budget: self.replay_budget.clone(),
             access_log: config.log.access,
             telemetry: self.telemetry.clone(),

@@ -951,3 +951,41 @@ fn telemetry_gets_its_defaults_and_its_mistakes_name_the_key() {
         "{problems}"
     );
 }
+
+#[test]
+fn upgrade_and_stream_keys_have_their_defaults_and_refuse_h2c() {
+    let config = Config::parse(Path::new("/etc/bearerd/bearerd.toml"), &only(payments())).unwrap();
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.upgrade_protocols, ["websocket"]);
+    assert_eq!(
+        upstream.response_body_idle_timeout,
+        Some(std::time::Duration::from_secs(300))
+    );
+    assert_eq!(
+        config.server.upgraded_idle_timeout,
+        std::time::Duration::from_secs(3600)
+    );
+
+    let text = only(
+        payments()
+            .set("upgrade_protocols", r#"["WebSocket", "x-feed/2"]"#)
+            .set("response_body_idle_timeout", r#""0""#),
+    );
+    let config = Config::parse(Path::new("/etc/bearerd/bearerd.toml"), &text).unwrap();
+    assert_eq!(
+        config.upstreams[0].upgrade_protocols,
+        ["websocket", "x-feed/2"]
+    );
+    assert_eq!(config.upstreams[0].response_body_idle_timeout, None);
+
+    let text = only(payments().set("upgrade_protocols", r#"["h2c", "web socket"]"#));
+    let message = errors(&text);
+    assert!(
+        message.contains("upgrade_protocols: h2c cannot be passed through"),
+        "{message}"
+    );
+    assert!(
+        message.contains(r#"upgrade_protocols: "web socket" is not a protocol name"#),
+        "{message}"
+    );
+}

@@ -21,5 +21,7 @@ mod proxy;
 mod recipes;
 mod reload;
 mod status;
+mod streams;
 mod unauthorized;
+mod upgrade;
 mod vendors;

@@ -12,3 +12,4 @@ mod grpc;
 mod http2_hostile;
 mod oidc;
 mod telemetry;
+mod websocket;

@@ -98,7 +98,8 @@ impl Server {
     }
 }
 
-/// Serves `handler` over plain HTTP/1.1 and HTTP/2 (prior knowledge) on 127.0.0.1:0.
+/// Serves `handler` over plain HTTP/1.1 and HTTP/2 (prior knowledge) on 127.0.0.1:0, with
+/// upgrades: a handler may answer 101 and take the connection (`hyper::upgrade::on`).
 pub async fn serve<F, Fut>(handler: F) -> Server
 where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
@@ -144,13 +145,13 @@ where
                     Some(acceptor) => {
                         if let Ok(stream) = acceptor.accept(stream).await {
                             let _ = builder
-                                .serve_connection(TokioIo::new(stream), service)
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                                 .await;
                         }
                     }
                     None => {
                         let _ = builder
-                            .serve_connection(TokioIo::new(stream), service)
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .await;
                     }
                 }
