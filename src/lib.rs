@@ -38,6 +38,7 @@
 pub mod admin;
 pub mod check;
 pub mod config;
+mod egress;
 mod errors;
 mod files;
 mod jose;

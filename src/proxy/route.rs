@@ -20,6 +20,7 @@ use super::metrics::RouteSeries;
 use super::pool::Pool;
 use super::rewrite::{BadTarget, Target};
 use crate::config::{self, Mode, RouteMatch, UpstreamProtocol};
+use crate::egress::Egress;
 use crate::telemetry::Telemetry;
 use crate::tls::{self, TlsError};
 use crate::token::credential::Credential;
@@ -543,6 +544,8 @@ pub(crate) struct Setup {
     target: Target,
     /// The `x5t#S256` of the client certificate presented to the upstream, if any.
     client_certificate: Option<String>,
+    /// `[egress]`: the proxy the upstream is reached through, if any.
+    egress: Option<Arc<Egress>>,
 }
 
 /// A route that cannot be set up.
@@ -557,8 +560,12 @@ pub(crate) enum SetupError {
 }
 
 impl Setup {
-    /// Loads what `upstream`'s route needs.
-    pub(crate) fn new(upstream: &config::Upstream) -> Result<Self, SetupError> {
+    /// Loads what `upstream`'s route needs; the upstream is reached through `egress` when
+    /// given.
+    pub(crate) fn new(
+        upstream: &config::Upstream,
+        egress: Option<&Arc<Egress>>,
+    ) -> Result<Self, SetupError> {
         let identity = upstream.tls.identity.as_ref();
         Ok(Self {
             tls: tls::client_config(&upstream.tls, identity)?,
@@ -566,6 +573,7 @@ impl Setup {
             client_certificate: identity
                 .map(|files| tls::LoadedIdentity::read(files).map(|loaded| loaded.fingerprint()))
                 .transpose()?,
+            egress: egress.cloned(),
         })
     }
 
@@ -599,12 +607,17 @@ impl Route {
         metrics: Arc<RouteSeries>,
         shared: &Shared,
     ) -> Self {
-        let Setup { tls, target, .. } = setup;
+        let Setup {
+            tls,
+            target,
+            egress,
+            ..
+        } = setup;
+        let (timeout, egress) = (upstream.connect_timeout, egress.as_ref());
         let connector = match upstream.protocol {
-            UpstreamProtocol::Http1 => tls::http1_connector(tls, upstream.connect_timeout),
-            UpstreamProtocol::Auto | UpstreamProtocol::H2c => {
-                tls::connector(tls, upstream.connect_timeout)
-            }
+            UpstreamProtocol::Http1 => tls::http1_connector(tls, timeout, egress),
+            // h2c through a proxy: the preface goes inside the CONNECT tunnel.
+            UpstreamProtocol::Auto | UpstreamProtocol::H2c => tls::connector(tls, timeout, egress),
         };
         let pool = Pool::new(
             connector,

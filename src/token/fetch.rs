@@ -63,16 +63,18 @@ struct Answer {
 
 impl Fetcher {
     /// A fetcher that reaches the token endpoint with `tls` (which presents the client
-    /// certificate of `tls_client_auth`), binding tokens to `dpop` when given.
+    /// certificate of `tls_client_auth`), through `egress` when given, binding tokens to
+    /// `dpop` when given.
     pub(crate) fn new(
         settings: TokenSettings,
         tls: rustls::ClientConfig,
+        egress: Option<&Arc<crate::egress::Egress>>,
         dpop: Option<Arc<DpopKey>>,
         on_nonce_retry: Box<dyn Fn() + Send + Sync>,
     ) -> Self {
         // One timeout bounds the whole request; the connect timeout just keeps the
         // connector's own error when it is the connect that hangs.
-        let client = crate::tls::client(tls, settings.timeout);
+        let client = crate::tls::client(tls, settings.timeout, egress);
         Self {
             settings,
             client,
