@@ -215,13 +215,16 @@ pub(crate) enum TunnelError {
         #[source]
         source: BoxError,
     },
-    /// The proxy wants (other) credentials.
-    #[error("the proxy {proxy} answered CONNECT {target} with 407 Proxy Authentication Required: {hint}")]
+    /// The proxy wants (other) credentials: 407, or 401 as some (tinyproxy) answer wrong
+    /// ones.
+    #[error("the proxy {proxy} answered CONNECT {target} with {status}: {hint}")]
     AuthenticationRequired {
         /// The proxy's authority.
         proxy: String,
         /// `host:port`.
         target: String,
+        /// 407 or 401.
+        status: StatusCode,
         /// What to look at.
         hint: &'static str,
     },
@@ -410,21 +413,27 @@ async fn connect(
     }
     let (proxy, target) = (proxy.to_owned(), to.to_owned());
     Err(match status {
-        StatusCode::PROXY_AUTHENTICATION_REQUIRED => TunnelError::AuthenticationRequired {
-            proxy,
-            target,
-            hint: if authorization.is_some() {
-                "it refused the credentials of proxy_authorization_file"
-            } else {
-                "it wants credentials: set [egress] proxy_authorization_file"
-            },
-        },
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED | StatusCode::UNAUTHORIZED => {
+            TunnelError::AuthenticationRequired {
+                proxy,
+                target,
+                status,
+                hint: if authorization.is_some() {
+                    "it refused the credentials of proxy_authorization_file"
+                } else {
+                    "it wants credentials: set [egress] proxy_authorization_file"
+                },
+            }
+        }
         status => TunnelError::Refused {
             proxy,
             target,
             status,
             hint: match status {
                 StatusCode::FORBIDDEN => ": the proxy does not allow this host or port",
+                StatusCode::INTERNAL_SERVER_ERROR => {
+                    ": the proxy failed, often as it could not reach the host"
+                }
                 StatusCode::BAD_GATEWAY
                 | StatusCode::SERVICE_UNAVAILABLE
                 | StatusCode::GATEWAY_TIMEOUT => ": the proxy could not reach it",
