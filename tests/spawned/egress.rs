@@ -507,3 +507,95 @@ fn an_https_or_socks_proxy_is_a_config_error_saying_so() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upstream_speaks_http2_inside_the_tunnel() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok-h2c", 3600) }).await;
+    let upstream = serve(echo).await;
+    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &config(
+            &format!("proxy = \"{}\"", proxy.url()),
+            &upstream.url("/"),
+            &endpoint.url("/token"),
+            "protocol = \"h2c\"",
+        ),
+    );
+    let daemon = start(&path);
+    let listen = tokio::task::block_in_place(|| daemon.listen_addr("api"));
+    let seen = get(&format!("http://{listen}/x")).await.echo();
+    assert_eq!(seen.version, "HTTP/2.0");
+    assert_eq!(seen.header("authorization"), Some("Bearer tok-h2c"));
+    assert!(
+        proxy
+            .requests()
+            .contains(&format!("CONNECT {} HTTP/1.1", upstream.addr)),
+        "{:?}",
+        proxy.requests()
+    );
+}
+
+/// The proxy variables of a test's environment: every one set, so that none is inherited.
+fn proxy_env(http_proxy: &str, no_proxy: &str) -> Vec<(&'static str, String)> {
+    let mut env = vec![("RUST_LOG", "debug,h2=info,rustls=info".to_owned())];
+    for (upper, lower, value) in [
+        ("HTTP_PROXY", "http_proxy", http_proxy),
+        ("HTTPS_PROXY", "https_proxy", ""),
+        ("ALL_PROXY", "all_proxy", ""),
+        ("NO_PROXY", "no_proxy", no_proxy),
+    ] {
+        env.push((upper, value.to_owned()));
+        env.push((lower, value.to_owned()));
+    }
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_env_takes_the_proxy_and_its_credentials_from_http_proxy() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok-env", 3600) }).await;
+    let upstream = serve(echo).await;
+    let proxy = tokio::task::block_in_place(|| {
+        Tinyproxy::start(&Settings {
+            basic_auth: Some(("alice".into(), PROXY_PASSWORD.into())),
+            ..Settings::default()
+        })
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &config(
+            "use_env = true",
+            &upstream.url("/"),
+            &endpoint.url("/token"),
+            "",
+        ),
+    );
+    let env = proxy_env(
+        &format!("http://alice:{PROXY_PASSWORD}@127.0.0.1:{}", proxy.port),
+        ".svc.cluster.local",
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let check = std::process::Command::new(BIN)
+        .args(["--config", &path, "--check"])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "egress: proxies from the environment: HTTP_PROXY=http://127.0.0.1:{}",
+            proxy.port
+        )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(PROXY_PASSWORD), "{stdout}");
+    let daemon = tokio::task::block_in_place(|| Daemon::start_with(&path, &env));
+    let listen = tokio::task::block_in_place(|| daemon.listen_addr("api"));
+    let seen = get(&format!("http://{listen}/x")).await.echo();
+    assert_eq!(seen.header("authorization"), Some("Bearer tok-env"));
+    assert_eq!(proxy.requests().len(), 2, "{:?}", proxy.requests());
+    assert_password_not_logged(&daemon);
+}
