@@ -599,3 +599,32 @@ async fn use_env_takes_the_proxy_and_its_credentials_from_http_proxy() {
     assert_eq!(proxy.requests().len(), 2, "{:?}", proxy.requests());
     assert_password_not_logged(&daemon);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_exporter_reaches_the_collector_through_the_proxy() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok-traced", 3600) }).await;
+    let upstream = serve(echo).await;
+    // Answers every OTLP export with an empty 200.
+    let collector =
+        serve(|_| async { http::Response::new(support::full(bytes::Bytes::new())) }).await;
+    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = config(
+        &format!("proxy = \"{}\"", proxy.url()),
+        &upstream.url("/"),
+        &endpoint.url("/token"),
+        "",
+    );
+    text.push_str(&format!(
+        "\n[telemetry]\notlp_endpoint = \"{}\"\nsample_ratio = 1.0\n",
+        collector.url("")
+    ));
+    let path = write_config(dir.path(), &text);
+    let daemon = start(&path);
+    let listen = tokio::task::block_in_place(|| daemon.listen_addr("api"));
+    get(&format!("http://{listen}/x")).await.echo();
+    // The token fetch's span is always exported; the exporter sends within its interval.
+    tokio::task::block_in_place(|| {
+        proxy.wait_for_request(&format!("CONNECT {} HTTP/1.1", collector.addr));
+    });
+}
