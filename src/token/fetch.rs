@@ -43,6 +43,9 @@ pub trait Fetch: Send + Sync + 'static {
 pub struct Fetcher {
     settings: TokenSettings,
     client: HttpsClient<Full<Bytes>>,
+    /// `[egress]`'s proxy, when the endpoint is reached through it: a request that times out
+    /// names it (the whole request's timeout fires before the tunnel's own).
+    proxy: Option<String>,
     /// The key tokens are bound to, with `dpop = true`.
     dpop: Option<Arc<DpopKey>>,
     /// The token endpoint's latest DPoP nonce.
@@ -75,9 +78,14 @@ impl Fetcher {
         // One timeout bounds the whole request; the connect timeout just keeps the
         // connector's own error when it is the connect that hangs.
         let client = crate::tls::client(tls, settings.timeout, egress);
+        let proxy = egress.and_then(|egress| match egress.way(&settings.url) {
+            crate::egress::Way::Proxy(proxy) => Some(proxy),
+            crate::egress::Way::NoProxy | crate::egress::Way::Direct => None,
+        });
         Self {
             settings,
             client,
+            proxy,
             dpop,
             nonce: Nonce::default(),
             on_nonce_retry,
@@ -118,7 +126,10 @@ impl Fetcher {
         let answer = tokio::time::timeout_at(deadline, attempts)
             .await
             .map_err(|_| FetchError::Timeout {
-                endpoint: self.endpoint(),
+                endpoint: match &self.proxy {
+                    Some(proxy) => format!("{} through the proxy {proxy}", self.endpoint()),
+                    None => self.endpoint(),
+                },
                 after: timeout,
             })??;
         self.outcome(answer, &redactor)

@@ -628,3 +628,42 @@ async fn the_trace_exporter_reaches_the_collector_through_the_proxy() {
         proxy.wait_for_request(&format!("CONNECT {} HTTP/1.1", collector.addr));
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_request_through_a_proxy_that_never_answers_times_out_naming_it() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = silent.local_addr().unwrap();
+    let endpoint = token_endpoint(|_, _| async { token_ok("never", 3600) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &config(
+            &format!("proxy = \"http://{proxy}\""),
+            "http://127.0.0.1:9/",
+            &endpoint.url("/token"),
+            "",
+        )
+        .replace(
+            "client_id = \"abc\"",
+            "client_id = \"abc\"\ntimeout = \"300ms\"",
+        ),
+    );
+    let daemon = start(&path);
+    wait_for_log(
+        &daemon,
+        &[&format!(
+            "token request to {} through the proxy {proxy} timed out after 300ms",
+            endpoint.server.addr
+        )],
+    );
+    assert!(
+        metric(
+            &daemon,
+            r#"bearerd_token_fetch_total{outcome="timeout",upstream="api"}"#
+        )
+        .await
+            >= 1.0
+    );
+    assert_eq!(endpoint.count(), 0);
+    drop(silent);
+}
