@@ -667,3 +667,37 @@ async fn a_token_request_through_a_proxy_that_never_answers_times_out_naming_it(
     assert_eq!(endpoint.count(), 0);
     drop(silent);
 }
+
+#[test]
+fn check_reads_the_proxy_credentials_file_without_printing_it() {
+    for (contents, says) in [
+        (None, "proxy_authorization_file: cannot read"),
+        (Some(PROXY_PASSWORD), "must hold user:password on one line"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(contents) = contents {
+            std::fs::write(dir.path().join("proxy-basic"), contents).unwrap();
+        }
+        let path = write_config(
+            dir.path(),
+            &config(
+                "proxy = \"http://proxy.corp.example:3128\"\nproxy_authorization_file = \"proxy-basic\"",
+                "https://api.example.com/",
+                "https://login.example.com/token",
+                "",
+            ),
+        );
+        let output = std::process::Command::new(BIN)
+            .args(["--config", &path, "--check"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("[egress]: ") && stderr.contains(says),
+            "{stderr}"
+        );
+        assert!(stderr.contains("proxy-basic"), "{stderr}");
+        assert!(!stderr.contains(PROXY_PASSWORD), "{stderr}");
+    }
+}
