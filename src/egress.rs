@@ -389,11 +389,11 @@ async fn connect(
         if read == 0 {
             return Err(protocol("it closed the connection".into()));
         }
-        // Only the new bytes and the three before them can complete the blank line.
-        let from = answer.len().saturating_sub(3);
+        // Only the new bytes and the two before them can complete the blank line.
+        let from = answer.len().saturating_sub(2);
         answer.extend_from_slice(&chunk[..read]);
-        if let Some(at) = answer[from..].windows(4).position(|w| w == b"\r\n\r\n") {
-            break from + at + 4;
+        if let Some(end) = header_end(&answer, from) {
+            break end;
         }
         if answer.len() > MAX_ANSWER_BYTES {
             return Err(protocol(format!(
@@ -443,12 +443,31 @@ async fn connect(
     })
 }
 
+/// Where the headers of `answer` end (after the blank line, CRLF or bare LF as RFC 9112
+/// §2.2 lets a recipient accept), looking at line feeds from `from` on.
+fn header_end(answer: &[u8], from: usize) -> Option<usize> {
+    (from..answer.len()).find_map(|i| {
+        if answer[i] != b'\n' {
+            return None;
+        }
+        match answer.get(i + 1..) {
+            Some([b'\n', ..]) => Some(i + 2),
+            Some([b'\r', b'\n', ..]) => Some(i + 3),
+            _ => None,
+        }
+    })
+}
+
 /// The status of an `HTTP/1.x NNN reason` line.
 fn status_of(answer: &[u8]) -> Option<StatusCode> {
     let line = answer.split(|&b| b == b'\n').next()?;
     let rest = line.strip_prefix(b"HTTP/1.")?;
     let code = rest.get(2..5)?;
-    if rest.get(1) != Some(&b' ') || rest.get(5).is_some_and(|b| !matches!(b, b' ' | b'\r')) {
+    if rest.get(1) != Some(&b' ')
+        || rest
+            .get(5)
+            .is_some_and(|b| !matches!(b, b' ' | b'\r' | b'\n'))
+    {
         return None;
     }
     StatusCode::from_bytes(code).ok()
@@ -507,6 +526,17 @@ mod tests {
     }
 
     #[test]
+    fn headers_end_at_a_blank_line_of_crlf_or_lf() {
+        let crlf = b"HTTP/1.1 200 OK\r\nX: y\r\n\r\n";
+        assert_eq!(header_end(crlf, 0), Some(crlf.len()));
+        let lf = b"HTTP/1.1 200 OK\nX: y\n\n";
+        assert_eq!(header_end(lf, 0), Some(lf.len()));
+        assert_eq!(header_end(b"HTTP/1.1 200 OK\r\nX: y\r\n", 0), None);
+        let more = b"HTTP/1.1 200 OK\r\n\r\nextra";
+        assert_eq!(header_end(more, 0), Some(more.len() - 5));
+    }
+
+    #[test]
     fn status_lines_are_read_strictly() {
         assert_eq!(
             status_of(b"HTTP/1.1 200 Connection established\r\n\r\n"),
@@ -517,6 +547,7 @@ mod tests {
             Some(StatusCode::PROXY_AUTHENTICATION_REQUIRED)
         );
         assert_eq!(status_of(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(status_of(b"HTTP/1.1 403\n\n"), Some(StatusCode::FORBIDDEN));
         assert_eq!(status_of(b"HTTP/1.1 2000 x\r\n"), None);
         assert_eq!(status_of(b""), None);
     }
