@@ -701,3 +701,48 @@ fn check_reads_the_proxy_credentials_file_without_printing_it() {
         assert!(!stderr.contains(PROXY_PASSWORD), "{stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_cache_is_never_reached_through_the_proxy() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok-cached", 3600) }).await;
+    let upstream = serve(echo).await;
+    let redis = tokio::task::block_in_place(support::redis::Redis::start);
+    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let dir = tempfile::tempdir().unwrap();
+    // 32 bytes, base64, as `openssl rand -base64 32` writes them.
+    std::fs::write(
+        dir.path().join("cache-key"),
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n",
+    )
+    .unwrap();
+    let mut text = config(
+        &format!("proxy = \"{}\"", proxy.url()),
+        &upstream.url("/"),
+        &endpoint.url("/token"),
+        "",
+    );
+    text.push_str(&format!(
+        "\n[cache]\nbackend = \"redis\"\nurl = \"{}\"\nkey_file = \"cache-key\"\ntimeout = \"2s\"\n",
+        redis.url()
+    ));
+    let path = write_config(dir.path(), &text);
+    let daemon = start(&path);
+    let listen = tokio::task::block_in_place(|| daemon.listen_addr("api"));
+    let seen = get(&format!("http://{listen}/x")).await.echo();
+    assert_eq!(seen.header("authorization"), Some("Bearer tok-cached"));
+    // The token reached Redis, directly: the proxy was asked for the endpoint and the
+    // upstream only.
+    let deadline = Instant::now() + PATIENCE;
+    while tokio::task::block_in_place(|| redis.keys("bearerd:token:*")).is_empty() {
+        assert!(Instant::now() < deadline, "no token stored in Redis");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut requests = proxy.requests();
+    requests.sort();
+    let mut expected = vec![
+        format!("CONNECT {} HTTP/1.1", endpoint.server.addr),
+        format!("CONNECT {} HTTP/1.1", upstream.addr),
+    ];
+    expected.sort();
+    assert_eq!(requests, expected, "Redis is at {}", redis.addr());
+}
