@@ -7,6 +7,9 @@
 #   redis-server          (Debian's redis-server package) for tests/spawned/cache.rs, which starts its
 #                         own servers on loopback ports; the distribution's service is not
 #                         left running
+#   tinyproxy             (Debian's tinyproxy package) for tests/spawned/egress.rs, which starts its
+#                         own proxies on loopback ports; the distribution's service is not left
+#                         running
 #   curl, wget, python3 with requests   the clients tests/spawned/routing.rs sends through a forward
 #                         listener with their proxy settings
 #   chromium              (Debian's chromium package) for tests/spawned/status_page.rs, which loads
@@ -24,6 +27,10 @@ elif ! command -v npm >/dev/null; then
 fi
 if ! command -v redis-server >/dev/null; then
   missing+=(redis-server)
+fi
+# Debian installs it in /usr/bin; a PATH without it still finds it there (tests/support/tinyproxy.rs).
+if ! command -v tinyproxy >/dev/null && [ ! -x /usr/bin/tinyproxy ] && [ ! -x /usr/sbin/tinyproxy ]; then
+  missing+=(tinyproxy)
 fi
 if ! command -v chromium >/dev/null; then
   missing+=(chromium)
@@ -62,4 +69,7 @@ $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # should anything have started it. The tests' servers are their own.
 if [[ " ${missing[*]} " == *" redis-server "* ]] && [ -d /run/systemd/system ]; then
   $sudo systemctl disable --now redis-server.service >/dev/null 2>&1 || true
+fi
+if [[ " ${missing[*]} " == *" tinyproxy "* ]] && [ -d /run/systemd/system ]; then
+  $sudo systemctl disable --now tinyproxy.service >/dev/null 2>&1 || true
 fi

@@ -6,6 +6,7 @@
 use std::fmt::Write;
 
 use crate::config::{self, Config, Roots};
+use crate::egress::{Egress, Way};
 use crate::sidecar::{prepare, Prepared, Severity};
 use crate::token::{client_auth, SourceKey};
 
@@ -67,12 +68,65 @@ fn describe(config: &Config, prepared: &Prepared) -> String {
         let _ = writeln!(out, "cache: {}", cache.describe());
         warnings(&mut out, prepared, "[cache]", "");
     }
+    if let Some(egress) = &config.egress {
+        let _ = writeln!(out, "egress: {}", describe_egress(egress));
+        if let (Some(ways), Some(telemetry)) = (&prepared.egress, &config.telemetry) {
+            let _ = writeln!(
+                out,
+                "  trace collector {}: {}",
+                telemetry.traces_url,
+                way(ways, &telemetry.traces_url)
+            );
+        }
+        warnings(&mut out, prepared, "[egress]", "");
+    }
     for upstream in &config.upstreams {
         describe_upstream(&mut out, prepared, upstream);
     }
     describe_listeners(config, prepared, &mut out);
     let _ = writeln!(out, "token sources: {}", prepared.sources.len());
     out
+}
+
+/// `[egress]` on one line: where the proxy comes from, what bypasses it, its credentials.
+fn describe_egress(egress: &config::Egress) -> String {
+    let mut out = match &egress.proxy {
+        config::EgressProxy::Fixed(uri) => format!("proxy {uri} (CONNECT tunnels)"),
+        config::EgressProxy::Environment(env) => {
+            let named: Vec<String> = env
+                .proxies()
+                .map(|(name, value)| format!("{name}={}", config::without_credentials(value)))
+                .collect();
+            if named.is_empty() {
+                "use_env: the environment names no proxy, so every call goes out directly".into()
+            } else {
+                format!(
+                    "proxies from the environment: {} (CONNECT tunnels)",
+                    named.join(", ")
+                )
+            }
+        }
+    };
+    let mut no_proxy: Vec<&str> = egress.no_proxy.iter().map(String::as_str).collect();
+    if let config::EgressProxy::Environment(env) = &egress.proxy {
+        no_proxy.extend(env.no.split(',').map(str::trim).filter(|s| !s.is_empty()));
+    }
+    if !no_proxy.is_empty() {
+        let _ = write!(out, "; direct for {}", no_proxy.join(", "));
+    }
+    if let Some(path) = &egress.authorization_file {
+        let _ = write!(out, "; Proxy-Authorization (Basic) from {}", path.display());
+    }
+    out
+}
+
+/// Where connections to `url` go, in words.
+fn way(egress: &Egress, url: &http::Uri) -> String {
+    match egress.way(url) {
+        Way::Proxy(proxy) => format!("through the proxy {proxy}"),
+        Way::NoProxy => "direct (no_proxy)".into(),
+        Way::Direct => "direct (no proxy for its scheme)".into(),
+    }
 }
 
 fn describe_upstream(out: &mut String, prepared: &Prepared, upstream: &config::Upstream) {
@@ -153,6 +207,14 @@ fn describe_upstream(out: &mut String, prepared: &Prepared, upstream: &config::U
         None => {
             let _ = writeln!(out);
         }
+    }
+    if let Some(egress) = &prepared.egress {
+        let _ = writeln!(
+            out,
+            "  egress: upstream {}; token endpoint {}",
+            way(egress, &upstream.url),
+            way(egress, &token.url)
+        );
     }
     if let Some(source) = prepared.sources.get(&SourceKey::of(upstream)) {
         if let Some(found) = &source.credentials {
@@ -277,6 +339,7 @@ pub async fn fetch_token(
     let fetcher = crate::token::fetch::Fetcher::new(
         found.token.clone(),
         setup.tls,
+        setup.egress.as_ref(),
         setup.dpop,
         Box::new(|| {}),
     );

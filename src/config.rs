@@ -9,6 +9,7 @@
 
 mod client_auth;
 mod credentials;
+mod egress;
 mod file;
 mod keys;
 mod listener;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use http::Uri;
 
 pub use credentials::{Assertion, ClientAuth, Dpop, Identity, JwsAlg, DEFAULT_ASSERTION_LIFETIME};
+pub use egress::{proxy_env, without_credentials, EgressProxy, ProxyEnv};
 use sources::Sources;
 pub use sources::CONF_D;
 use validate::Validator;
@@ -77,6 +79,21 @@ pub struct Config {
     pub cache: Option<Cache>,
     /// `[telemetry]`; `None`: no trace is recorded or exported.
     pub telemetry: Option<Telemetry>,
+    /// `[egress]`; `None`: bearerd's own calls go out directly.
+    pub egress: Option<Egress>,
+}
+
+/// `[egress]`: the HTTP proxy that token requests, upstream connections and the trace
+/// exporter go through (the `[cache]` Redis never does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Egress {
+    /// Where the proxy comes from.
+    pub proxy: EgressProxy,
+    /// Host suffixes, addresses and networks reached directly, in `NO_PROXY`'s syntax.
+    pub no_proxy: Vec<String>,
+    /// File holding `user:password`, sent as `Proxy-Authorization: Basic`; read again for
+    /// every tunnel, so that a rotated Secret is used.
+    pub authorization_file: Option<PathBuf>,
 }
 
 /// `[telemetry]`: OpenTelemetry traces of proxied requests and token fetches, exported over

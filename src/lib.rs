@@ -13,6 +13,8 @@
 //!   timeout when a token request reads them); `jose`: JWS signing, JWK thumbprints and
 //!   hashes, the leaf that `token` and `tls` both use;
 //! - `tls`: trust anchors and the pooled HTTPS client used for every outbound request;
+//! - `egress`: the TCP layer under `tls`, direct or through the `[egress]` proxy's CONNECT
+//!   tunnel;
 //! - [`token`]: client authentication (`client_auth`), fetch (`fetch`, `response`), refresh
 //!   timing (`schedule`), the refresher task and its supervisor (`refresher`), the handle
 //!   requests read tokens through (`source`, which also starts a source: fetcher, cache and
@@ -38,6 +40,7 @@
 pub mod admin;
 pub mod check;
 pub mod config;
+mod egress;
 mod errors;
 mod files;
 mod jose;

@@ -123,7 +123,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     };
     let telemetry = match &config.telemetry {
         Some(settings) => {
-            let telemetry = Telemetry::start(settings, &metrics.registry)
+            let telemetry = Telemetry::start(settings, &metrics.registry, prepared.egress.as_ref())
                 .map_err(|e| StartError::Telemetry(e.to_string()))?;
             tracing::info!(url = %settings.traces_url, sample_ratio = settings.sample_ratio, "traces exported");
             Some(telemetry)
@@ -222,6 +222,7 @@ impl Running {
             ("[server]", old.server != config.server),
             ("[cache]", old.cache != config.cache),
             ("[telemetry]", old.telemetry != config.telemetry),
+            ("[egress]", old.egress != config.egress),
             (
                 "[log] level, format and audit",
                 (&old.log.level, old.log.format, old.log.audit)
@@ -235,6 +236,11 @@ impl Running {
                 );
             }
         }
+        // `[egress]` takes effect at restart: the routes and token sources this reload makes
+        // go through the proxy the running ones use.
+        let mut config = config.clone();
+        config.egress.clone_from(&self.config.egress);
+        let config = &config;
         let prepared = prepare_to_run(config).await?;
         self.apply(config, prepared).await?;
         tracing::info!(upstreams = config.upstreams.len(), "config reloaded");

@@ -45,6 +45,7 @@ use opentelemetry_sdk::Resource;
 use prometheus::IntCounter;
 
 use crate::config;
+use crate::egress::Egress;
 use crate::metrics::{Metrics, MetricsError};
 
 /// Spans held between their end and their export (the queue's bound): beyond it, new spans
@@ -94,6 +95,7 @@ impl Telemetry {
     pub(crate) fn start(
         settings: &config::Telemetry,
         metrics: &Metrics,
+        egress: Option<&Arc<Egress>>,
     ) -> Result<Arc<Self>, TelemetryError> {
         let dropped = IntCounter::new(
             "bearerd_telemetry_spans_dropped_total",
@@ -109,7 +111,7 @@ impl Telemetry {
             flush_on_shutdown: AtomicBool::new(false),
         });
         let url = settings.traces_url.to_string();
-        let client = http_client().map_err(|reason| TelemetryError::Exporter {
+        let client = http_client(egress).map_err(|reason| TelemetryError::Exporter {
             url: url.clone(),
             reason,
         })?;
@@ -578,16 +580,18 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
 }
 
 /// The exporter's HTTP client: opentelemetry-http's hyper client on bearerd's connector
-/// (TCP, then TLS with the built-in roots for an `https` collector). The connector given here
-/// is where a proxy for bearerd's own calls would plug in.
-fn http_client() -> Result<opentelemetry_http::hyper::HyperClient<crate::tls::Connector>, String> {
+/// (TCP, through the `[egress]` proxy when the collector is not in `no_proxy`, then TLS with
+/// the built-in roots for an `https` collector).
+fn http_client(
+    egress: Option<&Arc<Egress>>,
+) -> Result<opentelemetry_http::hyper::HyperClient<crate::tls::Connector>, String> {
     let settings = config::TlsSettings {
         roots: config::Roots::default(),
         ca_file: None,
         identity: None,
     };
     let tls = crate::tls::client_config(&settings, None).map_err(|e| e.to_string())?;
-    let connector = crate::tls::connector(tls, EXPORT_TIMEOUT);
+    let connector = crate::tls::connector(tls, EXPORT_TIMEOUT, egress);
     Ok(opentelemetry_http::hyper::HyperClient::new(
         connector,
         EXPORT_TIMEOUT,

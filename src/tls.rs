@@ -21,13 +21,15 @@ use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 
 use crate::config::{self, Roots, TlsSettings};
+use crate::egress::{Dialer, Egress};
 use crate::files::{self, Content, FileError};
 pub(crate) use identity::{Identity, Loaded as LoadedIdentity};
 
 /// The pooled client used for token requests.
 pub(crate) type HttpsClient<B> = Client<Connector, B>;
-/// TCP, then TLS where the URL says `https`.
-pub(crate) type Connector = HttpsConnector<HttpConnector>;
+/// TCP (directly or through the `[egress]` proxy's tunnel), then TLS where the URL says
+/// `https`.
+pub(crate) type Connector = HttpsConnector<Dialer>;
 
 /// How long an idle pooled connection is kept. Below the 60 s or more that common servers and
 /// load balancers allow, so that bearerd closes first rather than reusing a dying connection.
@@ -134,7 +136,11 @@ pub(crate) fn client_config(
 }
 
 /// A pooled client over `tls`, for bodies of type `B`.
-pub(crate) fn client<B>(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpsClient<B>
+pub(crate) fn client<B>(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    egress: Option<&Arc<Egress>>,
+) -> HttpsClient<B>
 where
     B: Body + Send + 'static,
     B::Data: Send,
@@ -144,35 +150,44 @@ where
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(connector(tls, connect_timeout))
+        .build(connector(tls, connect_timeout, egress))
 }
 
-/// The connector under [`client`]: TCP with `connect_timeout`, then TLS for `https` URLs,
-/// offering HTTP/2 and HTTP/1.1 by ALPN.
-pub(crate) fn connector(tls: rustls::ClientConfig, connect_timeout: Duration) -> Connector {
+/// The connector under [`client`]: TCP with `connect_timeout` (through `egress`'s proxy for
+/// the hosts it covers), then TLS for `https` URLs, offering HTTP/2 and HTTP/1.1 by ALPN.
+pub(crate) fn connector(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    egress: Option<&Arc<Egress>>,
+) -> Connector {
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_all_versions()
-        .wrap_connector(tcp(connect_timeout))
+        .wrap_connector(tcp(connect_timeout, egress))
 }
 
 /// [`connector`] offering HTTP/1.1 alone by ALPN (an upstream's `protocol = "http1"`).
-pub(crate) fn http1_connector(tls: rustls::ClientConfig, connect_timeout: Duration) -> Connector {
+pub(crate) fn http1_connector(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    egress: Option<&Arc<Egress>>,
+) -> Connector {
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(tcp(connect_timeout))
+        .wrap_connector(tcp(connect_timeout, egress))
 }
 
-/// TCP connections for any scheme (TLS is the layer above), without Nagle's delay.
-fn tcp(connect_timeout: Duration) -> HttpConnector {
+/// TCP connections for any scheme (TLS is the layer above), without Nagle's delay; through
+/// `egress` when given.
+fn tcp(connect_timeout: Duration, egress: Option<&Arc<Egress>>) -> Dialer {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    http
+    Dialer::new(http, egress, connect_timeout)
 }
 
 #[cfg(test)]

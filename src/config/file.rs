@@ -38,6 +38,23 @@ pub(super) struct File {
     /// `[telemetry]`
     #[serde(default)]
     pub telemetry: Option<Spanned<Telemetry>>,
+    /// `[egress]`
+    #[serde(default)]
+    pub egress: Option<Spanned<Egress>>,
+}
+
+/// `[egress]`: the HTTP proxy bearerd's own calls go through.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Egress {
+    /// `http://host:port` of the proxy.
+    pub proxy: Option<Spanned<String>>,
+    /// Hosts (suffixes), addresses and networks reached directly.
+    pub no_proxy: Option<Spanned<Vec<Spanned<String>>>>,
+    /// File holding `user:password`, sent as Basic.
+    pub proxy_authorization_file: Option<Spanned<PathBuf>>,
+    /// Take the proxy from `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY`.
+    pub use_env: Option<Spanned<bool>>,
 }
 
 /// `[telemetry]`: OpenTelemetry traces exported over OTLP/HTTP.

@@ -73,6 +73,11 @@ fn tables() -> Vec<Table> {
             keys: keys_of::<file::Telemetry>().to_vec(),
         },
         Table {
+            path: &["egress"],
+            header: "[egress]",
+            keys: keys_of::<file::Egress>().to_vec(),
+        },
+        Table {
             path: &["upstream"],
             header: "[[upstream]]",
             keys: upstream,

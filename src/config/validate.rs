@@ -92,6 +92,10 @@ impl Validator<'_> {
                 Some(telemetry) => Some(self.telemetry(telemetry.get_ref())?),
                 None => None,
             },
+            egress: match &raw.egress {
+                Some(egress) => Some(self.egress(egress, &|name| std::env::var(name).ok())?),
+                None => None,
+            },
         })
     }
 

@@ -20,6 +20,7 @@ use super::metrics::RouteSeries;
 use super::pool::Pool;
 use super::rewrite::{BadTarget, Target};
 use crate::config::{self, Mode, RouteMatch, UpstreamProtocol};
+use crate::egress::Egress;
 use crate::telemetry::Telemetry;
 use crate::tls::{self, TlsError};
 use crate::token::credential::Credential;
@@ -549,6 +550,8 @@ pub(crate) struct Setup {
     target: Target,
     /// The `x5t#S256` of the client certificate presented to the upstream, if any.
     client_certificate: Option<String>,
+    /// `[egress]`: the proxy the upstream is reached through, if any.
+    egress: Option<Arc<Egress>>,
 }
 
 /// A route that cannot be set up.
@@ -563,8 +566,12 @@ pub(crate) enum SetupError {
 }
 
 impl Setup {
-    /// Loads what `upstream`'s route needs.
-    pub(crate) fn new(upstream: &config::Upstream) -> Result<Self, SetupError> {
+    /// Loads what `upstream`'s route needs; the upstream is reached through `egress` when
+    /// given.
+    pub(crate) fn new(
+        upstream: &config::Upstream,
+        egress: Option<&Arc<Egress>>,
+    ) -> Result<Self, SetupError> {
         let identity = upstream.tls.identity.as_ref();
         Ok(Self {
             tls: tls::client_config(&upstream.tls, identity)?,
@@ -572,6 +579,7 @@ impl Setup {
             client_certificate: identity
                 .map(|files| tls::LoadedIdentity::read(files).map(|loaded| loaded.fingerprint()))
                 .transpose()?,
+            egress: egress.cloned(),
         })
     }
 
@@ -607,14 +615,19 @@ impl Route {
         metrics: Arc<RouteSeries>,
         shared: &Shared,
     ) -> Self {
-        let Setup { tls, target, .. } = setup;
+        let Setup {
+            tls,
+            target,
+            egress,
+            ..
+        } = setup;
+        let (timeout, egress) = (upstream.connect_timeout, egress.as_ref());
         // An upgrade (WebSocket) is HTTP/1.1 only: its connections offer nothing else by ALPN.
-        let upgrades = tls::http1_connector(tls.clone(), upstream.connect_timeout);
+        let upgrades = tls::http1_connector(tls.clone(), timeout, egress);
         let connector = match upstream.protocol {
             UpstreamProtocol::Http1 => upgrades.clone(),
-            UpstreamProtocol::Auto | UpstreamProtocol::H2c => {
-                tls::connector(tls, upstream.connect_timeout)
-            }
+            // h2c through a proxy: the preface goes inside the CONNECT tunnel.
+            UpstreamProtocol::Auto | UpstreamProtocol::H2c => tls::connector(tls, timeout, egress),
         };
         let pool = Pool::new(
             connector,

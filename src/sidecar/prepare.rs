@@ -13,8 +13,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::config::{self, Config};
+use crate::egress::Egress;
 use crate::proxy::{self, RouteSetup};
 use crate::token::cache::{self, CacheSetupError};
 use crate::token::client_auth;
@@ -67,6 +69,8 @@ pub struct Prepared {
     pub(crate) sources: HashMap<SourceKey, PreparedSource>,
     /// `[cache]`, read but not connected.
     pub(crate) cache: Option<cache::Prepared>,
+    /// `[egress]`: the proxy every route, token source and the trace exporter go through.
+    pub(crate) egress: Option<Arc<Egress>>,
     /// In the order found: `[cache]` and `[admin]` first, then each upstream, then each
     /// listener.
     pub findings: Vec<Finding>,
@@ -105,8 +109,18 @@ pub fn prepare(config: &Config) -> Prepared {
         routes: HashMap::new(),
         sources: HashMap::new(),
         cache: None,
+        egress: config.egress.as_ref().map(|e| Arc::new(Egress::new(e))),
         findings: Vec::new(),
     };
+    if let Some(egress) = &config.egress {
+        if let Err(problem) = crate::egress::check_authorization(egress) {
+            prepared.found(
+                Severity::Problem,
+                "[egress]",
+                format!("{problem} (bearerd starts, and every call through the proxy fails until it can be read)"),
+            );
+        }
+    }
     if let Some(settings) = &config.cache {
         match cache::prepare(settings) {
             Ok(cache) => {
@@ -154,7 +168,7 @@ impl Prepared {
 
     fn prepare_upstream(&mut self, upstream: &config::Upstream) {
         let subject = format!("upstream {}", upstream.name);
-        match RouteSetup::new(upstream) {
+        match RouteSetup::new(upstream, self.egress.as_ref()) {
             Ok(setup) => {
                 self.routes.insert(upstream.name.clone(), setup);
             }
@@ -162,7 +176,7 @@ impl Prepared {
         }
         let key = SourceKey::of(upstream);
         if !self.sources.contains_key(&key) {
-            let setup = match SourceSetup::new(&key) {
+            let setup = match SourceSetup::new(&key, self.egress.as_ref()) {
                 Ok(setup) => Some(setup),
                 Err(error) => {
                     self.found(Severity::Fatal, &subject, error.to_string());

@@ -43,6 +43,9 @@ pub trait Fetch: Send + Sync + 'static {
 pub struct Fetcher {
     settings: TokenSettings,
     client: HttpsClient<Full<Bytes>>,
+    /// `[egress]`'s proxy, when the endpoint is reached through it: a request that times out
+    /// names it (the whole request's timeout fires before the tunnel's own).
+    proxy: Option<String>,
     /// The key tokens are bound to, with `dpop = true`.
     dpop: Option<Arc<DpopKey>>,
     /// The token endpoint's latest DPoP nonce.
@@ -63,19 +66,26 @@ struct Answer {
 
 impl Fetcher {
     /// A fetcher that reaches the token endpoint with `tls` (which presents the client
-    /// certificate of `tls_client_auth`), binding tokens to `dpop` when given.
+    /// certificate of `tls_client_auth`), through `egress` when given, binding tokens to
+    /// `dpop` when given.
     pub(crate) fn new(
         settings: TokenSettings,
         tls: rustls::ClientConfig,
+        egress: Option<&Arc<crate::egress::Egress>>,
         dpop: Option<Arc<DpopKey>>,
         on_nonce_retry: Box<dyn Fn() + Send + Sync>,
     ) -> Self {
         // One timeout bounds the whole request; the connect timeout just keeps the
         // connector's own error when it is the connect that hangs.
-        let client = crate::tls::client(tls, settings.timeout);
+        let client = crate::tls::client(tls, settings.timeout, egress);
+        let proxy = egress.and_then(|egress| match egress.way(&settings.url) {
+            crate::egress::Way::Proxy(proxy) => Some(proxy),
+            crate::egress::Way::NoProxy | crate::egress::Way::Direct => None,
+        });
         Self {
             settings,
             client,
+            proxy,
             dpop,
             nonce: Nonce::default(),
             on_nonce_retry,
@@ -116,7 +126,10 @@ impl Fetcher {
         let answer = tokio::time::timeout_at(deadline, attempts)
             .await
             .map_err(|_| FetchError::Timeout {
-                endpoint: self.endpoint(),
+                endpoint: match &self.proxy {
+                    Some(proxy) => format!("{} through the proxy {proxy}", self.endpoint()),
+                    None => self.endpoint(),
+                },
                 after: timeout,
             })??;
         self.outcome(answer, &redactor)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::dpop::DpopKey;
 use super::SourceKey;
 use crate::config::ClientAuth;
+use crate::egress::Egress;
 use crate::jose::KeyError;
 use crate::tls::{self, TlsError};
 
@@ -17,6 +18,8 @@ pub(crate) struct SourceSetup {
     pub(crate) tls: rustls::ClientConfig,
     /// The key tokens are bound to, with `dpop = true`.
     pub(crate) dpop: Option<Arc<DpopKey>>,
+    /// `[egress]`: the proxy the token endpoint is reached through, if any.
+    pub(crate) egress: Option<Arc<Egress>>,
 }
 
 /// A source that cannot be set up.
@@ -31,8 +34,8 @@ pub(crate) enum SetupError {
 }
 
 impl SourceSetup {
-    /// Loads what `key` needs.
-    pub(crate) fn new(key: &SourceKey) -> Result<Self, SetupError> {
+    /// Loads what `key` needs; its token endpoint is reached through `egress` when given.
+    pub(crate) fn new(key: &SourceKey, egress: Option<&Arc<Egress>>) -> Result<Self, SetupError> {
         let identity = match &key.token.auth {
             ClientAuth::TlsClientAuth { identity } => Some(identity),
             _ => None,
@@ -42,6 +45,10 @@ impl SourceSetup {
             Some(settings) => Some(Arc::new(DpopKey::new(settings)?)),
             None => None,
         };
-        Ok(Self { tls, dpop })
+        Ok(Self {
+            tls,
+            dpop,
+            egress: egress.cloned(),
+        })
     }
 }

@@ -201,6 +201,7 @@ pub(crate) fn start(
     let fetcher = Fetcher::new(
         key.token.clone(),
         setup.tls,
+        setup.egress.as_ref(),
         setup.dpop.clone(),
         on_nonce_retry,
     );

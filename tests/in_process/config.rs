@@ -989,3 +989,41 @@ fn upgrade_and_stream_keys_have_their_defaults_and_refuse_h2c() {
         "{message}"
     );
 }
+
+#[test]
+fn egress_takes_an_http_proxy_without_credentials_and_no_proxy_entries() {
+    let with = |egress: &str| format!("{VALID}\n[egress]\n{egress}\n");
+    let config = Config::parse(
+        Path::new("/etc/bearerd/bearerd.toml"),
+        &with("proxy = \"http://proxy.corp:3128\"\nno_proxy = [\".svc.cluster.local\", \"10.0.0.0/8\"]\nproxy_authorization_file = \"proxy/basic\""),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let egress = config.egress.unwrap();
+    assert_eq!(
+        egress.no_proxy,
+        vec![".svc.cluster.local".to_owned(), "10.0.0.0/8".to_owned()]
+    );
+    assert_eq!(
+        egress.authorization_file.as_deref(),
+        Some(Path::new("/etc/bearerd/proxy/basic"))
+    );
+    for (egress, says) in [
+        (
+            "proxy = \"http://alice:hunter2@proxy.corp:3128\"",
+            "egress.proxy: \"http://proxy.corp:3128\" must not hold a user name or password",
+        ),
+        (
+            "proxy = \"http://proxy.corp:3128\"\nuse_env = true",
+            "egress.proxy: conflicts with use_env = true",
+        ),
+        ("no_proxy = [\"10.0.0.0/8\"]", "egress.proxy: missing"),
+        (
+            "proxy = \"http://proxy.corp:3128\"\nno_proxy = [\"*.example.com\"]",
+            "egress.no_proxy: \"*.example.com\" is not a host suffix",
+        ),
+    ] {
+        let message = errors(&with(egress));
+        assert!(message.contains(says), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+}

@@ -13,6 +13,7 @@ mod cache;
 mod chaos;
 mod cli;
 mod credential_files;
+mod egress;
 mod hostile;
 mod observability;
 mod routing;

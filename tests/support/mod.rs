@@ -1,7 +1,8 @@
 //! In-process fixtures for the integration tests, all on loopback port 0: HTTP and HTTPS
 //! servers with scripted handlers, a token endpoint that records and counts what it gets, an
 //! echo upstream, a throwaway CA, and a bearerd sidecar started from a TOML snippet (which
-//! `config::ConfigBuilder` writes). `redis` runs a real redis-server for the cache tests.
+//! `config::ConfigBuilder` writes). `redis` runs a real redis-server for the cache tests, `tinyproxy` a real HTTP proxy for
+//! the `[egress]` tests.
 
 #![allow(
     dead_code,
@@ -23,6 +24,7 @@ pub mod config;
 pub mod daemon;
 pub mod raw;
 pub mod redis;
+pub mod tinyproxy;
 pub mod vendors;
 
 use base64::Engine;
