@@ -97,14 +97,26 @@ fn describe_upstream(out: &mut String, prepared: &Prepared, upstream: &config::U
     }
     let client = match &token.client_id {
         Some(id) => format!("as client {id:?}"),
-        None => "with no client_id (the assertion names the client)".to_owned(),
+        None => "with no client_id".to_owned(),
     };
     let _ = write!(
         out,
-        "  token: POST {} {client}, {}",
+        "  token: POST {} {client}, {}, {}",
         token.url,
+        crate::token::grant::describe(token),
         client_auth::describe(&token.auth)
     );
+    if !token.presentation.is_default() {
+        let _ = write!(
+            out,
+            ", sent as {}: {}",
+            token.presentation.header,
+            match token.presentation.prefix.as_str() {
+                "" => "<token>".to_owned(),
+                prefix => format!("{prefix} <token>"),
+            }
+        );
+    }
     for (name, value) in [
         ("scope", &token.scope),
         ("audience", &token.audience),

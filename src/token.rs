@@ -20,9 +20,11 @@ pub(crate) mod client_auth;
 pub(crate) mod credential;
 pub(crate) mod dpop;
 pub mod fetch;
+pub(crate) mod grant;
 pub(crate) mod metrics;
 mod refresher;
 pub mod response;
+mod rotation;
 pub mod schedule;
 pub(crate) mod setup;
 pub mod source;
@@ -162,6 +164,23 @@ impl Token {
     /// The `Authorization` header value to send upstream.
     pub fn authorization(&self) -> &HeaderValue {
         &self.authorization
+    }
+
+    /// The token after `prefix` and a space (or alone, for an empty prefix), marked
+    /// sensitive: for `[upstream.token] prefix`. Only Bearer tokens are presented so (the
+    /// config refuses `prefix` with DPoP).
+    pub fn presented(&self, prefix: &str) -> HeaderValue {
+        let (token, _) = self.access_token();
+        let built = if prefix.is_empty() {
+            HeaderValue::from_str(token)
+        } else {
+            HeaderValue::from_str(&format!("{prefix} {token}"))
+        };
+        // The token was a valid header value after `Bearer `, and the prefix is checked by
+        // the config: neither fails, but nothing panics on it.
+        let mut value = built.unwrap_or_else(|_| self.authorization.clone());
+        value.set_sensitive(true);
+        value
     }
 
     /// Whether the token may still be sent at `now`.

@@ -173,6 +173,8 @@ pub(crate) struct Started {
     stop: CancellationToken,
     /// The key its tokens are bound to, which every proxied request's proof is signed with.
     dpop: Option<Arc<DpopKey>>,
+    /// How its token goes upstream.
+    presentation: crate::config::Presentation,
 }
 
 /// Starts the source of `key` on `tasks` with what `setup` loaded: a fetcher (behind `cache`,
@@ -228,13 +230,19 @@ pub(crate) fn start(
         observers,
         stop,
         dpop: setup.dpop,
+        presentation: key.token.presentation.clone(),
     }
 }
 
 impl Started {
     /// The credential of a route that reads this source, counting in `series`.
     pub(crate) fn credential(&self, series: &TokenSeries) -> Credential {
-        Credential::new(self.handle.clone(), self.dpop.clone(), series)
+        Credential::new(
+            self.handle.clone(),
+            self.dpop.clone(),
+            &self.presentation,
+            series,
+        )
     }
 
     /// Points the source's logs (`label`: the upstreams' names) and metrics at the upstreams

@@ -13,6 +13,7 @@ mod auth;
 mod config;
 mod deploy;
 mod docs;
+mod grants;
 mod hostile_requests;
 mod http2;
 mod limits;
