@@ -272,6 +272,12 @@ pub async fn fetch_token(
             names.join(", ")
         ));
     };
+    if matches!(found.token.grant, crate::config::Grant::RefreshToken(_)) {
+        // A refresh token spent here would be rotated away from the running sidecars' chain.
+        return Err(format!(
+            "upstream {upstream}: grant = \"refresh_token\": --fetch-token does not spend a refresh token outside the running bearerd's cache and fleet lease (the server would rotate it away from the chain); ask the running bearerd (/status) instead"
+        ));
+    }
     let mut prepared = prepare(config);
     let subject = format!("upstream {upstream}");
     let Some(setup) = prepared

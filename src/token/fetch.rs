@@ -52,8 +52,9 @@ pub struct Fetcher {
     nonce: Nonce,
     /// Called when a token request is sent again with the endpoint's new DPoP nonce.
     on_nonce_retry: Box<dyn Fn() + Send + Sync>,
-    /// `grant = "refresh_token"`: the refresh token to spend next.
-    refresh: RefreshChain,
+    /// `grant = "refresh_token"`: the refresh token to spend next, shared with the cache
+    /// wrapper that keeps the chain.
+    refresh: Arc<RefreshChain>,
 }
 
 /// One answer of the token endpoint, read whole.
@@ -84,8 +85,13 @@ impl Fetcher {
             dpop,
             nonce: Nonce::default(),
             on_nonce_retry,
-            refresh: RefreshChain::default(),
+            refresh: Arc::default(),
         }
+    }
+
+    /// The refresh token chain this fetcher spends from, for the cache wrapper that keeps it.
+    pub(crate) fn chain(&self) -> Arc<RefreshChain> {
+        Arc::clone(&self.refresh)
     }
 
     /// The token endpoint's authority, as messages name it.
@@ -218,6 +224,20 @@ impl Fetcher {
                 endpoint,
                 error,
                 retry_after,
+            }
+        } else if status.is_client_error()
+            && error.error.as_deref() == Some("invalid_grant")
+            && matches!(self.settings.grant, Grant::RefreshToken(_))
+        {
+            // RFC 6749 §5.2: the refresh token is invalid, expired, revoked or was spent
+            // elsewhere. Sending it again cannot help; only a new authorisation can.
+            self.refresh.lose();
+            FetchError::AuthorisationLost {
+                endpoint: Some(endpoint.clone()),
+                reason: format!(
+                    "token endpoint {endpoint} answered invalid_grant to the refresh token ({})",
+                    error.status
+                ),
             }
         } else if status.is_client_error() {
             FetchError::Rejected {

@@ -20,6 +20,7 @@ mod limits;
 mod properties;
 mod proxy;
 mod recipes;
+mod refresh;
 mod reload;
 mod status;
 mod unauthorized;
