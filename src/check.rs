@@ -101,11 +101,14 @@ fn describe_upstream(out: &mut String, prepared: &Prepared, upstream: &config::U
     };
     let _ = write!(
         out,
-        "  token: POST {} {client}, {}, {}",
+        "  token: POST {} {client}, {}",
         token.url,
-        crate::token::grant::describe(token),
         client_auth::describe(&token.auth)
     );
+    // The default grant goes unsaid, as it always did.
+    if !matches!(token.grant, config::Grant::ClientCredentials) {
+        let _ = write!(out, ", {}", crate::token::grant::describe(token));
+    }
     if !token.presentation.is_default() {
         let _ = write!(
             out,

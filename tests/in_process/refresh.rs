@@ -265,3 +265,64 @@ async fn fetch_token_never_spends_a_refresh_token() {
     assert!(checked.contains("not spent by --check"), "{checked}");
     assert_eq!(endpoint.count(), 0);
 }
+
+/// Two replicas sharing a Redis: the second spends the refresh token the first stored, never
+/// the file's (already spent), and the chain is kept without expiry beside the token entry.
+#[tokio::test]
+async fn replicas_sharing_redis_spend_the_newest_refresh_token() {
+    let redis = support::redis::Redis::start();
+    let valid = Arc::new(Mutex::new("rt-0".to_owned()));
+    let endpoint = rotating(Arc::clone(&valid)).await;
+    let text = |upstream: &support::Server| {
+        ConfigBuilder::new()
+            .upstream(
+                Upstream::new("api", &upstream.url("/v1")).token(
+                    Token::new(&endpoint.url("/connect/token"), "app")
+                        .secret("s")
+                        .set("grant", string("refresh_token"))
+                        .set("refresh_token_file", string("refresh_token")),
+                ),
+            )
+            .table(
+                "cache",
+                Table::new()
+                    .set("backend", string("redis"))
+                    .set("url", string(&redis.url()))
+                    .set("key_file", string("cache.key")),
+            )
+            .render()
+    };
+    let first_upstream = serve(echo).await;
+    let first = Sidecar::start_in(prepared_dir("rt-0"), &text(&first_upstream)).await;
+    assert_eq!(
+        get(&first.url("api", "/x"))
+            .await
+            .echo()
+            .header("authorization"),
+        Some("Bearer at-0")
+    );
+    let chains: Vec<String> = redis
+        .keys("*")
+        .into_iter()
+        .filter(|k| k.ends_with("-refresh"))
+        .collect();
+    assert_eq!(chains.len(), 1, "{:?}", redis.keys("*"));
+    assert_eq!(redis.pttl(&chains[0]), -1, "the chain does not expire");
+    let sealed = redis.get(&chains[0]).unwrap();
+    assert!(!String::from_utf8_lossy(&sealed).contains("rt-1"));
+
+    // The second replica starts from the same (spent) file; its upstream rejects the shared
+    // access token, so it fetches under the lease, with the stored rt-1.
+    let (second_upstream, _) = upstream_watching(PathBuf::from("/nonexistent"), true).await;
+    let second = Sidecar::start_in(prepared_dir("rt-0"), &text(&second_upstream)).await;
+    let seen = get(&second.url("api", "/x")).await.echo();
+    assert_eq!(seen.header("authorization"), Some("Bearer at-1"));
+    let spent: Vec<String> = endpoint
+        .requests()
+        .iter()
+        .map(|r| r.form["refresh_token"].clone())
+        .collect();
+    assert_eq!(spent, vec!["rt-0", "rt-1"]);
+    first.stop().await;
+    second.stop().await;
+}
