@@ -104,7 +104,8 @@ impl RefreshChain {
 
     /// Loads the chain before a fetch: the memory's token when it is newer than the store's
     /// (not stored yet) and of the same file; else the stored one when its chain began from
-    /// the file as it is now; else the file's (a new authorisation, or the first start).
+    /// the file as it is now; else the memory's of that file (the store has none); else the
+    /// file's (a new authorisation, or the first start).
     pub(crate) fn load(&self, file: FileToken, stored: Option<(Secret, String)>) {
         let mut chain = self.lock();
         if chain.unsaved && chain.origin.as_deref() == Some(file.origin.as_str()) {
@@ -115,6 +116,9 @@ impl RefreshChain {
                 chain.held = Some(token);
                 chain.origin = Some(origin);
             }
+            // Nothing stored of this chain (the store lost it, or this process never stored
+            // one): the token this process holds of it is newer than the file's.
+            _ if chain.held.is_some() && chain.origin.as_deref() == Some(file.origin.as_str()) => {}
             _ => {
                 chain.held = Some(file.token);
                 chain.origin = Some(file.origin);
@@ -188,5 +192,91 @@ impl RefreshChain {
         chain.store_error.as_ref().map(|error| {
             format!("the new refresh token is held in memory only (storing it failed: {error}); a restart now would lose it")
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(token: &str) -> FileToken {
+        let token = Secret::new(token);
+        FileToken {
+            origin: fingerprint(&token),
+            token,
+        }
+    }
+
+    fn held(chain: &RefreshChain) -> String {
+        chain.lock().held.as_ref().unwrap().expose().to_owned()
+    }
+
+    fn settings() -> TokenSettings {
+        TokenSettings {
+            grant: Grant::RefreshToken(crate::config::RefreshToken {
+                file: "/nonexistent".into(),
+            }),
+            ..TokenSettings::for_tests(crate::config::ClientAuth::None)
+        }
+    }
+
+    #[test]
+    fn the_stored_token_of_the_files_chain_wins_over_the_file() {
+        let chain = RefreshChain::default();
+        let origin = file("rt-0").origin;
+        chain.load(file("rt-0"), Some((Secret::new("rt-5"), origin)));
+        assert_eq!(held(&chain), "rt-5");
+    }
+
+    #[test]
+    fn a_file_written_since_the_chain_began_wins_over_the_store() {
+        let chain = RefreshChain::default();
+        let old = file("rt-0").origin;
+        chain.load(file("rt-new"), Some((Secret::new("rt-5"), old)));
+        assert_eq!(held(&chain), "rt-new");
+    }
+
+    #[test]
+    fn an_unsaved_token_wins_over_a_stale_store_and_is_stored_once() {
+        let chain = RefreshChain::default();
+        let origin = file("rt-0").origin;
+        chain.load(file("rt-0"), None);
+        chain.rotate(&settings(), &Secret::new("rt-1"));
+        let (unsaved, _) = chain.unsaved().unwrap();
+        chain.stored(&unsaved, Err("disk full".into()));
+        assert!(chain.warning().unwrap().contains("held in memory only"));
+        // The store still has rt-0's chain at rt-0: memory is newer.
+        chain.load(file("rt-0"), Some((Secret::new("rt-0"), origin)));
+        assert_eq!(held(&chain), "rt-1");
+        chain.stored(&unsaved, Ok(()));
+        assert!(chain.unsaved().is_none());
+        assert!(chain.warning().is_none());
+        // Stored since, and nothing in the store (it was lost): memory, not the file.
+        chain.load(file("rt-0"), None);
+        assert_eq!(held(&chain), "rt-1");
+    }
+
+    #[test]
+    fn a_lost_authorisation_is_not_spent_again_until_the_file_changes() {
+        let chain = RefreshChain::default();
+        chain.load(file("rt-0"), None);
+        chain.lose();
+        assert!(chain.warning().unwrap().starts_with("authorisation lost"));
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let again = runtime.block_on(chain.current(&settings(), deadline));
+        assert!(matches!(
+            again,
+            Err(FetchError::AuthorisationLost { endpoint: None, .. })
+        ));
+        chain.load(file("rt-reauthorised"), None);
+        assert!(chain.warning().is_none());
+        let spent = runtime
+            .block_on(chain.current(&settings(), deadline))
+            .unwrap();
+        assert_eq!(spent.unwrap().expose(), "rt-reauthorised");
     }
 }

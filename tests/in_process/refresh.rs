@@ -326,3 +326,46 @@ async fn replicas_sharing_redis_spend_the_newest_refresh_token() {
     first.stop().await;
     second.stop().await;
 }
+
+/// A store that fails keeps the new refresh token in memory, and `/readyz` says degraded
+/// (200); a chain the store lost goes on from the token held, not from the file's (spent).
+#[tokio::test]
+async fn a_failed_store_keeps_the_refresh_token_in_memory_and_readyz_degraded() {
+    let valid = Arc::new(Mutex::new("rt-0".to_owned()));
+    let endpoint = rotating(Arc::clone(&valid)).await;
+    let dir = prepared_dir("rt-0");
+    let path = dir.path().to_owned();
+    let upstream = serve(echo).await;
+    let sidecar = Sidecar::start_in(dir, &config(&endpoint, &upstream)).await;
+    assert_eq!(
+        get(&sidecar.url("api", "/x"))
+            .await
+            .echo()
+            .header("authorization"),
+        Some("Bearer at-0")
+    );
+    // The cache directory goes away under the running process: every write fails.
+    std::fs::remove_dir_all(path.join("tokens")).unwrap();
+    let source = sidecar.running().token_source("api").unwrap();
+    let held = source.state().token.unwrap();
+    let second = source.replacement_for(&held).await.unwrap();
+    assert_eq!(second.authorization(), "Bearer at-1");
+    let admin = sidecar.running().admin_addr();
+    let ready = get(&format!("http://{admin}/readyz")).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    let body = ready.json();
+    assert_eq!(body["ready"], true);
+    let detail = body["degraded"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("held in memory only"), "{detail}");
+    assert!(!detail.contains("rt-2"), "{detail}");
+
+    // (Which token the next fetch spends, memory or store or file, is
+    // `rotation::tests`: the refresher lets one upstream rejection through per 5 s.)
+    let spent: Vec<String> = endpoint
+        .requests()
+        .iter()
+        .map(|r| r.form["refresh_token"].clone())
+        .collect();
+    assert_eq!(spent, vec!["rt-0", "rt-1"]);
+    sidecar.stop().await;
+}
