@@ -201,3 +201,26 @@ impl fmt::Debug for Token {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod presented_tests {
+    use super::*;
+
+    #[test]
+    fn a_presented_token_is_sensitive_and_has_its_prefix() {
+        let token = Token::issue(
+            "abc",
+            response::TokenType::Bearer,
+            Duration::from_secs(60),
+            LifetimeSource::ExpiresIn,
+            None,
+        )
+        .unwrap();
+        let with_prefix = token.presented("Token");
+        assert_eq!(with_prefix, "Token abc");
+        assert!(with_prefix.is_sensitive());
+        let alone = token.presented("");
+        assert_eq!(alone, "abc");
+        assert!(alone.is_sensitive());
+    }
+}
