@@ -273,6 +273,10 @@ async fn replicas_sharing_redis_spend_the_newest_refresh_token() {
     let redis = support::redis::Redis::start();
     let valid = Arc::new(Mutex::new("rt-0".to_owned()));
     let endpoint = rotating(Arc::clone(&valid)).await;
+    // The replicas' configs are the same, as in one Deployment: the same file path.
+    let shared = tempfile::tempdir().unwrap();
+    let file = shared.path().join("refresh_token");
+    std::fs::write(&file, "rt-0").unwrap();
     let text = |upstream: &support::Server| {
         ConfigBuilder::new()
             .upstream(
@@ -280,7 +284,7 @@ async fn replicas_sharing_redis_spend_the_newest_refresh_token() {
                     Token::new(&endpoint.url("/connect/token"), "app")
                         .secret("s")
                         .set("grant", string("refresh_token"))
-                        .set("refresh_token_file", string("refresh_token")),
+                        .set("refresh_token_file", string(file.to_str().unwrap())),
                 ),
             )
             .table(

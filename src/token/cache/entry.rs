@@ -265,14 +265,7 @@ pub(crate) fn digest(settings: &TokenSettings, dpop_thumbprint: Option<&str>) ->
         }
         other => other.method().to_owned(),
     };
-    // The grant joins the identity only when it is not client credentials, so that the
-    // entries of existing sources keep their names.
-    let grant = match &settings.grant {
-        crate::config::Grant::ClientCredentials => None,
-        other => Some(other.name()),
-    };
-    let identity = serde_json::json!({
-        "grant": grant,
+    let mut identity = serde_json::json!({
         "url": settings.url.to_string(),
         "client_id": settings.client_id,
         "auth": auth,
@@ -282,7 +275,41 @@ pub(crate) fn digest(settings: &TokenSettings, dpop_thumbprint: Option<&str>) ->
         "params": settings.params,
         "dpop": dpop_thumbprint,
     });
+    // The grant joins the identity only when it is not client credentials, so that the
+    // entries of existing sources keep their names; with what makes its tokens someone's
+    // (the assertion's names, the subject and actor files, the refresh token's file), never
+    // a secret.
+    if let Some(grant) = grant_identity(&settings.grant) {
+        identity["grant"] = grant;
+    }
     jws::sha256_base64url(identity.to_string().as_bytes())
+}
+
+/// What of a grant other than client credentials tells its tokens apart.
+fn grant_identity(grant: &crate::config::Grant) -> Option<serde_json::Value> {
+    use crate::config::Grant;
+    Some(match grant {
+        Grant::ClientCredentials => return None,
+        Grant::JwtBearer(jwt) => serde_json::json!({
+            "name": grant.name(),
+            "iss": jwt.issuer,
+            "sub": jwt.subject,
+            "aud": jwt.audience,
+            "key": jwt.key.path(),
+            "scope_in": format!("{:?}", jwt.scope_in),
+        }),
+        Grant::TokenExchange(exchange) => serde_json::json!({
+            "name": grant.name(),
+            "subject": exchange.subject_token_file,
+            "subject_type": exchange.subject_token_type,
+            "actor": exchange.actor.as_ref().map(|a| (&a.file, &a.token_type)),
+            "requested": exchange.requested_token_type,
+        }),
+        Grant::RefreshToken(refresh) => serde_json::json!({
+            "name": grant.name(),
+            "file": refresh.file,
+        }),
+    })
 }
 
 /// The key entries are sealed with, and its fingerprint.
@@ -362,6 +389,44 @@ impl SealingKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_credentials_source_keeps_its_digest_and_grants_tell_subjects_apart() {
+        use crate::config::{Grant, JwtBearer, JwtKey, ScopeIn};
+        let settings = TokenSettings::for_tests(ClientAuth::None);
+        // The identity as it was before grants: a cache shared with older replicas still hits.
+        let before = serde_json::json!({
+            "url": settings.url.to_string(),
+            "client_id": settings.client_id,
+            "auth": "none",
+            "scope": settings.scope,
+            "audience": settings.audience,
+            "resource": settings.resource,
+            "params": settings.params,
+            "dpop": None::<&str>,
+        });
+        assert_eq!(
+            digest(&settings, None),
+            jws::sha256_base64url(before.to_string().as_bytes())
+        );
+        let jwt = |subject: &str| TokenSettings {
+            grant: Grant::JwtBearer(JwtBearer {
+                key: JwtKey::Pem {
+                    path: "k.pem".into(),
+                    alg: None,
+                },
+                issuer: "app".into(),
+                subject: Some(subject.into()),
+                audience: None,
+                key_id: None,
+                lifetime: Duration::from_secs(60),
+                scope_in: ScopeIn::Form,
+            }),
+            ..TokenSettings::for_tests(ClientAuth::None)
+        };
+        assert_ne!(digest(&jwt("alice"), None), digest(&jwt("bob"), None));
+        assert_ne!(digest(&jwt("alice"), None), digest(&settings, None));
+    }
 
     fn entry(digest: &str, expires_in: u64) -> Entry {
         let now = unix(SystemTime::now());
