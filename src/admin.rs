@@ -202,8 +202,23 @@ impl Admin {
                 Some(serde_json::json!({"upstream": upstream.name, "detail": detail}))
             })
             .collect();
-        if not_ready.is_empty() {
+        // Ready, but not as it should be: a refresh token held in memory only, an
+        // authorisation lost (the token held still works until it expires).
+        let degraded: Vec<serde_json::Value> = self
+            .upstreams()
+            .iter()
+            .filter_map(|upstream| {
+                let warning = upstream.token.warning()?;
+                Some(serde_json::json!({"upstream": upstream.name, "detail": warning}))
+            })
+            .collect();
+        if not_ready.is_empty() && degraded.is_empty() {
             json(StatusCode::OK, &serde_json::json!({"ready": true}))
+        } else if not_ready.is_empty() {
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"ready": true, "degraded": degraded}),
+            )
         } else {
             json(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -151,7 +151,7 @@ fn describe_upstream(out: &mut String, prepared: &Prepared, upstream: &config::U
     }
     let client = match &token.client_id {
         Some(id) => format!("as client {id:?}"),
-        None => "with no client_id (the assertion names the client)".to_owned(),
+        None => "with no client_id".to_owned(),
     };
     let _ = write!(
         out,
@@ -159,6 +159,21 @@ fn describe_upstream(out: &mut String, prepared: &Prepared, upstream: &config::U
         token.url,
         client_auth::describe(&token.auth)
     );
+    // The default grant goes unsaid, as it always did.
+    if !matches!(token.grant, config::Grant::ClientCredentials) {
+        let _ = write!(out, ", {}", crate::token::grant::describe(token));
+    }
+    if !token.presentation.is_default() {
+        let _ = write!(
+            out,
+            ", sent as {}: {}",
+            token.presentation.header,
+            match token.presentation.prefix.as_str() {
+                "" => "<token>".to_owned(),
+                prefix => format!("{prefix} <token>"),
+            }
+        );
+    }
     for (name, value) in [
         ("scope", &token.scope),
         ("audience", &token.audience),
@@ -322,6 +337,12 @@ pub async fn fetch_token(
             names.join(", ")
         ));
     };
+    if matches!(found.token.grant, crate::config::Grant::RefreshToken(_)) {
+        // A refresh token spent here would be rotated away from the running sidecars' chain.
+        return Err(format!(
+            "upstream {upstream}: grant = \"refresh_token\": --fetch-token does not spend a refresh token outside the running bearerd's cache and fleet lease (the server would rotate it away from the chain); ask the running bearerd (/status) instead"
+        ));
+    }
     let mut prepared = prepare(config);
     let subject = format!("upstream {upstream}");
     let Some(setup) = prepared

@@ -11,6 +11,7 @@ mod client_auth;
 mod credentials;
 mod egress;
 mod file;
+mod grant;
 mod keys;
 mod listener;
 mod sources;
@@ -28,6 +29,10 @@ use http::Uri;
 
 pub use credentials::{Assertion, ClientAuth, Dpop, Identity, JwsAlg, DEFAULT_ASSERTION_LIFETIME};
 pub use egress::{proxy_env, without_credentials, EgressProxy, ProxyEnv};
+pub use grant::{
+    ActorToken, Grant, JwtBearer, JwtKey, Presentation, RefreshToken, ScopeIn, ServiceAccountKey,
+    TokenExchange, ACCESS_TOKEN_TYPE, DEFAULT_SUBJECT_TOKEN_TYPE,
+};
 use sources::Sources;
 pub use sources::CONF_D;
 use validate::Validator;
@@ -378,10 +383,14 @@ pub struct TokenSettings {
     /// The token endpoint.
     pub url: Uri,
     /// The OAuth2 `client_id`: always set but with `client_assertion_file`, whose assertion
-    /// names the client itself.
+    /// names the client itself, `auth = "none"` and a service-account file.
     pub client_id: Option<String>,
+    /// The grant, with what it needs.
+    pub grant: Grant,
     /// How the client authenticates, with the credentials that method needs.
     pub auth: ClientAuth,
+    /// How the token goes upstream.
+    pub presentation: Presentation,
     /// `scope` form field.
     pub scope: Option<String>,
     /// `audience` form field (Auth0 requires it).
@@ -421,7 +430,9 @@ pub(crate) mod fixtures {
             Self {
                 url: "https://auth.example.com/oauth/token".parse().unwrap(),
                 client_id: Some("my app".into()),
+                grant: Default::default(),
                 auth,
+                presentation: Default::default(),
                 scope: None,
                 audience: None,
                 resource: None,
@@ -439,10 +450,9 @@ pub(crate) mod fixtures {
 }
 
 impl TokenSettings {
-    /// The grant's name as RFC 6749 §4 and the status page and audit events say it. Every
-    /// source uses the client-credentials grant (§4.4) for now.
+    /// The grant's name as the file, the status page, audit events and spans say it.
     pub fn grant_name(&self) -> &'static str {
-        "client_credentials"
+        self.grant.name()
     }
 
     /// The private-key files the token source reads: the assertion key, the client
@@ -453,6 +463,9 @@ impl TokenSettings {
             ClientAuth::PrivateKeyJwt { key_file, .. } => files.push(key_file.as_path()),
             ClientAuth::TlsClientAuth { identity } => files.push(identity.key_file.as_path()),
             _ => {}
+        }
+        if let Grant::JwtBearer(jwt) = &self.grant {
+            files.push(jwt.key.path());
         }
         if let Some(path) = self.dpop.as_ref().and_then(|d| d.key_file.as_ref()) {
             files.push(path.as_path());
@@ -575,6 +588,7 @@ impl Config {
             sources,
             base_dir: path.parent().unwrap_or(Path::new("")),
             problems: Vec::new(),
+            sealed_cache: false,
         };
         let config = validator.file(path);
         match config {

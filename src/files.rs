@@ -49,13 +49,19 @@ pub(crate) enum Content {
     Certificate,
     /// A PEM bundle of trust anchors (`ca_file`).
     CaBundle,
+    /// A subject, actor or refresh token.
+    Token,
+    /// A Google service-account JSON key.
+    ServiceAccount,
 }
 
 impl Content {
     /// The largest file of this kind that is read.
     pub(crate) fn cap(self) -> u64 {
         match self {
-            Self::Secret | Self::Assertion | Self::Key => CREDENTIAL_CAP,
+            Self::Secret | Self::Assertion | Self::Key | Self::Token | Self::ServiceAccount => {
+                CREDENTIAL_CAP
+            }
             Self::Certificate | Self::CaBundle => CERTIFICATE_CAP,
         }
     }
@@ -68,6 +74,8 @@ impl Content {
             Self::Key => "key file",
             Self::Certificate => "certificate file",
             Self::CaBundle => "ca_file",
+            Self::Token => "token file",
+            Self::ServiceAccount => "service-account key file",
         }
     }
 }

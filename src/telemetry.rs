@@ -294,7 +294,7 @@ impl Telemetry {
     pub(crate) fn fetches(self: &Arc<Self>, settings: &config::TokenSettings) -> FetchTracing {
         FetchTracing {
             telemetry: Arc::clone(self),
-            grant: "client_credentials",
+            grant: settings.grant_name(),
             method: settings.auth.method(),
             endpoint: settings.url.host().unwrap_or_default().to_owned(),
         }

@@ -20,9 +20,11 @@ pub(crate) mod client_auth;
 pub(crate) mod credential;
 pub(crate) mod dpop;
 pub mod fetch;
+pub(crate) mod grant;
 pub(crate) mod metrics;
 mod refresher;
 pub mod response;
+mod rotation;
 pub mod schedule;
 pub(crate) mod setup;
 pub mod source;
@@ -164,6 +166,23 @@ impl Token {
         &self.authorization
     }
 
+    /// The token after `prefix` and a space (or alone, for an empty prefix), marked
+    /// sensitive: for `[upstream.token] prefix`. Only Bearer tokens are presented so (the
+    /// config refuses `prefix` with DPoP).
+    pub fn presented(&self, prefix: &str) -> HeaderValue {
+        let (token, _) = self.access_token();
+        let built = if prefix.is_empty() {
+            HeaderValue::from_str(token)
+        } else {
+            HeaderValue::from_str(&format!("{prefix} {token}"))
+        };
+        // The token was a valid header value after `Bearer `, and the prefix is checked by
+        // the config: neither fails, but nothing panics on it.
+        let mut value = built.unwrap_or_else(|_| self.authorization.clone());
+        value.set_sensitive(true);
+        value
+    }
+
     /// Whether the token may still be sent at `now`.
     pub fn is_usable_at(&self, now: Instant) -> bool {
         now < self.usable_until
@@ -180,5 +199,28 @@ impl fmt::Debug for Token {
             .field("scope", &self.scope)
             .field("generation", &self.generation)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod presented_tests {
+    use super::*;
+
+    #[test]
+    fn a_presented_token_is_sensitive_and_has_its_prefix() {
+        let token = Token::issue(
+            "abc",
+            response::TokenType::Bearer,
+            Duration::from_secs(60),
+            LifetimeSource::ExpiresIn,
+            None,
+        )
+        .unwrap();
+        let with_prefix = token.presented("Token");
+        assert_eq!(with_prefix, "Token abc");
+        assert!(with_prefix.is_sensitive());
+        let alone = token.presented("");
+        assert_eq!(alone, "abc");
+        assert!(alone.is_sensitive());
     }
 }

@@ -43,6 +43,7 @@ fn method_name(method: file::ClientAuth) -> &'static str {
         file::ClientAuth::PrivateKeyJwt => "private_key_jwt",
         file::ClientAuth::ClientAssertionFile => "client_assertion_file",
         file::ClientAuth::TlsClientAuth => "tls_client_auth",
+        file::ClientAuth::None => "none",
     }
 }
 
@@ -136,16 +137,20 @@ pub(super) fn client_auth(
                 },
             }
         }
+        file::ClientAuth::None => ClientAuth::None,
     };
     (!ignored).then_some(auth)
 }
 
-/// `client_id`: required, and not empty, but with `client_assertion_file`.
+/// `client_id`: required, and not empty, but with `client_assertion_file` (whose assertion
+/// names the client), `auth = "none"` (a server that wants no client) and a
+/// `service_account_file` (which names the client itself: `optional`).
 pub(super) fn client_id(
     v: &mut Validator<'_>,
     key: &str,
     spanned: &Spanned<file::Token>,
     auth: Option<&ClientAuth>,
+    optional: bool,
 ) -> Option<String> {
     match &spanned.get_ref().client_id {
         Some(id) if id.get_ref().is_empty() => {
@@ -153,12 +158,19 @@ pub(super) fn client_id(
             None
         }
         Some(id) => Some(id.get_ref().clone()),
-        None if matches!(auth, Some(ClientAuth::AssertionFile { .. })) => None,
+        None if optional
+            || matches!(
+                auth,
+                Some(ClientAuth::AssertionFile { .. } | ClientAuth::None)
+            ) =>
+        {
+            None
+        }
         None => {
             v.problem(
                 spanned.span(),
                 format!("{key}.client_id"),
-                "missing: every method but client_assertion_file needs the client_id",
+                "missing: every method but client_assertion_file and none needs the client_id",
             );
             None
         }
@@ -213,7 +225,7 @@ fn assertion(v: &mut Validator<'_>, key: &str, raw: &file::Token) -> Assertion {
 }
 
 /// A JWS algorithm among `allowed`; `None` when not written (or wrong, with a problem).
-fn jws_alg(
+pub(super) fn jws_alg(
     v: &mut Validator<'_>,
     value: Option<&Spanned<String>>,
     key: &str,

@@ -55,6 +55,10 @@ pub enum ClientAuth {
         /// The certificate and its key, re-read when they change.
         identity: Identity,
     },
+    /// `none`: the request carries no client credentials, only the `client_id` when one is
+    /// set (RFC 6749 §3.2.1, a public client); for servers that authenticate the grant itself
+    /// (a JWT bearer assertion, a subject token).
+    None,
 }
 
 impl ClientAuth {
@@ -67,6 +71,7 @@ impl ClientAuth {
             Self::PrivateKeyJwt { .. } => "private_key_jwt",
             Self::AssertionFile { .. } => "client_assertion_file",
             Self::TlsClientAuth { .. } => "tls_client_auth",
+            Self::None => "none",
         }
     }
 
@@ -78,7 +83,8 @@ impl ClientAuth {
             }
             Self::PrivateKeyJwt { .. }
             | Self::AssertionFile { .. }
-            | Self::TlsClientAuth { .. } => None,
+            | Self::TlsClientAuth { .. }
+            | Self::None => None,
         }
     }
 }

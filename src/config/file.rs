@@ -248,8 +248,8 @@ pub(super) struct Upstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Token {
-    /// The token endpoint.
-    pub url: Spanned<String>,
+    /// The token endpoint (optional with `service_account_file`, which names it).
+    pub url: Option<Spanned<String>>,
     /// The OAuth2 client identifier (optional with `client_assertion_file` only).
     pub client_id: Option<Spanned<String>>,
     /// Path of a file holding the client secret.
@@ -306,6 +306,74 @@ pub(super) struct Token {
     pub backoff_base: Option<Spanned<DurationText>>,
     /// Longest wait between failed token requests.
     pub backoff_cap: Option<Spanned<DurationText>>,
+    /// Which grant (RFC 6749 §4) obtains the tokens.
+    pub grant: Option<Spanned<Grant>>,
+    /// `grant = "jwt_bearer"`: the assertion bearerd signs (RFC 7523 §2.1).
+    pub jwt_bearer: Option<Spanned<JwtBearer>>,
+    /// `grant = "token_exchange"`: the file holding the subject token.
+    pub subject_token_file: Option<Spanned<PathBuf>>,
+    /// `grant = "token_exchange"`: the subject token's type.
+    pub subject_token_type: Option<Spanned<String>>,
+    /// `grant = "token_exchange"`: the file holding the actor token.
+    pub actor_token_file: Option<Spanned<PathBuf>>,
+    /// `grant = "token_exchange"`: the actor token's type.
+    pub actor_token_type: Option<Spanned<String>>,
+    /// `grant = "token_exchange"`: the type of token asked for.
+    pub requested_token_type: Option<Spanned<String>>,
+    /// `grant = "refresh_token"`: the file holding the first refresh token.
+    pub refresh_token_file: Option<Spanned<PathBuf>>,
+    /// The header the token goes upstream in.
+    pub header: Option<Spanned<String>>,
+    /// What precedes the token in that header.
+    pub prefix: Option<Spanned<String>>,
+}
+
+/// `grant = "client_credentials" | ...`; serde names the allowed values in its error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Grant {
+    /// RFC 6749 §4.4.
+    ClientCredentials,
+    /// RFC 7523 §2.1.
+    JwtBearer,
+    /// RFC 8693.
+    TokenExchange,
+    /// RFC 6749 §6.
+    RefreshToken,
+}
+
+/// `[upstream.token.jwt_bearer]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct JwtBearer {
+    /// The PEM private key that signs the assertion.
+    pub private_key_file: Option<Spanned<PathBuf>>,
+    /// A Google service-account JSON key, instead of the key and the names.
+    pub service_account_file: Option<Spanned<PathBuf>>,
+    /// `iss`.
+    pub issuer: Option<Spanned<String>>,
+    /// `sub`.
+    pub subject: Option<Spanned<String>>,
+    /// `aud`.
+    pub audience: Option<Spanned<String>>,
+    /// The header's `kid`.
+    pub key_id: Option<Spanned<String>>,
+    /// The signing algorithm, when not the key's usual one.
+    pub alg: Option<Spanned<String>>,
+    /// From `iat` to `exp`.
+    pub lifetime: Option<Spanned<DurationText>>,
+    /// Where `scope` goes: the form, or a claim of the assertion.
+    pub scope_in: Option<Spanned<ScopeIn>>,
+}
+
+/// `scope_in = "form" | "claim"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum ScopeIn {
+    /// The `scope` form field.
+    Form,
+    /// A `scope` claim of the assertion (Google).
+    Claim,
 }
 
 /// `auth = "basic" | "post" | ...`; serde names the allowed values in its error.
@@ -325,6 +393,8 @@ pub(super) enum ClientAuth {
     ClientAssertionFile,
     /// A client certificate in the TLS handshake (RFC 8705).
     TlsClientAuth,
+    /// No client authentication (a public client, or a grant that authenticates itself).
+    None,
 }
 
 /// `[upstream.tls]`

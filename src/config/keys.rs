@@ -41,6 +41,7 @@ fn tables() -> Vec<Table> {
         .collect();
     let token = keys_of::<file::Token>().to_vec();
     let tls = keys_of::<file::Tls>().to_vec();
+    let jwt_bearer = keys_of::<file::JwtBearer>().to_vec();
     vec![
         Table {
             path: &[],
@@ -88,6 +89,11 @@ fn tables() -> Vec<Table> {
             keys: token.clone(),
         },
         Table {
+            path: &["upstream", "token", "jwt_bearer"],
+            header: "[upstream.token.jwt_bearer]",
+            keys: jwt_bearer.clone(),
+        },
+        Table {
             path: &["upstream", "tls"],
             header: "[upstream.tls]",
             keys: tls.clone(),
@@ -106,6 +112,11 @@ fn tables() -> Vec<Table> {
             path: &["listener", "route", "token"],
             header: "[listener.route.token]",
             keys: token,
+        },
+        Table {
+            path: &["listener", "route", "token", "jwt_bearer"],
+            header: "[listener.route.token.jwt_bearer]",
+            keys: jwt_bearer,
         },
         Table {
             path: &["listener", "route", "tls"],

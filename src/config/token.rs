@@ -5,6 +5,7 @@ use toml::Spanned;
 
 use super::client_auth::{client_auth, client_id, dpop};
 use super::file;
+use super::grant;
 use super::validate::Validator;
 use super::values::{duration, http_url};
 use super::{
@@ -20,10 +21,47 @@ pub(super) fn token(
 ) -> Option<TokenSettings> {
     let raw = spanned.get_ref();
     let allow_plain_http = raw.allow_plain_http.unwrap_or(false);
-    let url = http_url(v, &raw.url, &format!("{key}.url"), allow_plain_http);
+    let service_account = grant::service_account(v, key, raw);
+    let url = match (&raw.url, &service_account) {
+        (Some(written), Ok(Some(sa))) => {
+            let url = http_url(v, written, &format!("{key}.url"), allow_plain_http);
+            if url.as_ref().is_some_and(|url| *url != sa.token_uri) {
+                v.problem(
+                    written.span(),
+                    format!("{key}.url"),
+                    format!(
+                        "differs from the service-account file's token_uri ({}): leave url out, or make them equal",
+                        sa.token_uri
+                    ),
+                );
+                None
+            } else {
+                url
+            }
+        }
+        (Some(written), _) => http_url(v, written, &format!("{key}.url"), allow_plain_http),
+        (None, Ok(Some(sa))) => Some(sa.token_uri.clone()),
+        (None, Err(())) => None,
+        (None, Ok(None)) => {
+            v.problem(
+                spanned.span(),
+                format!("{key}.url"),
+                "missing: the token endpoint's URL (only a service_account_file names it itself)",
+            );
+            None
+        }
+    };
     let auth = client_auth(v, key, spanned);
-    let client_id = client_id(v, key, spanned, auth.as_ref());
+    let client_id = client_id(
+        v,
+        key,
+        spanned,
+        auth.as_ref(),
+        matches!(service_account, Ok(Some(_))),
+    );
+    let grant = grant::grant(v, key, spanned, auth.as_ref(), client_id.as_deref());
     let dpop = dpop(v, key, raw);
+    let presentation = grant::presentation(v, key, raw, dpop.is_some());
     let params = raw
         .params
         .as_ref()
@@ -100,7 +138,9 @@ pub(super) fn token(
     Some(TokenSettings {
         url: url?,
         client_id,
+        grant: grant?,
         auth: auth?,
+        presentation: presentation?,
         scope: optional(&raw.scope),
         audience: optional(&raw.audience),
         resource: optional(&raw.resource),
@@ -130,4 +170,11 @@ const RESERVED_FORM_FIELDS: &[&str] = &[
     "scope",
     "audience",
     "resource",
+    "assertion",
+    "subject_token",
+    "subject_token_type",
+    "actor_token",
+    "actor_token_type",
+    "requested_token_type",
+    "refresh_token",
 ];

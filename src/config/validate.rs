@@ -35,6 +35,8 @@ pub(super) struct Validator<'a> {
     pub(super) base_dir: &'a Path,
     /// Every problem found so far.
     pub(super) problems: Vec<Problem>,
+    /// The file has a `[cache]` with a `key_file`: rotated refresh tokens can be kept sealed.
+    pub(super) sealed_cache: bool,
 }
 
 impl Validator<'_> {
@@ -67,6 +69,10 @@ impl Validator<'_> {
             .and_then(|a| a.get_ref().status_from.as_ref())
             .map(|list| networks(self, list, "admin.status_from"))
             .unwrap_or_default();
+        self.sealed_cache = raw
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.get_ref().key_file.is_some());
         let log = self.log(raw.log.as_ref());
         let server = self.server(raw.server.as_ref());
         let (upstreams, listeners) = listeners(self, &raw);

@@ -3,7 +3,7 @@
 //! answers 401 and the request can be replayed.
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, EXPECT, HOST, TE, TRANSFER_ENCODING};
+use http::header::{EXPECT, HOST, TE, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -235,7 +235,7 @@ async fn try_forward(
     // The body is kept, so the request can be sent again if the upstream rejects the token.
     // The head goes out as hyper parsed it, with room for the headers `send` adds; what a
     // replay needs of it is kept aside, and made into a head only for a replay.
-    let kept_head = KeptHead::of(&parts);
+    let kept_head = KeptHead::of(&parts, upstream.credential.header());
     let mut first = to.send(parts, &token, full(&kept)).await?;
     if first.status() != StatusCode::UNAUTHORIZED {
         return Ok(to_app(first));
@@ -489,10 +489,11 @@ struct KeptHead {
 }
 
 impl KeptHead {
-    fn of(parts: &Parts) -> Self {
+    /// The head of `parts`, without `Host` and the token's `header`.
+    fn of(parts: &Parts, header: &http::HeaderName) -> Self {
         let mut headers = Vec::new();
         for (name, value) in &parts.headers {
-            if name != HOST && name != AUTHORIZATION {
+            if name != HOST && name != header {
                 if headers.is_empty() {
                     headers.reserve_exact(parts.headers.len());
                 }

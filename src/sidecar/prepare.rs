@@ -183,7 +183,14 @@ impl Prepared {
                     None
                 }
             };
-            let credentials = match client_auth::check(&upstream.token.auth) {
+            let grant = crate::token::grant::check(&upstream.token).unwrap_or(Ok(String::new()));
+            let checked = client_auth::check(&upstream.token.auth).and_then(|found| {
+                grant.map(|grant| match grant.is_empty() {
+                    true => found,
+                    false => format!("{found}; {grant}"),
+                })
+            });
+            let credentials = match checked {
                 Ok(found) => Some(found),
                 Err(error) => {
                     self.found(

@@ -72,10 +72,12 @@ use prometheus::IntGauge;
 
 use super::fetch::{Fetch, FetchError};
 use super::response::TokenType;
+use super::rotation::{FileToken, RefreshChain};
 use super::state::SharedObservers;
 use super::Token;
 use crate::config::{self, TokenSettings};
-use entry::{Entry, Expected, SealingKey, MAX_ENTRY_BYTES};
+use crate::secret::Secret;
+use entry::{Entry, Expected, RefreshEntry, SealingKey, MAX_ENTRY_BYTES};
 
 /// How often a process waiting for another's token looks for it.
 const WAIT_POLL: Duration = Duration::from_millis(100);
@@ -378,6 +380,47 @@ impl Store {
         outcome
     }
 
+    /// The refresh token entry stored under `digest` (a [`entry::refresh_digest`]).
+    async fn get_refresh(&self, digest: &str) -> Result<Option<RefreshEntry>, CacheError> {
+        let bytes = match &self.backend {
+            Backend::File { store, .. } => store.get(digest).await,
+            Backend::Redis(store) => store.get_refresh(digest).await,
+        };
+        let key = match &self.backend {
+            Backend::File { key, .. } => key.as_deref(),
+            Backend::Redis(store) => Some(store.key()),
+        };
+        let outcome = match bytes {
+            Ok(Some(bytes)) => entry::decode::<RefreshEntry>(&bytes, key, digest)
+                .map(|entry| entry.is_for(digest).then_some(entry))
+                .map_err(|e| CacheError::Unreadable(format!("refresh token entry: {e}"))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        self.note(&outcome);
+        outcome
+    }
+
+    /// Stores a refresh token entry under `digest`: sealed always (the config requires a
+    /// key), the file written atomically.
+    async fn put_refresh(&self, digest: &str, entry: &RefreshEntry) -> Result<(), CacheError> {
+        let outcome = match &self.backend {
+            Backend::File {
+                store,
+                key: Some(key),
+            } => match entry::encode(entry, Some(key), digest) {
+                Some(bytes) => store.put(digest, bytes).await,
+                None => Err(CacheError::Store("cannot seal the entry".into())),
+            },
+            Backend::File { key: None, .. } => Err(CacheError::Store(
+                "the file cache has no key_file: a refresh token is never stored in clear".into(),
+            )),
+            Backend::Redis(store) => store.put_refresh(digest, entry).await,
+        };
+        self.note(&outcome);
+        outcome
+    }
+
     async fn delete_if(&self, digest: &str, token_hash: &str) -> Result<bool, CacheError> {
         let outcome = match &self.backend {
             Backend::File { store, .. } => match self.get(digest).await {
@@ -405,6 +448,17 @@ pub(crate) struct CachedFetch {
     /// for a new one.
     held: Mutex<Option<String>>,
     observers: SharedObservers,
+    /// `grant = "refresh_token"`: the chain, kept in the store beside the token.
+    refresh: Option<Refreshing>,
+}
+
+/// What keeping a refresh token chain needs.
+struct Refreshing {
+    chain: Arc<RefreshChain>,
+    /// For `refresh_token_file`.
+    settings: TokenSettings,
+    /// Where the chain is stored: [`entry::refresh_digest`].
+    digest: String,
 }
 
 impl CachedFetch {
@@ -416,11 +470,20 @@ impl CachedFetch {
         settings: &TokenSettings,
         dpop_thumbprint: Option<&str>,
         observers: SharedObservers,
+        chain: Option<Arc<RefreshChain>>,
     ) -> Self {
+        let digest = entry::digest(settings, dpop_thumbprint);
         Self {
             inner,
             store,
-            digest: entry::digest(settings, dpop_thumbprint),
+            refresh: chain
+                .filter(|_| matches!(settings.grant, config::Grant::RefreshToken(_)))
+                .map(|chain| Refreshing {
+                    chain,
+                    settings: settings.clone(),
+                    digest: entry::refresh_digest(&digest),
+                }),
+            digest,
             wait: settings.timeout,
             expected: Expected {
                 kind: if dpop_thumbprint.is_some() {
@@ -516,9 +579,85 @@ impl CachedFetch {
         }
     }
 
-    /// Fetches, and stores what came.
+    /// Before a refresh token is spent: stores one not stored yet, then loads the chain (see
+    /// [`RefreshChain::load`]). A store that cannot be read stops the fetch unless this
+    /// process holds the chain of the file as it is: the file's token may be spent already.
+    async fn load_chain(&self, refreshing: &Refreshing) -> Result<(), FetchError> {
+        self.save_chain(refreshing).await;
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let Some(file) = FileToken::read(&refreshing.settings, deadline).await? else {
+            return Ok(());
+        };
+        let stored = match self.store.get_refresh(&refreshing.digest).await {
+            Ok(entry) => {
+                self.count("get_refresh", if entry.is_some() { "hit" } else { "miss" });
+                entry.map(|e| (Secret::new(e.refresh_token.as_str()), e.origin.clone()))
+            }
+            Err(CacheError::Unreadable(why)) => {
+                // Tampered, or sealed with another key: the file's token is all there is.
+                self.count("get_refresh", "unreadable");
+                tracing::warn!(backend = self.store.name(), why, "refresh token entry unusable: beginning the chain again from refresh_token_file");
+                None
+            }
+            Err(error) => {
+                self.count("get_refresh", "error");
+                if refreshing.chain.is_of(&file.origin) {
+                    return Ok(());
+                }
+                return Err(FetchError::Credentials {
+                    reason: format!("cannot read the stored refresh token ({error}): the one in refresh_token_file may have been spent already, so it is not sent"),
+                });
+            }
+        };
+        refreshing.chain.load(file, stored);
+        Ok(())
+    }
+
+    /// Stores the chain's newest refresh token if it is not stored yet, trying twice; when
+    /// both fail it stays in memory (`/readyz` says so) and is stored before the next fetch.
+    async fn save_chain(&self, refreshing: &Refreshing) {
+        let Some((token, origin)) = refreshing.chain.unsaved() else {
+            return;
+        };
+        let entry = RefreshEntry::new(token.expose(), &origin, &refreshing.digest);
+        let mut outcome = self.store.put_refresh(&refreshing.digest, &entry).await;
+        if outcome.is_err() {
+            outcome = self.store.put_refresh(&refreshing.digest, &entry).await;
+        }
+        self.count(
+            "put_refresh",
+            if outcome.is_ok() { "stored" } else { "error" },
+        );
+        if let Err(error) = &outcome {
+            tracing::error!(backend = self.store.name(), %error, "the new refresh token could not be stored: it is held in memory, and a restart now would lose it");
+        }
+        refreshing
+            .chain
+            .stored(&token, outcome.map_err(|e| e.to_string()));
+    }
+
+    /// With a refresh token chain, a fetch without the fleet lease is refused: two replicas
+    /// would spend the same refresh token, and the server would revoke the chain.
+    fn without_lease(&self) -> Result<(), FetchError> {
+        match &self.refresh {
+            Some(_) => Err(FetchError::Credentials {
+                reason: "the fleet lease on the refresh token could not be taken (another replica holds it, or the cache cannot be reached): the refresh token is spent under the lease only".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Fetches, and stores what came: with a refresh token chain, the chain is loaded first,
+    /// and the new refresh token is stored before the access token is handed out.
     async fn fetch_and_store(&self) -> Result<Token, FetchError> {
-        let token = self.inner.fetch().await?;
+        if let Some(refreshing) = &self.refresh {
+            self.load_chain(refreshing).await?;
+        }
+        let fetched = self.inner.fetch().await;
+        if let Some(refreshing) = &self.refresh {
+            self.save_chain(refreshing).await;
+        }
+        let token = fetched?;
         let outcome = match self
             .store
             .put(&self.digest, &Entry::of(&token, &self.digest))
@@ -562,6 +701,7 @@ impl CachedFetch {
                     }
                     Ok(redis::Leased::Busy(holder)) if !self.could_be_bearerds(&holder) => {
                         self.ignore_lease(&holder);
+                        self.without_lease()?;
                         self.fetch_and_store().await?
                     }
                     Ok(redis::Leased::Busy(holder)) => {
@@ -569,11 +709,15 @@ impl CachedFetch {
                         match self.wait_for_stored(store, holder).await {
                             Some(token) => token,
                             // The holder did not deliver in time: fetch for ourselves.
-                            None => self.fetch_and_store().await?,
+                            None => {
+                                self.without_lease()?;
+                                self.fetch_and_store().await?
+                            }
                         }
                     }
                     Err(_) => {
                         self.count("lease", "error");
+                        self.without_lease()?;
                         self.inner.fetch().await?
                     }
                 }
@@ -697,7 +841,8 @@ pub mod fuzzing {
         max_lifetime: Duration,
     ) -> Result<Token, String> {
         let key = if sealed { key() } else { None };
-        let entry = entry::decode(bytes, key.as_ref(), DIGEST).map_err(|e| e.to_string())?;
+        let entry = entry::decode::<entry::Entry>(bytes, key.as_ref(), DIGEST)
+            .map_err(|e| e.to_string())?;
         let expected = Expected {
             kind: if dpop {
                 TokenType::DPoP
@@ -716,7 +861,7 @@ pub mod fuzzing {
     /// must take as it took `bytes` in clear.
     pub fn reseal(bytes: &[u8]) -> Option<Vec<u8>> {
         let key = key()?;
-        let entry = entry::decode(bytes, None, DIGEST).ok()?;
+        let entry: entry::Entry = entry::decode(bytes, None, DIGEST).ok()?;
         entry::encode(&entry, Some(&key), DIGEST).map(|sealed| sealed.to_vec())
     }
 }

@@ -133,7 +133,11 @@ pub(crate) async fn present(
             }
             Ok(with_assertion(id_field(), jwt.to_owned(), redactor))
         }
-        ClientAuth::TlsClientAuth { .. } => Ok(Credentials::form(id_field().into_iter().collect())),
+        // `tls_client_auth`: the certificate is in the handshake; `none`: a public client
+        // names itself (RFC 6749 §3.2.1), when it has a client_id.
+        ClientAuth::TlsClientAuth { .. } | ClientAuth::None => {
+            Ok(Credentials::form(id_field().into_iter().collect()))
+        }
     }
 }
 
@@ -229,6 +233,7 @@ pub(crate) fn check(auth: &ClientAuth) -> Result<String, String> {
         ClientAuth::TlsClientAuth { identity } => crate::tls::LoadedIdentity::read(identity)
             .map(|loaded| format!("certificate sha256 {}", loaded.fingerprint()))
             .map_err(|e| e.to_string()),
+        ClientAuth::None => Ok("no client credentials".into()),
     }
 }
 
@@ -261,6 +266,7 @@ pub(crate) fn describe(auth: &ClientAuth) -> String {
             identity.cert_file.display(),
             identity.key_file.display()
         ),
+        ClientAuth::None => "auth none".into(),
     }
 }
 

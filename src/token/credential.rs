@@ -9,19 +9,22 @@
 use std::sync::Arc;
 
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, Method};
 use prometheus::IntCounter;
 
 use super::dpop::{self, DpopKey, Nonce, DPOP};
 use super::metrics::TokenSeries;
 use super::source::{Handle, Unavailable};
 use super::Token;
+use crate::config::Presentation;
 use crate::jose::SignError;
 
 /// A route's credential: the token to send and, with DPoP, the proof that goes with it.
 pub(crate) struct Credential {
     token: Handle,
     proof: Option<Proof>,
+    /// `header` and `prefix`, when not `Authorization: Bearer` (never with DPoP).
+    presentation: Option<Presentation>,
 }
 
 /// What a route's DPoP proofs need.
@@ -37,9 +40,15 @@ struct Proof {
 impl Credential {
     /// The credential of a route that reads `token`, bound to `dpop` when its source binds
     /// tokens, counting its nonce retries in `series`.
-    pub(crate) fn new(token: Handle, dpop: Option<Arc<DpopKey>>, series: &TokenSeries) -> Self {
+    pub(crate) fn new(
+        token: Handle,
+        dpop: Option<Arc<DpopKey>>,
+        presentation: &Presentation,
+        series: &TokenSeries,
+    ) -> Self {
         Self {
             token,
+            presentation: (!presentation.is_default()).then(|| presentation.clone()),
             proof: dpop.map(|key| Proof {
                 key,
                 nonce: Nonce::default(),
@@ -66,9 +75,18 @@ impl Credential {
         self.token.reject(rejected);
     }
 
+    /// The header the token goes in: the app's own value of it is replaced, and (when it is
+    /// not `Authorization`) the app's `Authorization` passes as sent.
+    pub(crate) fn header(&self) -> &HeaderName {
+        self.presentation
+            .as_ref()
+            .map_or(&AUTHORIZATION, |p| &p.header)
+    }
+
     /// Authorizes a request with `method` to `htu` (scheme, authority and path, RFC 9449
-    /// §4.2; only made when a proof needs it) by `token`: sets `Authorization`, replacing
-    /// whatever the app sent, and with DPoP a fresh `DPoP` proof.
+    /// §4.2; only made when a proof needs it) by `token`: sets the token's header
+    /// (`Authorization`, or `header`), replacing whatever the app sent in it, and with DPoP a
+    /// fresh `DPoP` proof.
     pub(crate) fn authorize(
         &self,
         headers: &mut HeaderMap,
@@ -76,7 +94,16 @@ impl Credential {
         method: &Method,
         htu: impl FnOnce() -> String,
     ) -> Result<(), SignError> {
-        headers.insert(AUTHORIZATION, token.authorization().clone());
+        match &self.presentation {
+            None => {
+                headers.insert(AUTHORIZATION, token.authorization().clone());
+            }
+            // Built per request: the prefix is the route's, the token the source's, and the
+            // default presentation (nearly every route) costs nothing.
+            Some(presentation) => {
+                headers.insert(&presentation.header, token.presented(&presentation.prefix));
+            }
+        }
         if let Some(proof) = &self.proof {
             let value = proof.key.proof(
                 method.as_str(),

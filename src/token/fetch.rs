@@ -1,4 +1,5 @@
-//! One token request by the client-credentials grant (RFC 6749 §4.4.2), and its outcome.
+//! One token request by the source's grant (`grant`: client credentials, JWT bearer, token
+//! exchange, refresh token), and its outcome.
 
 mod error;
 
@@ -14,11 +15,13 @@ use http_body_util::{BodyExt, Full, Limited};
 
 use super::client_auth::{self, Credentials};
 use super::dpop::{self, DpopKey, Nonce};
+use super::grant;
 use super::response::{self, TokenType};
+use super::rotation::RefreshChain;
 use super::{LifetimeSource, Token};
-use crate::config::TokenSettings;
+use crate::config::{Grant, TokenSettings};
 use crate::errors;
-use crate::secret::Redactor;
+use crate::secret::{Redactor, Secret};
 use crate::tls::HttpsClient;
 pub use error::FetchError;
 
@@ -52,6 +55,9 @@ pub struct Fetcher {
     nonce: Nonce,
     /// Called when a token request is sent again with the endpoint's new DPoP nonce.
     on_nonce_retry: Box<dyn Fn() + Send + Sync>,
+    /// `grant = "refresh_token"`: the refresh token to spend next, shared with the cache
+    /// wrapper that keeps the chain.
+    refresh: Arc<RefreshChain>,
 }
 
 /// One answer of the token endpoint, read whole.
@@ -89,7 +95,13 @@ impl Fetcher {
             dpop,
             nonce: Nonce::default(),
             on_nonce_retry,
+            refresh: Arc::default(),
         }
+    }
+
+    /// The refresh token chain this fetcher spends from, for the cache wrapper that keeps it.
+    pub(crate) fn chain(&self) -> Arc<RefreshChain> {
+        Arc::clone(&self.refresh)
     }
 
     /// The token endpoint's authority, as messages name it.
@@ -141,8 +153,11 @@ impl Fetcher {
         redactor: &mut Redactor,
         deadline: tokio::time::Instant,
     ) -> Result<Answer, FetchError> {
+        let refresh_token = self.refresh.current(&self.settings, deadline).await?;
+        let grant =
+            grant::fields(&self.settings, redactor, deadline, refresh_token.as_ref()).await?;
         let credentials = client_auth::present(&self.settings, redactor, deadline).await?;
-        let mut request = build_request(&self.settings, credentials)?;
+        let mut request = build_request(&self.settings, &grant, credentials)?;
         if let Some(key) = &self.dpop {
             let htu = htu(&self.settings.url);
             let proof = key
@@ -223,6 +238,20 @@ impl Fetcher {
                 error,
                 retry_after,
             }
+        } else if status.is_client_error()
+            && error.error.as_deref() == Some("invalid_grant")
+            && matches!(self.settings.grant, Grant::RefreshToken(_))
+        {
+            // RFC 6749 §5.2: the refresh token is invalid, expired, revoked or was spent
+            // elsewhere. Sending it again cannot help; only a new authorisation can.
+            self.refresh.lose();
+            FetchError::AuthorisationLost {
+                endpoint: Some(endpoint.clone()),
+                reason: format!(
+                    "token endpoint {endpoint} answered invalid_grant to the refresh token ({})",
+                    error.status
+                ),
+            }
         } else if status.is_client_error() {
             FetchError::Rejected {
                 endpoint,
@@ -256,6 +285,18 @@ impl Fetcher {
         redactor: &Redactor,
     ) -> Result<Token, response::InvalidResponse> {
         let grant = response::parse_success(body, redactor)?;
+        if grant.not_applicable {
+            let accepted = matches!(&self.settings.grant, Grant::TokenExchange(exchange) if !exchange.wants_access_token());
+            if !accepted {
+                return Err(response::InvalidResponse {
+                    reason: "token_type is N_A, which RFC 8693 §2.2.1 allows only for a token that is not an access token, and an access token was asked for".into(),
+                    said: None,
+                });
+            }
+        }
+        if let Some(new) = &grant.refresh_token {
+            self.refresh.rotate(&self.settings, new);
+        }
         // RFC 9449 §5: a DPoP-bound token says so; a Bearer token where DPoP was asked for
         // would be refused by the upstream, and a DPoP token cannot be sent as Bearer.
         let scheme = match (grant.token_type, &self.dpop) {
@@ -302,13 +343,17 @@ impl Fetch for Fetcher {
     }
 }
 
-/// The token request: a form POST with the client authenticated as configured.
+/// The token request: a form POST with the grant's fields and the client authenticated as
+/// configured.
 fn build_request(
     settings: &TokenSettings,
+    grant: &[(&'static str, Secret)],
     credentials: Credentials,
 ) -> Result<Request<Full<Bytes>>, FetchError> {
     let mut form = form_urlencoded::Serializer::new(String::new());
-    form.append_pair("grant_type", "client_credentials");
+    for (name, value) in grant {
+        form.append_pair(name, value.expose());
+    }
     let mut request = Request::post(settings.url.clone())
         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
         .header(ACCEPT, "application/json")
@@ -319,8 +364,13 @@ fn build_request(
     for (name, value) in &credentials.form {
         form.append_pair(name, value.expose());
     }
+    let scope = if grant::scope_in_form(settings) {
+        &settings.scope
+    } else {
+        &None
+    };
     let optional = [
-        ("scope", &settings.scope),
+        ("scope", scope),
         ("audience", &settings.audience),
         ("resource", &settings.resource),
     ];
@@ -380,10 +430,16 @@ mod tests {
 
     async fn request_for(settings: &TokenSettings) -> (http::request::Parts, String) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let credentials = client_auth::present(settings, &mut Redactor::new(), deadline)
+        let mut redactor = Redactor::new();
+        let grant = grant::fields(settings, &mut redactor, deadline, None)
             .await
             .unwrap();
-        let (parts, body) = build_request(settings, credentials).unwrap().into_parts();
+        let credentials = client_auth::present(settings, &mut redactor, deadline)
+            .await
+            .unwrap();
+        let (parts, body) = build_request(settings, &grant, credentials)
+            .unwrap()
+            .into_parts();
         let bytes = body.collect().await.unwrap().to_bytes();
         (parts, String::from_utf8(bytes.to_vec()).unwrap())
     }

@@ -30,17 +30,21 @@ pub enum FetchOutcome {
     ConnectError,
     /// An answer bearerd cannot use.
     InvalidResponse,
+    /// `grant = "refresh_token"`: the endpoint answered `invalid_grant` to the refresh token;
+    /// a person must authorise again.
+    AuthorisationLost,
 }
 
 impl FetchOutcome {
     /// Every outcome, so that each series exists from the start (at 0).
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Success,
         Self::Rejected,
         Self::ServerError,
         Self::Timeout,
         Self::ConnectError,
         Self::InvalidResponse,
+        Self::AuthorisationLost,
     ];
 
     /// The label value.
@@ -52,6 +56,7 @@ impl FetchOutcome {
             Self::Timeout => "timeout",
             Self::ConnectError => "connect_error",
             Self::InvalidResponse => "invalid_response",
+            Self::AuthorisationLost => "authorisation_lost",
         }
     }
 }
@@ -195,6 +200,7 @@ impl TokenMetrics {
             timeout: fetch(FetchOutcome::Timeout),
             connect_error: fetch(FetchOutcome::ConnectError),
             invalid_response: fetch(FetchOutcome::InvalidResponse),
+            authorisation_lost: fetch(FetchOutcome::AuthorisationLost),
             fetch_duration: self.fetch_duration_seconds.with_label_values(&[name]),
             secret_errors: self.secret_errors_total.with_label_values(&[name]),
             expiry: self.expiry_timestamp_seconds.with_label_values(&[name]),
@@ -268,6 +274,7 @@ pub struct TokenSeries {
     timeout: IntCounter,
     connect_error: IntCounter,
     invalid_response: IntCounter,
+    authorisation_lost: IntCounter,
     fetch_duration: Histogram,
     secret_errors: IntCounter,
     expiry: Gauge,
@@ -358,6 +365,7 @@ impl TokenSeries {
             FetchOutcome::Timeout => &self.timeout,
             FetchOutcome::ConnectError => &self.connect_error,
             FetchOutcome::InvalidResponse => &self.invalid_response,
+            FetchOutcome::AuthorisationLost => &self.authorisation_lost,
         }
         .inc();
         if outcome == FetchOutcome::Success {

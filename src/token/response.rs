@@ -36,8 +36,12 @@ pub struct Grant {
     pub expires_in: Option<Duration>,
     /// `scope`, when the response has it.
     pub scope: Option<String>,
-    /// `token_type`.
+    /// `token_type`; `N_A` (RFC 8693 §2.2.1) reads as Bearer, with `not_applicable` set.
     pub token_type: TokenType,
+    /// The token is not an access token: `token_type` was `N_A`.
+    pub not_applicable: bool,
+    /// A new refresh token (RFC 6749 §6: the server may rotate it).
+    pub refresh_token: Option<Secret>,
 }
 
 /// The kinds of token bearerd can send.
@@ -103,12 +107,16 @@ pub fn parse_success(body: &[u8], redactor: &Redactor) -> Result<Grant, InvalidR
             });
         }
     };
+    let not_applicable = matches!(object.get("token_type"), Some(Value::String(t)) if t == "N_A");
     let token_type = match object.get("token_type") {
         // §5.1 makes it required, yet some servers leave it out; bearer is what they mean.
         None | Some(Value::Null) => TokenType::Bearer,
         // §5.1: the value is case insensitive.
         Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => TokenType::Bearer,
         Some(Value::String(t)) if t.eq_ignore_ascii_case("dpop") => TokenType::DPoP,
+        // RFC 8693 §2.2.1: a token exchanged for something else than an access token; whether
+        // that was asked for is the fetch's to judge.
+        Some(Value::String(t)) if t == "N_A" => TokenType::Bearer,
         Some(Value::String(other)) => {
             let shown = plausible_code(&redactor.redact(other))
                 .map_or_else(|| "of another kind".to_owned(), |t| format!("{t:?}"));
@@ -134,11 +142,22 @@ pub fn parse_success(body: &[u8], redactor: &Redactor) -> Result<Grant, InvalidR
         Some(Value::String(scope)) => Some(redactor.redact(scope)),
         _ => None,
     };
+    let refresh_token = match object.get("refresh_token") {
+        Some(Value::String(token)) if !token.is_empty() => Some(Secret::new(token.as_str())),
+        None | Some(Value::Null) => None,
+        Some(_) => {
+            return Err(InvalidResponse::new(
+                "refresh_token is not a non-empty string",
+            ))
+        }
+    };
     Ok(Grant {
         access_token,
         expires_in,
         scope,
         token_type,
+        not_applicable,
+        refresh_token,
     })
 }
 

@@ -31,6 +31,7 @@ use super::credential::Credential;
 use super::dpop::DpopKey;
 use super::fetch::{Fetch, Fetcher};
 use super::metrics::{NonceAt, TokenSeries};
+use super::rotation::RefreshChain;
 use super::setup::SourceSetup;
 pub use super::state::{
     Observers, Phase, RefreshPolicy, SharedObservers, State, REJECTION_REFETCH_INTERVAL,
@@ -53,9 +54,17 @@ pub struct Handle {
     state: watch::Receiver<State>,
     /// The newest generation an upstream rejected; the refresher watches it.
     rejections: watch::Sender<u64>,
+    /// `grant = "refresh_token"`: the chain, whose trouble `/readyz` shows.
+    chain: Option<Arc<RefreshChain>>,
 }
 
 impl Handle {
+    /// What `/readyz` should say of the source even while it holds a usable token: the
+    /// newest refresh token is not stored, or the authorisation is lost.
+    pub fn warning(&self) -> Option<String> {
+        self.chain.as_ref().and_then(|chain| chain.warning())
+    }
+
     /// The current state, for readiness and metrics.
     pub fn state(&self) -> State {
         self.state.borrow().clone()
@@ -173,6 +182,8 @@ pub(crate) struct Started {
     stop: CancellationToken,
     /// The key its tokens are bound to, which every proxied request's proof is signed with.
     dpop: Option<Arc<DpopKey>>,
+    /// How its token goes upstream.
+    presentation: crate::config::Presentation,
 }
 
 /// Starts the source of `key` on `tasks` with what `setup` loaded: a fetcher (behind `cache`,
@@ -205,6 +216,8 @@ pub(crate) fn start(
         setup.dpop.clone(),
         on_nonce_retry,
     );
+    let chain =
+        matches!(key.token.grant, crate::config::Grant::RefreshToken(_)).then(|| fetcher.chain());
     // The cache sits in front of the fetcher: a token another process stored saves a request.
     let fetcher: Arc<dyn Fetch> = match cache {
         Some(store) => Arc::new(CachedFetch::new(
@@ -213,10 +226,11 @@ pub(crate) fn start(
             &key.token,
             setup.dpop.as_deref().map(DpopKey::thumbprint),
             Arc::clone(&observers),
+            chain.clone(),
         )),
         None => Arc::new(fetcher),
     };
-    let handle = spawn_traced(
+    let mut handle = spawn_traced(
         fetcher,
         RefreshPolicy::from(&key.token),
         Arc::clone(&observers),
@@ -224,18 +238,25 @@ pub(crate) fn start(
         stop.clone(),
         telemetry.map(|t| t.fetches(&key.token)),
     );
+    handle.chain = chain;
     Started {
         handle,
         observers,
         stop,
         dpop: setup.dpop,
+        presentation: key.token.presentation.clone(),
     }
 }
 
 impl Started {
     /// The credential of a route that reads this source, counting in `series`.
     pub(crate) fn credential(&self, series: &TokenSeries) -> Credential {
-        Credential::new(self.handle.clone(), self.dpop.clone(), series)
+        Credential::new(
+            self.handle.clone(),
+            self.dpop.clone(),
+            &self.presentation,
+            series,
+        )
     }
 
     /// Points the source's logs (`label`: the upstreams' names) and metrics at the upstreams
@@ -295,7 +316,11 @@ fn spawn_traced(
         tracing: tracing.map(Arc::new),
     };
     tasks.spawn(supervisor.run(shutdown));
-    Handle { state, rejections }
+    Handle {
+        state,
+        rejections,
+        chain: None,
+    }
 }
 
 #[cfg(test)]

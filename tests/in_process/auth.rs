@@ -403,7 +403,7 @@ fn each_method_asks_for_its_own_keys_only() {
         ),
         (
             Token::empty().url(url).secret("s"),
-            "upstream[0].token.client_id: missing: every method but client_assertion_file needs the client_id",
+            "upstream[0].token.client_id: missing: every method but client_assertion_file and none needs the client_id",
         ),
         (
             Token::new(url, "app").auth("tls_client_auth").set("cert_file", string("c.pem")),

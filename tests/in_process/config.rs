@@ -709,11 +709,11 @@ fn a_misspelt_key_gets_the_nearest_key_of_its_own_table() {
         );
     }
     // Nothing near: no guess, only the keys.
-    let text = only(payments().token(payments_token().set("grant", string("x"))));
+    let text = only(payments().token(payments_token().set("qqqq", string("x"))));
     let message = errors(&text);
     assert!(!message.contains("did you mean"), "{message}");
     assert!(
-        message.contains("unknown key `grant`. The keys of [upstream.token] are `url`"),
+        message.contains("unknown key `qqqq`. The keys of [upstream.token] are `url`"),
         "{message}"
     );
 }

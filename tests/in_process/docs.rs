@@ -257,6 +257,7 @@ fn doc_section_for(table: &Table) -> String {
     match header.as_str() {
         "[listener.route.token]" => "[upstream.token]".to_owned(),
         "[listener.route.tls]" => "[upstream.tls]".to_owned(),
+        "[listener.route.token.jwt_bearer]" => "[upstream.token.jwt_bearer]".to_owned(),
         _ => header,
     }
 }
@@ -372,6 +373,10 @@ fn every_key_the_parser_accepts_is_in_the_example_config() {
             "[upstream.tls]" | "[listener.route.tls]" => {
                 &["[upstream.tls]", "[listener.route.tls]"]
             }
+            "[upstream.token.jwt_bearer]" | "[listener.route.token.jwt_bearer]" => &[
+                "[upstream.token.jwt_bearer]",
+                "[listener.route.token.jwt_bearer]",
+            ],
             _ => &[],
         };
         let header = table.header();

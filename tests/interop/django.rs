@@ -53,6 +53,11 @@ impl Dot {
     /// Creates the database and the two applications, starts the server and waits for the
     /// port it reports.
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// The same, with more of the setup command's environment (a refresh token to issue).
+    fn start_with(extra: &[(&str, &str)]) -> Self {
         let python = std::env::var_os("BEARERD_INTEROP_PYTHON").unwrap_or_else(|| {
             panic!(
                 "BEARERD_INTEROP_PYTHON is not set: these tests need the Django OAuth Toolkit \
@@ -72,6 +77,7 @@ impl Dot {
             .env("BEARERD_INTEROP_CLIENT_SECRET", CLIENT_SECRET)
             .env("BEARERD_INTEROP_RS_CLIENT_ID", RS_CLIENT_ID)
             .env("BEARERD_INTEROP_RS_CLIENT_SECRET", RS_CLIENT_SECRET)
+            .envs(extra.iter().copied())
             // No __pycache__ in the source tree.
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("PYTHONUNBUFFERED", "1")
@@ -506,6 +512,61 @@ async fn token_path_without_trailing_slash_is_a_redirect() {
             .to_string();
         assert!(logged.contains("Location \"/o/token/\""), "{logged}");
         assert_eq!(dot.token_requests().await, serde_json::json!({}));
+        sidecar.stop().await;
+    })
+    .await;
+}
+
+/// The refresh token the setup command issues to bearerd's client for a user, as if the user
+/// had authorised it once.
+const FIRST_REFRESH_TOKEN: &str = "interop-first-refresh-token";
+
+/// `grant = "refresh_token"` against DOT, which rotates refresh tokens (its default,
+/// ROTATE_REFRESH_TOKEN) and revokes the old access token with the old refresh token: the
+/// first fetch spends the issued refresh token and stores the next one sealed; once the
+/// upstream's introspection says the access token is revoked, the second fetch spends the
+/// rotated one, which DOT accepts (the spent one would be `invalid_grant`).
+#[tokio::test]
+#[ignore = "needs the Django OAuth Toolkit virtualenv: run `make interop`"]
+async fn refresh_token_rotation_end_to_end() {
+    bounded(async {
+        let dot = Dot::start_with(&[("BEARERD_INTEROP_REFRESH_TOKEN", FIRST_REFRESH_TOKEN)]);
+        let upstream = Upstream::start(&dot).await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("refresh_token"), FIRST_REFRESH_TOKEN).unwrap();
+        let key = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+        std::fs::write(dir.path().join("cache.key"), key).unwrap();
+        let token = format!(
+            "client_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ngrant = \"refresh_token\"\nrefresh_token_file = \"refresh_token\"\n\n[cache]\nbackend = \"file\"\ndir = \"tokens\"\nkey_file = \"cache.key\"\n"
+        );
+        let config = support::config("api", &upstream.server.url(""), &dot.url("/o/token/"), &token);
+        let sidecar = Sidecar::start_in(dir, &config).await;
+
+        let answer = support::get(&sidecar.url("api", "/items")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}\n{}", text(&answer), dot.log());
+        let first = upstream.seen()[0].clone();
+        let stored: Vec<_> = std::fs::read_dir(sidecar.file("tokens"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with("-refresh.json"))
+            .collect();
+        assert_eq!(stored.len(), 1, "the rotated refresh token is stored");
+
+        // The token is rejected (as an upstream's 401 would): bearerd fetches again, with the
+        // rotated refresh token. (Revoking the access token at DOT instead would leave its
+        // refresh token without scopes: DOT takes them from the access token.)
+        let source = sidecar.running().token_source("api").unwrap();
+        let held = source.state().token.unwrap();
+        let replacement = source.replacement_for(&held).await.unwrap();
+        assert_ne!(replacement.authorization(), held.authorization());
+        let answer = support::get(&sidecar.url("api", "/items")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}\n{}", text(&answer), dot.log());
+        assert_ne!(upstream.seen().last().unwrap(), &first, "a new access token");
+        assert_eq!(
+            dot.token_requests().await,
+            serde_json::json!({"200": 2}),
+            "two refreshes, each with the newest refresh token, both accepted"
+        );
         sidecar.stop().await;
     })
     .await;

@@ -7,6 +7,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod authlib;
 mod django;
 mod grpc;
 mod http2_hostile;

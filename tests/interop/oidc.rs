@@ -2,7 +2,8 @@
 //! authentication method: `private_key_jwt` (RS256, PS256, ES256, EdDSA), `client_secret_jwt`,
 //! `client_assertion_file`, `tls_client_auth` (and a certificate-bound token sent upstream over
 //! mutual TLS), DPoP with nonces required by both the token endpoint and the upstream, and the
-//! secret methods `basic` and `post`.
+//! secret methods `basic` and `post`; and the token-exchange grant (RFC 8693), which the
+//! server registers itself (subject and actor JWTs verified with jose, `act` for the actor).
 //!
 //! Each test starts its own server (`tests/interop/oidc/server.mjs`: every key, the CA and the
 //! certificates made at start, one client per method, loopback ports the kernel picks), then
@@ -277,6 +278,8 @@ struct Expect<'a> {
     client_id: &'a str,
     /// `Bearer` or `DPoP`.
     scheme: &'a str,
+    /// The grant bearerd used.
+    grant_type: &'a str,
 }
 
 /// Sends the app's requests through `sidecar` (a GET, a GET with a query, a POST with a body)
@@ -345,7 +348,7 @@ async fn requests_go_through(oidc: &Oidc, sidecar: &Sidecar, expect: &Expect<'_>
     assert_eq!(granted.len(), 1, "one token request granted: {granted:?}");
     assert_eq!(granted[0]["resource"], oidc.resource());
     assert_eq!(granted[0]["scope"], SCOPE);
-    assert_eq!(granted[0]["grant_type"], "client_credentials");
+    assert_eq!(granted[0]["grant_type"], expect.grant_type);
 
     let state = sidecar.running().token_source("api").unwrap().state();
     let held = state.token.unwrap();
@@ -412,6 +415,7 @@ async fn private_key_jwt(id: &str, key_file: &str, alg: Option<&str>, key_id: bo
         &Expect {
             client_id: id,
             scheme: "Bearer",
+            grant_type: "client_credentials",
         },
     )
     .await;
@@ -532,6 +536,7 @@ async fn client_secret_jwt_hs256() {
             &Expect {
                 client_id: id,
                 scheme: "Bearer",
+                grant_type: "client_credentials",
             },
         )
         .await;
@@ -570,6 +575,7 @@ async fn client_assertion_file() {
             &Expect {
                 client_id: id,
                 scheme: "Bearer",
+                grant_type: "client_credentials",
             },
         )
         .await;
@@ -632,6 +638,7 @@ async fn tls_client_auth() {
             &Expect {
                 client_id: id,
                 scheme: "Bearer",
+                grant_type: "client_credentials",
             },
         )
         .await;
@@ -673,6 +680,7 @@ async fn tls_client_auth_certificate_bound_token_over_mutual_tls() {
             &Expect {
                 client_id: id,
                 scheme: "Bearer",
+                grant_type: "client_credentials",
             },
         )
         .await;
@@ -724,6 +732,7 @@ async fn dpop(key: Option<&str>) {
         &Expect {
             client_id: id,
             scheme: "DPoP",
+            grant_type: "client_credentials",
         },
     )
     .await;
@@ -824,6 +833,7 @@ async fn secret(id: &str) {
         &Expect {
             client_id: id,
             scheme: "Bearer",
+            grant_type: "client_credentials",
         },
     )
     .await;
@@ -844,4 +854,88 @@ async fn client_secret_basic() {
 #[ignore = "needs node and tests/interop/oidc's npm packages: run `make interop`"]
 async fn client_secret_post() {
     bounded(secret("post")).await;
+}
+
+/// `grant = "token_exchange"` against oidc-provider with a registered token-exchange grant:
+/// the subject and actor tokens are JWTs of a workload issuer, verified by the server with
+/// jose; the token it issues is active for the resource, with the subject as `sub` and the
+/// actor in `act`. A subject token signed by another key is refused (`invalid_grant`).
+#[tokio::test]
+#[ignore = "needs node and tests/interop/oidc's npm packages: run `make interop`"]
+async fn token_exchange_with_subject_and_actor() {
+    bounded(async {
+        let oidc = Oidc::start();
+        let exchange = |subject: &str| {
+            token(&oidc, oidc.token_endpoint(), "exchange")
+                .secret(oidc.client("exchange", "client_secret"))
+                .set("grant", string("token_exchange"))
+                .set("subject_token_file", string(subject))
+                .set(
+                    "actor_token_file",
+                    string(oidc.s("/token_exchange/actor_token_file")),
+                )
+                .set(
+                    "requested_token_type",
+                    string("urn:ietf:params:oauth:token-type:access_token"),
+                )
+        };
+        let token = exchange(oidc.s("/token_exchange/subject_token_file"));
+        let sidecar = sidecar(
+            tempfile::tempdir().unwrap(),
+            &oidc.upstream_url(),
+            token,
+            None,
+        )
+        .await;
+        let answers = requests_go_through(
+            &oidc,
+            &sidecar,
+            &Expect {
+                client_id: "exchange",
+                scheme: "Bearer",
+                grant_type: "urn:ietf:params:oauth:grant-type:token-exchange",
+            },
+        )
+        .await;
+        assert!(!answers.is_empty());
+        let seen = oidc.tokens_seen().await;
+        let introspection = oidc.introspect(seen.last().unwrap()).await;
+        assert_eq!(introspection["active"], true, "{introspection}");
+        assert_eq!(introspection["sub"], "workload:payments", "{introspection}");
+        assert_eq!(
+            introspection["act"]["sub"], "agent:ledger",
+            "{introspection}"
+        );
+        let requests = oidc.token_requests("exchange").await;
+        assert_eq!(
+            requests[0]["grant_type"],
+            "urn:ietf:params:oauth:grant-type:token-exchange"
+        );
+        sidecar.stop().await;
+
+        // A subject token the server cannot verify: refused, and bearerd answers 503.
+        let forged = exchange(oidc.s("/token_exchange/forged_subject_token_file"));
+        let refused = sidecar_for_refusal(&oidc, forged).await;
+        let answer = support::get(&refused.url("api", "/items")).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            text(&answer)
+        );
+        let last = oidc.token_requests("exchange").await.pop().unwrap();
+        assert_eq!(last["error"], "invalid_grant", "{last}");
+        refused.stop().await;
+    })
+    .await;
+}
+
+async fn sidecar_for_refusal(oidc: &Oidc, token: Token) -> Sidecar {
+    sidecar(
+        tempfile::tempdir().unwrap(),
+        &oidc.upstream_url(),
+        token,
+        None,
+    )
+    .await
 }

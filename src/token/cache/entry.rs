@@ -11,6 +11,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ClientAuth, TokenSettings};
@@ -49,6 +50,63 @@ pub(crate) struct Entry {
     /// Unix seconds when it was fetched and when it expires.
     pub(crate) fetched_at: u64,
     pub(crate) expires_at: u64,
+}
+
+/// `grant = "refresh_token"`: the newest refresh token of a source's chain, kept under the
+/// source's [`refresh_digest`] beside (not in) its token entry, and never expiring with it: an
+/// access token may lapse and be deleted (an upstream's 401) while the chain must live on.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct RefreshEntry {
+    /// [`VERSION`].
+    pub(crate) v: u32,
+    /// The refresh digest of the source it belongs to.
+    pub(crate) source: String,
+    pub(crate) refresh_token: String,
+    /// The fingerprint of `refresh_token_file`'s contents when the chain began: a file that
+    /// says something else since (the account was authorised again) wins over this entry.
+    pub(crate) origin: String,
+    /// Unix seconds when it was stored.
+    pub(crate) stored_at: u64,
+}
+
+impl std::fmt::Debug for RefreshEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefreshEntry")
+            .field("source", &self.source)
+            .field("refresh_token", &"[redacted]")
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RefreshEntry {
+    /// The entry of `refresh_token`, of the chain begun from the file `origin`.
+    pub(crate) fn new(refresh_token: &str, origin: &str, refresh_digest: &str) -> Self {
+        Self {
+            v: VERSION,
+            source: refresh_digest.to_owned(),
+            refresh_token: refresh_token.to_owned(),
+            origin: origin.to_owned(),
+            stored_at: unix(SystemTime::now()),
+        }
+    }
+
+    /// Whether it is this source's, of this version.
+    pub(crate) fn is_for(&self, refresh_digest: &str) -> bool {
+        self.v == VERSION && self.source == refresh_digest
+    }
+}
+
+/// Where a source's refresh token is kept: its digest and a suffix, so that the token entry
+/// and its deletion never touch it.
+pub(crate) fn refresh_digest(digest: &str) -> String {
+    format!("{digest}-refresh")
+}
+
+impl Drop for RefreshEntry {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.refresh_token);
+    }
 }
 
 impl std::fmt::Debug for Entry {
@@ -158,11 +216,11 @@ impl Entry {
 
 /// The entry in `bytes` as a store gave them: JSON, or sealed with `key` for `digest` when
 /// there is a key. Never quotes what it read: a message names the problem and where.
-pub(crate) fn decode(
+pub(crate) fn decode<T: DeserializeOwned>(
     bytes: &[u8],
     key: Option<&SealingKey>,
     digest: &str,
-) -> Result<Entry, Unreadable> {
+) -> Result<T, Unreadable> {
     if bytes.len() > MAX_ENTRY_BYTES {
         return Err(Unreadable(format!(
             "larger than {MAX_ENTRY_BYTES} bytes, the most an entry holds"
@@ -185,7 +243,7 @@ pub(crate) fn decode(
 /// `entry` as a store keeps it: sealed with `key` for `digest` (base64 text) when there is a
 /// key, JSON otherwise. `None` if it cannot be encoded.
 pub(crate) fn encode(
-    entry: &Entry,
+    entry: &impl Serialize,
     key: Option<&SealingKey>,
     digest: &str,
 ) -> Option<zeroize::Zeroizing<Vec<u8>>> {
@@ -207,7 +265,7 @@ pub(crate) fn digest(settings: &TokenSettings, dpop_thumbprint: Option<&str>) ->
         }
         other => other.method().to_owned(),
     };
-    let identity = serde_json::json!({
+    let mut identity = serde_json::json!({
         "url": settings.url.to_string(),
         "client_id": settings.client_id,
         "auth": auth,
@@ -217,7 +275,41 @@ pub(crate) fn digest(settings: &TokenSettings, dpop_thumbprint: Option<&str>) ->
         "params": settings.params,
         "dpop": dpop_thumbprint,
     });
+    // The grant joins the identity only when it is not client credentials, so that the
+    // entries of existing sources keep their names; with what makes its tokens someone's
+    // (the assertion's names, the subject and actor files, the refresh token's file), never
+    // a secret.
+    if let Some(grant) = grant_identity(&settings.grant) {
+        identity["grant"] = grant;
+    }
     jws::sha256_base64url(identity.to_string().as_bytes())
+}
+
+/// What of a grant other than client credentials tells its tokens apart.
+fn grant_identity(grant: &crate::config::Grant) -> Option<serde_json::Value> {
+    use crate::config::Grant;
+    Some(match grant {
+        Grant::ClientCredentials => return None,
+        Grant::JwtBearer(jwt) => serde_json::json!({
+            "name": grant.name(),
+            "iss": jwt.issuer,
+            "sub": jwt.subject,
+            "aud": jwt.audience,
+            "key": jwt.key.path(),
+            "scope_in": format!("{:?}", jwt.scope_in),
+        }),
+        Grant::TokenExchange(exchange) => serde_json::json!({
+            "name": grant.name(),
+            "subject": exchange.subject_token_file,
+            "subject_type": exchange.subject_token_type,
+            "actor": exchange.actor.as_ref().map(|a| (&a.file, &a.token_type)),
+            "requested": exchange.requested_token_type,
+        }),
+        Grant::RefreshToken(refresh) => serde_json::json!({
+            "name": grant.name(),
+            "file": refresh.file,
+        }),
+    })
 }
 
 /// The key entries are sealed with, and its fingerprint.
@@ -247,7 +339,7 @@ impl SealingKey {
 
     /// base64(nonce ‖ ciphertext ‖ tag), with `digest` as associated data, so that an entry
     /// copied to another source's key does not open.
-    pub(crate) fn seal(&self, entry: &Entry, digest: &str) -> Option<String> {
+    pub(crate) fn seal(&self, entry: &impl Serialize, digest: &str) -> Option<String> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new().fill(&mut nonce).ok()?;
         let mut data = zeroize::Zeroizing::new(serde_json::to_vec(entry).ok()?);
@@ -264,7 +356,11 @@ impl SealingKey {
     }
 
     /// The entry sealed in `text`, if it opens with this key for `digest`.
-    pub(crate) fn open(&self, text: &[u8], digest: &str) -> Result<Entry, Unreadable> {
+    pub(crate) fn open<T: DeserializeOwned>(
+        &self,
+        text: &[u8],
+        digest: &str,
+    ) -> Result<T, Unreadable> {
         let unreadable = |why: &str| Unreadable(why.to_owned());
         let raw = STANDARD.decode(text).map_err(|_| {
             unreadable("not sealed: not base64 (an entry in clear, or not an entry)")
@@ -294,6 +390,44 @@ impl SealingKey {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_client_credentials_source_keeps_its_digest_and_grants_tell_subjects_apart() {
+        use crate::config::{Grant, JwtBearer, JwtKey, ScopeIn};
+        let settings = TokenSettings::for_tests(ClientAuth::None);
+        // The identity as it was before grants: a cache shared with older replicas still hits.
+        let before = serde_json::json!({
+            "url": settings.url.to_string(),
+            "client_id": settings.client_id,
+            "auth": "none",
+            "scope": settings.scope,
+            "audience": settings.audience,
+            "resource": settings.resource,
+            "params": settings.params,
+            "dpop": None::<&str>,
+        });
+        assert_eq!(
+            digest(&settings, None),
+            jws::sha256_base64url(before.to_string().as_bytes())
+        );
+        let jwt = |subject: &str| TokenSettings {
+            grant: Grant::JwtBearer(JwtBearer {
+                key: JwtKey::Pem {
+                    path: "k.pem".into(),
+                    alg: None,
+                },
+                issuer: "app".into(),
+                subject: Some(subject.into()),
+                audience: None,
+                key_id: None,
+                lifetime: Duration::from_secs(60),
+                scope_in: ScopeIn::Form,
+            }),
+            ..TokenSettings::for_tests(ClientAuth::None)
+        };
+        assert_ne!(digest(&jwt("alice"), None), digest(&jwt("bob"), None));
+        assert_ne!(digest(&jwt("alice"), None), digest(&settings, None));
+    }
+
     fn entry(digest: &str, expires_in: u64) -> Entry {
         let now = unix(SystemTime::now());
         Entry {
@@ -314,24 +448,26 @@ mod tests {
         let sealed = key.seal(&entry("src-a", 600), "src-a").unwrap();
         assert!(!sealed.contains("tok"));
         assert_eq!(
-            key.open(sealed.as_bytes(), "src-a").unwrap().access_token,
+            key.open::<Entry>(sealed.as_bytes(), "src-a")
+                .unwrap()
+                .access_token,
             "tok"
         );
         assert!(
-            key.open(sealed.as_bytes(), "src-b").is_err(),
+            key.open::<Entry>(sealed.as_bytes(), "src-b").is_err(),
             "bound to its source"
         );
         assert!(
-            other.open(sealed.as_bytes(), "src-a").is_err(),
+            other.open::<Entry>(sealed.as_bytes(), "src-a").is_err(),
             "another key"
         );
         let mut tampered = STANDARD.decode(&sealed).unwrap();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
         assert!(key
-            .open(STANDARD.encode(tampered).as_bytes(), "src-a")
+            .open::<Entry>(STANDARD.encode(tampered).as_bytes(), "src-a")
             .is_err());
-        assert!(key.open(b"garbage!", "src-a").is_err());
+        assert!(key.open::<Entry>(b"garbage!", "src-a").is_err());
         assert!(
             SealingKey::from_base64("c2hvcnQ=").is_none(),
             "not 32 bytes"
@@ -412,22 +548,27 @@ mod tests {
         let key = SealingKey::from_base64(&STANDARD.encode([7u8; 32])).unwrap();
         let e = entry("s", 600);
         let plain = encode(&e, None, "s").unwrap();
-        assert_eq!(decode(&plain, None, "s").unwrap().access_token, "tok");
+        assert_eq!(
+            decode::<Entry>(&plain, None, "s").unwrap().access_token,
+            "tok"
+        );
         assert!(
-            decode(&plain, Some(&key), "s").is_err(),
+            decode::<Entry>(&plain, Some(&key), "s").is_err(),
             "a clear entry where sealed ones are kept"
         );
         let sealed = encode(&e, Some(&key), "s").unwrap();
         assert_eq!(
-            decode(&sealed, Some(&key), "s").unwrap().access_token,
+            decode::<Entry>(&sealed, Some(&key), "s")
+                .unwrap()
+                .access_token,
             "tok"
         );
         let mut large = e;
         large.access_token = "x".repeat(MAX_ENTRY_BYTES);
         let large = encode(&large, None, "s").unwrap();
-        let error = decode(&large, None, "s").unwrap_err().to_string();
+        let error = decode::<Entry>(&large, None, "s").unwrap_err().to_string();
         assert!(error.contains("16384"), "{error}");
-        let error = decode(br#"{"v":"tok-secret"}"#, None, "s")
+        let error = decode::<Entry>(br#"{"v":"tok-secret"}"#, None, "s")
             .unwrap_err()
             .to_string();
         assert!(!error.contains("tok-secret"), "{error}");

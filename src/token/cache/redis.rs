@@ -219,6 +219,40 @@ impl RedisStore {
         .await
     }
 
+    /// The key entries are sealed with.
+    pub(crate) fn key(&self) -> &SealingKey {
+        &self.key
+    }
+
+    /// A source's refresh token entry, sealed (opened by the caller), if there is one.
+    pub(crate) async fn get_refresh(&self, digest: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        self.read(self.token_key(digest)).await
+    }
+
+    /// Stores a refresh token entry, sealed, with no expiry: the chain outlives its tokens.
+    pub(crate) async fn put_refresh(
+        &self,
+        digest: &str,
+        entry: &super::entry::RefreshEntry,
+    ) -> Result<(), CacheError> {
+        let sealed = self
+            .key
+            .seal(entry, digest)
+            .ok_or_else(|| CacheError::Store("cannot seal the entry".into()))?;
+        if sealed.len() > MAX_ENTRY_BYTES {
+            return Err(CacheError::TooLarge(sealed.len()));
+        }
+        let key = self.token_key(digest);
+        self.call(|mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(sealed)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
     /// Takes the lease on fetching for `digest` for `duration`, or says what holds it.
     pub(crate) async fn lease(
         &self,
@@ -285,7 +319,7 @@ impl RedisStore {
         let Some(sealed) = self.read(key.clone()).await? else {
             return Ok(false);
         };
-        match super::entry::decode(&sealed, Some(&self.key), digest) {
+        match super::entry::decode::<Entry>(&sealed, Some(&self.key), digest) {
             Ok(entry) if entry.token_hash() == token_hash => {
                 self.compare_and_delete(key, sealed).await
             }

@@ -70,6 +70,7 @@ fn cached_with(
         &settings(),
         dpop_thumbprint,
         SharedObservers::default(),
+        None,
     )
 }
 

@@ -66,6 +66,17 @@ pub enum FetchError {
         /// The wait it asked for with `Retry-After`.
         retry_after: Option<Duration>,
     },
+    /// `grant = "refresh_token"`: the endpoint answered `invalid_grant` to the refresh token
+    /// (revoked, expired, or spent elsewhere), or did so before and the chain has not begun
+    /// again since. Only a person can mend it: the request is not sent again until
+    /// `refresh_token_file` changes.
+    #[error("authorisation lost: {reason}; a person must authorise again and write the new refresh token to refresh_token_file")]
+    AuthorisationLost {
+        /// The token endpoint's authority, when this request was the one refused.
+        endpoint: Option<String>,
+        /// What happened, in bearerd's words.
+        reason: String,
+    },
     /// A 2xx answer that holds no usable token, or an answer of another kind.
     #[error("token endpoint {endpoint} sent an unusable response: {problem}")]
     InvalidResponse {
@@ -97,6 +108,9 @@ impl FetchError {
             Self::Rejected { .. } => Some(FetchOutcome::Rejected),
             Self::ServerError { .. } => Some(FetchOutcome::ServerError),
             Self::InvalidResponse { .. } => Some(FetchOutcome::InvalidResponse),
+            Self::AuthorisationLost { endpoint, .. } => {
+                endpoint.as_ref().map(|_| FetchOutcome::AuthorisationLost)
+            }
         }
     }
 
@@ -143,7 +157,8 @@ impl FetchError {
             | Self::Credentials { .. }
             | Self::BuildRequest { .. }
             | Self::Timeout { .. }
-            | Self::Connect { .. } => self.to_string(),
+            | Self::Connect { .. }
+            | Self::AuthorisationLost { .. } => self.to_string(),
         }
     }
 }

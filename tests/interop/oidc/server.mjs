@@ -1,4 +1,5 @@
-// An oidc-provider authorization server and a resource server, for tests/interop/oidc.rs.
+// An oidc-provider authorization server (with a registered RFC 8693 token-exchange grant) and
+// a resource server, for tests/interop/oidc.rs.
 //
 //     node server.mjs OUT.json        (or BEARERD_INTEROP_OIDC_OUT=OUT.json node server.mjs)
 //
@@ -328,6 +329,14 @@ for (const [clientId, bound] of [['tls', false], ['tls-bound', true]]) {
   );
 }
 secretClient('dpop', 'client_secret_basic', { dpop_bound_access_tokens: true });
+
+// Token exchange (RFC 8693): a client that trades JWTs of another issuer (a workload
+// platform, whose key this server trusts) for tokens of the resource.
+const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const JWT_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:jwt';
+const WORKLOAD_ISSUER = 'https://workloads.interop.test';
+const workloadKey = keyPair('workloads', 'ec', 'ES256');
+secretClient('exchange', 'client_secret_basic', { grant_types: [TOKEN_EXCHANGE] });
 secretClient('basic', 'client_secret_basic');
 secretClient('post', 'client_secret_post');
 secretClient('resource-server', 'client_secret_basic');
@@ -413,7 +422,61 @@ const provider = new Provider(issuer, {
     },
   },
   ttl: { ClientCredentials: TOKEN_TTL },
+  // The claims of an exchanged token (the token-exchange grant below); none for the others.
+  extraTokenClaims: (ctx, token) => token.exchangeClaims,
 });
+
+/**
+ * The token-exchange grant: the subject token (and an actor token, if any) must be JWTs the
+ * workload issuer signed for this server, verified with jose; the token issued is for the
+ * resource, names the subject in `sub` and the actor in `act` (RFC 8693 §4.1), and both
+ * appear in introspection.
+ */
+provider.registerGrantType(TOKEN_EXCHANGE, async (ctx, next) => {
+  const { params, client } = ctx.oidc;
+  const verify = async (token, type, what) => {
+    if (type !== JWT_TOKEN_TYPE) throw new errors.InvalidRequest(`${what}_token_type must be ${JWT_TOKEN_TYPE}`);
+    try {
+      const { payload } = await jwtVerify(token, workloadKey.publicKey, { issuer: WORKLOAD_ISSUER, audience: issuer });
+      return payload;
+    } catch (error) {
+      throw new errors.InvalidGrant(`${what}_token: ${error.code ?? error.message}`);
+    }
+  };
+  const subject = await verify(params.subject_token, params.subject_token_type, 'subject');
+  const actor = params.actor_token ? await verify(params.actor_token, params.actor_token_type, 'actor') : undefined;
+  if (params.requested_token_type && params.requested_token_type !== 'urn:ietf:params:oauth:token-type:access_token') {
+    throw new errors.InvalidRequest('only access tokens are issued');
+  }
+  const { ClientCredentials, ResourceServer } = ctx.oidc.provider;
+  const token = new ClientCredentials({ client, scope: params.scope || undefined });
+  token.resourceServer = new ResourceServer(RESOURCE, {
+    scope: RESOURCE_SCOPES, audience: RESOURCE, accessTokenTTL: TOKEN_TTL, accessTokenFormat: 'opaque',
+  });
+  // Read by extraTokenClaims when the token is saved (an opaque token's `extra` is set there).
+  token.exchangeClaims = { sub: subject.sub, ...(actor ? { act: { sub: actor.sub } } : {}) };
+  ctx.body = {
+    access_token: await token.save(),
+    issued_token_type: 'urn:ietf:params:oauth:token-type:access_token',
+    token_type: 'Bearer',
+    expires_in: token.expiration,
+    scope: token.scope || undefined,
+  };
+  await next();
+}, ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type', 'requested_token_type', 'scope', 'audience', 'resource']);
+
+/** A JWT of the workload issuer for `sub`, written to `name`: a subject or actor token. */
+async function workloadToken(name, sub) {
+  const jwt = await new SignJWT({})
+    .setProtectedHeader({ alg: 'ES256', typ: 'JWT' })
+    .setIssuer(WORKLOAD_ISSUER)
+    .setSubject(sub)
+    .setAudience(issuer)
+    .setIssuedAt()
+    .setExpirationTime('1h')
+    .sign(workloadKey.privateKey);
+  return writeFile(name, jwt);
+}
 
 /** Records each token request: who, how it authenticated, and how it was answered. */
 provider.use(async (ctx, next) => {
@@ -721,6 +784,11 @@ const description = {
     jkt: await calculateJwkThumbprint(key.public_jwk, 'sha256'),
   }]))),
   introspector: { client_id: introspector.client_id, client_secret: introspector.client_secret },
+  token_exchange: {
+    subject_token_file: await workloadToken('subject.jwt', 'workload:payments'),
+    actor_token_file: await workloadToken('actor.jwt', 'agent:ledger'),
+    forged_subject_token_file: writeFile('forged.jwt', await new SignJWT({}).setProtectedHeader({ alg: 'ES256' }).setIssuer(WORKLOAD_ISSUER).setSubject('workload:payments').setAudience(issuer).setExpirationTime('1h').sign(keys.es256.privateKey)),
+  },
   clients: described,
 };
 const tmp = `${out}.tmp`;

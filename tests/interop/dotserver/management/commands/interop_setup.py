@@ -10,14 +10,24 @@ then registers the two applications the interop test uses:
   password hash's worth of CPU: the upstream introspects every request it gets.
 
 Ids and secrets come from the options, or else from the environment variables named in
-their help.
+their help. With BEARERD_INTEROP_REFRESH_TOKEN set, bearerd's client also gets a user's
+access and refresh tokens, the refresh token being that value: the state after a user
+authorised the client once (the refresh-token grant test starts from it).
 """
 
 import os
 
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
-from oauth2_provider.models import get_application_model
+from datetime import timedelta
+
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+from oauth2_provider.models import (
+    get_access_token_model,
+    get_application_model,
+    get_refresh_token_model,
+)
 
 
 def _from_env(name):
@@ -44,7 +54,7 @@ class Command(BaseCommand):
         Application.objects.filter(
             client_id__in=[options["client_id"], options["resource_server_id"]]
         ).delete()
-        Application.objects.create(
+        bearerd = Application.objects.create(
             name="bearerd",
             client_id=options["client_id"],
             client_secret=options["client_secret"],
@@ -59,6 +69,19 @@ class Command(BaseCommand):
             client_type=Application.CLIENT_CONFIDENTIAL,
             authorization_grant_type=Application.GRANT_CLIENT_CREDENTIALS,
         )
+        refresh_token = os.environ.get("BEARERD_INTEROP_REFRESH_TOKEN")
+        if refresh_token:
+            user, _ = get_user_model().objects.get_or_create(username="interop-user")
+            access = get_access_token_model().objects.create(
+                user=user,
+                application=bearerd,
+                token="interop-first-access-token",
+                expires=timezone.now() + timedelta(hours=1),
+                scope="read write",
+            )
+            get_refresh_token_model().objects.create(
+                user=user, application=bearerd, token=refresh_token, access_token=access
+            )
         self.stdout.write(
             f"applications: {options['client_id']!r} (bearerd), "
             f"{options['resource_server_id']!r} (resource server)"
