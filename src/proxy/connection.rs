@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -252,7 +251,7 @@ impl Activity {
 /// when ordered to. Returns the connection's own result, or `None` if it was closed.
 pub(crate) async fn serve<C>(mut connection: Pin<&mut C>, activity: &Activity) -> Option<C::Output>
 where
-    C: GracefulConnection,
+    C: Drain,
 {
     let mut draining = false;
     let ended = poll_fn(|cx| {
@@ -260,7 +259,7 @@ where
             CLOSE => return Poll::Ready(None),
             DRAIN if !draining => {
                 draining = true;
-                connection.as_mut().graceful_shutdown();
+                connection.as_mut().drain();
             }
             _ => {}
         }
@@ -269,6 +268,54 @@ where
     .await;
     activity.ended.notify_one();
     ended
+}
+
+/// A connection that can be told to finish what it is doing and close: hyper's HTTP/1.1
+/// connection (with upgrades or without) and HTTP/2 connection. (hyper-util's
+/// `GracefulConnection` is sealed and leaves out the HTTP/1.1 connection with upgrades.)
+pub(crate) trait Drain: Future {
+    /// Starts a graceful shutdown: no new request is taken.
+    fn drain(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Drain for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Drain for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B, E> Drain for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
 }
 
 /// The protocol an app connection speaks, told by its first bytes.

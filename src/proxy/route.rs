@@ -38,6 +38,8 @@ pub(crate) struct Listener {
     pub metrics: Arc<RouteSeries>,
     /// Where its requests go.
     pub routes: Routes,
+    /// `[listener.intercept]`: CONNECT to its routed hosts is answered with TLS of bearerd's.
+    pub intercept: Option<Arc<super::intercept::Intercept>>,
 }
 
 impl Listener {
@@ -50,6 +52,7 @@ impl Listener {
         routes: Vec<Route>,
         metrics: Arc<RouteSeries>,
         access_log: bool,
+        intercept: Option<Arc<super::intercept::Intercept>>,
     ) -> Self {
         Self {
             mode: config.mode,
@@ -58,6 +61,7 @@ impl Listener {
             allow_from: config.allow_from.clone(),
             metrics,
             routes: Routes::new(routes),
+            intercept,
         }
     }
 
@@ -101,6 +105,17 @@ impl Routes {
             by_host,
             any_host,
         }
+    }
+
+    /// Whether a route names `host` (lowercase, no trailing dot): by its exact host or its
+    /// one-label wildcard. A route without a host does not name any.
+    pub(crate) fn names_host(&self, host: &str) -> bool {
+        self.by_host.contains_key(host)
+            || self.any_host.iter().any(|&position| {
+                self.all.get(position).is_some_and(|route| {
+                    route.matching.host.is_some() && route.matching.host_matches(host)
+                })
+            })
     }
 
     /// The route `request` goes to. A request whose path has `.` or `..` segments is refused:

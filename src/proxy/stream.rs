@@ -7,6 +7,8 @@
 //! `:authority` is refused: a route chosen by one and a log naming the other could not both
 //! be right.
 //!
+//! Inside an intercepted tunnel, `:authority` must name the tunnel's target (421 otherwise).
+//!
 //! Around: the stream takes an upstream connection for itself ([`pool::Slot`]) and gives it
 //! back once its response has ended ([`Released`]), as it cannot share its app connection's.
 
@@ -21,6 +23,8 @@ use hyper::body::Incoming;
 use super::body::ResponseBody;
 use super::error::ProxyError;
 use super::forward;
+use super::intercept::tunnel::to_target;
+use super::intercept::Target;
 use super::pool::Slot;
 use super::route::Listener;
 use crate::config::Mode;
@@ -29,8 +33,14 @@ use crate::config::Mode;
 pub(super) async fn serve(
     listener: &Listener,
     mut request: Request<Incoming>,
+    tunnel: Option<&Target>,
 ) -> Response<Released> {
-    let mut response = match authority_as_host(&mut request, listener.mode) {
+    // Inside an intercepted tunnel: `:authority` must name the tunnel's target.
+    let checked = match tunnel {
+        Some(target) => to_target(&mut request, target),
+        None => Ok(()),
+    };
+    let mut response = match checked.and_then(|()| authority_as_host(&mut request, listener.mode)) {
         Ok(()) => match forward::route(listener, &request) {
             Ok(route) => {
                 let slot = Slot::default();

@@ -15,6 +15,7 @@ mod deploy;
 mod docs;
 mod hostile_requests;
 mod http2;
+mod intercept;
 mod limits;
 mod properties;
 mod proxy;

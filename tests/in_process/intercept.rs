@@ -1,0 +1,309 @@
+//! TLS interception on a forward listener (issue 24): CONNECT to a routed host is answered
+//! with TLS from bearerd's name-constrained CA, and the requests inside are forwarded with the
+//! token, over HTTP/1.1 or HTTP/2 as ALPN chose; other CONNECTs are refused with 403 and open
+//! nothing; a request for another host inside a tunnel gets 421; a handshake for another name
+//! fails without a certificate being minted.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_pass_by_value
+)]
+
+use crate::support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use support::config::{ConfigBuilder, Listener, Route, Table, Token};
+use support::{echo, metric, serve, token_endpoint, token_ok, Echo, Sidecar};
+
+const TOKEN: &str = "intercepted-token";
+const HOST: &str = "api.payments.test";
+
+/// bearerd with a forward listener intercepting `api.payments.test`, whose route goes to a
+/// plain-HTTP echo upstream; the CA is created by the start in the sidecar's directory.
+async fn sidecar() -> (
+    Sidecar,
+    SocketAddr,
+    (support::Server, support::TokenEndpoint),
+) {
+    let upstream = serve(echo).await;
+    let endpoint = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
+    let config = ConfigBuilder::new()
+        .listener(
+            Listener::new("forward")
+                .table(
+                    "intercept",
+                    Table::new()
+                        .set("ca_cert_file", "\"ca.pem\"")
+                        .set("ca_key_file", "\"ca.key\"")
+                        .set("ca_bundle_file", "\"ca-bundle.pem\"")
+                        .set("handshake_timeout", "\"2s\""),
+                )
+                .route(
+                    Route::named("payments")
+                        .host(HOST)
+                        .url(&upstream.url(""))
+                        .allow_plain_http(true)
+                        .token(Token::new(&endpoint.url("/token"), "app").secret("pw")),
+                ),
+        )
+        .render();
+    let sidecar = Sidecar::start(&config).await;
+    let addr = sidecar.running().local_addr("payments").unwrap();
+    (sidecar, addr, (upstream, endpoint))
+}
+
+/// Sends `CONNECT target` and reads the answer's head (and body, when it says how long).
+async fn connect(addr: SocketAddr, target: &str) -> (TcpStream, u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Byte by byte up to the end of the head: what follows a 200 is the tunnel's.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if stream.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let length = head
+        .lines()
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (stream, status, String::from_utf8(body).unwrap())
+}
+
+/// TLS over `stream` to `name`, trusting only the CA at `ca`, offering `alpn`.
+async fn tls(
+    stream: TcpStream,
+    ca: &std::path::Path,
+    name: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    connector.connect(name, stream).await
+}
+
+/// `GET path` with `Host: host` over an HTTP/1.1 connection on `io`.
+async fn get_http1(io: TlsStream<TcpStream>, host: &str, path: &str) -> (StatusCode, Bytes) {
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status();
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+#[tokio::test]
+async fn a_routed_host_is_intercepted_and_its_requests_carry_the_token_over_http1() {
+    let (sidecar, addr, _upstream) = sidecar().await;
+    let ca = sidecar.file("ca.pem");
+    assert!(ca.exists(), "the start created the CA");
+    let bundle = std::fs::read_to_string(sidecar.file("ca-bundle.pem")).unwrap();
+    assert!(bundle.ends_with(&std::fs::read_to_string(&ca).unwrap()));
+
+    let (stream, status, _) = connect(addr, &format!("{HOST}:443")).await;
+    assert_eq!(status, 200);
+    let tls = tls(stream, &ca, HOST, &[b"http/1.1"]).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (status, body) = get_http1(tls, HOST, "/v1/charges?x=1").await;
+    assert_eq!(status, StatusCode::OK);
+    let echo: Echo = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        echo.header("authorization"),
+        Some(&*format!("Bearer {TOKEN}"))
+    );
+    assert_eq!(echo.uri, "/v1/charges?x=1");
+
+    let scrape = sidecar.running().metrics().render().unwrap();
+    let series = |name: &str| metric(&scrape, name).unwrap_or(0.0);
+    assert_eq!(
+        series("bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"intercepted\"}"),
+        1.0
+    );
+    assert_eq!(
+        series("bearerd_intercept_certificates_issued_total{listener=\"payments\"}"),
+        1.0
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn http2_is_chosen_by_alpn_inside_the_tunnel() {
+    let (sidecar, addr, _upstream) = sidecar().await;
+    let (stream, status, _) = connect(addr, &format!("{HOST}:443")).await;
+    assert_eq!(status, 200);
+    let tls = tls(stream, &sidecar.file("ca.pem"), HOST, &[b"h2", b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for path in ["/one", "/two"] {
+        let request = Request::get(format!("https://{HOST}{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let echo: Echo = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            echo.header("authorization"),
+            Some(&*format!("Bearer {TOKEN}"))
+        );
+        assert_eq!(echo.uri, path);
+    }
+    // `:authority` for another host on the same tunnel: 421.
+    let request = Request::get("https://other.payments.test/one")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_for_another_host_inside_the_tunnel_is_misdirected() {
+    let (sidecar, addr, _upstream) = sidecar().await;
+    let (stream, _, _) = connect(addr, &format!("{HOST}:443")).await;
+    let tls = tls(stream, &sidecar.file("ca.pem"), HOST, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (status, body) = get_http1(tls, "other.payments.test", "/").await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "misdirected_request");
+    assert!(!String::from_utf8_lossy(&body).contains(TOKEN));
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn connect_to_anything_but_a_routed_host_on_443_is_refused_and_opens_nothing() {
+    let (sidecar, addr, _upstream) = sidecar().await;
+    for target in [
+        "other.example:443",
+        &format!("{HOST}:8443"),
+        "127.0.0.1:443",
+        &addr.to_string(),
+    ] {
+        let (mut stream, status, body) = connect(addr, target).await;
+        assert_eq!(status, 403, "{target}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"], "tunnel_refused", "{target}");
+        // Nothing was opened: the connection is still HTTP (another request is answered).
+        stream
+            .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 403");
+    }
+    let (_, status, _) = connect(addr, "no-port.example").await;
+    assert_eq!(status, 400);
+    let scrape = sidecar.running().metrics().render().unwrap();
+    assert_eq!(
+        metric(
+            &scrape,
+            "bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"refused_not_served\"}"
+        ),
+        Some(8.0)
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn a_handshake_for_another_name_or_garbage_fails_without_a_certificate() {
+    let (sidecar, addr, _upstream) = sidecar().await;
+    let ca = sidecar.file("ca.pem");
+    // SNI that differs from the CONNECT's target: no leaf is minted for it (or for the target).
+    let (stream, status, _) = connect(addr, &format!("{HOST}:443")).await;
+    assert_eq!(status, 200);
+    assert!(tls(stream, &ca, "evil.payments.test", &[b"http/1.1"])
+        .await
+        .is_err());
+    // Bytes that are not TLS.
+    let (mut stream, status, _) = connect(addr, &format!("{HOST}:443")).await;
+    assert_eq!(status, 200);
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: api.payments.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest).await;
+    assert!(!String::from_utf8_lossy(&rest).contains(TOKEN));
+
+    let scrape = sidecar.running().metrics().render().unwrap();
+    let series = |name: &str| metric(&scrape, name).unwrap_or(0.0);
+    assert_eq!(
+        series("bearerd_intercept_certificates_issued_total{listener=\"payments\"}"),
+        0.0
+    );
+    assert_eq!(series("bearerd_intercept_handshake_failures_total{listener=\"payments\",reason=\"sni_mismatch\"}"), 1.0);
+    assert_eq!(series("bearerd_intercept_handshake_failures_total{listener=\"payments\",reason=\"tls_error\"}"), 1.0);
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn plain_http_absolute_form_keeps_working_on_the_intercepting_listener() {
+    let (sidecar, addr, _upstream) = sidecar().await;
+    let answer = support::raw::exchange(
+        addr,
+        format!("GET http://{HOST}/plain HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(support::raw::status_of(&answer), 200, "{answer}");
+    assert!(answer.contains(&format!("Bearer {TOKEN}")));
+    sidecar.stop().await;
+}
