@@ -32,6 +32,34 @@ use support::{echo, metric, serve, token_endpoint, token_ok, Echo, Sidecar};
 const TOKEN: &str = "intercepted-token";
 const HOST: &str = "api.payments.test";
 
+/// The config of a forward listener intercepting `hosts` (each a route to `upstream_url`), its
+/// CA in `ca.pem` and `ca.key` beside the config.
+fn config(upstream_url: &str, token_url: &str, hosts: &[&str]) -> String {
+    let mut listener = Listener::new("forward").table(
+        "intercept",
+        Table::new()
+            .set("ca_cert_file", "\"ca.pem\"")
+            .set("ca_key_file", "\"ca.key\"")
+            .set("ca_bundle_file", "\"ca-bundle.pem\"")
+            .set("handshake_timeout", "\"2s\""),
+    );
+    for (i, host) in hosts.iter().enumerate() {
+        let name = if i == 0 {
+            "payments".to_owned()
+        } else {
+            format!("r{i}")
+        };
+        listener = listener.route(
+            Route::named(&name)
+                .host(host)
+                .url(upstream_url)
+                .allow_plain_http(true)
+                .token(Token::new(token_url, "app").secret("pw")),
+        );
+    }
+    ConfigBuilder::new().listener(listener).render()
+}
+
 /// bearerd with a forward listener intercepting `api.payments.test`, whose route goes to a
 /// plain-HTTP echo upstream; the CA is created by the start in the sidecar's directory.
 async fn sidecar() -> (
@@ -41,26 +69,7 @@ async fn sidecar() -> (
 ) {
     let upstream = serve(echo).await;
     let endpoint = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
-    let config = ConfigBuilder::new()
-        .listener(
-            Listener::new("forward")
-                .table(
-                    "intercept",
-                    Table::new()
-                        .set("ca_cert_file", "\"ca.pem\"")
-                        .set("ca_key_file", "\"ca.key\"")
-                        .set("ca_bundle_file", "\"ca-bundle.pem\"")
-                        .set("handshake_timeout", "\"2s\""),
-                )
-                .route(
-                    Route::named("payments")
-                        .host(HOST)
-                        .url(&upstream.url(""))
-                        .allow_plain_http(true)
-                        .token(Token::new(&endpoint.url("/token"), "app").secret("pw")),
-                ),
-        )
-        .render();
+    let config = config(&upstream.url(""), &endpoint.url("/token"), &[HOST]);
     let sidecar = Sidecar::start(&config).await;
     let addr = sidecar.running().local_addr("payments").unwrap();
     (sidecar, addr, (upstream, endpoint))
@@ -305,5 +314,50 @@ async fn plain_http_absolute_form_keeps_working_on_the_intercepting_listener() {
     .await;
     assert_eq!(support::raw::status_of(&answer), 200, "{answer}");
     assert!(answer.contains(&format!("Bearer {TOKEN}")));
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn check_says_it_would_create_the_ca_then_describes_it_and_a_reload_cannot_widen_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config("http://127.0.0.1:9", "http://127.0.0.1:9/token", &[HOST]);
+    let path = dir.path().join("bearerd.toml");
+    std::fs::write(&path, &text).unwrap();
+    let loaded = bearerd::config::Config::load(&path).unwrap();
+    let out = bearerd::check::check(&loaded).unwrap_or_else(|p| panic!("{p:?}"));
+    assert!(out.contains("a start would create"), "{out}");
+    assert!(!dir.path().join("ca.pem").exists() && !dir.path().join("ca.key").exists());
+
+    let mut sidecar = Sidecar::start_in(dir, &text).await;
+    let out = bearerd::check::check(&loaded).unwrap_or_else(|p| panic!("{p:?}"));
+    assert!(out.contains("SHA-256 fingerprint"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "critical, permitted: {HOST}; excluded: 0.0.0.0/0, ::/0"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("names every routed host"), "{out}");
+    assert!(!out.contains("PRIVATE KEY"));
+
+    // A route for a host the CA cannot name: --check says so, and a reload is refused.
+    let wider = config(
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9/token",
+        &[HOST, "new.example"],
+    );
+    std::fs::write(&path, &wider).unwrap();
+    let wider = bearerd::config::Config::load(&path).unwrap();
+    let problems = bearerd::check::check(&wider).unwrap_err().join("\n");
+    assert!(problems.contains("cannot name new.example"), "{problems}");
+    let refused = sidecar
+        .running
+        .as_mut()
+        .unwrap()
+        .reload(&wider)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("cannot name new.example"), "{refused}");
     sidecar.stop().await;
 }
