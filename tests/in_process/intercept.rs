@@ -361,3 +361,172 @@ async fn check_says_it_would_create_the_ca_then_describes_it_and_a_reload_cannot
     assert!(refused.contains("cannot name new.example"), "{refused}");
     sidecar.stop().await;
 }
+
+/// Runs `program` with `args` (and `env`) off the runtime's threads; its status and output.
+async fn run(
+    program: &str,
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+) -> (bool, String, String) {
+    let program = program.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(&program)
+            .args(&args)
+            .envs(env)
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// curl, a client nobody here wrote: `-x` and `--cacert`, over HTTP/1.1 and over HTTP/2 (its
+/// ALPN choice), and with `HTTPS_PROXY` instead of `-x`; a host without a route is refused at
+/// the CONNECT.
+#[tokio::test]
+async fn curl_through_the_proxy_trusting_the_ca_gets_its_answer_with_the_token() {
+    let (sidecar, addr, _upstream) = sidecar().await;
+    let ca = sidecar.file("ca.pem").display().to_string();
+    for (version, expected) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let (ok, out, err) = run(
+            "curl",
+            vec![
+                "-sS".into(),
+                "-x".into(),
+                format!("http://{addr}"),
+                "--cacert".into(),
+                ca.clone(),
+                version.into(),
+                "-w".into(),
+                "\n%{http_version}".into(),
+                format!("https://{HOST}/via/curl?x=1"),
+            ],
+            vec![],
+        )
+        .await;
+        assert!(ok, "curl {version}: {err}");
+        let (body, used) = out.rsplit_once('\n').unwrap();
+        assert_eq!(used, expected, "curl {version}");
+        let echo: Echo = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            echo.header("authorization"),
+            Some(&*format!("Bearer {TOKEN}"))
+        );
+        assert_eq!(echo.uri, "/via/curl?x=1");
+    }
+    let (ok, out, err) = run(
+        "curl",
+        vec![
+            "-sS".into(),
+            "--cacert".into(),
+            ca.clone(),
+            format!("https://{HOST}/via/env"),
+        ],
+        vec![("HTTPS_PROXY", format!("http://{addr}"))],
+    )
+    .await;
+    assert!(ok, "curl with HTTPS_PROXY: {err}");
+    assert!(out.contains(&format!("Bearer {TOKEN}")), "{out}");
+    // Not routed: the CONNECT is answered 403, and curl never gets to TLS.
+    let (ok, out, _) = run(
+        "curl",
+        vec![
+            "-sS".into(),
+            "-x".into(),
+            format!("http://{addr}"),
+            "--cacert".into(),
+            ca,
+            "-w".into(),
+            "%{http_connect}".into(),
+            "https://unrouted.example/".into(),
+        ],
+        vec![],
+    )
+    .await;
+    assert!(!ok);
+    assert_eq!(out, "403");
+    sidecar.stop().await;
+}
+
+/// `openssl s_client -proxy`: the chain bearerd presents verifies against the CA alone; the
+/// leaf has one SAN, the routed host; the CA's Name Constraints are critical and permit only
+/// that host.
+#[tokio::test]
+async fn openssl_reads_the_chain_the_san_and_the_name_constraints() {
+    let (sidecar, addr, _upstream) = sidecar().await;
+    let ca = sidecar.file("ca.pem").display().to_string();
+    let (_, out, err) = run(
+        "openssl",
+        vec![
+            "s_client".into(),
+            "-proxy".into(),
+            addr.to_string(),
+            "-connect".into(),
+            format!("{HOST}:443"),
+            "-servername".into(),
+            HOST.into(),
+            "-CAfile".into(),
+            ca.clone(),
+            "-verify_return_error".into(),
+            "-verify_hostname".into(),
+            HOST.into(),
+            "-showcerts".into(),
+        ],
+        vec![],
+    )
+    .await;
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}\n{err}");
+    // The first certificate shown is the leaf.
+    let leaf_pem = out
+        .split("-----BEGIN CERTIFICATE-----")
+        .nth(1)
+        .and_then(|rest| rest.split("-----END CERTIFICATE-----").next())
+        .map(|body| format!("-----BEGIN CERTIFICATE-----{body}-----END CERTIFICATE-----\n"))
+        .unwrap();
+    let leaf_path = sidecar.file("leaf.pem");
+    std::fs::write(&leaf_path, leaf_pem).unwrap();
+    let text = |path: String| {
+        run(
+            "openssl",
+            vec![
+                "x509".into(),
+                "-noout".into(),
+                "-text".into(),
+                "-in".into(),
+                path,
+            ],
+            vec![],
+        )
+    };
+    let (ok, leaf, err) = text(leaf_path.display().to_string()).await;
+    assert!(ok, "{err}");
+    let sans: Vec<&str> = leaf
+        .lines()
+        .skip_while(|l| !l.contains("Subject Alternative Name"))
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .map(str::trim)
+        .collect();
+    assert_eq!(sans, [format!("DNS:{HOST}")]);
+    let (ok, ca_text, err) = text(ca).await;
+    assert!(ok, "{err}");
+    assert!(
+        ca_text.contains("X509v3 Name Constraints: critical"),
+        "{ca_text}"
+    );
+    assert!(ca_text.contains(&format!("DNS:{HOST}")), "{ca_text}");
+    assert!(ca_text.contains("CA:TRUE, pathlen:0"), "{ca_text}");
+    assert!(ca_text.contains("ASN1 OID: prime256v1"), "{ca_text}");
+    sidecar.stop().await;
+}
