@@ -10,5 +10,6 @@ mod support;
 mod django;
 mod grpc;
 mod http2_hostile;
+mod intercept;
 mod oidc;
 mod telemetry;
