@@ -530,3 +530,98 @@ async fn openssl_reads_the_chain_the_san_and_the_name_constraints() {
     assert!(ca_text.contains("ASN1 OID: prime256v1"), "{ca_text}");
     sidecar.stop().await;
 }
+
+/// A `passthrough` target is tunnelled blind: bytes both ways, no TLS from bearerd, no token.
+#[tokio::test]
+async fn a_passthrough_target_is_tunnelled_blind() {
+    // A TCP peer that answers what it reads, upper-cased: proof the bytes went both ways.
+    let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = peer.accept().await.unwrap();
+        let mut buffer = [0u8; 5];
+        stream.read_exact(&mut buffer).await.unwrap();
+        stream
+            .write_all(&buffer.to_ascii_uppercase())
+            .await
+            .unwrap();
+    });
+    let upstream = serve(echo).await;
+    let endpoint = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
+    let config = ConfigBuilder::new()
+        .listener(
+            Listener::new("forward")
+                .table(
+                    "intercept",
+                    Table::new()
+                        .set("ca_cert_file", "\"ca.pem\"")
+                        .set("ca_key_file", "\"ca.key\"")
+                        .set("passthrough", format!("[\"{peer_addr}\"]")),
+                )
+                .route(
+                    Route::named("payments")
+                        .host(HOST)
+                        .url(&upstream.url(""))
+                        .allow_plain_http(true)
+                        .token(Token::new(&endpoint.url("/token"), "app").secret("pw")),
+                ),
+        )
+        .render();
+    let sidecar = Sidecar::start(&config).await;
+    let addr = sidecar.running().local_addr("payments").unwrap();
+    let (mut stream, status, _) = connect(addr, &peer_addr.to_string()).await;
+    assert_eq!(status, 200);
+    stream.write_all(b"hello").await.unwrap();
+    let mut answer = [0u8; 5];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HELLO");
+    // The app closes its side: the tunnel ends (a blind tunnel outlives a drain otherwise).
+    drop(stream);
+    let scrape = sidecar.running().metrics().render().unwrap();
+    assert_eq!(
+        metric(
+            &scrape,
+            "bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"passthrough\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &scrape,
+            "bearerd_intercept_certificates_issued_total{listener=\"payments\"}"
+        ),
+        Some(0.0)
+    );
+    sidecar.stop().await;
+}
+
+/// A tunnel whose client never starts its TLS handshake is closed at `handshake_timeout`
+/// (2 s here) and counted; nothing is minted.
+#[tokio::test]
+async fn a_handshake_that_never_comes_is_closed_and_counted() {
+    let (sidecar, addr, _servers) = sidecar().await;
+    let (mut stream, status, _) = connect(addr, &format!("{HOST}:443")).await;
+    assert_eq!(status, 200);
+    // Half a ClientHello's record header, then silence: bearerd waits for the rest until its
+    // deadline, then closes (read answers 0 or a reset).
+    stream.write_all(&[0x16, 0x03]).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest).await;
+    assert!(
+        rest.is_empty(),
+        "nothing is sent to a client that never said hello"
+    );
+    let scrape = sidecar.running().metrics().render().unwrap();
+    let series = |name: &str| metric(&scrape, name).unwrap_or(0.0);
+    assert_eq!(
+        series(
+            "bearerd_intercept_handshake_failures_total{listener=\"payments\",reason=\"timeout\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        series("bearerd_intercept_certificates_issued_total{listener=\"payments\"}"),
+        0.0
+    );
+    sidecar.stop().await;
+}
