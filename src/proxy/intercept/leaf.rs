@@ -43,6 +43,8 @@ struct Entry {
 pub(crate) struct Leaves {
     ca: Arc<Ca>,
     cache: Mutex<Cache>,
+    /// [`LEAF_CACHE_CAPACITY`], smaller in tests.
+    capacity: usize,
 }
 
 struct Cache {
@@ -53,12 +55,17 @@ struct Cache {
 impl Leaves {
     /// An empty cache of leaves from `ca`.
     pub(crate) fn new(ca: Arc<Ca>) -> Self {
+        Self::with_capacity(ca, LEAF_CACHE_CAPACITY)
+    }
+
+    fn with_capacity(ca: Arc<Ca>, capacity: usize) -> Self {
         Self {
             ca,
             cache: Mutex::new(Cache {
                 entries: HashMap::new(),
                 clock: 0,
             }),
+            capacity: capacity.max(1),
         }
     }
 
@@ -85,7 +92,7 @@ impl Leaves {
         // second replaces the first; neither waits for the other's signature.
         let config = Arc::new(self.mint(host, now)?);
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.entries.len() >= LEAF_CACHE_CAPACITY && !cache.entries.contains_key(host) {
+        if cache.entries.len() >= self.capacity && !cache.entries.contains_key(host) {
             let oldest = cache
                 .entries
                 .iter()
@@ -156,8 +163,7 @@ impl Leaves {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_leaf_is_minted_once_per_host_and_the_cache_is_bounded() {
+    fn ca(hosts: &[&str]) -> Arc<Ca> {
         let dir = tempfile::tempdir().unwrap();
         let settings = crate::config::Intercept {
             ca_cert_file: dir.path().join("ca.pem"),
@@ -166,8 +172,34 @@ mod tests {
             passthrough: Vec::new(),
             handshake_timeout: Duration::from_secs(10),
         };
-        let ca = ca::create(&settings, ["api.example", "10.0.0.1"]).unwrap();
-        let leaves = Leaves::new(Arc::new(ca));
+        Arc::new(ca::create(&settings, hosts.iter().copied()).unwrap())
+    }
+
+    #[test]
+    fn many_names_keep_at_most_capacity_leaves_the_least_recently_used_going_first() {
+        let leaves = Leaves::with_capacity(ca(&["*.example"]), 3);
+        for name in ["a.example", "b.example", "c.example"] {
+            assert!(leaves.server_config(name).unwrap().1);
+        }
+        // a is used again, so b is the least recently used when d comes.
+        assert!(!leaves.server_config("a.example").unwrap().1);
+        assert!(leaves.server_config("d.example").unwrap().1);
+        assert_eq!(leaves.len(), 3);
+        assert!(!leaves.server_config("a.example").unwrap().1);
+        assert!(!leaves.server_config("c.example").unwrap().1);
+        assert!(
+            leaves.server_config("b.example").unwrap().1,
+            "b was evicted"
+        );
+        for i in 0..20 {
+            leaves.server_config(&format!("n{i}.example")).unwrap();
+        }
+        assert_eq!(leaves.len(), 3);
+    }
+
+    #[test]
+    fn a_leaf_is_minted_once_per_host_offering_h2_and_http1() {
+        let leaves = Leaves::new(ca(&["api.example", "10.0.0.1"]));
         let (first, minted) = leaves.server_config("api.example").unwrap();
         assert!(minted);
         let (again, minted) = leaves.server_config("api.example").unwrap();
@@ -176,5 +208,20 @@ mod tests {
         assert_eq!(first.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
         assert!(leaves.server_config("10.0.0.1").unwrap().1);
         assert_eq!(leaves.len(), 2);
+    }
+
+    #[test]
+    fn a_leaf_past_its_renewal_age_is_replaced_at_its_next_use() {
+        let leaves = Leaves::new(ca(&["api.example"]));
+        let (first, _) = leaves.server_config("api.example").unwrap();
+        {
+            let mut cache = leaves.cache.lock().unwrap();
+            let entry = cache.entries.get_mut("api.example").unwrap();
+            entry.minted -= LEAF_RENEW_AFTER + Duration::from_secs(1);
+        }
+        let (renewed, minted) = leaves.server_config("api.example").unwrap();
+        assert!(minted);
+        assert!(!Arc::ptr_eq(&first, &renewed));
+        assert_eq!(leaves.len(), 1);
     }
 }
