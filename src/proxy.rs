@@ -259,13 +259,20 @@ impl App {
             let guard = requests.request_started();
             let slot = Arc::clone(&held);
             // A tunnel's request that names another host, or a CONNECT, is answered here.
+            // Boxed: the usual request's future carries a pointer's worth more, not a
+            // response's (hyper moves the future whole).
             let early = match (&tunnel, &pending) {
                 (Some(target), _) => intercept::tunnel::to_target(&mut request, target)
                     .err()
-                    .map(|error| forward::unrouted(&listener, &request, error)),
+                    .map(|error| Box::new(forward::unrouted(&listener, &request, error))),
                 (None, Some(pending)) if request.method() == Method::CONNECT => {
                     listener.intercept.as_ref().map(|intercept| {
-                        intercept::connect(&listener, intercept, &mut request, pending)
+                        Box::new(intercept::connect(
+                            &listener,
+                            intercept,
+                            &mut request,
+                            pending,
+                        ))
                     })
                 }
                 _ => None,
@@ -275,7 +282,7 @@ impl App {
             // (callgrind: +180 instructions per request).
             async move {
                 let response = match early {
-                    Some(answered) => answered,
+                    Some(answered) => *answered,
                     None => match forward::route(&listener, &request) {
                         Ok(route) => {
                             let on = forward::Connection {
