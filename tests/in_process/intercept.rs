@@ -625,3 +625,50 @@ async fn a_handshake_that_never_comes_is_closed_and_counted() {
     );
     sidecar.stop().await;
 }
+
+/// What the config refuses: interception on a reverse listener (it is never sent CONNECT), a
+/// routed host with a port (CONNECT is intercepted on 443 only), a passthrough entry without
+/// a port.
+#[test]
+fn the_config_refuses_interception_it_could_not_do() {
+    let intercept = || {
+        Table::new()
+            .set("ca_cert_file", "\"ca.pem\"")
+            .set("ca_key_file", "\"ca.key\"")
+    };
+    let route = |host: &str| {
+        Route::named("r")
+            .host(host)
+            .url("https://api.example")
+            .token(Token::new("https://auth.example/token", "app").secret("pw"))
+    };
+    for (listener, expected) in [
+        (
+            Listener::new("reverse")
+                .table("intercept", intercept())
+                .route(route("api.example")),
+            "needs mode = \"forward\"",
+        ),
+        (
+            Listener::new("forward")
+                .table("intercept", intercept())
+                .route(route("api.example:8443")),
+            "names no port",
+        ),
+        (
+            Listener::new("forward")
+                .table(
+                    "intercept",
+                    intercept().set("passthrough", "[\"objects.example\"]"),
+                )
+                .route(route("api.example")),
+            "is not host:port",
+        ),
+    ] {
+        let text = ConfigBuilder::new().listener(listener).render();
+        let error = bearerd::config::Config::parse(std::path::Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(expected), "{expected}: {error}");
+    }
+}
