@@ -672,3 +672,41 @@ fn the_config_refuses_interception_it_could_not_do() {
         assert!(error.contains(expected), "{expected}: {error}");
     }
 }
+
+/// A CA the operator brings is used as given: one without name constraints is warned about
+/// (its key can impersonate any host), and its leaves still verify.
+#[tokio::test]
+async fn a_brought_ca_without_name_constraints_is_used_and_warned_about() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "operator's CA");
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("ca.key"), key.serialize_pem()).unwrap();
+    let upstream = serve(echo).await;
+    let endpoint = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
+    let text = config(&upstream.url(""), &endpoint.url("/token"), &[HOST]);
+    let path = dir.path().join("bearerd.toml");
+    std::fs::write(&path, &text).unwrap();
+    let loaded = bearerd::config::Config::load(&path).unwrap();
+    let out = bearerd::check::check(&loaded).unwrap_or_else(|p| panic!("{p:?}"));
+    assert!(out.contains("CN=operator's CA"), "{out}");
+    assert!(out.contains("name constraints: none"), "{out}");
+    assert!(out.contains("WARNING: the CA at"), "{out}");
+
+    let sidecar = Sidecar::start_in(dir, &text).await;
+    let addr = sidecar.running().local_addr("payments").unwrap();
+    let (stream, status, _) = connect(addr, &format!("{HOST}:443")).await;
+    assert_eq!(status, 200);
+    let tls = tls(stream, &sidecar.file("ca.pem"), HOST, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (status, _) = get_http1(tls, HOST, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    sidecar.stop().await;
+}
