@@ -238,7 +238,7 @@ fn describe_intercept(
         .collect();
     let _ = writeln!(
         out,
-        "  intercept: CONNECT to the routed hosts on port 443 is answered with TLS (handshake within {}); passthrough: {}",
+        "  intercept: CONNECT to the routed hosts (port 443, or the one a host names) is answered with TLS (handshake within {}); passthrough: {}",
         duration(settings.handshake_timeout),
         if settings.passthrough.is_empty() {
             "none".to_owned()

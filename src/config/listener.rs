@@ -92,20 +92,6 @@ pub(super) fn listeners(
                     "missing: on a forward listener a route is chosen by the host the app asks for",
                 );
             }
-            if let (Some(_), Some(host)) = (&intercept, &route.get_ref().host) {
-                let text = host.get_ref();
-                let has_port = match text.strip_prefix('[') {
-                    Some(v6) => v6.contains("]:"),
-                    None => text.contains(':'),
-                };
-                if has_port {
-                    v.problem(
-                        host.span(),
-                        format!("{route_key}.host"),
-                        "with [listener.intercept], a route's host names no port: CONNECT is intercepted on port 443 only",
-                    );
-                }
-            }
             match one_route(v, &route_key, route, Some(&at)) {
                 Some(upstream) => {
                     routes.push(upstream.name.clone());

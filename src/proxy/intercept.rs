@@ -131,9 +131,9 @@ pub(crate) fn decide(listener: &Listener, intercept: &Intercept, uri: &Uri) -> D
     {
         return Decision::Passthrough(target);
     }
-    // A route names the host (exactly, or by its one-label wildcard): an IP literal only
-    // when a route's host is that address.
-    if port == HTTPS_PORT && listener.routes.names_host(&target.host) {
+    // A route names the host (exactly, or by its one-label wildcard) and this port (443, or
+    // the one its host names): an IP literal only when a route's host is that address.
+    if listener.routes.names_target(&target.host, port) {
         return Decision::Intercept(target);
     }
     Decision::Refuse(Tunnel::NotServed)

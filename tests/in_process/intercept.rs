@@ -627,8 +627,7 @@ async fn a_handshake_that_never_comes_is_closed_and_counted() {
 }
 
 /// What the config refuses: interception on a reverse listener (it is never sent CONNECT), a
-/// routed host with a port (CONNECT is intercepted on 443 only), a passthrough entry without
-/// a port.
+/// passthrough entry without a port.
 #[test]
 fn the_config_refuses_interception_it_could_not_do() {
     let intercept = || {
@@ -648,12 +647,6 @@ fn the_config_refuses_interception_it_could_not_do() {
                 .table("intercept", intercept())
                 .route(route("api.example")),
             "needs mode = \"forward\"",
-        ),
-        (
-            Listener::new("forward")
-                .table("intercept", intercept())
-                .route(route("api.example:8443")),
-            "names no port",
         ),
         (
             Listener::new("forward")
@@ -708,5 +701,43 @@ async fn a_brought_ca_without_name_constraints_is_used_and_warned_about() {
         .unwrap();
     let (status, _) = get_http1(tls, HOST, "/").await;
     assert_eq!(status, StatusCode::OK);
+    sidecar.stop().await;
+}
+
+/// A route whose host names a port (`alt.payments.test:8443`: the port the app dials) is
+/// intercepted on that port, and only there; its requests go to the route.
+#[tokio::test]
+async fn a_route_host_with_a_port_is_intercepted_on_that_port() {
+    let upstream = serve(echo).await;
+    let endpoint = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
+    let alt = "alt.payments.test:8443";
+    let text = config(&upstream.url(""), &endpoint.url("/token"), &[HOST, alt]);
+    let sidecar = Sidecar::start(&text).await;
+    let addr = sidecar.running().local_addr("payments").unwrap();
+    let ca = sidecar.file("ca.pem").display().to_string();
+    let (ok, out, err) = run(
+        "curl",
+        vec![
+            "-sS".into(),
+            "-x".into(),
+            format!("http://{addr}"),
+            "--cacert".into(),
+            ca,
+            format!("https://{alt}/on/8443"),
+        ],
+        vec![],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let echo: Echo = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        echo.header("authorization"),
+        Some(&*format!("Bearer {TOKEN}"))
+    );
+    assert_eq!(echo.uri, "/on/8443");
+    for refused in ["alt.payments.test:443", "alt.payments.test:9443"] {
+        let (_, status, _) = connect(addr, refused).await;
+        assert_eq!(status, 403, "{refused}");
+    }
     sidecar.stop().await;
 }

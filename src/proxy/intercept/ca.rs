@@ -385,12 +385,13 @@ pub(crate) fn cannot_name<'a>(
         .collect()
 }
 
-/// A route host as a certificate names it: no `*.`, no IPv6 brackets.
+/// A route host as a certificate names it: no `*.`, no port, no IPv6 brackets.
 fn bare(host: &str) -> &str {
     let host = host.strip_prefix("*.").unwrap_or(host);
-    host.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
+    match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => host.split(':').next().unwrap_or(host),
+    }
 }
 
 /// The Name Constraints of a CA created for `hosts`.
@@ -591,6 +592,14 @@ mod tests {
             ["evil.example", "10.0.0.1"]
         );
         assert!(!format!("{loaded:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn a_route_host_is_named_without_its_port() {
+        assert_eq!(bare("api.example:8443"), "api.example");
+        assert_eq!(bare("[::1]:8443"), "::1");
+        assert_eq!(bare("[::1]"), "::1");
+        assert_eq!(bare("*.example.com"), "example.com");
     }
 
     #[test]

@@ -133,7 +133,12 @@ pub(crate) fn to_target<B>(request: &mut Request<B>, target: &Target) -> Result<
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTPS);
-    parts.authority = Some(target.host.parse().map_err(|_| misdirected())?);
+    let authority = if target.port == 443 {
+        target.host.parse()
+    } else {
+        format!("{}:{}", target.host, target.port).parse()
+    };
+    parts.authority = Some(authority.map_err(|_| misdirected())?);
     parts.path_and_query = Some(path);
     *request.uri_mut() = Uri::from_parts(parts).map_err(|_| misdirected())?;
     Ok(())
