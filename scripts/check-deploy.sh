@@ -11,7 +11,9 @@
 #     what bearerd needs of its pod, its credentials' mounts included (a client Secret, a
 #     projected service-account token, a certificate's Secret), and its token cache's (an
 #     emptyDir for the file backend, the key's and the password's Secrets for Redis), and
-#     for the forward-proxy example the app's HTTP_PROXY and NO_PROXY;
+#     for the forward-proxy example the app's HTTP_PROXY and NO_PROXY, and for the intercept
+#     example the CA key's volume (a memory emptyDir only bearerd mounts), the certificate's
+#     volume (mounted read-only by the app), the app's HTTPS_PROXY and CA variables;
 #   - deploy/prometheus/alerts.yml passes `promtool check rules`, and its unit tests,
 #     alerts_test.yml, pass `promtool test rules`;
 #   - every query of deploy/grafana/bearerd-dashboard.json parses (promtool);
