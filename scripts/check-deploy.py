@@ -268,10 +268,11 @@ def no_proxy_excludes(no_proxy, host):
     return False
 
 
-def check_forward_proxy_env(listen, routes, apps):
+def check_forward_proxy_env(listen, routes, apps, intercepts=False):
     """That the app containers send plain-http requests to the forward listener at `listen`
     (HTTP_PROXY, and http_proxy for curl), keep loopback direct, do not exempt the routes'
-    hosts in NO_PROXY, and do not send https through it (bearerd refuses CONNECT)."""
+    hosts in NO_PROXY, and do not send https through it (bearerd refuses CONNECT) unless the
+    listener intercepts TLS (`intercepts`: then check_intercept looks at HTTPS_PROXY)."""
     proxy = f"http://{listen}"
     for app in apps:
         env = {e["name"]: e.get("value") for e in app.get("env") or []}
@@ -298,12 +299,80 @@ def check_forward_proxy_env(listen, routes, apps):
                 bool(host) and not no_proxy_excludes(no_proxy, sample),
                 f"{name}: route {route.get('name')}'s host {host} is not in NO_PROXY",
             )
+        if intercepts:
+            continue
         tunnels = [
             v for k, v in env.items() if k.lower() in ("https_proxy", "all_proxy") and v
         ]
         check(
             not tunnels,
             f"{name}: no HTTPS_PROXY or ALL_PROXY (bearerd answers CONNECT 405)",
+        )
+
+
+def check_intercept(settings, listen, mounts, apps):
+    """A forward listener with [listener.intercept] (docs/intercept.md): the CA's key in a
+    memory-backed emptyDir that bearerd mounts writable and no app container mounts; the CA's
+    certificate in a volume of its own, which each app mounts read-only; the app's HTTPS_PROXY
+    (and https_proxy) naming the listener, and a CA variable pointing into that mount."""
+    proxy = f"http://{listen}"
+
+    def mount_of(path):
+        found = [
+            (at, entry) for at, entry in mounts.items() if path.startswith(at.rstrip("/") + "/")
+        ]
+        return max(found, key=lambda f: len(f[0]))[1] if found else (None, {})
+
+    key, cert = settings.get("ca_key_file", ""), settings.get("ca_cert_file", "")
+    key_mount, key_volume = mount_of(key)
+    cert_mount, _ = mount_of(cert)
+    check(
+        key_mount is not None and not key_mount.get("readOnly"),
+        f"intercept: ca_key_file {key} is in a volume bearerd mounts writable",
+    )
+    check(
+        (key_volume.get("emptyDir") or {}).get("medium") == "Memory",
+        "intercept: the CA key's volume is a memory-backed emptyDir (never on the node's disk)",
+    )
+    check(
+        cert_mount is not None and key_mount is not None
+        and cert_mount["name"] != key_mount["name"],
+        f"intercept: ca_cert_file {cert} is in a volume of its own, apart from the key",
+    )
+    for bundle in [settings.get("ca_bundle_file")] if settings.get("ca_bundle_file") else []:
+        bundle_mount, _ = mount_of(bundle)
+        check(
+            bundle_mount is not None and cert_mount is not None
+            and bundle_mount["name"] == cert_mount["name"],
+            f"intercept: ca_bundle_file {bundle} is beside the certificate",
+        )
+    for app in apps:
+        name = app["name"]
+        app_mounts = app.get("volumeMounts") or []
+        check(
+            key_mount is not None and all(m["name"] != key_mount["name"] for m in app_mounts),
+            f"{name}: does not mount the CA key's volume",
+        )
+        ca_mounts = [m for m in app_mounts if cert_mount and m["name"] == cert_mount["name"]]
+        check(
+            bool(ca_mounts) and all(m.get("readOnly") for m in ca_mounts),
+            f"{name}: mounts the CA certificate's volume read-only",
+        )
+        env = {e["name"]: e.get("value") for e in app.get("env") or []}
+        check(
+            env.get("HTTPS_PROXY") == proxy and env.get("https_proxy") == proxy,
+            f"{name}: HTTPS_PROXY and https_proxy = {proxy} (the intercepting listener)",
+        )
+        trusted = [
+            env[k] for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+                             "CURL_CA_BUNDLE") if env.get(k)
+        ]
+        check(
+            bool(trusted) and bool(ca_mounts) and all(
+                any(v.startswith(m["mountPath"].rstrip("/") + "/") for m in ca_mounts)
+                for v in trusted
+            ),
+            f"{name}: its CA variables ({len(trusted)}) name files of the CA's mount",
         )
 
 
@@ -467,7 +536,10 @@ def check_pod(docs, sidecar):
                 )
         if listener.get("mode") == "forward":
             apps = [c for c in regular if c["name"] != "bearerd"]
-            check_forward_proxy_env(listen, routes, apps)
+            intercept = listener.get("intercept")
+            check_forward_proxy_env(listen, routes, apps, intercept is not None)
+            if intercept is not None:
+                check_intercept(intercept, listen, mounts, apps)
 
     # Scraping: by the prometheus.io/* annotations or by a PodMonitor, never both (the pod
     # would be scraped twice).
@@ -526,6 +598,10 @@ def manifests(args):
 def credential_kinds(table, in_cache=False):
     """(path, kind) of every file the config names, by its key: what `bearerd --check` reads."""
     for key, value in table.items():
+        # [listener.intercept]'s CA is made by bearerd at the pod's start, not mounted: its
+        # files are absent, and `--check` says it would create them.
+        if key == "intercept":
+            continue
         if isinstance(value, dict):
             yield from credential_kinds(value, in_cache or key == "cache")
         elif isinstance(value, list):

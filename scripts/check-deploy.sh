@@ -11,7 +11,9 @@
 #     what bearerd needs of its pod, its credentials' mounts included (a client Secret, a
 #     projected service-account token, a certificate's Secret), and its token cache's (an
 #     emptyDir for the file backend, the key's and the password's Secrets for Redis), and
-#     for the forward-proxy example the app's HTTP_PROXY and NO_PROXY;
+#     for the forward-proxy example the app's HTTP_PROXY and NO_PROXY, and for the intercept
+#     example the CA key's volume (a memory emptyDir only bearerd mounts), the certificate's
+#     volume (mounted read-only by the app), the app's HTTPS_PROXY and CA variables;
 #   - deploy/prometheus/alerts.yml passes `promtool check rules`, and its unit tests,
 #     alerts_test.yml, pass `promtool test rules`;
 #   - every query of deploy/grafana/bearerd-dashboard.json parses (promtool);
@@ -86,7 +88,7 @@ run() {
 
 # Kubernetes: build each kustomization, then validate what it made.
 for kustomization in app base example legacy workload-identity mtls cache-file cache-redis \
-  forward-proxy; do
+  forward-proxy intercept; do
   run "kubectl kustomize $KUBERNETES/$kustomization" \
     "$kubectl" kustomize "$KUBERNETES/$kustomization" -o "$OUT/$kustomization.yaml"
 done
@@ -98,7 +100,8 @@ run "validate the built objects" "$python" scripts/check-deploy.py manifests \
   "native:1.29.0,1.37.0:$OUT/mtls.yaml" \
   "native:1.29.0,1.37.0:$OUT/cache-file.yaml" \
   "native:1.29.0,1.37.0:$OUT/cache-redis.yaml" \
-  "native:1.29.0,1.37.0:$OUT/forward-proxy.yaml"
+  "native:1.29.0,1.37.0:$OUT/forward-proxy.yaml" \
+  "native:1.29.0,1.37.0:$OUT/intercept.yaml"
 # The app alone has no bearerd: it must not, since the sidecar component adds it.
 run "the app alone has no bearerd" bash -c "! grep -q 'name: bearerd\$' '$OUT/app.yaml'"
 
@@ -111,11 +114,13 @@ readonly MATRIX=(
   "with-cache-file:cache-file"
   "with-cache-redis:cache-redis"
   "with-forward-proxy:forward-proxy"
+  "with-intercept:intercept"
   "with-mtls:mtls"
   "with-workload-identity:workload-identity"
   "with-podmonitor:podmonitor"
   "together:cache-redis,forward-proxy,workload-identity,podmonitor"
   "together-with-file-cache:cache-file,forward-proxy,mtls,podmonitor"
+  "intercept-together:cache-file,intercept,mtls,podmonitor"
 )
 say "building bearerd for --check"
 cargo build --quiet --locked --bin bearerd
@@ -142,6 +147,12 @@ for entry in "${MATRIX[@]}"; do
       echo "patches:"
       echo "  - path: app-patch.yaml"
     fi
+    # The app's side of interception (HTTPS_PROXY, the CA's read-only mount), likewise.
+    if [[ " ${components[*]} " == *" intercept "* ]]; then
+      cp "$KUBERNETES/intercept/app-patch.yaml" "$dir/"
+      echo "patches:"
+      echo "  - path: app-patch.yaml"
+    fi
   } >"$dir/kustomization.yaml"
   run "kubectl kustomize (app + sidecar + ${entry#*:})" \
     "$kubectl" kustomize "$dir" -o "$OUT/matrix-$name.yaml"
@@ -149,7 +160,7 @@ for entry in "${MATRIX[@]}"; do
 done
 run "validate the components' combinations" "$python" scripts/check-deploy.py manifests \
   "${specs[@]}"
-for built in "$OUT"/matrix-*.yaml "$OUT"/{base,legacy,workload-identity,mtls,cache-file,cache-redis,forward-proxy}.yaml; do
+for built in "$OUT"/matrix-*.yaml "$OUT"/{base,legacy,workload-identity,mtls,cache-file,cache-redis,forward-proxy,intercept}.yaml; do
   run "bearerd --check on the config of $built" "$python" scripts/check-deploy.py \
     bearerd-check target/debug/bearerd "$built"
 done

@@ -293,6 +293,88 @@ fn describe_listeners(config: &Config, prepared: &Prepared, out: &mut String) {
             );
             warnings(out, prepared, &subject, &format!("route {} ", route.name));
         }
+        if let Some(settings) = &listener.intercept {
+            describe_intercept(out, prepared, settings, &routes);
+            warnings(out, prepared, &format!("{subject} intercept"), "");
+        }
+    }
+}
+
+/// A listener's TLS interception: its CA (subject, fingerprint, expiry, constraints, and the
+/// routed hosts it cannot name), or the CA a start would create.
+fn describe_intercept(
+    out: &mut String,
+    prepared: &Prepared,
+    settings: &config::Intercept,
+    routes: &[&config::Upstream],
+) {
+    use crate::proxy::intercept::ca;
+    let hosts: Vec<&str> = routes
+        .iter()
+        .filter_map(|route| route.route.host.as_deref())
+        .collect();
+    let _ = writeln!(
+        out,
+        "  intercept: CONNECT to the routed hosts (port 443, or the one a host names) is answered with TLS (handshake within {}); passthrough: {}",
+        duration(settings.handshake_timeout),
+        if settings.passthrough.is_empty() {
+            "none".to_owned()
+        } else {
+            settings
+                .passthrough
+                .iter()
+                .map(|(host, port)| format!("{host}:{port}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    match prepared.intercepts.get(&settings.ca_cert_file) {
+        Some(found) => {
+            let d = &found.description;
+            let _ = writeln!(
+                out,
+                "  CA {}: {}",
+                settings.ca_cert_file.display(),
+                d.subject
+            );
+            let _ = writeln!(out, "    SHA-256 fingerprint {}", d.fingerprint);
+            let _ = writeln!(
+                out,
+                "    expires {}",
+                humantime::format_rfc3339_seconds(d.not_after)
+            );
+            match &d.constraints {
+                Some(constraints) => {
+                    let _ = writeln!(out, "    name constraints: {}", constraints.describe());
+                }
+                None => {
+                    let _ = writeln!(out, "    name constraints: none (it may name any host)");
+                }
+            }
+            let cannot = ca::cannot_name(d, hosts.iter().copied());
+            if cannot.is_empty() {
+                let _ = writeln!(out, "    names every routed host");
+            } else {
+                let _ = writeln!(out, "    cannot name: {}", cannot.join(", "));
+            }
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "  CA: none yet; a start would create {} and {} (ECDSA P-256, valid {}, name constraints permitting only {})",
+                settings.ca_cert_file.display(),
+                settings.ca_key_file.display(),
+                duration(ca::CREATED_CA_VALIDITY),
+                hosts.join(", ")
+            );
+        }
+    }
+    if let Some(bundle) = &settings.ca_bundle_file {
+        let _ = writeln!(
+            out,
+            "  CA bundle (system roots and the CA) written at start to {}",
+            bundle.display()
+        );
     }
 }
 

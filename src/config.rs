@@ -291,7 +291,29 @@ pub struct Listener {
     pub allow_from: Option<Vec<ipnet::IpNet>>,
     /// The names of its routes ([`Config::upstreams`]), in match order.
     pub routes: Vec<String>,
+    /// `[listener.intercept]` (forward listeners only): CONNECT tunnels to routed hosts are
+    /// opened with TLS from a CA of bearerd's; `None`: CONNECT is refused.
+    pub intercept: Option<Intercept>,
 }
+
+/// `[listener.intercept]`: TLS interception of CONNECT tunnels to the listener's routed hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intercept {
+    /// The CA certificate (PEM) the app trusts.
+    pub ca_cert_file: PathBuf,
+    /// The CA's key (PEM, PKCS#8); written `0600` when bearerd creates it.
+    pub ca_key_file: PathBuf,
+    /// Written at start: the system roots and the CA, for apps whose CA setting replaces
+    /// the system store (`SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`).
+    pub ca_bundle_file: Option<PathBuf>,
+    /// `(host, port)` targets tunnelled blind: no TLS termination, no token. Hosts lowercase.
+    pub passthrough: Vec<(String, u16)>,
+    /// How long a client may take to finish its TLS handshake inside a tunnel.
+    pub handshake_timeout: Duration,
+}
+
+/// `[listener.intercept] handshake_timeout` when not given.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a listener reads which route a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

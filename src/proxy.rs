@@ -3,7 +3,9 @@
 //! In data-flow order:
 //! - `serve` (here): accept app connections from the peers `allow_from` admits, within the
 //!   `connection` limits, tell HTTP/1.1 from HTTP/2 by their first bytes, and drain them on
-//!   shutdown; `stream`: what differs for a request on an HTTP/2 connection;
+//!   shutdown; `stream`: what differs for a request on an HTTP/2 connection; `intercept`: a
+//!   CONNECT on a forward listener with `[listener.intercept]`, answered with TLS from a
+//!   name-constrained CA and the same handling inside the tunnel;
 //! - `route`: what a listener serves, and the route each request goes to;
 //! - `forward`: refuse what must never carry the token, take a token, rewrite the request
 //!   ([`rewrite`]), send it on the app connection's upstream connection (`pool`) with the
@@ -16,6 +18,7 @@ pub(crate) mod connection;
 pub(crate) mod error;
 mod forward;
 mod grpc;
+pub(crate) mod intercept;
 pub(crate) mod metrics;
 pub(crate) mod pool;
 pub mod rewrite;
@@ -26,10 +29,13 @@ mod upgrade;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Method, Request};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use std::sync::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -60,8 +66,14 @@ pub(crate) async fn serve(
         // The header and idle timers are kept by `connection::watchdog`.
         .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes);
-    // Shared by every connection: only the one its first bytes choose is used.
-    let (http1, http2) = (Arc::new(http1), Arc::new(http2_builder(&limits)));
+    // Shared by every connection: only the protocol its first bytes choose is used.
+    let serving = Arc::new(Serving {
+        http1,
+        http2: http2_builder(&limits),
+        limits,
+        shutdown: shutdown.clone(),
+        force_close: force_close.clone(),
+    });
     loop {
         let Some((stream, peer)) = crate::listener::accept(&socket, &name, &shutdown).await else {
             break;
@@ -101,13 +113,18 @@ pub(crate) async fn serve(
             listener: listener.clone(),
             activity,
             name: Arc::clone(&name),
+            serving: Arc::clone(&serving),
         };
-        let (http1, http2) = (Arc::clone(&http1), Arc::clone(&http2));
         tokio::spawn(async move {
+            // Held as long as the connection, and the tunnel a CONNECT makes of it, last.
             let _permit = permit;
             match connection::detect(&stream, &app.activity).await {
-                Some(Protocol::Http1) => app.serve_http1(&http1, stream).await,
-                Some(Protocol::Http2) => app.serve_http2(&http2, stream).await,
+                Some(Protocol::Http1) => {
+                    if let Some(opened) = app.serve_http1(stream, None).await {
+                        opened.serve().await;
+                    }
+                }
+                Some(Protocol::Http2) => app.serve_http2(stream, None).await,
                 None => app.activity.end(),
             }
         });
@@ -124,61 +141,180 @@ pub(crate) async fn serve(
     }
 }
 
+/// What every connection of one listener shares: the protocol builders, the limits, and the
+/// shutdown signals, which the connection inside an intercepted tunnel needs too.
+struct Serving {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    force_close: CancellationToken,
+}
+
 /// One accepted app connection, before and while it is served.
 struct App {
     listener: watch::Receiver<Arc<Listener>>,
     activity: Arc<Activity>,
     name: Arc<str>,
+    serving: Arc<Serving>,
+}
+
+/// A CONNECT that was answered 200: the app connection, handed over by hyper, becomes a
+/// tunnel (after the HTTP/1.1 connection it came on has ended).
+struct Opened {
+    pending: intercept::Pending,
+    listener: watch::Receiver<Arc<Listener>>,
+    name: Arc<str>,
+    serving: Arc<Serving>,
+}
+
+impl Opened {
+    /// Serves the tunnel: TLS and the requests inside, or bytes copied blind to a
+    /// passthrough target. A new connection inside, with a watchdog of its own.
+    async fn serve(self) {
+        let Opened {
+            pending,
+            listener,
+            name,
+            serving,
+        } = self;
+        let Ok(upgraded) = pending.upgrade.await else {
+            return;
+        };
+        let io = TokioIo::new(upgraded);
+        let Some(intercept) = listener.borrow().intercept.clone() else {
+            return;
+        };
+        let target = match pending.decision {
+            intercept::Decision::Intercept(target) => target,
+            intercept::Decision::Passthrough(target) => {
+                // Closed with the listener's other connections once the grace is over.
+                tokio::select! {
+                    () = intercept::tunnel::passthrough(io, &target, &intercept) => {}
+                    () = serving.force_close.cancelled() => {}
+                }
+                return;
+            }
+            intercept::Decision::Refuse(_) => return,
+        };
+        let Ok(tls) = intercept::tunnel::handshake(io, &target, &intercept).await else {
+            return;
+        };
+        let h2 = intercept::tunnel::chose_h2(&tls);
+        let activity = Activity::new(&serving.limits);
+        tokio::spawn(connection::watchdog(
+            Arc::clone(&activity),
+            serving.limits,
+            serving.shutdown.clone(),
+            serving.force_close.clone(),
+            Arc::clone(&name),
+        ));
+        let app = App {
+            listener,
+            activity,
+            name,
+            serving,
+        };
+        let target = Some(Arc::new(target));
+        if h2 {
+            app.serve_http2(tls, target).await;
+        } else {
+            // Inside a tunnel, a CONNECT is refused: no tunnel is handed back.
+            let _ = app.serve_http1(tls, target).await;
+        }
+    }
 }
 
 impl App {
     /// Serves an HTTP/1.1 connection: its requests one after the other, on the one upstream
     /// connection it holds from its first request on, under its watchdog's timers.
-    async fn serve_http1(self, http: &hyper::server::conn::http1::Builder, stream: TcpStream) {
+    ///
+    /// `tunnel`: the connection is inside an intercepted tunnel to that target, and each
+    /// request must name it. Outside one, on a listener that intercepts, a CONNECT it accepts
+    /// ends the connection and hands it back as a tunnel to serve.
+    async fn serve_http1<IO>(
+        self,
+        stream: IO,
+        tunnel: Option<Arc<intercept::Target>>,
+    ) -> Option<Opened>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let App {
             listener,
             activity,
             name,
+            serving,
         } = self;
+        // Where an accepted CONNECT leaves its upgrade: only on a listener that intercepts,
+        // outside a tunnel (made once per connection, not per request).
+        let connects = (tunnel.is_none() && listener.borrow().intercept.is_some())
+            .then(|| (Arc::new(Mutex::new(None)), listener.clone()));
+        let pending = connects.as_ref().map(|(pending, _)| Arc::clone(pending));
         let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
         let requests = Arc::clone(&activity);
         // The upstream connection this app connection holds, from its first request on.
         let slot = Arc::new(pool::Slot::default());
         let held = Arc::clone(&slot);
-        let service = service_fn(move |request| {
+        let service = service_fn(move |mut request: Request<Incoming>| {
             let listener = Arc::clone(&listener.borrow());
             let guard = requests.request_started();
             let slot = Arc::clone(&held);
+            // A tunnel's request that names another host, or a CONNECT, is answered here.
+            // Boxed: the usual request's future carries a pointer's worth more, not a
+            // response's (hyper moves the future whole).
+            let early = match (&tunnel, &pending) {
+                (Some(target), _) => intercept::tunnel::to_target(&mut request, target)
+                    .err()
+                    .map(|error| Box::new(forward::unrouted(&listener, &request, error))),
+                (None, Some(pending)) if request.method() == Method::CONNECT => {
+                    listener.intercept.as_ref().map(|intercept| {
+                        Box::new(intercept::connect(
+                            &listener,
+                            intercept,
+                            &mut request,
+                            pending,
+                        ))
+                    })
+                }
+                _ => None,
+            };
             // The route is chosen here rather than in a function of its own: another async
             // layer would make every request's future larger, and hyper moves it whole
             // (callgrind: +180 instructions per request).
             async move {
-                let response = match forward::route(&listener, &request) {
-                    Ok(route) => {
-                        let on = forward::Connection {
-                            slot: &slot,
-                            activity: Some(guard.activity()),
-                        };
-                        match &route.telemetry {
-                            None => forward::forward(route, listener.mode, on, request).await,
-                            // `[telemetry]` on: the request in its server span, boxed so
-                            // that it stays out of the untraced requests' future.
-                            Some(telemetry) => {
-                                let host = route.target.authority().host();
-                                let cx = telemetry.request(&route.name, host, &request);
-                                let forwarded = forward::forward(route, listener.mode, on, request);
-                                Box::pin(crate::telemetry::traced(cx, forwarded)).await
+                let response = match early {
+                    Some(answered) => *answered,
+                    None => match forward::route(&listener, &request) {
+                        Ok(route) => {
+                            let on = forward::Connection {
+                                slot: &slot,
+                                activity: Some(guard.activity()),
+                            };
+                            match &route.telemetry {
+                                None => forward::forward(route, listener.mode, on, request).await,
+                                // `[telemetry]` on: the request in its server span, boxed so
+                                // that it stays out of the untraced requests' future.
+                                Some(telemetry) => {
+                                    let host = route.target.authority().host();
+                                    let cx = telemetry.request(&route.name, host, &request);
+                                    let forwarded =
+                                        forward::forward(route, listener.mode, on, request);
+                                    Box::pin(crate::telemetry::traced(cx, forwarded)).await
+                                }
                             }
                         }
-                    }
-                    Err(error) => forward::unrouted(&listener, &request, error),
+                        Err(error) => forward::unrouted(&listener, &request, error),
+                    },
                 };
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
         // With upgrades: after a `101` hyper hands the connection over to its tunnel
-        // (`upgrade`), which `connection::serve` then runs.
-        let connection = http.serve_connection(io, service).with_upgrades();
+        // (`upgrade`), which `connection::serve` then runs; after a CONNECT answered 200 it
+        // hands the IO back to be intercepted. Nothing changes for a connection that never
+        // upgrades.
+        let connection = serving.http1.serve_connection(io, service).with_upgrades();
         let mut connection = std::pin::pin!(connection);
         // Whichever way the connection ends, its upstream connection goes back; declared
         // after the connection, so it is dropped, and the upstream connection is back in the
@@ -187,32 +323,47 @@ impl App {
         if let Some(Err(error)) = connection::serve(connection.as_mut(), &activity).await {
             tracing::debug!(upstream = %name, %error, "app connection ended with an error");
         }
+        let (pending, listener) = connects?;
+        let pending = pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()?;
+        Some(Opened {
+            pending,
+            listener,
+            name,
+            serving,
+        })
     }
 
     /// Serves an HTTP/2 connection: each stream is a request of its own, which takes an
     /// upstream connection from the pool for its exchange and gives it back when its response
     /// has ended, under a response header timer of its own. The watchdog keeps the idle
     /// timeout (no stream open), drains on shutdown (GOAWAY) and closes after the grace.
-    async fn serve_http2(
-        self,
-        http: &hyper::server::conn::http2::Builder<TokioExecutor>,
-        stream: TcpStream,
-    ) {
+    /// `tunnel`: as for [`Self::serve_http1`].
+    async fn serve_http2<IO>(self, stream: IO, tunnel: Option<Arc<intercept::Target>>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let App {
             listener,
             activity,
             name,
+            serving,
         } = self;
         let requests = Arc::clone(&activity);
         let service = service_fn(move |request| {
             let listener = Arc::clone(&listener.borrow());
             let guard = requests.request_started();
+            let tunnel = tunnel.clone();
             async move {
-                let response = stream::serve(&listener, request, &guard).await;
+                let response = stream::serve(&listener, request, &guard, tunnel.as_deref()).await;
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
-        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let connection = serving
+            .http2
+            .serve_connection(TokioIo::new(stream), service);
         let mut connection = std::pin::pin!(connection);
         if let Some(Err(error)) = connection::serve(connection.as_mut(), &activity).await {
             tracing::debug!(upstream = %name, %error, "HTTP/2 app connection ended with an error");

@@ -301,7 +301,8 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(20);
 /// `config` prepared off the runtime's thread, or every finding that stops it from running.
 async fn prepare_to_run(config: &Config) -> Result<Prepared, StartError> {
     let owned = config.clone();
-    let preparing = tokio::task::spawn_blocking(move || prepare(&owned));
+    let preparing =
+        tokio::task::spawn_blocking(move || prepare::prepare_with(&owned, prepare::Create::Ca));
     // (A preparation that panicked, which nothing on input should make it do, is reported
     // the same way: it did not finish.)
     let Ok(Ok(prepared)) = tokio::time::timeout(PREPARE_TIMEOUT, preparing).await else {

@@ -190,6 +190,25 @@ pub(super) struct Listener {
     /// `[[listener.route]]`, in match order.
     #[serde(default, deserialize_with = "route_tables")]
     pub route: Vec<Spanned<Upstream>>,
+    /// `[listener.intercept]`: TLS interception of CONNECT tunnels to routed hosts.
+    pub intercept: Option<Spanned<Intercept>>,
+}
+
+/// `[listener.intercept]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Intercept {
+    /// The CA certificate (PEM) the app trusts; created with the key when neither exists.
+    pub ca_cert_file: Spanned<PathBuf>,
+    /// The CA's private key (PEM, PKCS#8).
+    pub ca_key_file: Spanned<PathBuf>,
+    /// Where to write the system roots plus the CA, for apps whose CA setting replaces the
+    /// system store.
+    pub ca_bundle_file: Option<Spanned<PathBuf>>,
+    /// `host:port` targets tunnelled blind (no TLS termination, no token).
+    pub passthrough: Option<Vec<Spanned<String>>>,
+    /// How long a client may take to finish its TLS handshake inside a tunnel.
+    pub handshake_timeout: Option<Spanned<DurationText>>,
 }
 
 /// `mode = "reverse" | "forward"`

@@ -15,9 +15,9 @@ use super::token::token;
 use super::validate::Validator;
 use super::values::{duration, http_url, networks, socket_addr};
 use super::{
-    Listener, Mode, Roots, RouteMatch, TlsSettings, Upstream, UpstreamProtocol,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT, DEFAULT_RESPONSE_HEADER_TIMEOUT,
-    DEFAULT_UPGRADE_PROTOCOLS,
+    Intercept, Listener, Mode, Roots, RouteMatch, TlsSettings, Upstream, UpstreamProtocol,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT,
+    DEFAULT_RESPONSE_HEADER_TIMEOUT, DEFAULT_UPGRADE_PROTOCOLS,
 };
 
 /// A `[[listener]]` as its routes see it.
@@ -49,6 +49,7 @@ pub(super) fn listeners(
                     mode: Mode::Reverse,
                     allow_from: upstream.allow_from.clone(),
                     routes: vec![upstream.name.clone()],
+                    intercept: None,
                 });
                 upstreams.push(upstream);
             }
@@ -77,6 +78,10 @@ pub(super) fn listeners(
                 "no [[listener.route]]: the listener would answer every request 404",
             );
         }
+        let intercept = listener
+            .intercept
+            .as_ref()
+            .map(|raw| intercept(v, &key, raw, mode));
         let at = ListenerAt { listen, allow_from };
         let mut routes = Vec::new();
         for (j, route) in listener.route.iter().enumerate() {
@@ -102,6 +107,7 @@ pub(super) fn listeners(
                 mode,
                 allow_from: at.allow_from,
                 routes,
+                intercept,
             }),
             None => complete = false,
         }
@@ -111,6 +117,63 @@ pub(super) fn listeners(
     } else {
         (None, None)
     }
+}
+
+/// `[listener.intercept]`: on a forward listener only (a reverse listener has no CONNECT to
+/// intercept); each `passthrough` entry is `host:port`, the port required (a CONNECT names one).
+fn intercept(
+    v: &mut Validator<'_>,
+    key: &str,
+    raw: &Spanned<file::Intercept>,
+    mode: Mode,
+) -> Intercept {
+    let key = format!("{key}.intercept");
+    if mode != Mode::Forward {
+        v.problem(
+            raw.span(),
+            &key,
+            "TLS interception needs mode = \"forward\": only a forward proxy is sent CONNECT",
+        );
+    }
+    let settings = raw.get_ref();
+    let mut passthrough = Vec::new();
+    for entry in settings.passthrough.iter().flatten() {
+        match passthrough_target(entry.get_ref()) {
+            Some(target) => passthrough.push(target),
+            None => v.problem(
+                entry.span(),
+                format!("{key}.passthrough"),
+                format!(
+                    "{:?} is not host:port (such as \"objects.internal.example:443\")",
+                    entry.get_ref()
+                ),
+            ),
+        }
+    }
+    Intercept {
+        ca_cert_file: v.base_dir.join(settings.ca_cert_file.get_ref()),
+        ca_key_file: v.base_dir.join(settings.ca_key_file.get_ref()),
+        ca_bundle_file: settings
+            .ca_bundle_file
+            .as_ref()
+            .map(|p| v.base_dir.join(p.get_ref())),
+        passthrough,
+        handshake_timeout: duration(
+            v,
+            settings.handshake_timeout.as_ref(),
+            &format!("{key}.handshake_timeout"),
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        ),
+    }
+}
+
+/// `host:port` as a CONNECT names it: the host lowercase, without a trailing dot.
+pub(crate) fn passthrough_target(text: &str) -> Option<(String, u16)> {
+    let authority: http::uri::Authority = text.parse().ok()?;
+    let port = authority.port_u16()?;
+    let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
+    let valid = !host.is_empty() && !authority.as_str().contains('@');
+    valid.then_some((host, port))
 }
 
 /// A listener off loopback needs `allow_from`: whoever reaches it calls the upstream

@@ -73,6 +73,20 @@ pub(crate) enum ProxyError {
     )]
     PathNotServed,
 
+    /// A CONNECT to a target that is neither a routed host on its port nor a `passthrough`
+    /// target: nothing is opened.
+    #[error(
+        "this forward proxy opens tunnels only to the hosts of its routes (port 443) and to its passthrough targets"
+    )]
+    TunnelRefused,
+    /// A request inside an intercepted tunnel names another host than the CONNECT did
+    /// (RFC 9110 §15.5.20: 421).
+    #[error("this connection is a tunnel to {target}: send requests for other hosts through a tunnel of their own")]
+    Misdirected {
+        /// The CONNECT's target.
+        target: String,
+    },
+
     /// The upstream could not be reached: DNS, TCP connect, TLS or HTTP handshake.
     #[error("{}", errors::chain(.source))]
     UpstreamUnreachable {
@@ -187,7 +201,9 @@ impl ProxyError {
             | Self::RequestBody { .. }
             | Self::NoRoute
             | Self::HostNotServed
-            | Self::PathNotServed => Fault::App,
+            | Self::PathNotServed
+            | Self::TunnelRefused
+            | Self::Misdirected { .. } => Fault::App,
             Self::UpstreamUnreachable { .. }
             | Self::ConnectTimeout { .. }
             | Self::ResponseTimeout { .. }
@@ -209,7 +225,10 @@ impl ProxyError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnknownTransferCoding { .. } => StatusCode::NOT_IMPLEMENTED,
             Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::HostNotServed | Self::PathNotServed => StatusCode::FORBIDDEN,
+            Self::HostNotServed | Self::PathNotServed | Self::TunnelRefused => {
+                StatusCode::FORBIDDEN
+            }
+            Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             Self::UpstreamUnreachable { .. }
             | Self::UpstreamFailed { .. }
             | Self::NotSwitched { .. }
@@ -231,6 +250,8 @@ impl ProxyError {
             Self::UnknownTransferCoding { .. } => "not_implemented",
             Self::NoRoute => "no_route",
             Self::HostNotServed | Self::PathNotServed => "host_not_served",
+            Self::TunnelRefused => "tunnel_refused",
+            Self::Misdirected { .. } => "misdirected_request",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => "upstream_timeout",
             Self::UpstreamFailed { .. } | Self::NotSwitched { .. } => "upstream_failed",

@@ -60,9 +60,18 @@ pub(super) fn unrouted<B>(
             request.uri().path(),
             response.status(),
             std::time::Duration::ZERO,
+            intercepted(request),
         );
     }
     response
+}
+
+/// Whether `request` came through an intercepted tunnel (looked up for the access log only).
+fn intercepted<B>(request: &Request<B>) -> bool {
+    request
+        .extensions()
+        .get::<super::intercept::tunnel::Intercepted>()
+        .is_some()
 }
 
 /// The app connection a request came on: its hold on an upstream connection, and its
@@ -91,9 +100,13 @@ pub(super) async fn forward(
     let started = Instant::now();
     let _in_flight = upstream.metrics.request_started();
     // Kept for the access log only; the query is never logged (it may hold credentials).
-    let logged = upstream
-        .access_log
-        .then(|| (request.method().clone(), request.uri().path().to_owned()));
+    let logged = upstream.access_log.then(|| {
+        (
+            request.method().clone(),
+            request.uri().path().to_owned(),
+            intercepted(&request),
+        )
+    });
     let grpc = is_grpc(&request);
     let response = match try_forward(upstream, mode, on, request, grpc).await {
         Ok(response) => response,
@@ -110,8 +123,15 @@ pub(super) async fn forward(
     upstream
         .metrics
         .request_answered(response.status(), elapsed);
-    if let Some((method, path)) = logged {
-        log_access(&upstream.name, &method, &path, response.status(), elapsed);
+    if let Some((method, path, intercepted)) = logged {
+        log_access(
+            &upstream.name,
+            &method,
+            &path,
+            response.status(),
+            elapsed,
+            intercepted,
+        );
     }
     response
 }
@@ -130,7 +150,29 @@ fn log_error(name: &str, error: &ProxyError, what: &'static str) {
 }
 
 /// The access log's line of a request; its query is never logged (it may hold credentials).
-fn log_access(name: &str, method: &Method, path: &str, status: StatusCode, elapsed: Duration) {
+/// `intercepted` marks a request that came through a TLS tunnel bearerd terminated.
+fn log_access(
+    name: &str,
+    method: &Method,
+    path: &str,
+    status: StatusCode,
+    elapsed: Duration,
+    intercepted: bool,
+) {
+    // The field only on intercepted requests: the usual line stays as it was.
+    if intercepted {
+        tracing::info!(
+            target: "bearerd::access",
+            upstream = %name,
+            method = %method,
+            path = %path,
+            status = status.as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            intercepted = true,
+            "request"
+        );
+        return;
+    }
     tracing::info!(
         target: "bearerd::access",
         upstream = %name,

@@ -39,6 +39,8 @@ pub(crate) struct Listener {
     pub metrics: Arc<RouteSeries>,
     /// Where its requests go.
     pub routes: Routes,
+    /// `[listener.intercept]`: CONNECT to its routed hosts is answered with TLS of bearerd's.
+    pub intercept: Option<Arc<super::intercept::Intercept>>,
 }
 
 impl Listener {
@@ -51,6 +53,7 @@ impl Listener {
         routes: Vec<Route>,
         metrics: Arc<RouteSeries>,
         access_log: bool,
+        intercept: Option<Arc<super::intercept::Intercept>>,
     ) -> Self {
         Self {
             mode: config.mode,
@@ -59,6 +62,7 @@ impl Listener {
             allow_from: config.allow_from.clone(),
             metrics,
             routes: Routes::new(routes),
+            intercept,
         }
     }
 
@@ -82,6 +86,9 @@ pub(crate) struct Routes {
     by_host: HashMap<Box<str>, Vec<usize>>,
     /// The positions of the routes that any host may reach: a wildcard host, or none.
     any_host: Vec<usize>,
+    /// Whether a route's host names a port (`api.example:8443`, the port an intercepted
+    /// tunnel is opened to): only then is a forward request's port looked at.
+    has_ports: bool,
 }
 
 impl Routes {
@@ -97,11 +104,34 @@ impl Routes {
                 _ => any_host.push(position),
             }
         }
+        let has_ports = by_host.keys().any(|host| host_port(host).1.is_some());
         Self {
             all: routes.into_iter().map(Arc::new).collect(),
             by_host,
             any_host,
+            has_ports,
         }
+    }
+
+    /// Whether a route names `host` (lowercase, no trailing dot) on `port`: a route whose host
+    /// names that port, or, for 443, one whose host names none (exact or by its one-label
+    /// wildcard). A route without a host does not name any.
+    pub(crate) fn names_target(&self, host: &str, port: u16) -> bool {
+        if port == 443 {
+            return self.names_host(host);
+        }
+        self.has_ports && self.by_host.contains_key(format!("{host}:{port}").as_str())
+    }
+
+    /// Whether a route names `host` without a port (lowercase, no trailing dot): by its exact
+    /// host or its one-label wildcard. A route without a host does not name any.
+    fn names_host(&self, host: &str) -> bool {
+        self.by_host.contains_key(host)
+            || self.any_host.iter().any(|&position| {
+                self.all.get(position).is_some_and(|route| {
+                    route.matching.host.is_some() && route.matching.host_matches(host)
+                })
+            })
     }
 
     /// The route `request` goes to. A request whose path has `.` or `..` segments is refused:
@@ -143,6 +173,20 @@ impl Routes {
         };
         // Lowercase is compared without copying; the root's trailing dot is ignored.
         let host = host.strip_suffix('.').unwrap_or(host);
+        // A forward request naming a port a route names goes to that route: looked up as
+        // `host:port` (only when some route names a port).
+        let with_port;
+        let host = match (mode, uri.port()) {
+            (Mode::Forward, Some(port)) if self.has_ports => {
+                with_port = format!("{}:{}", host.to_ascii_lowercase(), port.as_str());
+                if self.by_host.contains_key(with_port.as_str()) {
+                    with_port.as_str()
+                } else {
+                    host
+                }
+            }
+            _ => host,
+        };
         // Hosts are lowercase in the index; a request's seldom is not.
         let lowercase;
         let exact = match self.by_host.get(host) {
@@ -205,6 +249,18 @@ fn host_header<B>(request: &Request<B>) -> Result<Option<&[u8]>, ProxyError> {
         .ok_or_else(|| ProxyError::BadRequest {
             reason: "the Host header is not a host and an optional port of 0 to 65535 (RFC 9112 §3.2, RFC 3986 §3.2.2)".into(),
         })
+}
+
+/// A route host split into its name and its port, if it names one (`[::1]:8443` included).
+fn host_port(host: &str) -> (&str, Option<&str>) {
+    let split_at = match host.strip_prefix('[') {
+        Some(v6) => v6.find("]:").map(|at| at + 2),
+        None => host.find(':'),
+    };
+    match split_at {
+        Some(at) => (&host[..at], host.get(at + 1..)),
+        None => (host, None),
+    }
 }
 
 /// The host of a `Host` value, without its port, if the value is `uri-host [ ":" port ]`. An

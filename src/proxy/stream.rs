@@ -9,6 +9,7 @@
 //!
 //! An extended CONNECT for a WebSocket (RFC 8441) becomes the HTTP/1.1 handshake first
 //! ([`upgrade::from_extended_connect`]).
+//! Inside an intercepted tunnel, `:authority` must name the tunnel's target (421 otherwise).
 //!
 //! Around: the stream takes an upstream connection for itself ([`pool::Slot`]) and gives it
 //! back once its response has ended ([`Released`]), as it cannot share its app connection's.
@@ -28,6 +29,8 @@ use super::body::ResponseBody;
 use super::connection::RequestGuard;
 use super::error::ProxyError;
 use super::forward;
+use super::intercept::tunnel::to_target;
+use super::intercept::Target;
 use super::pool::Slot;
 use super::route::Listener;
 use super::upgrade;
@@ -38,10 +41,16 @@ pub(super) async fn serve(
     listener: &Listener,
     mut request: Request<Incoming>,
     guard: &RequestGuard,
+    tunnel: Option<&Target>,
 ) -> Response<Released> {
     // A WebSocket over HTTP/2 (RFC 8441) goes on as the HTTP/1.1 handshake (`upgrade`).
     upgrade::from_extended_connect(&mut request, guard);
-    let mut response = match authority_as_host(&mut request, listener.mode) {
+    // Inside an intercepted tunnel: `:authority` must name the tunnel's target.
+    let checked = match tunnel {
+        Some(target) => to_target(&mut request, target),
+        None => Ok(()),
+    };
+    let mut response = match checked.and_then(|()| authority_as_host(&mut request, listener.mode)) {
         Ok(()) => match forward::route(listener, &request) {
             Ok(route) => {
                 let slot = Slot::default();

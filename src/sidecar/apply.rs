@@ -85,12 +85,20 @@ impl Running {
                 metrics: Arc::clone(&series.token),
             });
         }
+        let intercepts = std::mem::take(&mut prepared.intercepts);
         let mut listeners = HashMap::with_capacity(plan.listeners.len());
         for wanted in plan.listeners {
             let running = self.listeners.remove(&wanted.key);
             let bound = sockets.remove(&wanted.key);
             let build = |routes: &mut HashMap<String, RouteSetup>| {
-                self.listener_value(wanted.listener, &wanted.routes, config, routes, &sources)
+                self.listener_value(
+                    wanted.listener,
+                    &wanted.routes,
+                    config,
+                    routes,
+                    &sources,
+                    &intercepts,
+                )
             };
             let listener = match (wanted.step, running, bound) {
                 // Unchanged settings keep their pools too, and the connections in them.
@@ -170,6 +178,7 @@ impl Running {
         config: &Config,
         setups: &mut HashMap<String, RouteSetup>,
         sources: &HashMap<SourceKey, Started>,
+        intercepts: &HashMap<std::path::PathBuf, Arc<proxy::intercept::ca::Ca>>,
     ) -> Arc<proxy::Listener> {
         let shared = RouteShared {
             max_connections: self.config.server.max_connections,
@@ -203,12 +212,23 @@ impl Running {
             .map(|series| Arc::clone(&series.proxy))
             // (Never needed: every route's series are made before its listener.)
             .unwrap_or_else(|| self.metrics.upstream(first).proxy);
+        // (A CA is always there for an intercepting listener: `prepare` found it or made it,
+        // or the config would not be applied.)
+        let intercept = listener.intercept.as_ref().and_then(|settings| {
+            let ca = intercepts.get(&settings.ca_cert_file)?;
+            Some(Arc::new(proxy::intercept::Intercept::new(
+                settings,
+                Arc::clone(ca),
+                self.metrics.intercept.series(first),
+            )))
+        });
         Arc::new(proxy::Listener::new(
             listener,
             first,
             table,
             metrics,
             config.log.access,
+            intercept,
         ))
     }
 

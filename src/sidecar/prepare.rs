@@ -13,10 +13,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::{self, Config};
 use crate::egress::Egress;
+use crate::proxy::intercept::ca::{self, Ca, Found};
 use crate::proxy::{self, RouteSetup};
 use crate::token::cache::{self, CacheSetupError};
 use crate::token::client_auth;
@@ -71,6 +73,9 @@ pub struct Prepared {
     pub(crate) cache: Option<cache::Prepared>,
     /// `[egress]`: the proxy every route, token source and the trace exporter go through.
     pub(crate) egress: Option<Arc<Egress>>,
+    /// Each intercepting listener's CA, by `ca_cert_file`: read, or created by a start
+    /// (`--check` creates nothing: a CA still to be created is absent here).
+    pub(crate) intercepts: HashMap<PathBuf, Arc<Ca>>,
     /// In the order found: `[cache]` and `[admin]` first, then each upstream, then each
     /// listener.
     pub findings: Vec<Finding>,
@@ -103,13 +108,30 @@ impl Prepared {
     }
 }
 
-/// Prepares everything `config` needs. Reads files; connects nowhere.
+/// Prepares everything `config` needs. Reads files; connects nowhere; creates nothing (an
+/// interception CA that does not exist yet is reported as one a start would create).
 pub fn prepare(config: &Config) -> Prepared {
+    prepare_with(config, Create::Nothing)
+}
+
+/// What a preparation may create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Create {
+    /// Nothing: `--check`.
+    Nothing,
+    /// An interception CA whose files are both absent, and each `ca_bundle_file`: a start or
+    /// a reload.
+    Ca,
+}
+
+/// [`prepare`], creating what `create` allows.
+pub(crate) fn prepare_with(config: &Config, create: Create) -> Prepared {
     let mut prepared = Prepared {
         routes: HashMap::new(),
         sources: HashMap::new(),
         cache: None,
         egress: config.egress.as_ref().map(|e| Arc::new(Egress::new(e))),
+        intercepts: HashMap::new(),
         findings: Vec::new(),
     };
     if let Some(egress) = &config.egress {
@@ -144,6 +166,9 @@ pub fn prepare(config: &Config) -> Prepared {
     }
     for listener in &config.listeners {
         prepared.check_routes(config, listener);
+        if let Some(settings) = &listener.intercept {
+            prepared.prepare_intercept(config, listener, settings, create);
+        }
     }
     prepared
 }
@@ -276,6 +301,108 @@ impl Prepared {
         }
     }
 }
+
+impl Prepared {
+    /// Reads (or, with [`Create::Ca`], creates) the CA of an intercepting listener, checks
+    /// that it can name every routed host, and writes the `ca_bundle_file`.
+    fn prepare_intercept(
+        &mut self,
+        config: &Config,
+        listener: &config::Listener,
+        settings: &config::Intercept,
+        create: Create,
+    ) {
+        let subject = format!("listener {} intercept", listener.listen);
+        let hosts: Vec<&str> = routes_in_match_order(config, listener)
+            .iter()
+            .filter_map(|route| route.route.host.as_deref())
+            .collect();
+        let ca = match ca::find(settings) {
+            Err(error) => {
+                self.found(Severity::Fatal, &subject, error.to_string());
+                return;
+            }
+            Ok(Found::Absent(Err(reason))) => {
+                self.found(
+                    Severity::Fatal,
+                    &subject,
+                    format!(
+                        "no CA at {}, and bearerd cannot create one: {reason}",
+                        settings.ca_cert_file.display()
+                    ),
+                );
+                return;
+            }
+            Ok(Found::Absent(Ok(()))) if create == Create::Nothing => return,
+            Ok(Found::Absent(Ok(()))) => match ca::create(settings, hosts.iter().copied()) {
+                Ok(ca) => {
+                    tracing::info!(
+                        cert = %settings.ca_cert_file.display(),
+                        fingerprint = %ca.description.fingerprint,
+                        "created the interception CA, constrained to the routed hosts"
+                    );
+                    ca
+                }
+                Err(error) => {
+                    self.found(Severity::Fatal, &subject, error.to_string());
+                    return;
+                }
+            },
+            Ok(Found::Ca(ca)) => *ca,
+        };
+        let cannot = ca::cannot_name(&ca.description, hosts.iter().copied());
+        if !cannot.is_empty() {
+            self.found(
+                Severity::Fatal,
+                &subject,
+                format!(
+                    "the CA at {} cannot name {} (its name constraints do not permit them); bearerd never re-mints a CA an app may already trust: remove both CA files for a new one, or bring a CA that permits them",
+                    settings.ca_cert_file.display(),
+                    cannot.join(", ")
+                ),
+            );
+        }
+        let soon = std::time::SystemTime::now() + CA_EXPIRY_WARNING;
+        if ca.description.not_after < soon {
+            self.found(
+                Severity::Warning,
+                &subject,
+                format!(
+                    "the CA at {} expires at {}: apps will refuse its leaves after that",
+                    settings.ca_cert_file.display(),
+                    humantime::format_rfc3339_seconds(ca.description.not_after)
+                ),
+            );
+        }
+        if ca.description.constraints.is_none() {
+            self.found(
+                Severity::Warning,
+                &subject,
+                format!(
+                    "the CA at {} has no name constraints: its key can impersonate any host to the apps that trust it",
+                    settings.ca_cert_file.display()
+                ),
+            );
+        }
+        if crate::secret::readable_by_others(&settings.ca_key_file) {
+            self.found(
+                Severity::Warning,
+                &subject,
+                loose_key_file(&settings.ca_key_file),
+            );
+        }
+        if let (Some(bundle), Create::Ca) = (&settings.ca_bundle_file, create) {
+            if let Err(error) = ca::write_bundle(bundle, &ca.cert) {
+                self.found(Severity::Fatal, &subject, error.to_string());
+            }
+        }
+        self.intercepts
+            .insert(settings.ca_cert_file.clone(), Arc::new(ca));
+    }
+}
+
+/// A CA that expires sooner than this is warned about: 30 days.
+const CA_EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 60 * 60);
 
 /// The routes of `listener` in the order a request tries them: the longest path prefix
 /// first, the first in the file among equals (a stable sort keeps file order).

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::metrics::{Metrics, MetricsError};
+use crate::proxy::intercept::metrics::InterceptMetrics;
 use crate::proxy::metrics::{ProxyMetrics, RouteSeries};
 use crate::token::metrics::{TokenMetrics, TokenSeries};
 
@@ -13,6 +14,8 @@ pub struct MetricFamilies {
     pub registry: Arc<Metrics>,
     token: TokenMetrics,
     proxy: ProxyMetrics,
+    /// TLS interception's families, labelled by listener.
+    pub(crate) intercept: InterceptMetrics,
 }
 
 /// One upstream's series in each family.
@@ -30,6 +33,7 @@ impl MetricFamilies {
         Ok(Self {
             token: TokenMetrics::register(&registry)?,
             proxy: ProxyMetrics::register(&registry)?,
+            intercept: InterceptMetrics::register(&registry)?,
             registry: Arc::new(registry),
         })
     }

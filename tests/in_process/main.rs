@@ -16,6 +16,7 @@ mod docs;
 mod grants;
 mod hostile_requests;
 mod http2;
+mod intercept;
 mod limits;
 mod properties;
 mod proxy;

@@ -11,6 +11,7 @@ mod authlib;
 mod django;
 mod grpc;
 mod http2_hostile;
+mod intercept;
 mod oidc;
 mod telemetry;
 mod websocket;
