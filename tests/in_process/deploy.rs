@@ -31,11 +31,28 @@ const PROMETHEUS_OWN: &[&str] = &["up"];
 
 /// Families registered only when a feature is configured, so not in the scrape of a fresh
 /// registry: name, type, and the file that registers it (checked to name it).
-const FEATURE_FAMILIES: &[(&str, &str, &str)] = &[(
-    "bearerd_telemetry_spans_dropped_total",
-    "counter",
-    "src/telemetry.rs",
-)];
+const FEATURE_FAMILIES: &[(&str, &str, &str)] = &[
+    (
+        "bearerd_telemetry_spans_dropped_total",
+        "counter",
+        "src/telemetry.rs",
+    ),
+    (
+        "bearerd_intercept_tunnels_total",
+        "counter",
+        "src/proxy/intercept/metrics.rs",
+    ),
+    (
+        "bearerd_intercept_certificates_issued_total",
+        "counter",
+        "src/proxy/intercept/metrics.rs",
+    ),
+    (
+        "bearerd_intercept_handshake_failures_total",
+        "counter",
+        "src/proxy/intercept/metrics.rs",
+    ),
+];
 
 fn repo_file(relative: &str) -> (PathBuf, String) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
@@ -180,6 +197,10 @@ fn dashboard_shows_what_the_issue_asks_for() {
         "bearerd_token_cache_operations_total",
         "bearerd_connections_refused_total",
         "bearerd_telemetry_spans_dropped_total",
+        "bearerd_upgraded_connections_open",
+        "bearerd_upgraded_bytes_total",
+        "bearerd_intercept_tunnels_total",
+        "bearerd_intercept_handshake_failures_total",
     ] {
         assert!(
             names.contains(needed),
@@ -206,6 +227,7 @@ fn alerts_cover_tokens_liveness_and_errors() {
         "BearerdTokenSourceRestarting",
         "BearerdTokenCacheDown",
         "BearerdListenerFull",
+        "BearerdAuthorisationLost",
     ] {
         assert!(alerts.contains(alert), "alerts.yml has no {alert}");
     }
