@@ -6,76 +6,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::support;
-
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::Duration;
+use crate::{peer, support};
 
 use support::{token_endpoint, token_ok, Sidecar};
 
 const TOKEN: &str = "grpc-token-1";
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/grpc_peer.py");
 
-fn python() -> std::ffi::OsString {
-    std::env::var_os("BEARERD_INTEROP_PYTHON")
-        .expect("BEARERD_INTEROP_PYTHON is not set: run `make interop` (scripts/interop.sh)")
-}
-
-/// The grpcio server, killed by its PID when dropped.
-struct GrpcServer {
-    child: Child,
-    _stdin: ChildStdin,
-    port: u16,
-}
-
-impl GrpcServer {
-    fn start() -> Self {
-        let mut child = Command::new(python())
-            .args([PEER, "server", TOKEN])
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let lines = support::lines_of(child.stdout.take().unwrap());
-        let line = lines
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the gRPC server reports its port");
-        let port = line.strip_prefix("port ").unwrap().parse().unwrap();
-        Self {
-            child,
-            _stdin: stdin,
-            port,
-        }
-    }
-}
-
-impl Drop for GrpcServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs the grpcio client with `args` in a blocking thread and parses its JSON line.
+/// Runs the peer script as a client with `args` and parses its JSON line.
 async fn peer(args: Vec<String>) -> serde_json::Value {
-    tokio::task::spawn_blocking(move || {
-        let output = Command::new(python())
-            .arg(PEER)
-            .args(&args)
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "grpc_peer.py {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).unwrap()
-    })
-    .await
-    .unwrap()
+    peer::run(PEER, args).await
 }
 
 fn target(sidecar: &Sidecar, upstream: &str) -> String {
@@ -101,7 +41,7 @@ client_secret = "s3cret"
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs grpcio: make interop"]
 async fn the_four_kinds_of_call_pass_with_the_token_metadata_and_trailers() {
-    let server = GrpcServer::start();
+    let server = peer::Server::start(PEER, TOKEN);
     let tokens = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
     let config = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n{}",
@@ -128,7 +68,7 @@ async fn the_four_kinds_of_call_pass_with_the_token_metadata_and_trailers() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs grpcio: make interop"]
 async fn a_grpc_client_reads_the_status_of_every_failure() {
-    let server = GrpcServer::start();
+    let server = peer::Server::start(PEER, TOKEN);
     let tokens = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
     let refusing = token_endpoint(|_, _| async {
         support::json(

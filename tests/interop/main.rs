@@ -13,5 +13,6 @@ mod grpc;
 mod http2_hostile;
 mod intercept;
 mod oidc;
+mod peer;
 mod telemetry;
 mod websocket;

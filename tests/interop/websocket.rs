@@ -7,79 +7,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::support;
-
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::Duration;
+use crate::{peer, support};
 
 use support::{token_endpoint, token_ok, Sidecar};
 
 const TOKEN: &str = "ws-token-1";
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/ws_peer.py");
 
-fn python() -> std::ffi::OsString {
-    std::env::var_os("BEARERD_INTEROP_PYTHON")
-        .expect("BEARERD_INTEROP_PYTHON is not set: run `make interop` (scripts/interop.sh)")
-}
-
-/// The `websockets` server, killed by its PID when dropped.
-struct WsServer {
-    child: Child,
-    _stdin: ChildStdin,
-    port: u16,
-}
-
-impl WsServer {
-    fn start() -> Self {
-        let mut child = Command::new(python())
-            .args([PEER, "server", TOKEN])
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let lines = support::lines_of(child.stdout.take().unwrap());
-        let line = lines
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the WebSocket server reports its port");
-        let port = line.strip_prefix("port ").unwrap().parse().unwrap();
-        Self {
-            child,
-            _stdin: stdin,
-            port,
-        }
-    }
-}
-
-impl Drop for WsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs `ws_peer.py` with `args` in a blocking thread and parses its JSON line.
+/// Runs the peer script as a client with `args` and parses its JSON line.
 async fn peer(args: Vec<String>) -> serde_json::Value {
-    tokio::task::spawn_blocking(move || {
-        let output = Command::new(python())
-            .arg(PEER)
-            .args(&args)
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "ws_peer.py {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).unwrap()
-    })
-    .await
-    .unwrap()
+    peer::run(PEER, args).await
 }
 
-async fn sidecar(server: &WsServer, tokens: &support::TokenEndpoint) -> Sidecar {
+async fn sidecar(server: &peer::Server, tokens: &support::TokenEndpoint) -> Sidecar {
     Sidecar::start(&format!(
         r#"
 [admin]
@@ -110,7 +50,7 @@ async fn scrape(sidecar: &Sidecar) -> String {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs websockets: make interop"]
 async fn a_websocket_client_and_server_talk_through_bearerd_with_its_token() {
-    let server = WsServer::start();
+    let server = peer::Server::start(PEER, TOKEN);
     let tokens = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
     let sidecar = sidecar(&server, &tokens).await;
     let addr = sidecar.running().local_addr("ws").unwrap();
@@ -150,7 +90,7 @@ async fn a_websocket_client_and_server_talk_through_bearerd_with_its_token() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs websockets: make interop"]
 async fn a_refused_handshake_comes_back_as_the_server_answered_it() {
-    let server = WsServer::start();
+    let server = peer::Server::start(PEER, TOKEN);
     let tokens = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
     let sidecar = sidecar(&server, &tokens).await;
     let addr = sidecar.running().local_addr("ws").unwrap();
@@ -187,7 +127,7 @@ async fn a_refused_handshake_comes_back_as_the_server_answered_it() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs websockets and h2: make interop"]
 async fn a_websocket_over_http2_reaches_the_websockets_server() {
-    let server = WsServer::start();
+    let server = peer::Server::start(PEER, TOKEN);
     let tokens = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
     let sidecar = sidecar(&server, &tokens).await;
     let addr = sidecar.running().local_addr("ws").unwrap();
