@@ -43,6 +43,7 @@ use tokio::time::Instant;
 use super::body::{AppBody, RequestBody, ResponseBody};
 use super::connection::{Activity, RequestGuard};
 use super::error::ProxyError;
+use super::forward;
 use super::metrics::RouteSeries;
 use super::rewrite::strip_hop_by_hop;
 use super::route::Route;
@@ -255,22 +256,7 @@ async fn send(
     body: RequestBody,
 ) -> Result<Response<Incoming>, ProxyError> {
     let upstream = to.upstream;
-    upstream
-        .credential
-        .authorize(&mut parts.headers, token, &parts.method, || {
-            upstream.target.htu(to.path_and_query)
-        })
-        .map_err(|e| ProxyError::Internal {
-            reason: e.to_string(),
-        })?;
-    if let Some(telemetry) = &upstream.telemetry {
-        telemetry.attempt_started(
-            &mut parts.headers,
-            &parts.method,
-            upstream.target.authority(),
-            || upstream.target.htu(to.path_and_query),
-        );
-    }
+    forward::authorize_attempt(upstream, &mut parts, token, to.path_and_query)?;
     parts.uri = Uri::from(to.path_and_query.clone());
     parts.headers.insert(HOST, upstream.target.host().clone());
     let exchange = async {
