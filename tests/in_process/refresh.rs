@@ -289,21 +289,67 @@ async fn invalid_grant_is_authorisation_lost_and_the_token_is_not_sent_again() {
     sidecar.stop().await;
 }
 
+/// `--fetch-token` spends the refresh token through the store, as the running bearerd does:
+/// the stored one (not the file's), and the rotated one stored before anything is printed;
+/// `--check` spends none. A store that fails after the token was spent fails the command, and
+/// nothing of the tokens is printed.
 #[tokio::test]
-async fn fetch_token_never_spends_a_refresh_token() {
-    let endpoint = rotating(Arc::new(Mutex::new("rt-0".into()))).await;
+async fn fetch_token_spends_the_refresh_token_through_the_store_and_check_spends_none() {
+    let valid = Arc::new(Mutex::new("rt-0".to_owned()));
+    let endpoint = rotating(Arc::clone(&valid)).await;
     let upstream = serve(echo).await;
     let dir = prepared_dir("rt-0");
     let path = dir.path().join("bearerd.toml");
     std::fs::write(&path, config(&endpoint, &upstream)).unwrap();
     let config = bearerd::config::Config::load(&path).unwrap();
-    let error = bearerd::check::fetch_token(&config, "api", false)
-        .await
-        .unwrap_err();
-    assert!(error.contains("does not spend a refresh token"), "{error}");
     let checked = bearerd::check::check(&config).unwrap();
     assert!(checked.contains("not spent by --check"), "{checked}");
     assert_eq!(endpoint.count(), 0);
+
+    let out = bearerd::check::fetch_token(&config, "api", false)
+        .await
+        .unwrap();
+    assert!(out.contains("token request to"), "{out}");
+    assert!(!out.contains("at-0") && !out.contains("rt-"), "{out}");
+    assert_eq!(refresh_entries(dir.path()).len(), 1, "rt-1 stored");
+    // Again: rt-1 from the store, not rt-0 from the file (spent).
+    bearerd::check::fetch_token(&config, "api", false)
+        .await
+        .unwrap();
+    let spent: Vec<String> = endpoint
+        .requests()
+        .iter()
+        .map(|r| r.form["refresh_token"].clone())
+        .collect();
+    assert_eq!(spent, vec!["rt-0", "rt-1"]);
+    assert_eq!(*valid.lock().unwrap(), "rt-2");
+}
+
+#[tokio::test]
+async fn fetch_token_fails_when_the_rotated_refresh_token_cannot_be_stored() {
+    let valid = Arc::new(Mutex::new("rt-0".to_owned()));
+    let answer_first = Arc::new(Notify::new());
+    let endpoint = rotating_held(Arc::clone(&valid), Some(Arc::clone(&answer_first))).await;
+    let upstream = serve(echo).await;
+    let dir = prepared_dir("rt-0");
+    let path = dir.path().join("bearerd.toml");
+    std::fs::write(&path, config(&endpoint, &upstream)).unwrap();
+    let config = bearerd::config::Config::load(&path).unwrap();
+    // The cache directory goes away while the refresh token is at the endpoint: storing the
+    // rotated one fails.
+    let (fetched, ()) = tokio::join!(bearerd::check::fetch_token(&config, "api", true), async {
+        endpoint.wait_for_requests(1).await;
+        std::fs::remove_dir_all(dir.path().join("tokens")).unwrap();
+        answer_first.notify_one();
+    });
+    let error = fetched.unwrap_err();
+    assert!(error.contains("could not be stored"), "{error}");
+    assert!(error.contains("authorise again"), "{error}");
+    assert!(
+        !error.contains("at-0") && !error.contains("rt-1"),
+        "{error}"
+    );
+    assert_eq!(*valid.lock().unwrap(), "rt-1", "spent");
 }
 
 /// Two replicas sharing a Redis: the second spends the refresh token the first stored, never
