@@ -1,7 +1,7 @@
 //! Checking a config by hand: `bearerd --check` validates everything that can be validated
 //! without sending a request and describes what would run; `bearerd --fetch-token UPSTREAM`
-//! performs one token request and describes its outcome. Secrets are read, never printed;
-//! the token only when asked.
+//! performs one token request (a refresh token spent through the cache and its lease) and
+//! describes its outcome. Secrets are read, never printed; the token only when asked.
 
 use std::fmt::Write;
 
@@ -406,7 +406,10 @@ fn size(bytes: usize) -> String {
 }
 
 /// Performs one token request for `upstream` and describes the outcome: token type, scope,
-/// lifetime and where it came from, expiry. The token itself only with `show_token`.
+/// lifetime and where it came from, expiry. The token itself only with `show_token`. A
+/// refresh token is spent as the running bearerd spends it: through the `[cache]`, under its
+/// lease (refused, nothing sent, while another process holds it), the rotated one stored
+/// before this returns.
 pub async fn fetch_token(
     config: &Config,
     upstream: &str,
@@ -419,10 +422,18 @@ pub async fn fetch_token(
             names.join(", ")
         ));
     };
-    if matches!(found.token.grant, crate::config::Grant::RefreshToken(_)) {
-        // A refresh token spent here would be rotated away from the running sidecars' chain.
+    let refreshing = matches!(found.token.grant, crate::config::Grant::RefreshToken(_));
+    if refreshing
+        && found
+            .token
+            .dpop
+            .as_ref()
+            .is_some_and(|dpop| dpop.key_file.is_none())
+    {
+        // The chain's name in the store includes the DPoP key's thumbprint: a key made here
+        // names another chain, and the file's (spent) refresh token would be sent.
         return Err(format!(
-            "upstream {upstream}: grant = \"refresh_token\": --fetch-token does not spend a refresh token outside the running bearerd's cache and fleet lease (the server would rotate it away from the chain); ask the running bearerd (/status) instead"
+            "upstream {upstream}: grant = \"refresh_token\" with a DPoP key made at each start (no dpop_key_file): --fetch-token would not find the running bearerd's refresh token chain, so it spends none"
         ));
     }
     let mut prepared = prepare(config);
@@ -439,6 +450,7 @@ pub async fn fetch_token(
             .collect();
         return Err(why.join("\n"));
     };
+    let thumbprint = setup.dpop.as_ref().map(|key| key.thumbprint().to_owned());
     let fetcher = crate::token::fetch::Fetcher::new(
         found.token.clone(),
         setup.tls,
@@ -447,14 +459,27 @@ pub async fn fetch_token(
         Box::new(|| {}),
     );
     let started = tokio::time::Instant::now();
-    let token = crate::token::fetch::Fetch::fetch(&fetcher)
-        .await
-        .map_err(|e| {
-            format!(
-                "upstream {upstream}: token request to {} failed: {e}",
-                found.token.url
-            )
-        })?;
+    let fetched = if refreshing {
+        // Through the store and under the lease, as the running bearerd spends it: the
+        // rotated refresh token is stored before anything is printed.
+        let Some(cache) = prepared.cache.take() else {
+            let why: Vec<String> = prepared
+                .fatal()
+                .filter(|f| f.subject == "[cache]")
+                .map(ToString::to_string)
+                .collect();
+            return Err(why.join("\n"));
+        };
+        crate::token::cache::fetch_leased(fetcher, cache, &found.token, thumbprint.as_deref()).await
+    } else {
+        crate::token::fetch::Fetch::fetch(&fetcher).await
+    };
+    let token = fetched.map_err(|e| {
+        format!(
+            "upstream {upstream}: token request to {} failed: {e}",
+            found.token.url
+        )
+    })?;
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -11,6 +11,8 @@ use prometheus::core::Collector;
 use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// The registry every family is registered in, with bearerd's own build and process metrics.
+/// A clone is another handle on the same registry (tests read it after a shutdown).
+#[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
 }

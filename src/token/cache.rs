@@ -57,7 +57,13 @@ mod file {
         pub(crate) async fn delete(&self, _: &str) -> Result<bool, CacheError> {
             match *self {}
         }
+        pub(crate) async fn lock(&self, _: &str) -> Result<Option<FileLock>, CacheError> {
+            match *self {}
+        }
     }
+
+    /// No lock either.
+    pub(crate) enum FileLock {}
 }
 mod redis;
 
@@ -435,6 +441,31 @@ impl Store {
     }
 }
 
+/// `bearerd --fetch-token` for `grant = "refresh_token"`: `fetcher` behind the store that
+/// `prepared` makes, one fetch under the lease ([`CachedFetch::fetch_leased`]).
+pub(crate) async fn fetch_leased(
+    fetcher: super::fetch::Fetcher,
+    prepared: Prepared,
+    settings: &TokenSettings,
+    dpop_thumbprint: Option<&str>,
+) -> Result<Token, FetchError> {
+    // The gauge of a process that serves no metrics.
+    let up =
+        IntGauge::new("bearerd_token_cache_up", "unused").map_err(|e| FetchError::Credentials {
+            reason: format!("cannot set up the cache: {e}"),
+        })?;
+    let chain = fetcher.chain();
+    let cached = CachedFetch::new(
+        Arc::new(fetcher),
+        Arc::new(Store::new(prepared, up)),
+        settings,
+        dpop_thumbprint,
+        SharedObservers::default(),
+        Some(chain),
+    );
+    cached.fetch_leased().await
+}
+
 /// A source's fetcher, in front of which the cache stands.
 pub(crate) struct CachedFetch {
     inner: Arc<dyn Fetch>,
@@ -680,6 +711,18 @@ impl CachedFetch {
             return Ok(token);
         }
         let token = match &self.store.backend {
+            // A refresh token is spent under the directory's lock, the lease's counterpart:
+            // `--fetch-token` may be spending it.
+            Backend::File { store, .. } if self.refresh.is_some() => {
+                let lock = self.file_lock(store, false).await?;
+                // What the lock's last holder stored, if it is newer than the token held.
+                let outcome = match self.stored().await {
+                    Some(token) => Ok(token),
+                    None => self.fetch_and_store().await,
+                };
+                drop(lock);
+                outcome?
+            }
             Backend::File { .. } => self.fetch_and_store().await?,
             Backend::Redis(store) => {
                 // The lease outlives a fetch (bounded by the token timeout) a little, and
@@ -725,6 +768,92 @@ impl CachedFetch {
         };
         self.hold(&token);
         Ok(token)
+    }
+
+    /// The file backend's lock on spending the refresh token; refused (nothing is spent)
+    /// while another process holds it. When the lock file cannot be used at all (the
+    /// directory gone, the disk failing) no other process can hold it either: `None`, and the
+    /// running bearerd goes on with the chain it holds, as it does when a store fails; with
+    /// `strict` (`--fetch-token`, which holds no chain) that is refused too.
+    async fn file_lock(
+        &self,
+        store: &file::FileStore,
+        strict: bool,
+    ) -> Result<Option<file::FileLock>, FetchError> {
+        let lock = store.lock(&self.digest).await;
+        self.store.note(&lock);
+        match lock {
+            Ok(Some(lock)) => {
+                self.count("lease", "acquired");
+                Ok(Some(lock))
+            }
+            Ok(None) => {
+                self.count("lease", "busy");
+                Err(FetchError::Credentials {
+                    reason: "another process holds the file cache's lock on the refresh token (bearerd --fetch-token, or a second bearerd on this cache dir): the refresh token is spent under the lock only".into(),
+                })
+            }
+            Err(error) => {
+                self.count("lease", "error");
+                if !strict {
+                    return Ok(None);
+                }
+                Err(FetchError::Credentials {
+                    reason: format!("the file cache's lock on the refresh token cannot be taken ({error}): nothing was spent"),
+                })
+            }
+        }
+    }
+
+    /// One token request under the lease, for `bearerd --fetch-token` with a refresh token
+    /// chain: the lease taken as the running refresher takes it (Redis's fleet lease, the
+    /// file backend's lock) but never waited for: held by another, nothing is spent. The chain
+    /// is loaded from the store first (the stored refresh token wins over the file unless the
+    /// file changed since the chain began), and the rotated refresh token is stored before
+    /// this returns; an error if it could not be.
+    pub(crate) async fn fetch_leased(&self) -> Result<Token, FetchError> {
+        let Some(refreshing) = &self.refresh else {
+            return self.inner.fetch().await;
+        };
+        let fetched = match &self.store.backend {
+            Backend::File { store, .. } => {
+                let lock = self.file_lock(store, true).await?;
+                let fetched = self.fetch_and_store().await;
+                drop(lock);
+                fetched
+            }
+            Backend::Redis(store) => {
+                let lease = store.lease(&self.digest, self.wait + LEASE_MARGIN).await;
+                self.store.note(&lease);
+                match lease {
+                    Ok(redis::Leased::Acquired(lease)) => {
+                        let fetched = self.fetch_and_store().await;
+                        let released = store.release(lease).await;
+                        self.store.note(&released);
+                        fetched
+                    }
+                    Ok(redis::Leased::Busy(holder)) => {
+                        let expires = holder.expires_in().map_or_else(
+                            || "never".to_owned(),
+                            |left| humantime::format_duration(left).to_string(),
+                        );
+                        Err(FetchError::Credentials {
+                            reason: format!("the fleet lease on the refresh token is held by another process (a running bearerd refreshing; it expires in {expires}): nothing was spent, try again"),
+                        })
+                    }
+                    Err(error) => Err(FetchError::Credentials {
+                        reason: format!("the fleet lease on the refresh token cannot be taken ({error}): nothing was spent"),
+                    }),
+                }
+            }
+        };
+        if refreshing.chain.unsaved().is_some() {
+            // Spent, and its successor is in this process's memory only, which ends now.
+            return Err(FetchError::Credentials {
+                reason: "the token endpoint rotated the refresh token, and the new one could not be stored in the cache (see the log): it is lost, and a person must authorise again and write the new refresh token to refresh_token_file".into(),
+            });
+        }
+        fetched
     }
 
     /// Whether a process of this source could have set `holder`'s lease: bearerd's leases

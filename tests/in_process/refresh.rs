@@ -10,22 +10,34 @@ use crate::support;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use base64::Engine;
 use http::StatusCode;
 use serde_json::json;
 use support::config::{string, ConfigBuilder, Table, Token, Upstream};
 use support::{echo, get, json as answer, metric, serve, token_endpoint, Sidecar, TokenEndpoint};
+use tokio::sync::Notify;
 
 /// A token endpoint whose refresh tokens work once: `rt-0` first, each answer giving the
 /// next (`rt-1`, …) with the access token `at-<n>`. A token spent or unknown gets
 /// `invalid_grant`, as RFC 6749 §5.2 says. `valid` is the one it takes now.
 async fn rotating(valid: Arc<Mutex<String>>) -> TokenEndpoint {
+    rotating_held(valid, None).await
+}
+
+/// [`rotating`], its first answer held until `first` is notified: a refresh in flight, its
+/// refresh token received and not yet answered.
+async fn rotating_held(valid: Arc<Mutex<String>>, first: Option<Arc<Notify>>) -> TokenEndpoint {
     let issued = Arc::new(AtomicUsize::new(0));
-    token_endpoint(move |_, request| {
+    token_endpoint(move |n, request| {
         let valid = Arc::clone(&valid);
         let issued = Arc::clone(&issued);
+        let first = first.clone().filter(|_| n == 0);
         async move {
+            if let Some(first) = first {
+                first.notified().await;
+            }
             assert_eq!(request.form["grant_type"], "refresh_token");
             let mut current = valid.lock().unwrap();
             if request.form.get("refresh_token") != Some(&*current) {
@@ -74,6 +86,34 @@ fn config(endpoint: &TokenEndpoint, upstream: &support::Server) -> String {
             Table::new()
                 .set("backend", string("file"))
                 .set("dir", string("tokens"))
+                .set("key_file", string("cache.key")),
+        )
+        .render()
+}
+
+/// A replica's config with the Redis cache; replicas' configs are the same, as in one
+/// Deployment: the same `refresh_token_file` path (the chain's name), each its own key file
+/// (of the same key, [`prepared_dir`]).
+fn redis_config(
+    endpoint: &TokenEndpoint,
+    upstream: &support::Server,
+    redis: &support::redis::Redis,
+    file: &Path,
+) -> String {
+    ConfigBuilder::new()
+        .upstream(
+            Upstream::new("api", &upstream.url("/v1")).token(
+                Token::new(&endpoint.url("/connect/token"), "app")
+                    .secret("s")
+                    .set("grant", string("refresh_token"))
+                    .set("refresh_token_file", string(file.to_str().unwrap())),
+            ),
+        )
+        .table(
+            "cache",
+            Table::new()
+                .set("backend", string("redis"))
+                .set("url", string(&redis.url()))
                 .set("key_file", string("cache.key")),
         )
         .render()
@@ -249,21 +289,67 @@ async fn invalid_grant_is_authorisation_lost_and_the_token_is_not_sent_again() {
     sidecar.stop().await;
 }
 
+/// `--fetch-token` spends the refresh token through the store, as the running bearerd does:
+/// the stored one (not the file's), and the rotated one stored before anything is printed;
+/// `--check` spends none. A store that fails after the token was spent fails the command, and
+/// nothing of the tokens is printed.
 #[tokio::test]
-async fn fetch_token_never_spends_a_refresh_token() {
-    let endpoint = rotating(Arc::new(Mutex::new("rt-0".into()))).await;
+async fn fetch_token_spends_the_refresh_token_through_the_store_and_check_spends_none() {
+    let valid = Arc::new(Mutex::new("rt-0".to_owned()));
+    let endpoint = rotating(Arc::clone(&valid)).await;
     let upstream = serve(echo).await;
     let dir = prepared_dir("rt-0");
     let path = dir.path().join("bearerd.toml");
     std::fs::write(&path, config(&endpoint, &upstream)).unwrap();
     let config = bearerd::config::Config::load(&path).unwrap();
-    let error = bearerd::check::fetch_token(&config, "api", false)
-        .await
-        .unwrap_err();
-    assert!(error.contains("does not spend a refresh token"), "{error}");
     let checked = bearerd::check::check(&config).unwrap();
     assert!(checked.contains("not spent by --check"), "{checked}");
     assert_eq!(endpoint.count(), 0);
+
+    let out = bearerd::check::fetch_token(&config, "api", false)
+        .await
+        .unwrap();
+    assert!(out.contains("token request to"), "{out}");
+    assert!(!out.contains("at-0") && !out.contains("rt-"), "{out}");
+    assert_eq!(refresh_entries(dir.path()).len(), 1, "rt-1 stored");
+    // Again: rt-1 from the store, not rt-0 from the file (spent).
+    bearerd::check::fetch_token(&config, "api", false)
+        .await
+        .unwrap();
+    let spent: Vec<String> = endpoint
+        .requests()
+        .iter()
+        .map(|r| r.form["refresh_token"].clone())
+        .collect();
+    assert_eq!(spent, vec!["rt-0", "rt-1"]);
+    assert_eq!(*valid.lock().unwrap(), "rt-2");
+}
+
+#[tokio::test]
+async fn fetch_token_fails_when_the_rotated_refresh_token_cannot_be_stored() {
+    let valid = Arc::new(Mutex::new("rt-0".to_owned()));
+    let answer_first = Arc::new(Notify::new());
+    let endpoint = rotating_held(Arc::clone(&valid), Some(Arc::clone(&answer_first))).await;
+    let upstream = serve(echo).await;
+    let dir = prepared_dir("rt-0");
+    let path = dir.path().join("bearerd.toml");
+    std::fs::write(&path, config(&endpoint, &upstream)).unwrap();
+    let config = bearerd::config::Config::load(&path).unwrap();
+    // The cache directory goes away while the refresh token is at the endpoint: storing the
+    // rotated one fails.
+    let (fetched, ()) = tokio::join!(bearerd::check::fetch_token(&config, "api", true), async {
+        endpoint.wait_for_requests(1).await;
+        std::fs::remove_dir_all(dir.path().join("tokens")).unwrap();
+        answer_first.notify_one();
+    });
+    let error = fetched.unwrap_err();
+    assert!(error.contains("could not be stored"), "{error}");
+    assert!(error.contains("authorise again"), "{error}");
+    assert!(
+        !error.contains("at-0") && !error.contains("rt-1"),
+        "{error}"
+    );
+    assert_eq!(*valid.lock().unwrap(), "rt-1", "spent");
 }
 
 /// Two replicas sharing a Redis: the second spends the refresh token the first stored, never
@@ -277,25 +363,7 @@ async fn replicas_sharing_redis_spend_the_newest_refresh_token() {
     let shared = tempfile::tempdir().unwrap();
     let file = shared.path().join("refresh_token");
     std::fs::write(&file, "rt-0").unwrap();
-    let text = |upstream: &support::Server| {
-        ConfigBuilder::new()
-            .upstream(
-                Upstream::new("api", &upstream.url("/v1")).token(
-                    Token::new(&endpoint.url("/connect/token"), "app")
-                        .secret("s")
-                        .set("grant", string("refresh_token"))
-                        .set("refresh_token_file", string(file.to_str().unwrap())),
-                ),
-            )
-            .table(
-                "cache",
-                Table::new()
-                    .set("backend", string("redis"))
-                    .set("url", string(&redis.url()))
-                    .set("key_file", string("cache.key")),
-            )
-            .render()
-    };
+    let text = |upstream: &support::Server| redis_config(&endpoint, upstream, &redis, &file);
     let first_upstream = serve(echo).await;
     let first = Sidecar::start_in(prepared_dir("rt-0"), &text(&first_upstream)).await;
     assert_eq!(
@@ -372,4 +440,100 @@ async fn a_failed_store_keeps_the_refresh_token_in_memory_and_readyz_degraded() 
         .collect();
     assert_eq!(spent, vec!["rt-0", "rt-1"]);
     sidecar.stop().await;
+}
+
+/// The fleet lease held by another replica: the first replica's refresh is in flight (its
+/// refresh token received by the endpoint, the answer held), and a second replica that starts
+/// then must not send a refresh token of its own (it waits for what the holder stores); once
+/// the holder's answer comes, the second takes the access token it stored and, when that is
+/// rejected, spends the rotated refresh token the holder stored. Each refresh token the
+/// endpoint saw was spent once, by one request.
+#[tokio::test]
+async fn a_replica_refused_the_fleet_lease_never_spends_the_refresh_token() {
+    let redis = support::redis::Redis::start();
+    let valid = Arc::new(Mutex::new("rt-0".to_owned()));
+    let answer_first = Arc::new(Notify::new());
+    let endpoint = rotating_held(Arc::clone(&valid), Some(Arc::clone(&answer_first))).await;
+    let shared = tempfile::tempdir().unwrap();
+    let file = shared.path().join("refresh_token");
+    std::fs::write(&file, "rt-0").unwrap();
+
+    let first_upstream = serve(echo).await;
+    let first = Sidecar::start_in(
+        prepared_dir("rt-0"),
+        &redis_config(&endpoint, &first_upstream, &redis, &file),
+    )
+    .await;
+    // The first replica's refresher fetches at start, under the lease: rt-0 has arrived.
+    tokio::time::timeout(Duration::from_secs(10), endpoint.wait_for_requests(1))
+        .await
+        .expect("the first replica sent no token request");
+    let leases = redis.keys("bearerd:lease:*");
+    assert_eq!(leases.len(), 1, "the first replica holds the lease");
+
+    // Its upstream rejects the first token it is sent, so that it must fetch again.
+    let (second_upstream, _) = upstream_watching(PathBuf::from("/nonexistent"), true).await;
+    let second = Sidecar::start_in(
+        prepared_dir("rt-0"),
+        &redis_config(&endpoint, &second_upstream, &redis, &file),
+    )
+    .await;
+    // The signal that the second replica asked for the lease and was refused it.
+    let admin = second.running().admin_addr();
+    let busy = r#"bearerd_token_cache_operations_total{backend="redis",op="lease",outcome="busy",upstream="api"}"#;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let scrape =
+            String::from_utf8(get(&format!("http://{admin}/metrics")).await.body.to_vec()).unwrap();
+        if metric(&scrape, busy).unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second replica never found the lease taken:\n{scrape}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        endpoint.count(),
+        1,
+        "the second replica sent a token request while the first held the lease"
+    );
+    assert_eq!(
+        redis.keys("bearerd:lease:*"),
+        leases,
+        "the same lease, still held"
+    );
+
+    // The holder's answer comes: it stores rt-1 and at-0, the second replica takes at-0 from
+    // Redis, and when its upstream rejects that, spends rt-1 under the lease.
+    answer_first.notify_one();
+    assert_eq!(
+        get(&first.url("api", "/x"))
+            .await
+            .echo()
+            .header("authorization"),
+        Some("Bearer at-0")
+    );
+    let seen = get(&second.url("api", "/x")).await.echo();
+    assert_eq!(seen.header("authorization"), Some("Bearer at-1"));
+    let spent: Vec<String> = endpoint
+        .requests()
+        .iter()
+        .map(|r| r.form["refresh_token"].clone())
+        .collect();
+    assert_eq!(spent, vec!["rt-0", "rt-1"], "each refresh token spent once");
+    assert_eq!(*valid.lock().unwrap(), "rt-2");
+    let scrape =
+        String::from_utf8(get(&format!("http://{admin}/metrics")).await.body.to_vec()).unwrap();
+    assert_eq!(
+        metric(
+            &scrape,
+            r#"bearerd_token_cache_operations_total{backend="redis",op="lease",outcome="acquired",upstream="api"}"#
+        ),
+        Some(1.0),
+        "the second replica fetched once, under the lease"
+    );
+    first.stop().await;
+    second.stop().await;
 }

@@ -8,6 +8,7 @@
 use crate::support;
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -17,9 +18,11 @@ use hyper_util::rt::TokioIo;
 use support::{echo, full, serve, token_endpoint, token_ok, Sidecar};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
-/// An upstream that switches every request asking for `websocket` to an echo of its bytes,
-/// after checking that the handshake carries bearerd's token; anything else gets `echo`.
+/// An upstream that switches every request asking for `websocket` to an echo of its bytes
+/// (`bye` alone makes it close the connection instead), after checking that the handshake
+/// carries bearerd's token; anything else gets `echo`.
 async fn switching_upstream() -> support::Server {
     serve(switching).await
 }
@@ -56,6 +59,8 @@ async fn switching_for(
             loop {
                 match io.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
+                    // The upstream closes its side: the socket is dropped.
+                    Ok(n) if &buf[..n] == b"bye" => break,
                     Ok(n) => {
                         if io.write_all(&buf[..n]).await.is_err() {
                             break;
@@ -149,6 +154,36 @@ async fn scrape(sidecar: &Sidecar) -> String {
     String::from_utf8_lossy(&scrape.body).into_owned()
 }
 
+/// `bearerd_upgraded_connections_open` of `api` in `scrape`.
+fn open(scrape: &str) -> Option<f64> {
+    support::metric(
+        scrape,
+        r#"bearerd_upgraded_connections_open{upstream="api"}"#,
+    )
+}
+
+/// Waits until `bearerd_upgraded_connections_open` of `api`, as `render` reads it, is 0.
+/// Called once a side has seen the tunnel end (EOF): bearerd's tunnel task ends a moment after
+/// the last byte it passed on, so the gauge is looked at until then, within a bound.
+async fn wait_until_none_open<F, Fut>(mut render: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scrape = render().await;
+        if open(&scrape) == Some(0.0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tunnel is still counted open:\n{scrape}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn tokens_ws() -> impl std::future::Future<Output = support::TokenEndpoint> {
     token_endpoint(|_, _| async { token_ok("tok-ws", 3600) })
 }
@@ -200,11 +235,39 @@ async fn a_websocket_handshake_gets_the_token_and_bytes_flow_both_ways_counted()
         value(r#"bearerd_requests_total{code="101",upstream="api"}"#),
         Some(1.0)
     );
-    // The app closes; the upstream's echo sees the end and closes too, and so does bearerd.
+    // The app closes; the upstream's echo sees the end and closes too, and so does bearerd:
+    // the app sees the end, and the tunnel is no longer counted open.
     tunnel.shutdown().await.unwrap();
     let mut rest = Vec::new();
     tunnel.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
+    wait_until_none_open(|| self::scrape(&sidecar)).await;
+}
+
+/// The upstream closes first: the app sees the end of the stream, closes its side as a
+/// WebSocket client does once the server has closed (RFC 6455 §7.1.1), and the tunnel is no
+/// longer counted open.
+#[tokio::test]
+async fn when_the_upstream_closes_the_tunnel_ends_and_is_no_longer_counted_open() {
+    let upstream = switching_upstream().await;
+    let tokens = tokens_ws().await;
+    let sidecar = sidecar(&upstream, &tokens, "", "").await;
+    let Handshake::Switched(mut tunnel, _) =
+        handshake(&sidecar.url("api", "/socket"), "websocket").await
+    else {
+        panic!("not switched");
+    };
+    tunnel.write_all(b"hello").await.unwrap();
+    let mut back = [0u8; 5];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(open(&scrape(&sidecar).await), Some(1.0));
+    tunnel.write_all(b"bye").await.unwrap();
+    let mut rest = Vec::new();
+    tunnel.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "the upstream's close reached the app");
+    tunnel.shutdown().await.unwrap();
+    drop(tunnel);
+    wait_until_none_open(|| scrape(&sidecar)).await;
 }
 
 #[tokio::test]
@@ -263,10 +326,12 @@ async fn an_idle_tunnel_is_closed_after_upgraded_idle_timeout() {
     tunnel.write_all(b"x").await.unwrap();
     let mut byte = [0u8; 1];
     tunnel.read_exact(&mut byte).await.unwrap();
-    // Nothing more: bearerd ends the tunnel, which the app sees as the end of its stream.
+    // Nothing more: bearerd ends the tunnel, which the app sees as the end of its stream,
+    // and counts it open no more (the app's side still is).
     let mut rest = Vec::new();
     let _ = tunnel.read_to_end(&mut rest).await;
     assert!(rest.is_empty());
+    wait_until_none_open(|| scrape(&sidecar)).await;
 }
 
 #[tokio::test]
@@ -295,11 +360,14 @@ async fn a_tunnel_holds_its_connection_against_max_connections_and_ends_at_shutd
         "{}",
         String::from_utf8_lossy(&answer)
     );
-    // Shutdown waits out the grace, then closes the tunnel.
+    // Shutdown waits out the grace, then closes the tunnel, which is counted open no more.
+    let metrics = sidecar.running().metrics().clone();
+    assert_eq!(open(&metrics.render().unwrap()), Some(1.0));
     sidecar.stop().await;
     let mut rest = Vec::new();
     let _ = tunnel.read_to_end(&mut rest).await;
     assert!(rest.is_empty());
+    wait_until_none_open(|| std::future::ready(metrics.render().unwrap())).await;
 }
 
 /// An HTTP/2 connection to `addr` whose first request has been answered, so that bearerd's
@@ -415,11 +483,15 @@ async fn a_websocket_over_http2_ends_at_shutdown_after_the_grace() {
     tunnel.write_all(b"x").await.unwrap();
     let mut byte = [0u8; 1];
     tunnel.read_exact(&mut byte).await.unwrap();
-    // The open stream holds the drain until the grace is over; then its connection closes.
+    // The open stream holds the drain until the grace is over; then its connection closes,
+    // and the tunnel is counted open no more.
+    let metrics = sidecar.running().metrics().clone();
+    assert_eq!(open(&metrics.render().unwrap()), Some(1.0));
     sidecar.stop().await;
     let mut rest = Vec::new();
     let _ = tunnel.read_to_end(&mut rest).await;
     assert!(rest.is_empty());
+    wait_until_none_open(|| std::future::ready(metrics.render().unwrap())).await;
 }
 
 #[tokio::test]

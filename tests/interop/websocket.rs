@@ -47,6 +47,28 @@ async fn scrape(sidecar: &Sidecar) -> String {
     String::from_utf8_lossy(&scrape.body).into_owned()
 }
 
+/// Waits until `bearerd_upgraded_connections_open` of `ws` is 0. Called once the client has
+/// exited (its connection closed): bearerd's tunnel task ends a moment after the last byte it
+/// passed on, so the gauge is looked at until then, within a bound.
+async fn wait_until_none_open(sidecar: &Sidecar) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let scrape = scrape(sidecar).await;
+        let open = support::metric(
+            &scrape,
+            r#"bearerd_upgraded_connections_open{upstream="ws"}"#,
+        );
+        if open == Some(0.0) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tunnel is still counted open:\n{scrape}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs websockets: make interop"]
 async fn a_websocket_client_and_server_talk_through_bearerd_with_its_token() {
@@ -84,6 +106,28 @@ async fn a_websocket_client_and_server_talk_through_bearerd_with_its_token() {
     assert_eq!(
         value(r#"bearerd_requests_total{code="101",upstream="ws"}"#),
         Some(1.0)
+    );
+    // The client closed (the closing handshake, then TCP) and exited: no tunnel is open.
+    wait_until_none_open(&sidecar).await;
+
+    // The server closes first ("bye"): the client sees the close, and no tunnel is open.
+    let got = peer(vec![
+        "client".into(),
+        format!("ws://{addr}/chat"),
+        "again".into(),
+        "bye".into(),
+    ])
+    .await;
+    assert_eq!(got["replies"], serde_json::json!(["echo:again"]));
+    assert_eq!(got["closed_by_server"], 1000);
+    wait_until_none_open(&sidecar).await;
+    let scrape = self::scrape(&sidecar).await;
+    assert_eq!(
+        support::metric(
+            &scrape,
+            r#"bearerd_upgraded_connections_total{upstream="ws"}"#
+        ),
+        Some(2.0)
     );
 }
 

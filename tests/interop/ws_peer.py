@@ -8,7 +8,9 @@
                                     answered 403 whatever it carries. Each text message is
                                     answered "echo:<message>"; "bye" closes the connection.
     ws_peer.py client URL MSG...    connects with `websockets` to URL (ws://bearerd/...),
-                                    sends each MSG, and prints {"replies": [...]}, or
+                                    sends each MSG, and prints {"replies": [...]} (with
+                                    "closed_by_server": code when the server closed the
+                                    connection instead of replying), or
                                     {"refused": status, "body": text} when the handshake
                                     is not answered 101.
     ws_peer.py h2client HOST PORT PATH MSG
@@ -63,7 +65,7 @@ def serve(token):
 
 def client(url, messages):
     from websockets.asyncio.client import connect
-    from websockets.exceptions import InvalidStatus
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
 
     async def main():
         try:
@@ -71,7 +73,13 @@ def client(url, messages):
                 replies = []
                 for message in messages:
                     await websocket.send(message)
-                    replies.append(await websocket.recv())
+                    try:
+                        replies.append(await websocket.recv())
+                    except ConnectionClosed as closed:
+                        # The server closed (its "bye"): the closing handshake is done
+                        # when recv raises, and the library closes its TCP side next.
+                        code = closed.rcvd.code if closed.rcvd else None
+                        return {"replies": replies, "closed_by_server": code}
                 return {"replies": replies}
         except InvalidStatus as refused:
             return {

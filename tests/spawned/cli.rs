@@ -13,6 +13,8 @@ use crate::support;
 use std::path::Path;
 use std::pin::Pin;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,7 @@ use http_body_util::BodyExt;
 use support::config::{payments, string, ConfigBuilder, Table, Token, Upstream};
 use support::daemon::{Daemon, BIN, PATIENCE};
 use support::{echo, serve, token_endpoint, token_ok};
+use tokio::sync::Notify;
 
 fn bearerd(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
@@ -883,4 +886,191 @@ async fn a_served_host_on_a_path_no_route_takes_is_not_called_an_unknown_host() 
         !detail.contains("api.example.test") && !detail.contains("/v2"),
         "{detail}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// `--fetch-token` with `grant = "refresh_token"`: through the store and under the lease
+// ---------------------------------------------------------------------------------------------
+
+/// A token endpoint whose refresh tokens work once: `rt-0` first, each answer giving the next
+/// (`rt-1`, …) with the access token `at-<n>`; a token spent or unknown gets `invalid_grant`.
+/// With `first`, its first answer is held until `first` is notified: a refresh in flight.
+async fn rotating_endpoint(first: Option<Arc<Notify>>) -> support::TokenEndpoint {
+    let valid = Arc::new(Mutex::new("rt-0".to_owned()));
+    let issued = Arc::new(AtomicUsize::new(0));
+    token_endpoint(move |n, request| {
+        let (valid, issued) = (Arc::clone(&valid), Arc::clone(&issued));
+        let first = first.clone().filter(|_| n == 0);
+        async move {
+            if let Some(first) = first {
+                first.notified().await;
+            }
+            let mut current = valid.lock().unwrap();
+            if request.form.get("grant_type").map(String::as_str) != Some("refresh_token")
+                || request.form.get("refresh_token") != Some(&*current)
+            {
+                return support::json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "invalid_grant"}),
+                );
+            }
+            let n = issued.fetch_add(1, Ordering::SeqCst);
+            *current = format!("rt-{}", n + 1);
+            support::json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "access_token": format!("at-{n}"),
+                    "token_type": "Bearer",
+                    "expires_in": 1800,
+                    "refresh_token": *current,
+                }),
+            )
+        }
+    })
+    .await
+}
+
+/// The refresh tokens the endpoint was sent, in order.
+fn spent(endpoint: &support::TokenEndpoint) -> Vec<String> {
+    endpoint
+        .requests()
+        .iter()
+        .map(|r| r.form.get("refresh_token").cloned().unwrap_or_default())
+        .collect()
+}
+
+/// A directory with `refresh_token` (`rt-0`), the cache's key, and the config of upstream
+/// `api` with the refresh token grant and `cache`; the config's path.
+fn refresh_setup(
+    endpoint: &support::TokenEndpoint,
+    upstream_url: &str,
+    cache: Table,
+) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("refresh_token"), "rt-0\n").unwrap();
+    let key = dir.path().join("cache.key");
+    std::fs::write(&key, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = ConfigBuilder::new()
+        .upstream(
+            Upstream::new("api", upstream_url).token(
+                Token::new(&endpoint.url("/token"), "app")
+                    .secret("pw")
+                    .set("grant", string("refresh_token"))
+                    .set("refresh_token_file", string("refresh_token")),
+            ),
+        )
+        .table("cache", cache.set("key_file", string("cache.key")))
+        .render();
+    let path = write_config(dir.path(), &config);
+    (dir, path)
+}
+
+/// `bearerd --config PATH --fetch-token api`
+async fn fetch_token(path: &str) -> std::process::Output {
+    bearerd_async(vec![
+        "--config".into(),
+        path.into(),
+        "--fetch-token".into(),
+        "api".into(),
+    ])
+    .await
+}
+
+/// With the file cache: `--fetch-token` spends `rt-0` and stores `rt-1` (sealed: never in
+/// clear on disk) before it prints; bearerd started next takes the access token it stored and,
+/// when the upstream rejects that, spends `rt-1`, not the file's `rt-0`, which was spent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_token_spends_the_refresh_token_through_the_file_cache_and_bearerd_goes_on_from_it() {
+    let endpoint = rotating_endpoint(None).await;
+    let rejected = Arc::new(AtomicUsize::new(0));
+    let upstream = serve(move |request| {
+        let first = rejected.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                support::json(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error": "invalid_token"}),
+                )
+            } else {
+                echo(request).await
+            }
+        }
+    })
+    .await;
+    let cache = Table::new()
+        .set("backend", string("file"))
+        .set("dir", string("tokens"));
+    let (dir, path) = refresh_setup(&endpoint, &upstream.url("/v1"), cache);
+
+    let output = fetch_token(&path).await;
+    let (stdout, stderr) = (
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    );
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("token request to"), "{stdout}");
+    for secret in ["at-0", "rt-0", "rt-1"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{stdout}{stderr}"
+        );
+    }
+    assert_eq!(spent(&endpoint), ["rt-0"]);
+    for entry in std::fs::read_dir(dir.path().join("tokens")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("rt-1"), "sealed");
+    }
+
+    let daemon = tokio::task::block_in_place(|| Daemon::start(&path));
+    let addr = tokio::task::block_in_place(|| daemon.listen_addr("api"));
+    let seen = support::get(&format!("http://{addr}/x")).await.echo();
+    assert_eq!(seen.header("authorization"), Some("Bearer at-1"));
+    assert_eq!(spent(&endpoint), ["rt-0", "rt-1"], "each spent once");
+}
+
+/// With Redis, while a running bearerd holds the fleet lease (its refresh at the endpoint,
+/// the answer held): `--fetch-token` is refused, saying why, and sends nothing. Once the
+/// holder has stored `rt-1` and let the lease go, `--fetch-token` spends `rt-1`, the stored
+/// one, not the file's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_token_is_refused_while_another_holds_the_fleet_lease_and_spends_nothing() {
+    let redis = tokio::task::block_in_place(support::redis::Redis::start);
+    let answer_first = Arc::new(Notify::new());
+    let endpoint = rotating_endpoint(Some(Arc::clone(&answer_first))).await;
+    let upstream = serve(echo).await;
+    let cache = Table::new()
+        .set("backend", string("redis"))
+        .set("url", string(&redis.url()));
+    let (_dir, path) = refresh_setup(&endpoint, &upstream.url("/v1"), cache);
+    let daemon = tokio::task::block_in_place(|| Daemon::start(&path));
+    tokio::time::timeout(PATIENCE, endpoint.wait_for_requests(1))
+        .await
+        .expect("the running bearerd sent no token request");
+    let leases = tokio::task::block_in_place(|| redis.keys("bearerd:lease:*"));
+    assert_eq!(leases.len(), 1, "the running bearerd holds the lease");
+
+    let output = fetch_token(&path).await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("the fleet lease on the refresh token is held by another process")
+            && stderr.contains("nothing was spent"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "nothing printed");
+    assert_eq!(spent(&endpoint), ["rt-0"], "only the holder's");
+
+    answer_first.notify_one();
+    let addr = tokio::task::block_in_place(|| daemon.listen_addr("api"));
+    // The app's request is answered once the holder has stored rt-1 and released the lease.
+    let seen = support::get(&format!("http://{addr}/x")).await.echo();
+    assert_eq!(seen.header("authorization"), Some("Bearer at-0"));
+    let output = fetch_token(&path).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(spent(&endpoint), ["rt-0", "rt-1"], "each spent once");
 }

@@ -173,6 +173,61 @@ impl FileStore {
     }
 }
 
+/// The lock on spending a source's refresh token (`grant = "refresh_token"`), the file
+/// backend's counterpart of Redis's fleet lease: an exclusive `flock` on `<digest>.lock`,
+/// held while this value lives. The kernel lets it go with the process, so a crash leaves no
+/// lock behind; it keeps a running bearerd and `bearerd --fetch-token` (or a second process
+/// wrongly given the same directory) from spending one refresh token twice.
+pub(crate) struct FileLock {
+    /// Closing it releases the lock.
+    _file: OwnedFd,
+}
+
+impl FileStore {
+    /// Takes the lock of `digest` without waiting; `None` when another process holds it.
+    pub(crate) async fn lock(&self, digest: &str) -> Result<Option<FileLock>, CacheError> {
+        let name = format!("{digest}.lock");
+        let shown = self.shown(&name);
+        let (handle, owner) = (Arc::clone(&self.handle), self.owner);
+        blocking(move || take_lock(&handle, &name, owner))
+            .await
+            .map_err(|e| e.at(&shown))
+    }
+}
+
+/// Opens (or creates, mode 0600) the lock file as an entry is opened, never following a link
+/// nor blocking on a FIFO, checks that it is a regular file of bearerd's user, and locks it.
+fn take_lock(dir: &OwnedFd, name: &str, owner: u32) -> Result<Option<FileLock>, ReadError> {
+    let flags = OFlags::RDWR
+        | OFlags::CREATE
+        | OFlags::NOFOLLOW
+        | OFlags::NONBLOCK
+        | OFlags::NOCTTY
+        | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(0o600)) {
+        Ok(fd) => fd,
+        Err(e @ (Errno::LOOP | Errno::NXIO | Errno::ACCESS | Errno::PERM | Errno::ISDIR)) => {
+            return Err(ReadError::Unreadable(format!(
+                "cannot be opened as a lock file: {e}"
+            )))
+        }
+        Err(e) => return Err(ReadError::Store(e.to_string())),
+    };
+    let stat = rustix::fs::fstat(&fd).map_err(|e| ReadError::Store(e.to_string()))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile
+        || stat.st_uid != owner
+    {
+        return Err(ReadError::Unreadable(format!(
+            "is not a regular file of bearerd's user (uid {owner})"
+        )));
+    }
+    match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(FileLock { _file: fd })),
+        Err(Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(ReadError::Store(e.to_string())),
+    }
+}
+
 /// A failure to read an entry, before its path is known to the message.
 enum ReadError {
     Store(String),

@@ -489,3 +489,79 @@ fn the_file_backend_takes_a_key_file() {
     };
     assert!(error.to_string().contains("cache.url"), "{error}");
 }
+
+/// The file backend's lock on spending a refresh token: one holder at a time, across
+/// processes (two handles on the directory stand for two), let go when dropped; a link or a
+/// FIFO planted at its name is refused, not followed or waited on.
+#[tokio::test]
+async fn the_refresh_lock_has_one_holder_and_refuses_what_is_planted() {
+    let (_outer, dir) = cache_dir();
+    let open = || file::FileStore::open(&dir).unwrap().0;
+    let (first, second) = (open(), open());
+    let held = first.lock("source").await.unwrap().expect("free");
+    assert!(second.lock("source").await.unwrap().is_none(), "held");
+    assert!(
+        second.lock("other").await.unwrap().is_some(),
+        "another source's lock is another"
+    );
+    drop(held);
+    assert!(second.lock("source").await.unwrap().is_some(), "let go");
+    let lock_file = dir.join("source.lock");
+    assert_eq!(
+        std::fs::metadata(&lock_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let target = dir.join("elsewhere");
+    symlink(&target, dir.join("linked.lock")).unwrap();
+    let refused = first.lock("linked").await.err().expect("a link is refused");
+    assert!(matches!(refused, CacheError::Unreadable(_)), "{refused}");
+    assert!(!target.exists(), "the link was not followed");
+
+    let fifo = dir.join("fifo.lock");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let refused = first.lock("fifo").await.err().expect("a FIFO is refused");
+    assert!(
+        refused.to_string().contains("not a regular file"),
+        "{refused}"
+    );
+}
+
+/// A running source of a refresh token chain on the file backend spends nothing while
+/// another process (`--fetch-token`) holds the lock, and fetches once it is let go.
+#[tokio::test]
+async fn a_refresh_token_is_not_spent_while_another_process_holds_the_lock() {
+    let (outer, dir) = cache_dir();
+    let file = outer.path().join("refresh_token");
+    std::fs::write(&file, "rt-0").unwrap();
+    let settings = TokenSettings {
+        grant: config::Grant::RefreshToken(config::RefreshToken { file }),
+        ..settings()
+    };
+    let inner = Counting::bearer();
+    let fetch = CachedFetch::new(
+        Arc::clone(&inner) as Arc<dyn Fetch>,
+        store(&file_settings(&dir, None)),
+        &settings,
+        None,
+        SharedObservers::default(),
+        Some(Arc::new(RefreshChain::default())),
+    );
+    let other = file::FileStore::open(&dir).unwrap().0;
+    let held = other.lock(&fetch.digest).await.unwrap().unwrap();
+    let Err(refused) = fetch.fetch().await else {
+        panic!("fetched while another process held the lock");
+    };
+    assert!(
+        refused.to_string().contains("another process holds"),
+        "{refused}"
+    );
+    assert_eq!(inner.count(), 0, "nothing spent");
+    drop(held);
+    assert_eq!(fetch.fetch().await.unwrap().authorization(), "Bearer t1");
+    assert_eq!(inner.count(), 1);
+}
