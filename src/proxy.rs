@@ -33,7 +33,6 @@ use http::{Method, Request};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::sync::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -182,20 +181,19 @@ impl Opened {
             return;
         };
         let io = TokioIo::new(upgraded);
-        let Some(intercept) = listener.borrow().intercept.clone() else {
-            return;
-        };
-        let target = match pending.decision {
-            intercept::Decision::Intercept(target) => target,
-            intercept::Decision::Passthrough(target) => {
+        let target = match pending.opening {
+            intercept::Opening::Intercept(target) => target,
+            intercept::Opening::Passthrough(upstream) => {
                 // Closed with the listener's other connections once the grace is over.
                 tokio::select! {
-                    () = intercept::tunnel::passthrough(io, &target, &intercept) => {}
+                    () = intercept::tunnel::passthrough(io, upstream) => {}
                     () = serving.force_close.cancelled() => {}
                 }
                 return;
             }
-            intercept::Decision::Refuse(_) => return,
+        };
+        let Some(intercept) = listener.borrow().intercept.clone() else {
+            return;
         };
         let Ok(tls) = intercept::tunnel::handshake(io, &target, &intercept).await else {
             return;
@@ -249,7 +247,7 @@ impl App {
         // Where an accepted CONNECT leaves its upgrade: only on a listener that intercepts,
         // outside a tunnel (made once per connection, not per request).
         let connects = (tunnel.is_none() && listener.borrow().intercept.is_some())
-            .then(|| (Arc::new(Mutex::new(None)), listener.clone()));
+            .then(|| (intercept::PendingSlot::default(), listener.clone()));
         let pending = connects.as_ref().map(|(pending, _)| Arc::clone(pending));
         let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
         let requests = Arc::clone(&activity);
@@ -261,12 +259,16 @@ impl App {
             let guard = requests.request_started();
             let slot = Arc::clone(&held);
             // A tunnel's request that names another host, or a CONNECT, is answered here.
-            // Boxed: the usual request's future carries a pointer's worth more, not a
-            // response's (hyper moves the future whole).
+            // Boxed: the usual request's future carries a pointer's worth more, not an
+            // answer's (hyper moves the future whole).
             let early = match (&tunnel, &pending) {
                 (Some(target), _) => intercept::tunnel::to_target(&mut request, target)
                     .err()
-                    .map(|error| Box::new(forward::unrouted(&listener, &request, error))),
+                    .map(|error| {
+                        Box::new(intercept::Answer::Now(forward::unrouted(
+                            &listener, &request, error,
+                        )))
+                    }),
                 (None, Some(pending)) if request.method() == Method::CONNECT => {
                     listener.intercept.as_ref().map(|intercept| {
                         Box::new(intercept::connect(
@@ -284,7 +286,7 @@ impl App {
             // (callgrind: +180 instructions per request).
             async move {
                 let response = match early {
-                    Some(answered) => *answered,
+                    Some(answer) => answer.response().await,
                     None => match forward::route(&listener, &request) {
                         Ok(route) => {
                             let on = forward::Connection {
