@@ -68,7 +68,7 @@ impl Intercept {
         egress: Option<&Arc<Egress>>,
     ) -> Self {
         Self {
-            leaves: Leaves::new(ca),
+            leaves: Leaves::new(ca, metrics.certificates()),
             passthrough: settings.passthrough.clone(),
             dialer: crate::tls::tcp(PASSTHROUGH_CONNECT_TIMEOUT, egress),
             handshake_timeout: settings.handshake_timeout,

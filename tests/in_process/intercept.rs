@@ -184,6 +184,49 @@ async fn a_routed_host_is_intercepted_and_its_requests_carry_the_token_over_http
     sidecar.stop().await;
 }
 
+/// Handshakes for a host with no leaf yet, all at once: one leaf is minted (on the blocking
+/// pool), the others wait for it, and every one of them gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_tunnels_to_a_new_host_mint_one_leaf() {
+    const TUNNELS: usize = 12;
+    let (sidecar, addr, _upstream) = sidecar().await;
+    let ca = sidecar.file("ca.pem");
+    // Every tunnel open first, so that the handshakes start together.
+    let mut streams = Vec::new();
+    for _ in 0..TUNNELS {
+        let (stream, status, _) = connect(addr, &format!("{HOST}:443")).await;
+        assert_eq!(status, 200);
+        streams.push(stream);
+    }
+    let handshakes = streams.into_iter().map(|stream| {
+        let ca = ca.clone();
+        tokio::spawn(async move {
+            let tls = tls(stream, &ca, HOST, &[b"http/1.1"]).await.unwrap();
+            let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+            let (status, _) = get_http1(tls, HOST, "/v1").await;
+            assert_eq!(status, StatusCode::OK);
+            leaf
+        })
+    });
+    let mut leaves = Vec::new();
+    for handshake in handshakes.collect::<Vec<_>>() {
+        leaves.push(handshake.await.unwrap());
+    }
+    assert!(
+        leaves.iter().all(|leaf| *leaf == leaves[0]),
+        "one leaf for all"
+    );
+    let scrape = sidecar.running().metrics().render().unwrap();
+    assert_eq!(
+        metric(
+            &scrape,
+            "bearerd_intercept_certificates_issued_total{listener=\"payments\"}"
+        ),
+        Some(1.0)
+    );
+    sidecar.stop().await;
+}
+
 #[tokio::test]
 async fn http2_is_chosen_by_alpn_inside_the_tunnel() {
     let (sidecar, addr, _upstream) = sidecar().await;

@@ -58,13 +58,16 @@ where
             return Err(failed(Handshake::SniMismatch));
         }
     }
-    let (config, minted) = intercept.leaves.server_config(name).map_err(|error| {
-        tracing::warn!(host = %target.host, %error, "cannot mint a leaf certificate");
-        failed(Handshake::Certificate)
-    })?;
-    if minted {
-        intercept.metrics.certificate_issued();
-    }
+    // Minted on the blocking pool (or awaited from a mint under way) within the deadline.
+    let config = match tokio::time::timeout_at(deadline, intercept.leaves.server_config(name)).await
+    {
+        Err(_) => return Err(failed(Handshake::Timeout)),
+        Ok(Err(error)) => {
+            tracing::warn!(host = %target.host, %error, "cannot mint a leaf certificate");
+            return Err(failed(Handshake::Certificate));
+        }
+        Ok(Ok(config)) => config,
+    };
     match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
         Err(_) => Err(failed(Handshake::Timeout)),
         Ok(Err(error)) => Err(failed(io_reason(&error))),
