@@ -425,9 +425,8 @@ impl Opener {
             return stream::serve(listener, request, guard, None).await;
         };
         let pending = intercept::PendingSlot::default();
-        let mut response = intercept::connect(listener, intercept, &mut request, &pending)
-            .response()
-            .await;
+        let answer = intercept::connect(listener, intercept, &mut request, &pending);
+        let mut response = Box::new(answer).response().await;
         let accepted = pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

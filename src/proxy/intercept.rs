@@ -208,9 +208,10 @@ pub(crate) enum Answer {
 }
 
 impl Answer {
-    /// The response.
-    pub(crate) async fn response(self) -> Response<ResponseBody> {
-        match self {
+    /// The response. The answer stays in its box until it is ready: the request's future
+    /// holds a pointer, not a response, while it waits.
+    pub(crate) async fn response(self: Box<Self>) -> Response<ResponseBody> {
+        match *self {
             Self::Now(response) => response,
             Self::Dialling(dialling) => dialling.await,
         }

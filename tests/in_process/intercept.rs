@@ -696,21 +696,31 @@ async fn openssl_reads_the_chain_the_san_and_the_name_constraints() {
     sidecar.stop().await;
 }
 
-/// A `passthrough` target is tunnelled blind: bytes both ways, no TLS from bearerd, no token.
+/// A `passthrough` target is tunnelled blind: bytes both ways, no TLS from bearerd, no token,
+/// over HTTP/1.1 and over an HTTP/2 CONNECT stream alike. One that cannot be reached gets 502
+/// and no tunnel.
 #[tokio::test]
 async fn a_passthrough_target_is_tunnelled_blind() {
     // A TCP peer that answers what it reads, upper-cased: proof the bytes went both ways.
     let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let peer_addr = peer.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut stream, _) = peer.accept().await.unwrap();
-        let mut buffer = [0u8; 5];
-        stream.read_exact(&mut buffer).await.unwrap();
-        stream
-            .write_all(&buffer.to_ascii_uppercase())
-            .await
-            .unwrap();
+        while let Ok((mut stream, _)) = peer.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 5];
+                stream.read_exact(&mut buffer).await.unwrap();
+                stream
+                    .write_all(&buffer.to_ascii_uppercase())
+                    .await
+                    .unwrap();
+            });
+        }
     });
+    // A port nothing listens on: bound, then closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let upstream = serve(echo).await;
     let endpoint = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
     let config = ConfigBuilder::new()
@@ -721,7 +731,7 @@ async fn a_passthrough_target_is_tunnelled_blind() {
                     Table::new()
                         .set("ca_cert_file", "\"ca.pem\"")
                         .set("ca_key_file", "\"ca.key\"")
-                        .set("passthrough", format!("[\"{peer_addr}\"]")),
+                        .set("passthrough", format!("[\"{peer_addr}\", \"{closed}\"]")),
                 )
                 .route(
                     Route::named("payments")
@@ -742,11 +752,48 @@ async fn a_passthrough_target_is_tunnelled_blind() {
     assert_eq!(&answer, b"HELLO");
     // The app closes its side: the tunnel ends (a blind tunnel outlives a drain otherwise).
     drop(stream);
+
+    // The same over an HTTP/2 CONNECT stream.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(connect_stream(&peer_addr.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+    tunnel.write_all(b"h2 ok").await.unwrap();
+    tunnel.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"H2 OK");
+    drop(tunnel);
+
+    let (_, status, body) = connect(addr, &closed.to_string()).await;
+    assert_eq!(status, 502, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"], "passthrough_unreachable");
+    assert!(
+        json["detail"].as_str().unwrap().starts_with(&format!(
+            "cannot open a tunnel to the passthrough target {closed}"
+        )),
+        "{json}"
+    );
+
     let scrape = sidecar.running().metrics().render().unwrap();
     assert_eq!(
         metric(
             &scrape,
             "bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"passthrough\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &scrape,
+            "bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"passthrough_unreachable\"}"
         ),
         Some(1.0)
     );
