@@ -14,6 +14,9 @@
 #                         listener with their proxy settings
 #   chromium              (Debian's chromium package) for tests/spawned/status_page.rs, which loads
 #                         the status page in it, headless (about 90 MB to download, a minute)
+#   java, javac, keytool  (Debian's default-jdk-headless: OpenJDK 17 on bookworm) for
+#                         tests/interop/intercept.rs, whose Java app runs as a single-file source
+#                         program (which needs the JDK's compiler, not a JRE alone)
 set -euo pipefail
 
 missing=()
@@ -34,6 +37,9 @@ if ! command -v tinyproxy >/dev/null && [ ! -x /usr/bin/tinyproxy ] && [ ! -x /u
 fi
 if ! command -v chromium >/dev/null; then
   missing+=(chromium)
+fi
+if ! command -v javac >/dev/null || ! command -v java >/dev/null || ! command -v keytool >/dev/null; then
+  missing+=(default-jdk-headless)
 fi
 for tool in curl wget python3; do
   command -v "$tool" >/dev/null || missing+=("$tool")

@@ -3,7 +3,9 @@
 # tests/interop/oidc.rs, bearerd against node's oidc-provider (every client authentication
 # method, DPoP, mutual TLS), and tests/interop/telemetry.rs, bearerd's traces decoded by an
 # OTLP/HTTP receiver built on the opentelemetry-proto package, and tests/interop/websocket.rs,
-# a Python websockets client and server with bearerd between them.
+# a Python websockets client and server with bearerd between them, and tests/interop/intercept.rs,
+# Python requests, Node undici and a Java 11+ app (its JDK's java, BEARERD_INTEROP_JAVA) through
+# TLS interception.
 #
 # Makes the Python virtualenv target/interop-venv from tests/interop/requirements.txt when it
 # is missing or the requirements changed (a stamp in the virtualenv keeps their hash), and
@@ -95,9 +97,24 @@ fi
 say "checking the oidc-provider server: $NODE $oidc/selfcheck.mjs"
 (cd "$oidc" && timeout 300 "$NODE" selfcheck.mjs)
 
+# A JDK (java runs the app from source, which takes its compiler; keytool makes the
+# truststore): Debian's default-jdk-headless when there is none.
+JAVA="${JAVA:-java}"
+if ! command -v "$JAVA" >/dev/null; then
+  [ "$JAVA" = java ] || { say "$JAVA is missing" >&2; exit 1; }
+  apt_install default-jdk-headless
+elif ! command -v javac >/dev/null || ! command -v keytool >/dev/null; then
+  apt_install default-jdk-headless
+fi
+java_version="$("$JAVA" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')"
+[ "${java_version%%.*}" -ge 11 ] 2>/dev/null \
+  || { say "$JAVA is Java ${java_version:-unknown}; the interception test needs 11 or later" >&2; exit 1; }
+java_path="$(command -v "$JAVA")"
+
 node_path="$(command -v "$NODE")"
-say "running: BEARERD_INTEROP_PYTHON=$venv/bin/python BEARERD_INTEROP_NODE=$node_path BEARERD_INTEROP_OIDC_SERVER=$oidc/server.mjs $CARGO test --locked --test interop -- --ignored --test-threads=1"
+say "running: BEARERD_INTEROP_PYTHON=$venv/bin/python BEARERD_INTEROP_NODE=$node_path BEARERD_INTEROP_JAVA=$java_path BEARERD_INTEROP_OIDC_SERVER=$oidc/server.mjs $CARGO test --locked --test interop -- --ignored --test-threads=1"
 BEARERD_INTEROP_PYTHON="$PWD/$venv/bin/python" \
   BEARERD_INTEROP_NODE="$node_path" \
+  BEARERD_INTEROP_JAVA="$java_path" \
   BEARERD_INTEROP_OIDC_SERVER="$PWD/$oidc/server.mjs" \
   "$CARGO" test --locked --test interop -- --ignored --test-threads=1

@@ -1,5 +1,5 @@
-//! `[egress]`: bearerd's own calls (token endpoints, upstreams, the trace exporter) through
-//! an HTTP proxy.
+//! `[egress]`: bearerd's own calls (token endpoints, upstreams, the trace exporter) and the
+//! `passthrough` tunnels of an intercepting listener, through an HTTP proxy.
 //!
 //! [`Dialer`] is the TCP layer under hyper-rustls's connector. Without `[egress]` it is
 //! hyper-util's `HttpConnector` and nothing else: the choice is made when the connector is

@@ -26,6 +26,8 @@ mod route;
 mod stream;
 mod upgrade;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +35,6 @@ use http::{Method, Request};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::sync::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -171,57 +172,62 @@ struct Opened {
 impl Opened {
     /// Serves the tunnel: TLS and the requests inside, or bytes copied blind to a
     /// passthrough target. A new connection inside, with a watchdog of its own.
-    async fn serve(self) {
-        let Opened {
-            pending,
-            listener,
-            name,
-            serving,
-        } = self;
-        let Ok(upgraded) = pending.upgrade.await else {
-            return;
-        };
-        let io = TokioIo::new(upgraded);
-        let Some(intercept) = listener.borrow().intercept.clone() else {
-            return;
-        };
-        let target = match pending.decision {
-            intercept::Decision::Intercept(target) => target,
-            intercept::Decision::Passthrough(target) => {
-                // Closed with the listener's other connections once the grace is over.
-                tokio::select! {
-                    () = intercept::tunnel::passthrough(io, &target, &intercept) => {}
-                    () = serving.force_close.cancelled() => {}
-                }
+    ///
+    /// Boxed as `Send`: the connection inside may be HTTP/2, whose CONNECT streams spawn
+    /// tunnels in turn (refused at run time inside a tunnel, but the futures' types form a
+    /// cycle), and the compiler cannot prove `Send` through that cycle of opaque types.
+    fn serve(self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            let Opened {
+                pending,
+                listener,
+                name,
+                serving,
+            } = self;
+            let Ok(upgraded) = pending.upgrade.await else {
                 return;
+            };
+            let io = TokioIo::new(upgraded);
+            let target = match pending.opening {
+                intercept::Opening::Intercept(target) => target,
+                intercept::Opening::Passthrough(upstream) => {
+                    // Closed with the listener's other connections once the grace is over.
+                    tokio::select! {
+                        () = intercept::tunnel::passthrough(io, upstream) => {}
+                        () = serving.force_close.cancelled() => {}
+                    }
+                    return;
+                }
+            };
+            let Some(intercept) = listener.borrow().intercept.clone() else {
+                return;
+            };
+            let Ok(tls) = intercept::tunnel::handshake(io, &target, &intercept).await else {
+                return;
+            };
+            let h2 = intercept::tunnel::chose_h2(&tls);
+            let activity = Activity::new(&serving.limits);
+            tokio::spawn(connection::watchdog(
+                Arc::clone(&activity),
+                serving.limits,
+                serving.shutdown.clone(),
+                serving.force_close.clone(),
+                Arc::clone(&name),
+            ));
+            let app = App {
+                listener,
+                activity,
+                name,
+                serving,
+            };
+            let target = Some(Arc::new(target));
+            if h2 {
+                app.serve_http2(tls, target).await;
+            } else {
+                // Inside a tunnel, a CONNECT is refused: no tunnel is handed back.
+                let _ = app.serve_http1(tls, target).await;
             }
-            intercept::Decision::Refuse(_) => return,
-        };
-        let Ok(tls) = intercept::tunnel::handshake(io, &target, &intercept).await else {
-            return;
-        };
-        let h2 = intercept::tunnel::chose_h2(&tls);
-        let activity = Activity::new(&serving.limits);
-        tokio::spawn(connection::watchdog(
-            Arc::clone(&activity),
-            serving.limits,
-            serving.shutdown.clone(),
-            serving.force_close.clone(),
-            Arc::clone(&name),
-        ));
-        let app = App {
-            listener,
-            activity,
-            name,
-            serving,
-        };
-        let target = Some(Arc::new(target));
-        if h2 {
-            app.serve_http2(tls, target).await;
-        } else {
-            // Inside a tunnel, a CONNECT is refused: no tunnel is handed back.
-            let _ = app.serve_http1(tls, target).await;
-        }
+        })
     }
 }
 
@@ -249,7 +255,7 @@ impl App {
         // Where an accepted CONNECT leaves its upgrade: only on a listener that intercepts,
         // outside a tunnel (made once per connection, not per request).
         let connects = (tunnel.is_none() && listener.borrow().intercept.is_some())
-            .then(|| (Arc::new(Mutex::new(None)), listener.clone()));
+            .then(|| (intercept::PendingSlot::default(), listener.clone()));
         let pending = connects.as_ref().map(|(pending, _)| Arc::clone(pending));
         let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
         let requests = Arc::clone(&activity);
@@ -261,12 +267,16 @@ impl App {
             let guard = requests.request_started();
             let slot = Arc::clone(&held);
             // A tunnel's request that names another host, or a CONNECT, is answered here.
-            // Boxed: the usual request's future carries a pointer's worth more, not a
-            // response's (hyper moves the future whole).
+            // Boxed: the usual request's future carries a pointer's worth more, not an
+            // answer's (hyper moves the future whole).
             let early = match (&tunnel, &pending) {
                 (Some(target), _) => intercept::tunnel::to_target(&mut request, target)
                     .err()
-                    .map(|error| Box::new(forward::unrouted(&listener, &request, error))),
+                    .map(|error| {
+                        Box::new(intercept::Answer::Now(forward::unrouted(
+                            &listener, &request, error,
+                        )))
+                    }),
                 (None, Some(pending)) if request.method() == Method::CONNECT => {
                     listener.intercept.as_ref().map(|intercept| {
                         Box::new(intercept::connect(
@@ -284,7 +294,7 @@ impl App {
             // (callgrind: +180 instructions per request).
             async move {
                 let response = match early {
-                    Some(answered) => *answered,
+                    Some(answer) => answer.response().await,
                     None => match forward::route(&listener, &request) {
                         Ok(route) => {
                             let on = forward::Connection {
@@ -352,12 +362,32 @@ impl App {
             serving,
         } = self;
         let requests = Arc::clone(&activity);
-        let service = service_fn(move |request| {
+        // What a CONNECT stream needs to open a tunnel: only on a listener that intercepts,
+        // outside a tunnel (made once per connection, not per request).
+        let opener = (tunnel.is_none() && listener.borrow().intercept.is_some()).then(|| {
+            Arc::new(Opener {
+                listener: listener.clone(),
+                name: Arc::clone(&name),
+                serving: Arc::clone(&serving),
+            })
+        });
+        let service = service_fn(move |request: Request<Incoming>| {
             let listener = Arc::clone(&listener.borrow());
             let guard = requests.request_started();
             let tunnel = tunnel.clone();
+            // A CONNECT stream (RFC 9113 §8.5), not an extended CONNECT (RFC 8441, with
+            // `:protocol`: a WebSocket, which `stream` serves).
+            let connect = opener.as_ref().filter(|_| {
+                request.method() == Method::CONNECT
+                    && request.extensions().get::<hyper::ext::Protocol>().is_none()
+            });
+            let connect = connect.map(Arc::clone);
             async move {
-                let response = stream::serve(&listener, request, &guard, tunnel.as_deref()).await;
+                let response = match connect {
+                    // Boxed: CONNECTs are few, and the usual stream's future stays as it was.
+                    Some(opener) => Box::pin(opener.connect(&listener, request, &guard)).await,
+                    None => stream::serve(&listener, request, &guard, tunnel.as_deref()).await,
+                };
                 Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, guard)))
             }
         });
@@ -368,6 +398,56 @@ impl App {
         if let Some(Err(error)) = connection::serve(connection.as_mut(), &activity).await {
             tracing::debug!(upstream = %name, %error, "HTTP/2 app connection ended with an error");
         }
+    }
+}
+
+/// What an HTTP/2 connection to a listener that intercepts keeps to serve the tunnels its
+/// CONNECT streams open.
+struct Opener {
+    listener: watch::Receiver<Arc<Listener>>,
+    name: Arc<str>,
+    serving: Arc<Serving>,
+}
+
+impl Opener {
+    /// Answers a CONNECT stream as an HTTP/1.1 CONNECT is answered (the same decision, 403 or
+    /// 502 as JSON); an accepted one's tunnel runs in a task of its own on the stream's IO,
+    /// holding a request guard of its own (it outlives the stream's response), so that the
+    /// connection does not count as idle while it runs.
+    async fn connect(
+        &self,
+        listener: &Arc<Listener>,
+        mut request: Request<Incoming>,
+        guard: &connection::RequestGuard,
+    ) -> http::Response<stream::Released> {
+        // A reload took the interception away: refused as on any listener.
+        let Some(intercept) = &listener.intercept else {
+            return stream::serve(listener, request, guard, None).await;
+        };
+        let pending = intercept::PendingSlot::default();
+        let answer = intercept::connect(listener, intercept, &mut request, &pending);
+        let mut response = Box::new(answer).response().await;
+        let accepted = pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(pending) = accepted {
+            let opened = Opened {
+                pending,
+                listener: self.listener.clone(),
+                name: Arc::clone(&self.name),
+                serving: Arc::clone(&self.serving),
+            };
+            let held = guard.another();
+            let tunnel = opened.serve();
+            tokio::spawn(async move {
+                tunnel.await;
+                drop(held);
+            });
+        }
+        // HTTP/2 has no `Connection` header (RFC 9113 §8.2.2).
+        response.headers_mut().remove(http::header::CONNECTION);
+        response.map(stream::Released::answer)
     }
 }
 

@@ -182,7 +182,7 @@ pub(crate) fn http1_connector(
 
 /// TCP connections for any scheme (TLS is the layer above), without Nagle's delay; through
 /// `egress` when given.
-fn tcp(connect_timeout: Duration, egress: Option<&Arc<Egress>>) -> Dialer {
+pub(crate) fn tcp(connect_timeout: Duration, egress: Option<&Arc<Egress>>) -> Dialer {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

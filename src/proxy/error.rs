@@ -79,6 +79,17 @@ pub(crate) enum ProxyError {
         "this forward proxy opens tunnels only to the hosts of its routes (port 443) and to its passthrough targets"
     )]
     TunnelRefused,
+    /// A `passthrough` target could not be connected to, directly or through `[egress]`'s
+    /// proxy (which refused, wanted credentials, or could not reach it): no tunnel was opened.
+    #[error("cannot open a tunnel to the passthrough target {target}: {}", errors::chain(.source.as_ref()))]
+    PassthroughUnreachable {
+        /// `host:port`.
+        target: String,
+        /// Connecting took longer than its timeout (504 rather than 502).
+        timed_out: bool,
+        /// What failed: the dialer's error, the proxy's answer among its causes.
+        source: Box<dyn Error + Send + Sync>,
+    },
     /// A request inside an intercepted tunnel names another host than the CONNECT did
     /// (RFC 9110 §15.5.20: 421).
     #[error("this connection is a tunnel to {target}: send requests for other hosts through a tunnel of their own")]
@@ -171,6 +182,18 @@ impl ProxyError {
         }
     }
 
+    /// A passthrough target that could not be connected to.
+    pub(crate) fn passthrough_unreachable(
+        target: String,
+        source: Box<dyn Error + Send + Sync>,
+    ) -> Self {
+        Self::PassthroughUnreachable {
+            target,
+            timed_out: is_timeout(source.as_ref()),
+            source,
+        }
+    }
+
     /// Classifies a failed exchange: the app's fault when its body failed (it stalled, or its
     /// framing broke), else the upstream's.
     pub(crate) fn from_send(source: hyper::Error) -> Self {
@@ -209,6 +232,7 @@ impl ProxyError {
             | Self::ResponseTimeout { .. }
             | Self::NeedsHttp2 { .. }
             | Self::NotSwitched { .. }
+            | Self::PassthroughUnreachable { .. }
             | Self::UpstreamFailed { .. } => Fault::Upstream,
             Self::ListenerFull | Self::Internal { .. } => Fault::Bearerd,
         }
@@ -232,10 +256,15 @@ impl ProxyError {
             Self::UpstreamUnreachable { .. }
             | Self::UpstreamFailed { .. }
             | Self::NotSwitched { .. }
-            | Self::NeedsHttp2 { .. } => StatusCode::BAD_GATEWAY,
-            Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
+            | Self::PassthroughUnreachable {
+                timed_out: false, ..
             }
+            | Self::NeedsHttp2 { .. } => StatusCode::BAD_GATEWAY,
+            Self::ConnectTimeout { .. }
+            | Self::ResponseTimeout { .. }
+            | Self::PassthroughUnreachable {
+                timed_out: true, ..
+            } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -252,6 +281,7 @@ impl ProxyError {
             Self::HostNotServed | Self::PathNotServed => "host_not_served",
             Self::TunnelRefused => "tunnel_refused",
             Self::Misdirected { .. } => "misdirected_request",
+            Self::PassthroughUnreachable { .. } => "passthrough_unreachable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::ConnectTimeout { .. } | Self::ResponseTimeout { .. } => "upstream_timeout",
             Self::UpstreamFailed { .. } | Self::NotSwitched { .. } => "upstream_failed",

@@ -5,7 +5,10 @@
 //! TLS with a leaf for exactly that name ([`leaf`]) from the listener's CA ([`ca`]), and each
 //! request inside goes through the same handling as any request to the listener
 //! ([`tunnel`]). A CONNECT to a `passthrough` target is tunnelled blind (no TLS termination,
-//! no token). Anything else is refused with `403` and a JSON body, and nothing is opened: an
+//! no token), over a connection bearerd opens before it answers, through `[egress]`'s proxy
+//! when one is set for the target (as bearerd's own calls are): a target that cannot be
+//! reached, or that the proxy refuses, gets `502` and a JSON body rather than a `200` on a
+//! dead tunnel. Anything else is refused with `403` and a JSON body, and nothing is opened: an
 //! IP literal or another port is refused unless a route names it. bearerd is not an open
 //! proxy.
 
@@ -14,15 +17,20 @@ mod leaf;
 pub(crate) mod metrics;
 pub(crate) mod tunnel;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode, Uri};
+use tokio::net::TcpStream;
+use tower_service::Service as _;
 
 use super::body::ResponseBody;
 use super::error::ProxyError;
 use super::route::Listener;
 use crate::config;
+use crate::egress::{Dialer, Egress};
 use metrics::{Series, Tunnel};
 
 pub(crate) use leaf::Leaves;
@@ -31,12 +39,19 @@ pub(crate) use leaf::Leaves;
 /// dials.
 const HTTPS_PORT: u16 = 443;
 
+/// How long bearerd waits to connect to a passthrough target (through the proxy: until the
+/// proxy has answered its CONNECT).
+const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A listener's interception: its CA's leaves, its passthrough targets, its limits and series.
 pub(crate) struct Intercept {
     /// Leaves of the listener's CA, by host.
     pub leaves: Leaves,
     /// Targets tunnelled blind.
     passthrough: Vec<(String, u16)>,
+    /// Connects to passthrough targets: directly, or through `[egress]` as bearerd's own
+    /// calls do.
+    dialer: Dialer,
     /// How long a client may take over its TLS handshake.
     pub handshake_timeout: Duration,
     /// Where tunnels and handshakes are counted.
@@ -44,11 +59,18 @@ pub(crate) struct Intercept {
 }
 
 impl Intercept {
-    /// The interception of a listener with `settings`, signing with `ca`.
-    pub(crate) fn new(settings: &config::Intercept, ca: Arc<ca::Ca>, metrics: Series) -> Self {
+    /// The interception of a listener with `settings`, signing with `ca`; passthrough
+    /// tunnels go through `egress` when given.
+    pub(crate) fn new(
+        settings: &config::Intercept,
+        ca: Arc<ca::Ca>,
+        metrics: Series,
+        egress: Option<&Arc<Egress>>,
+    ) -> Self {
         Self {
-            leaves: Leaves::new(ca),
+            leaves: Leaves::new(ca, metrics.certificates()),
             passthrough: settings.passthrough.clone(),
+            dialer: crate::tls::tcp(PASSTHROUGH_CONNECT_TIMEOUT, egress),
             handshake_timeout: settings.handshake_timeout,
             metrics,
         }
@@ -166,31 +188,116 @@ pub(crate) struct Pending {
     /// Resolves to the app connection's IO once hyper has sent the 200.
     pub upgrade: hyper::upgrade::OnUpgrade,
     /// Intercept or passthrough.
-    pub decision: Decision,
+    pub opening: Opening,
 }
 
-/// Answers a CONNECT on a listener with interception: decides, counts a refusal, and for an
-/// accepted one leaves the upgrade in `pending` for the connection's task.
-pub(crate) fn connect<B>(
-    listener: &Listener,
-    intercept: &Intercept,
-    request: &mut Request<B>,
-    pending: &std::sync::Mutex<Option<Pending>>,
-) -> Response<ResponseBody> {
-    let decision = decide(listener, intercept, request.uri());
-    if let Decision::Refuse(reason) = decision {
-        intercept.metrics.tunnel(reason);
-        return refusal(listener, reason);
+/// Where an accepted tunnel goes.
+pub(crate) enum Opening {
+    /// TLS terminated by bearerd; requests inside go to the route.
+    Intercept(Target),
+    /// Bytes copied blind to the target, over the connection already opened to it.
+    Passthrough(TcpStream),
+}
+
+/// The answer to a CONNECT: at once, or once a passthrough target has been connected to.
+pub(crate) enum Answer {
+    /// Decided without waiting.
+    Now(Response<ResponseBody>),
+    /// Connecting to a passthrough target: `200` once connected, `502` (`504`) if not.
+    Dialling(Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>),
+}
+
+impl Answer {
+    /// The response. The answer stays in its box until it is ready: the request's future
+    /// holds a pointer, not a response, while it waits.
+    pub(crate) async fn response(self: Box<Self>) -> Response<ResponseBody> {
+        match *self {
+            Self::Now(response) => response,
+            Self::Dialling(dialling) => dialling.await,
+        }
     }
-    intercept.metrics.tunnel(match decision {
-        Decision::Passthrough(_) => Tunnel::Passthrough,
-        _ => Tunnel::Intercepted,
-    });
+}
+
+/// Where an accepted CONNECT's [`Pending`] is left for the task that serves the tunnel.
+pub(crate) type PendingSlot = Arc<Mutex<Option<Pending>>>;
+
+/// Answers a CONNECT on a listener with interception: decides, counts a refusal, and for an
+/// accepted one leaves the upgrade in `pending` for the task that serves the tunnel (for a
+/// passthrough target, once it is connected to).
+pub(crate) fn connect<B>(
+    listener: &Arc<Listener>,
+    intercept: &Arc<Intercept>,
+    request: &mut Request<B>,
+    pending: &PendingSlot,
+) -> Answer {
+    let decision = decide(listener, intercept, request.uri());
+    let target = match decision {
+        Decision::Refuse(reason) => {
+            intercept.metrics.tunnel(reason);
+            return Answer::Now(refusal(listener, reason));
+        }
+        Decision::Intercept(target) => {
+            intercept.metrics.tunnel(Tunnel::Intercepted);
+            let upgrade = hyper::upgrade::on(request);
+            leave(pending, upgrade, Opening::Intercept(target));
+            return Answer::Now(accepted());
+        }
+        Decision::Passthrough(target) => target,
+    };
     let upgrade = hyper::upgrade::on(request);
-    *pending
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Pending { upgrade, decision });
-    accepted()
+    let (listener, intercept, pending) = (
+        Arc::clone(listener),
+        Arc::clone(intercept),
+        Arc::clone(pending),
+    );
+    Answer::Dialling(Box::pin(async move {
+        match dial(&intercept, &target).await {
+            Ok(upstream) => {
+                intercept.metrics.tunnel(Tunnel::Passthrough);
+                leave(&pending, upgrade, Opening::Passthrough(upstream));
+                accepted()
+            }
+            Err(error) => {
+                intercept.metrics.tunnel(Tunnel::Unreachable);
+                tracing::warn!(listener = %listener.name, %error, "passthrough target unreachable");
+                error.into_response(&listener.name)
+            }
+        }
+    }))
+}
+
+fn leave(pending: &PendingSlot, upgrade: hyper::upgrade::OnUpgrade, opening: Opening) {
+    *pending.lock().unwrap_or_else(PoisonError::into_inner) = Some(Pending { upgrade, opening });
+}
+
+/// A connection to the passthrough `target`, through `[egress]`'s proxy unless there is none
+/// or `no_proxy` names the host: as an `https://` target, which a CONNECT tunnel carries by
+/// convention (`HTTPS_PROXY` is the proxy of `use_env`).
+async fn dial(intercept: &Intercept, target: &Target) -> Result<TcpStream, ProxyError> {
+    let to = format!("{}:{}", target.host, target.port);
+    let unreachable = |source: Box<dyn std::error::Error + Send + Sync>| {
+        ProxyError::passthrough_unreachable(to.clone(), source)
+    };
+    let uri: Uri = format!("https://{to}")
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| unreachable(e.into()))?;
+    let dialling = intercept.dialer.clone().call(uri);
+    match tokio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, dialling).await {
+        Ok(Ok(io)) => {
+            let stream = io.into_inner();
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(error)) => Err(unreachable(error)),
+        // DNS is outside HttpConnector's connect timeout.
+        Err(_) => Err(unreachable(Box::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no connection within {}",
+                humantime::format_duration(PASSTHROUGH_CONNECT_TIMEOUT)
+            ),
+        )))),
+    }
 }
 
 #[cfg(test)]

@@ -167,6 +167,17 @@ impl BodyIdle {
 #[error("the upstream's response body sent nothing for {}", humantime::format_duration(*.0))]
 struct BodyStalled(Duration);
 
+impl Released {
+    /// bearerd's own answer, which holds no upstream connection.
+    pub(crate) fn answer(body: ResponseBody) -> Self {
+        Self {
+            body,
+            slot: Slot::default(),
+            idle: None,
+        }
+    }
+}
+
 impl Drop for Released {
     fn drop(&mut self) {
         self.slot.release();

@@ -17,6 +17,13 @@ use crate::proxy::{self, RouteSetup, RouteShared};
 use crate::token::source::{self, Started};
 use crate::token::SourceKey;
 
+/// What intercepting listeners are made with: their CAs by `ca_cert_file`, and `[egress]`
+/// for their passthrough tunnels.
+struct Intercepts<'a> {
+    cas: &'a HashMap<std::path::PathBuf, Arc<proxy::intercept::ca::Ca>>,
+    egress: Option<&'a Arc<crate::egress::Egress>>,
+}
+
 /// A new listener's socket, and the address it is bound to.
 type Bound = (TcpListener, SocketAddr);
 
@@ -85,7 +92,11 @@ impl Running {
                 metrics: Arc::clone(&series.token),
             });
         }
-        let intercepts = std::mem::take(&mut prepared.intercepts);
+        let cas = std::mem::take(&mut prepared.intercepts);
+        let intercepts = Intercepts {
+            cas: &cas,
+            egress: prepared.egress.as_ref(),
+        };
         let mut listeners = HashMap::with_capacity(plan.listeners.len());
         for wanted in plan.listeners {
             let running = self.listeners.remove(&wanted.key);
@@ -178,7 +189,7 @@ impl Running {
         config: &Config,
         setups: &mut HashMap<String, RouteSetup>,
         sources: &HashMap<SourceKey, Started>,
-        intercepts: &HashMap<std::path::PathBuf, Arc<proxy::intercept::ca::Ca>>,
+        intercepts: &Intercepts<'_>,
     ) -> Arc<proxy::Listener> {
         let shared = RouteShared {
             max_connections: self.config.server.max_connections,
@@ -215,11 +226,12 @@ impl Running {
         // (A CA is always there for an intercepting listener: `prepare` found it or made it,
         // or the config would not be applied.)
         let intercept = listener.intercept.as_ref().and_then(|settings| {
-            let ca = intercepts.get(&settings.ca_cert_file)?;
+            let ca = intercepts.cas.get(&settings.ca_cert_file)?;
             Some(Arc::new(proxy::intercept::Intercept::new(
                 settings,
                 Arc::clone(ca),
                 self.metrics.intercept.series(first),
+                intercepts.egress,
             )))
         });
         Arc::new(proxy::Listener::new(

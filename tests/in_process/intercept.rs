@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -110,12 +110,12 @@ async fn connect(addr: SocketAddr, target: &str) -> (TcpStream, u16, String) {
 }
 
 /// TLS over `stream` to `name`, trusting only the CA at `ca`, offering `alpn`.
-async fn tls(
-    stream: TcpStream,
+async fn tls<IO: AsyncRead + AsyncWrite + Unpin>(
+    stream: IO,
     ca: &std::path::Path,
     name: &str,
     alpn: &[&[u8]],
-) -> std::io::Result<TlsStream<TcpStream>> {
+) -> std::io::Result<TlsStream<IO>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
@@ -133,7 +133,10 @@ async fn tls(
 }
 
 /// `GET path` with `Host: host` over an HTTP/1.1 connection on `io`.
-async fn get_http1(io: TlsStream<TcpStream>, host: &str, path: &str) -> (StatusCode, Bytes) {
+async fn get_http1<IO>(io: TlsStream<IO>, host: &str, path: &str) -> (StatusCode, Bytes)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .unwrap();
@@ -179,6 +182,168 @@ async fn a_routed_host_is_intercepted_and_its_requests_carry_the_token_over_http
     );
     assert_eq!(
         series("bearerd_intercept_certificates_issued_total{listener=\"payments\"}"),
+        1.0
+    );
+    sidecar.stop().await;
+}
+
+/// Handshakes for a host with no leaf yet, all at once: one leaf is minted (on the blocking
+/// pool), the others wait for it, and every one of them gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_tunnels_to_a_new_host_mint_one_leaf() {
+    const TUNNELS: usize = 12;
+    let (sidecar, addr, _upstream) = sidecar().await;
+    let ca = sidecar.file("ca.pem");
+    // Every tunnel open first, so that the handshakes start together.
+    let mut streams = Vec::new();
+    for _ in 0..TUNNELS {
+        let (stream, status, _) = connect(addr, &format!("{HOST}:443")).await;
+        assert_eq!(status, 200);
+        streams.push(stream);
+    }
+    let handshakes = streams.into_iter().map(|stream| {
+        let ca = ca.clone();
+        tokio::spawn(async move {
+            let tls = tls(stream, &ca, HOST, &[b"http/1.1"]).await.unwrap();
+            let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+            let (status, _) = get_http1(tls, HOST, "/v1").await;
+            assert_eq!(status, StatusCode::OK);
+            leaf
+        })
+    });
+    let mut leaves = Vec::new();
+    for handshake in handshakes.collect::<Vec<_>>() {
+        leaves.push(handshake.await.unwrap());
+    }
+    assert!(
+        leaves.iter().all(|leaf| *leaf == leaves[0]),
+        "one leaf for all"
+    );
+    let scrape = sidecar.running().metrics().render().unwrap();
+    assert_eq!(
+        metric(
+            &scrape,
+            "bearerd_intercept_certificates_issued_total{listener=\"payments\"}"
+        ),
+        Some(1.0)
+    );
+    sidecar.stop().await;
+}
+
+/// A CONNECT stream (RFC 9113 §8.5: `:method CONNECT`, `:authority`, no `:scheme` or
+/// `:path`) to `target`.
+fn connect_stream(target: &str) -> Request<Empty<Bytes>> {
+    Request::connect(target)
+        .version(http::Version::HTTP_2)
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// CONNECT over HTTP/2 (an app speaking h2c to the listener) gets what it gets over
+/// HTTP/1.1: 403 for a host without a route, 200 and a tunnel for a routed host, TLS inside
+/// the stream and the token on the requests inside; several tunnels share one connection. An
+/// extended CONNECT (RFC 8441, `:protocol`) is not a tunnel: it stays the WebSocket path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_over_http2_is_answered_as_over_http1() {
+    let (sidecar, addr, _upstream) = sidecar().await;
+    let ca = sidecar.file("ca.pem");
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+
+    let refused = sender
+        .send_request(connect_stream("other.payments.test:443"))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert!(refused.headers().get("connection").is_none());
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "tunnel_refused");
+
+    // Two tunnels on the one connection: HTTP/1.1 inside the first, HTTP/2 inside the second.
+    let mut tunnels = Vec::new();
+    for _ in 0..2 {
+        let response = sender
+            .send_request(connect_stream(&format!("{HOST}:443")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        tunnels.push(hyper::upgrade::on(response).await.unwrap());
+    }
+    let second = tunnels.pop().unwrap();
+    let first = tunnels.pop().unwrap();
+    let inside = tls(TokioIo::new(first), &ca, HOST, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (status, body) = get_http1(inside, HOST, "/v1/charges").await;
+    assert_eq!(status, StatusCode::OK);
+    let echo: Echo = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        echo.header("authorization"),
+        Some(&*format!("Bearer {TOKEN}"))
+    );
+    assert_eq!(echo.uri, "/v1/charges");
+    let inside = tls(TokioIo::new(second), &ca, HOST, &[b"h2"])
+        .await
+        .unwrap();
+    assert_eq!(inside.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut inner, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(inside))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let response = inner
+        .send_request(
+            Request::get(format!("https://{HOST}/v2"))
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let echo: Echo = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        echo.header("authorization"),
+        Some(&*format!("Bearer {TOKEN}"))
+    );
+
+    // An extended CONNECT for a WebSocket goes to the route as the HTTP/1.1 handshake; the
+    // echo upstream answers 200 rather than 101, which bearerd reports as such.
+    let mut websocket = Request::connect(format!("http://{HOST}/socket"))
+        .version(http::Version::HTTP_2)
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    websocket
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let response = sender.send_request(websocket).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        json["detail"]
+            .as_str()
+            .unwrap()
+            .contains("instead of switching protocols"),
+        "{json}"
+    );
+
+    let scrape = sidecar.running().metrics().render().unwrap();
+    let series = |name: &str| metric(&scrape, name).unwrap_or(0.0);
+    assert_eq!(
+        series("bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"intercepted\"}"),
+        2.0
+    );
+    assert_eq!(
+        series(
+            "bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"refused_not_served\"}"
+        ),
         1.0
     );
     sidecar.stop().await;
@@ -531,21 +696,31 @@ async fn openssl_reads_the_chain_the_san_and_the_name_constraints() {
     sidecar.stop().await;
 }
 
-/// A `passthrough` target is tunnelled blind: bytes both ways, no TLS from bearerd, no token.
+/// A `passthrough` target is tunnelled blind: bytes both ways, no TLS from bearerd, no token,
+/// over HTTP/1.1 and over an HTTP/2 CONNECT stream alike. One that cannot be reached gets 502
+/// and no tunnel.
 #[tokio::test]
 async fn a_passthrough_target_is_tunnelled_blind() {
     // A TCP peer that answers what it reads, upper-cased: proof the bytes went both ways.
     let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let peer_addr = peer.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut stream, _) = peer.accept().await.unwrap();
-        let mut buffer = [0u8; 5];
-        stream.read_exact(&mut buffer).await.unwrap();
-        stream
-            .write_all(&buffer.to_ascii_uppercase())
-            .await
-            .unwrap();
+        while let Ok((mut stream, _)) = peer.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 5];
+                stream.read_exact(&mut buffer).await.unwrap();
+                stream
+                    .write_all(&buffer.to_ascii_uppercase())
+                    .await
+                    .unwrap();
+            });
+        }
     });
+    // A port nothing listens on: bound, then closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let upstream = serve(echo).await;
     let endpoint = token_endpoint(|_, _| async { token_ok(TOKEN, 3600) }).await;
     let config = ConfigBuilder::new()
@@ -556,7 +731,7 @@ async fn a_passthrough_target_is_tunnelled_blind() {
                     Table::new()
                         .set("ca_cert_file", "\"ca.pem\"")
                         .set("ca_key_file", "\"ca.key\"")
-                        .set("passthrough", format!("[\"{peer_addr}\"]")),
+                        .set("passthrough", format!("[\"{peer_addr}\", \"{closed}\"]")),
                 )
                 .route(
                     Route::named("payments")
@@ -577,11 +752,48 @@ async fn a_passthrough_target_is_tunnelled_blind() {
     assert_eq!(&answer, b"HELLO");
     // The app closes its side: the tunnel ends (a blind tunnel outlives a drain otherwise).
     drop(stream);
+
+    // The same over an HTTP/2 CONNECT stream.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(connect_stream(&peer_addr.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+    tunnel.write_all(b"h2 ok").await.unwrap();
+    tunnel.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"H2 OK");
+    drop(tunnel);
+
+    let (_, status, body) = connect(addr, &closed.to_string()).await;
+    assert_eq!(status, 502, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"], "passthrough_unreachable");
+    assert!(
+        json["detail"].as_str().unwrap().starts_with(&format!(
+            "cannot open a tunnel to the passthrough target {closed}"
+        )),
+        "{json}"
+    );
+
     let scrape = sidecar.running().metrics().render().unwrap();
     assert_eq!(
         metric(
             &scrape,
             "bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"passthrough\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &scrape,
+            "bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"passthrough_unreachable\"}"
         ),
         Some(1.0)
     );

@@ -1,18 +1,22 @@
 //! TLS interception (issue 24) with client stacks nobody here wrote, configured as an
 //! unchanged legacy app would be: Python `requests` with `HTTPS_PROXY` naming bearerd's
 //! forward listener and `REQUESTS_CA_BUNDLE` the `ca_bundle_file` bearerd wrote (the system
-//! roots and its CA); Node with undici 6's `EnvHttpProxyAgent` and `NODE_EXTRA_CA_CERTS`.
+//! roots and its CA); Node with undici 6's `EnvHttpProxyAgent` and `NODE_EXTRA_CA_CERTS`;
+//! Java 17 (`java.net.http.HttpClient` and `HttpsURLConnection`) with `-Dhttps.proxyHost`,
+//! `-Dhttps.proxyPort`, `-Dhttp.nonProxyHosts` and a PKCS12 truststore made by `keytool`.
 //! Ignored by a plain `cargo test`: `make interop` makes the virtualenv with requests
-//! (tests/interop/requirements.txt) and installs undici (tests/interop/oidc/package.json).
+//! (tests/interop/requirements.txt), installs undici (tests/interop/oidc/package.json) and
+//! names the JDK (scripts/install-test-deps.sh installs Debian's `default-jdk-headless`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use support::config::{ConfigBuilder, Listener, Route, Table, Token};
-use support::{echo, serve, token_endpoint, token_ok, Sidecar};
+use support::{echo, serve, serve_tls, token_endpoint, token_ok, Sidecar, TestCa};
 
 const HOST: &str = "api.payments.test";
 
@@ -148,5 +152,131 @@ async fn node_undici_with_env_proxy_agent_and_extra_ca_certs_gets_the_token() {
     );
     assert_eq!(result["seen"]["uri"], "/v1/node?x=1");
     assert_eq!(result["refused"], true);
+    sidecar.stop().await;
+}
+
+/// The Java app (tests/interop/java), run as a single-file source program.
+const JAVA_APP: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/interop/java/InterceptApp.java"
+);
+
+/// `java` of `BEARERD_INTEROP_JAVA` (scripts/interop.sh sets it), else the one on `PATH`;
+/// and the `keytool` beside it.
+fn jdk() -> (PathBuf, PathBuf) {
+    let java =
+        std::env::var_os("BEARERD_INTEROP_JAVA").map_or_else(|| "java".into(), PathBuf::from);
+    let keytool = java
+        .parent()
+        .map(|bin| bin.join("keytool"))
+        .filter(|keytool| keytool.is_file())
+        .unwrap_or_else(|| "keytool".into());
+    (java, keytool)
+}
+
+/// Adds the certificate at `pem` to the PKCS12 truststore `store` (made by the first call)
+/// under `alias`, as an operator would with `keytool -importcert`.
+fn import(keytool: &Path, store: &Path, alias: &str, pem: &Path) {
+    let output = Command::new(keytool)
+        .args(["-importcert", "-noprompt", "-alias", alias, "-file"])
+        .arg(pem)
+        .args(["-keystore"])
+        .arg(store)
+        .args(["-storetype", "PKCS12", "-storepass", "changeit"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", keytool.display()));
+    assert!(
+        output.status.success(),
+        "keytool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a JDK (java with jdk.compiler, keytool): make interop"]
+async fn java_with_proxy_properties_and_a_truststore_gets_the_token_and_bypasses_non_proxy_hosts() {
+    let (java, keytool) = jdk();
+    let (sidecar, _servers) = sidecar("tok-java").await;
+    let addr = sidecar.running().local_addr("payments").unwrap();
+    // A host the app reaches directly, named in http.nonProxyHosts (not in Java's default
+    // `localhost|127.*|[::1]`): through bearerd, its CONNECT would be refused.
+    let direct_ca = TestCa::with_names(&["direct.test"]);
+    let direct = serve_tls(echo, &direct_ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let direct_pem = dir.path().join("direct-ca.pem");
+    std::fs::write(&direct_pem, &direct_ca.ca_pem).unwrap();
+    // The app resolves direct.test (and nothing else) from this file: loopback only. A
+    // proxied host is never resolved by the app; bearerd gets its name in the CONNECT.
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 direct.test\n").unwrap();
+    let store = dir.path().join("truststore.p12");
+    let ca = sidecar.file("ca.pem");
+    let output = tokio::task::spawn_blocking(move || {
+        import(&keytool, &store, "bearerd", &ca);
+        import(&keytool, &store, "direct", &direct_pem);
+        Command::new(java)
+            .arg("-Dhttps.proxyHost=127.0.0.1")
+            .arg(format!("-Dhttps.proxyPort={}", addr.port()))
+            .arg("-Dhttp.nonProxyHosts=direct.test")
+            .arg(format!("-Djdk.net.hosts.file={}", hosts.display()))
+            .arg(format!("-Djavax.net.ssl.trustStore={}", store.display()))
+            .arg("-Djavax.net.ssl.trustStorePassword=changeit")
+            .arg("-Djavax.net.ssl.trustStoreType=PKCS12")
+            .args([
+                JAVA_APP,
+                &format!("https://{HOST}"),
+                &format!("https://direct.test:{}", direct.addr.port()),
+            ])
+            .env_remove("JAVA_TOOL_OPTIONS")
+            .env_remove("JDK_JAVA_OPTIONS")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["status"], serde_json::json!([200, 200, 200]));
+    // HttpClient chose HTTP/2 by ALPN inside the tunnel.
+    assert_eq!(result["version"], "HTTP_2");
+    assert_eq!(result["legacy_proxied"], true);
+    let seen = result["seen"].as_array().unwrap();
+    for (seen, uri) in seen.iter().zip(["/v1/java?x=1", "/v1/legacy"]) {
+        assert_eq!(seen["headers"]["authorization"][0], "Bearer tok-java");
+        assert_eq!(seen["uri"], uri);
+    }
+    // The bypassed host got the app's request as sent: no token, not through bearerd.
+    // (HTTP/2 to it too: hyper gives the echo the full `https://direct.test:port/direct`.)
+    assert!(
+        seen[2]["uri"].as_str().unwrap().ends_with("/direct"),
+        "{}",
+        seen[2]
+    );
+    assert!(
+        seen[2]["headers"].get("authorization").is_none(),
+        "{}",
+        seen[2]
+    );
+    assert_eq!(result["refused"], true);
+    let scrape = sidecar.running().metrics().render().unwrap();
+    let series = |outcome: &str| {
+        support::metric(
+            &scrape,
+            &format!(
+                "bearerd_intercept_tunnels_total{{listener=\"payments\",outcome=\"{outcome}\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    // HttpClient's connection and HttpsURLConnection's: two tunnels; one refusal, the
+    // unrouted host's; none for direct.test.
+    assert_eq!(series("intercepted"), 2.0);
+    assert_eq!(series("refused_not_served"), 1.0);
     sidecar.stop().await;
 }

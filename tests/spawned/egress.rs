@@ -746,3 +746,234 @@ async fn the_redis_cache_is_never_reached_through_the_proxy() {
     expected.sort();
     assert_eq!(requests, expected, "Redis is at {}", redis.addr());
 }
+
+/// A forward listener intercepting `api.payments.test`, with `passthrough` to `target`, and
+/// `[egress]`'s `egress` lines; its token endpoint is `token` (put it in `no_proxy` to keep it
+/// out of the proxy's log).
+fn passthrough_config(egress: &str, target: SocketAddr, token: &str) -> String {
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[egress]
+{egress}
+
+[[listener]]
+listen = "127.0.0.1:0"
+mode = "forward"
+
+[listener.intercept]
+ca_cert_file = "ca.pem"
+ca_key_file = "ca.key"
+passthrough = ["{target}"]
+
+[[listener.route]]
+name = "payments"
+host = "api.payments.test"
+url = "http://127.0.0.1:9/"
+allow_plain_http = true
+
+[listener.route.token]
+url = "{token}"
+client_id = "abc"
+client_secret_file = "secret"
+"#
+    )
+}
+
+/// A TCP peer that answers each read with the same bytes upper-cased.
+fn upper_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buffer = [0_u8; 256];
+                while let Ok(read @ 1..) = stream.read(&mut buffer) {
+                    if stream
+                        .write_all(&buffer[..read].to_ascii_uppercase())
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `CONNECT target` to `listen` and reads the answer: the stream (the tunnel, after a
+/// 200), the status and the body.
+fn app_connect(listen: SocketAddr, target: SocketAddr) -> (TcpStream, u16, String) {
+    let mut stream = TcpStream::connect(listen).unwrap();
+    stream
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .unwrap();
+    // Byte by byte up to the end of the head: what follows a 200 is the tunnel's.
+    let mut head = Vec::new();
+    let mut byte = [0_u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let length = head
+        .lines()
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .and_then(|n| n.trim().parse::<usize>().ok())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0_u8; length];
+    stream.read_exact(&mut body).unwrap();
+    (stream, status, String::from_utf8(body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_tunnel_goes_through_the_egress_proxy() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let peer = upper_echo();
+    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let dir = tempfile::tempdir().unwrap();
+    let token_url = format!("http://localhost:{}/token", endpoint.server.addr.port());
+    let path = write_config(
+        dir.path(),
+        &passthrough_config(
+            &format!("proxy = \"{}\"\nno_proxy = [\"localhost\"]", proxy.url()),
+            peer,
+            &token_url,
+        ),
+    );
+    let daemon = start(&path);
+    let listen = tokio::task::block_in_place(|| daemon.listen_addr("payments"));
+    tokio::task::block_in_place(|| {
+        let (mut tunnel, status, body) = app_connect(listen, peer);
+        assert_eq!(status, 200, "{body}");
+        tunnel.write_all(b"through the proxy").unwrap();
+        let mut answer = [0_u8; 17];
+        tunnel.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"THROUGH THE PROXY");
+        // tinyproxy logs the CONNECT as it opens the tunnel, before any byte goes through.
+        assert_eq!(
+            proxy.requests(),
+            vec![format!("CONNECT {peer} HTTP/1.1")],
+            "bearerd's tunnel, and nothing else, went through the proxy"
+        );
+    });
+    assert_eq!(
+        metric(
+            &daemon,
+            r#"bearerd_intercept_tunnels_total{listener="payments",outcome="passthrough"}"#
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_target_the_proxy_refuses_gets_a_502_and_no_tunnel() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let peer = upper_echo();
+    // tinyproxy allows CONNECT to port 443 only: it answers 403 for the peer's port.
+    let proxy = tokio::task::block_in_place(|| {
+        Tinyproxy::start(&Settings {
+            connect_ports: vec![443],
+            ..Settings::default()
+        })
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let token_url = format!("http://localhost:{}/token", endpoint.server.addr.port());
+    let path = write_config(
+        dir.path(),
+        &passthrough_config(
+            &format!("proxy = \"{}\"\nno_proxy = [\"localhost\"]", proxy.url()),
+            peer,
+            &token_url,
+        ),
+    );
+    let daemon = start(&path);
+    let listen = tokio::task::block_in_place(|| daemon.listen_addr("payments"));
+    let (status, body) = tokio::task::block_in_place(|| {
+        let (_, status, body) = app_connect(listen, peer);
+        (status, body)
+    });
+    assert_eq!(status, 502, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"], "passthrough_unreachable");
+    let detail = json["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!(
+            "the proxy 127.0.0.1:{} answered CONNECT {peer} with 403 Forbidden",
+            proxy.port
+        )),
+        "{detail}"
+    );
+    assert_eq!(
+        metric(
+            &daemon,
+            r#"bearerd_intercept_tunnels_total{listener="payments",outcome="passthrough_unreachable"}"#
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &daemon,
+            r#"bearerd_intercept_tunnels_total{listener="payments",outcome="passthrough"}"#
+        )
+        .await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_target_in_no_proxy_is_reached_directly() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let peer = upper_echo();
+    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let dir = tempfile::tempdir().unwrap();
+    let token_url = format!("http://localhost:{}/token", endpoint.server.addr.port());
+    let path = write_config(
+        dir.path(),
+        &passthrough_config(
+            &format!(
+                "proxy = \"{}\"\nno_proxy = [\"localhost\", \"127.0.0.0/8\"]",
+                proxy.url()
+            ),
+            peer,
+            &token_url,
+        ),
+    );
+    let daemon = start(&path);
+    let listen = tokio::task::block_in_place(|| daemon.listen_addr("payments"));
+    tokio::task::block_in_place(|| {
+        let (mut tunnel, status, body) = app_connect(listen, peer);
+        assert_eq!(status, 200, "{body}");
+        tunnel.write_all(b"direct").unwrap();
+        let mut answer = [0_u8; 6];
+        tunnel.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"DIRECT");
+        // A request of the test's own, after bearerd's: once the proxy has logged it, it
+        // would have logged any of bearerd's before it.
+        let mut marker = TcpStream::connect(proxy.addr()).unwrap();
+        marker
+            .write_all(b"CONNECT marker.invalid:1 HTTP/1.1\r\nHost: marker.invalid:1\r\n\r\n")
+            .unwrap();
+        proxy.wait_for_request("marker.invalid");
+    });
+    assert_eq!(
+        proxy.requests(),
+        vec!["CONNECT marker.invalid:1 HTTP/1.1".to_owned()]
+    );
+}

@@ -350,6 +350,11 @@ pub struct TestCa {
 
 impl TestCa {
     pub fn new() -> Self {
+        Self::with_names(&["127.0.0.1", "localhost"])
+    }
+
+    /// A CA whose server certificate names `names` (DNS names or addresses).
+    pub fn with_names(names: &[&str]) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -361,7 +366,8 @@ impl TestCa {
         let issuer = Issuer::from_params(&ca_params, &ca_key);
         let server_key = KeyPair::generate().unwrap();
         let server_params =
-            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .unwrap();
         let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
         Self {
             ca_pem: ca_cert.pem(),

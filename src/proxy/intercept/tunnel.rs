@@ -7,19 +7,18 @@
 //! the CONNECT did. A request inside whose `Host` or `:authority` names another host gets 421
 //! (RFC 9110 §15.5.20): the tunnel was opened, and its certificate minted, for one host only.
 
-use std::time::Duration;
-
 use http::header::HOST;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Uri};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::metrics::{Handshake, Tunnel};
+use super::metrics::Handshake;
 use super::{Intercept, Target};
 use crate::proxy::error::ProxyError;
 
@@ -27,9 +26,6 @@ use crate::proxy::error::ProxyError;
 /// access log.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Intercepted;
-
-/// How long bearerd waits to connect to a passthrough target.
-const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS side of an intercepted tunnel: the handshake with the app, finished by
 /// `handshake_timeout` after the tunnel opened. Each failure is counted by reason; no leaf is
@@ -62,13 +58,16 @@ where
             return Err(failed(Handshake::SniMismatch));
         }
     }
-    let (config, minted) = intercept.leaves.server_config(name).map_err(|error| {
-        tracing::warn!(host = %target.host, %error, "cannot mint a leaf certificate");
-        failed(Handshake::Certificate)
-    })?;
-    if minted {
-        intercept.metrics.certificate_issued();
-    }
+    // Minted on the blocking pool (or awaited from a mint under way) within the deadline.
+    let config = match tokio::time::timeout_at(deadline, intercept.leaves.server_config(name)).await
+    {
+        Err(_) => return Err(failed(Handshake::Timeout)),
+        Ok(Err(error)) => {
+            tracing::warn!(host = %target.host, %error, "cannot mint a leaf certificate");
+            return Err(failed(Handshake::Certificate));
+        }
+        Ok(Ok(config)) => config,
+    };
     match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
         Err(_) => Err(failed(Handshake::Timeout)),
         Ok(Err(error)) => Err(failed(io_reason(&error))),
@@ -144,29 +143,10 @@ pub(crate) fn to_target<B>(request: &mut Request<B>, target: &Target) -> Result<
     Ok(())
 }
 
-/// Copies bytes both ways between the app's tunnel and a passthrough target until either
-/// side closes. No byte is looked at; no token is added.
-pub(crate) async fn passthrough(
-    mut app: TokioIo<Upgraded>,
-    target: &Target,
-    intercept: &Intercept,
-) {
-    let host = target.certificate_name();
-    let connect = tokio::net::TcpStream::connect((host, target.port));
-    let mut upstream = match tokio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            tracing::warn!(host = %target.host, port = target.port, %error, "passthrough target unreachable");
-            intercept.metrics.tunnel(Tunnel::Unreachable);
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(host = %target.host, port = target.port, "passthrough target did not answer in time");
-            intercept.metrics.tunnel(Tunnel::Unreachable);
-            return;
-        }
-    };
-    let _ = upstream.set_nodelay(true);
+/// Copies bytes both ways between the app's tunnel and a passthrough target (connected to
+/// before the CONNECT was answered) until either side closes. No byte is looked at; no token
+/// is added.
+pub(crate) async fn passthrough(mut app: TokioIo<Upgraded>, mut upstream: TcpStream) {
     let _ = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
 }
 
