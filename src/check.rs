@@ -422,20 +422,9 @@ pub async fn fetch_token(
             names.join(", ")
         ));
     };
+    // With dpop, the config holds a dpop_key_file (it refuses the grant otherwise): the chain
+    // is named by the DPoP key's thumbprint, so this process finds the running bearerd's.
     let refreshing = matches!(found.token.grant, crate::config::Grant::RefreshToken(_));
-    if refreshing
-        && found
-            .token
-            .dpop
-            .as_ref()
-            .is_some_and(|dpop| dpop.key_file.is_none())
-    {
-        // The chain's name in the store includes the DPoP key's thumbprint: a key made here
-        // names another chain, and the file's (spent) refresh token would be sent.
-        return Err(format!(
-            "upstream {upstream}: grant = \"refresh_token\" with a DPoP key made at each start (no dpop_key_file): --fetch-token would not find the running bearerd's refresh token chain, so it spends none"
-        ));
-    }
     let mut prepared = prepare(config);
     let subject = format!("upstream {upstream}");
     let Some(setup) = prepared

@@ -428,12 +428,29 @@ pub(super) fn grant(
         }
         file::Grant::RefreshToken => {
             let file = path(v, &raw.refresh_token_file, "refresh_token_file");
+            let mut kept = true;
             if !v.sealed_cache {
                 v.problem(
                     grant_span,
                     format!("{key}.grant"),
                     "grant = \"refresh_token\" needs a [cache] with key_file: the server rotates the refresh token at each use, so one kept only in memory is lost at the next restart (and a person must authorise again), and one kept in clear is a long-lived credential on disk",
                 );
+                kept = false;
+            }
+            // The cache names a chain by the source's settings and its DPoP key's thumbprint
+            // (a token bound to one key is useless with another): a key made at each start
+            // names a new, empty chain, and the file's spent refresh token would be sent.
+            if let Some(dpop) = raw.dpop.as_ref().filter(|d| *d.get_ref()) {
+                if raw.dpop_key_file.is_none() {
+                    v.problem(
+                        dpop.span(),
+                        format!("{key}.dpop_key_file"),
+                        "missing: grant = \"refresh_token\" with dpop needs dpop_key_file: the rotated refresh token is stored under the DPoP key, and a key made at each start would lose the chain at the next restart",
+                    );
+                    kept = false;
+                }
+            }
+            if !kept {
                 return None;
             }
             Grant::RefreshToken(RefreshToken { file: file? })

@@ -6,7 +6,8 @@
 //! replayed once on a 401. It goes out on an upstream connection of its own
 //! ([`Pool::connect_upgradable`](super::pool::Pool::connect_upgradable)), never pooled. On the
 //! upstream's `101` the app gets `101` (or `200` on its HTTP/2 stream), and a [`tunnel`] copies
-//! bytes both ways, uninspected, until both sides have closed or nothing has moved for
+//! bytes both ways, uninspected, until both sides have closed (one side's close is passed on
+//! to the other, which has [`HALF_CLOSED_GRACE`] to close too) or nothing has moved for
 //! `[server] upgraded_idle_timeout`. Any other answer goes back to the app as it came.
 //!
 //! None of this runs for a request without hop-by-hop headers: the `Upgrade` header is found on
@@ -38,6 +39,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::body::{AppBody, RequestBody, ResponseBody};
@@ -291,8 +293,22 @@ async fn send(
     sent
 }
 
+/// How long a tunnel lives on once one direction has ended (its sender shut it, and the
+/// shutdown was passed on), at most; shorter when `upgraded_idle_timeout` is. Half-close is
+/// kept, so that a peer that has said all it had to say still gets the rest of the reply,
+/// but bounded: a peer that never closes its side (an app that keeps a WebSocket open after
+/// the server closed it, never writing) would otherwise hold the tunnel, its
+/// `max_connections` permit and its `open` gauge for the whole idle timeout (1h by default).
+/// 30 s is long for a WebSocket, whose close frames are exchanged before the server closes
+/// (RFC 6455 §7.1.1: the client then closes at once), and enough for the tail of an answer
+/// in flight. A protocol that streams a long answer after a half-close (a Docker-style
+/// `attach` whose input has ended) is cut after it: the price of not counting on every peer
+/// to close.
+const HALF_CLOSED_GRACE: Duration = Duration::from_secs(30);
+
 /// Copies bytes both ways between the app and the upstream once both have switched, until
-/// both directions have ended, either side fails, or nothing moved for `idle_timeout`.
+/// both directions have ended, either side fails, nothing moved for `idle_timeout`, or one
+/// direction ended [`HALF_CLOSED_GRACE`] ago (or `idle_timeout`, if shorter).
 async fn tunnel(
     app_side: OnUpgrade,
     upstream_side: OnUpgrade,
@@ -308,54 +324,105 @@ async fn tunnel(
         }
     };
     let _open = metrics.upgrade_opened();
-    let opened = Instant::now();
-    let last = AtomicU64::new(0);
+    let moves = Moves::new();
     let (to_upstream, to_app) = metrics.upgraded_bytes();
-    let mut app = Counted::new(TokioIo::new(app), to_upstream, &last, opened);
-    let mut upstream = Counted::new(TokioIo::new(upstream), to_app, &last, opened);
-    let idle = async {
-        loop {
-            let due = opened + Duration::from_millis(last.load(Ordering::Relaxed)) + idle_timeout;
-            if Instant::now() >= due {
-                return;
-            }
-            tokio::time::sleep_until(due).await;
-        }
-    };
+    let mut app = Counted::new(TokioIo::new(app), to_upstream, &moves);
+    let mut upstream = Counted::new(TokioIo::new(upstream), to_app, &moves);
+    let grace = HALF_CLOSED_GRACE.min(idle_timeout);
     tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut app, &mut upstream) => {
             if let Err(error) = copied {
                 tracing::debug!(upstream = %name, %error, "upgraded connection ended with an error");
             }
         }
-        () = idle => {
-            tracing::debug!(upstream = %name, ?idle_timeout, "upgraded connection idle; closing");
-        }
+        ended = moves.deadline(idle_timeout, grace) => match ended {
+            Ended::Idle => tracing::debug!(upstream = %name, ?idle_timeout, "upgraded connection idle; closing"),
+            Ended::HalfClosed => tracing::debug!(upstream = %name, ?grace, "upgraded connection half-closed for its grace; closing"),
+        },
     }
 }
 
-/// One side of a tunnel, counting the bytes read from it (the bytes going the other way) and
-/// noting when any last moved.
-struct Counted<'a, T> {
-    inner: T,
-    read: IntCounter,
-    last: &'a AtomicU64,
+/// When a tunnel's bytes last moved and when its first direction ended, in milliseconds
+/// since it opened (atomics: both sides note them from inside `copy_bidirectional`).
+struct Moves {
     opened: Instant,
+    last: AtomicU64,
+    /// [`NOT_YET`] until a side's read sees the end of its stream.
+    half_closed: AtomicU64,
+    /// Wakes [`Moves::deadline`] when a direction ends, which brings the deadline nearer.
+    ended: Notify,
 }
 
-impl<'a, T> Counted<'a, T> {
-    fn new(inner: T, read: IntCounter, last: &'a AtomicU64, opened: Instant) -> Self {
+/// Why a tunnel's deadline came.
+enum Ended {
+    Idle,
+    HalfClosed,
+}
+
+const NOT_YET: u64 = u64::MAX;
+
+impl Moves {
+    fn new() -> Self {
         Self {
-            inner,
-            read,
-            last,
-            opened,
+            opened: Instant::now(),
+            last: AtomicU64::new(0),
+            half_closed: AtomicU64::new(NOT_YET),
+            ended: Notify::new(),
         }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(NOT_YET / 2)
     }
 
     fn moved(&self) {
-        let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX / 2);
-        self.last.store(now, Ordering::Relaxed);
+        self.last.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// A side's stream ended; the first time, the half-closed grace starts.
+    fn half_closed(&self) {
+        let first = self
+            .half_closed
+            .compare_exchange(NOT_YET, self.now(), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if first {
+            // A permit is kept if the deadline is not waiting at this moment.
+            self.ended.notify_one();
+        }
+    }
+
+    /// Returns when nothing has moved for `idle_timeout`, or a direction ended `grace` ago.
+    async fn deadline(&self, idle_timeout: Duration, grace: Duration) -> Ended {
+        let at = |ms: u64| self.opened + Duration::from_millis(ms);
+        loop {
+            let idle = at(self.last.load(Ordering::Relaxed)) + idle_timeout;
+            let (due, why) = match self.half_closed.load(Ordering::Relaxed) {
+                NOT_YET => (idle, Ended::Idle),
+                ms if at(ms) + grace < idle => (at(ms) + grace, Ended::HalfClosed),
+                _ => (idle, Ended::Idle),
+            };
+            if Instant::now() >= due {
+                return why;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(due) => {}
+                () = self.ended.notified() => {}
+            }
+        }
+    }
+}
+
+/// One side of a tunnel, counting the bytes read from it (the bytes going the other way),
+/// noting when any last moved and when its stream ended.
+struct Counted<'a, T> {
+    inner: T,
+    read: IntCounter,
+    moves: &'a Moves,
+}
+
+impl<'a, T> Counted<'a, T> {
+    fn new(inner: T, read: IntCounter, moves: &'a Moves) -> Self {
+        Self { inner, read, moves }
     }
 }
 
@@ -366,11 +433,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
         if read > 0 {
             self.read.inc_by(read as u64);
-            self.moved();
+            self.moves.moved();
+        } else if room && matches!(polled, Poll::Ready(Ok(()))) {
+            // Nothing read into room for it: the end of this side's stream, which
+            // `copy_bidirectional` passes on as a shutdown of the other side's.
+            self.moves.half_closed();
         }
         polled
     }

@@ -458,14 +458,37 @@ fn grants_ask_for_their_own_keys_and_say_why_a_combination_is_refused() {
     for token in valid {
         assert_eq!(check(token, false), "");
     }
+    let refresh = || {
+        Token::new(url, "app")
+            .secret("s")
+            .set("grant", string("refresh_token"))
+            .set("refresh_token_file", string("rt"))
+    };
+    assert_eq!(check(refresh(), true), "");
+    // The chain is stored under the DPoP key: one made at each start would lose it.
+    let message = check(refresh().set("dpop", true), true);
+    assert!(
+        message.contains("upstream[0].token.dpop_key_file: missing: grant = \"refresh_token\" with dpop needs dpop_key_file: the rotated refresh token is stored under the DPoP key, and a key made at each start would lose the chain at the next restart"),
+        "{message}"
+    );
+    // Both reasons at once, when both are missing.
+    let message = check(refresh().set("dpop", true), false);
+    assert!(
+        message.contains("needs a [cache] with key_file"),
+        "{message}"
+    );
+    assert!(
+        message.contains("with dpop needs dpop_key_file"),
+        "{message}"
+    );
     assert_eq!(
         check(
-            Token::new(url, "app")
-                .secret("s")
-                .set("grant", string("refresh_token"))
-                .set("refresh_token_file", string("rt")),
+            refresh()
+                .set("dpop", true)
+                .set("dpop_key_file", string("dpop.pem")),
             true
         ),
         ""
     );
+    assert_eq!(check(refresh().set("dpop", false), true), "");
 }

@@ -22,7 +22,9 @@ use tokio::time::Instant;
 
 /// An upstream that switches every request asking for `websocket` to an echo of its bytes
 /// (`bye` alone makes it close the connection instead), after checking that the handshake
-/// carries bearerd's token; anything else gets `echo`.
+/// carries bearerd's token; anything else gets `echo`. On `/reply-at-end` it reads until the
+/// end of the app's stream and only then answers (`got N bytes`) and closes; on
+/// `/half-closing` it shuts its sending side at once and reads, discarding, until the end.
 async fn switching_upstream() -> support::Server {
     serve(switching).await
 }
@@ -53,9 +55,27 @@ async fn switching_for(
                 .unwrap();
         }
         let on = hyper::upgrade::on(&mut request);
+        let path = request.uri().path().to_owned();
         tokio::spawn(async move {
             let mut io = TokioIo::new(on.await.unwrap());
             let mut buf = [0u8; 1024];
+            match path.as_str() {
+                "/reply-at-end" => {
+                    let mut all = Vec::new();
+                    if io.read_to_end(&mut all).await.is_ok() {
+                        let reply = format!("got {} bytes", all.len());
+                        let _ = io.write_all(reply.as_bytes()).await;
+                        let _ = io.shutdown().await;
+                    }
+                    return;
+                }
+                "/half-closing" => {
+                    let _ = io.shutdown().await;
+                    while let Ok(1..) = io.read(&mut buf).await {}
+                    return;
+                }
+                _ => {}
+            }
             loop {
                 match io.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
@@ -268,6 +288,58 @@ async fn when_the_upstream_closes_the_tunnel_ends_and_is_no_longer_counted_open(
     tunnel.shutdown().await.unwrap();
     drop(tunnel);
     wait_until_none_open(|| scrape(&sidecar)).await;
+}
+
+/// Half-close is passed on: an app that shuts its sending side still gets the answer the
+/// upstream sends after it has seen that end.
+#[tokio::test]
+async fn an_app_that_shuts_its_side_still_gets_the_answer_sent_after_it() {
+    let upstream = switching_upstream().await;
+    let tokens = tokens_ws().await;
+    let sidecar = sidecar(&upstream, &tokens, "", "").await;
+    let Handshake::Switched(mut tunnel, _) =
+        handshake(&sidecar.url("api", "/reply-at-end"), "websocket").await
+    else {
+        panic!("not switched");
+    };
+    tunnel.write_all(b"hello").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tunnel.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer, b"got 5 bytes");
+    wait_until_none_open(|| scrape(&sidecar)).await;
+}
+
+/// The upstream shuts its side and never closes the rest (it goes on reading): the app sees
+/// the end of its stream, and the tunnel ends once the half-closed grace (here the idle
+/// timeout, which is shorter than 30 s) is over, whether the app stays silent or goes on
+/// writing. Bytes moving do not keep a half-closed tunnel: without the grace, the writing
+/// app's tunnel would never be idle and would last until it stopped.
+#[tokio::test]
+async fn a_half_closed_tunnel_ends_after_its_grace_even_while_the_app_writes() {
+    let upstream = switching_upstream().await;
+    let tokens = tokens_ws().await;
+    let sidecar = sidecar(&upstream, &tokens, r#"upgraded_idle_timeout = "500ms""#, "").await;
+    for writing in [false, true] {
+        let Handshake::Switched(mut tunnel, _) =
+            handshake(&sidecar.url("api", "/half-closing"), "websocket").await
+        else {
+            panic!("not switched");
+        };
+        let mut rest = Vec::new();
+        tunnel.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "the upstream's shutdown reached the app");
+        if writing {
+            // Until bearerd has closed the app's connection (the upstream drains all).
+            let chunk = [b'x'; 1024];
+            let ended = tokio::time::timeout(Duration::from_secs(10), async {
+                while tunnel.write_all(&chunk).await.is_ok() {}
+            })
+            .await;
+            assert!(ended.is_ok(), "the half-closed tunnel outlived its grace");
+        }
+        wait_until_none_open(|| scrape(&sidecar)).await;
+    }
 }
 
 #[tokio::test]
