@@ -24,6 +24,7 @@ use super::rewrite::{strip_hop_by_hop, strip_hop_by_hop_but_upgrade, strip_prefi
 use super::route::{Listener, Route};
 use super::upgrade;
 use crate::config::Mode;
+use crate::telemetry::{Attempt, RequestTrace};
 use crate::token::Token;
 
 /// Request bodies up to this size (by `Content-Length`) are kept, so that a request the
@@ -82,6 +83,8 @@ fn intercepted<B>(request: &Request<B>) -> bool {
 pub(super) struct Connection<'a> {
     pub slot: &'a Slot,
     pub activity: Option<&'a Activity>,
+    /// The request's trace, with `[telemetry]` (set by [`forward`]).
+    pub trace: Option<&'a RequestTrace<'a>>,
 }
 
 /// Whether `request` is a gRPC call, whose failures bearerd answers in gRPC's terms. gRPC is
@@ -108,6 +111,14 @@ pub(super) async fn forward(
         )
     });
     let grpc = is_grpc(&request);
+    // `[telemetry]` on: the request's server span, which its attempts are children of.
+    let trace = upstream.telemetry.as_ref().map(|telemetry| {
+        telemetry.request(&upstream.name, upstream.target.authority().host(), &request)
+    });
+    let on = Connection {
+        trace: trace.as_ref(),
+        ..on
+    };
     let response = match try_forward(upstream, mode, on, request, grpc).await {
         Ok(response) => response,
         Err(error) => {
@@ -119,6 +130,9 @@ pub(super) async fn forward(
             error.into_response_for(&upstream.name, grpc)
         }
     };
+    if let Some(trace) = trace {
+        trace.finish(response.status());
+    }
     let elapsed = started.elapsed();
     upstream
         .metrics
@@ -198,11 +212,18 @@ async fn try_forward(
         None => upstream.response_header_timeout,
     };
     // The token comes next: without one the request never leaves bearerd.
-    let token = upstream
-        .credential
-        .token()
-        .await
-        .map_err(ProxyError::TokenUnavailable)?;
+    let token = match on.trace {
+        None => upstream.credential.token().await,
+        // In the request's context: a wait on a fetch links the request's span to it.
+        Some(trace) => {
+            opentelemetry::context::FutureExt::with_context(
+                upstream.credential.token(),
+                trace.context().clone(),
+            )
+            .await
+        }
+    }
+    .map_err(ProxyError::TokenUnavailable)?;
 
     let (mut parts, body) = request.into_parts();
     let uri = std::mem::take(&mut parts.uri);
@@ -226,6 +247,7 @@ async fn try_forward(
                 path_and_query: &path_and_query,
                 deadline,
                 activity: on.activity,
+                trace: on.trace,
             };
             return Box::pin(upgrade::forward(
                 to, parts, body, token, protocols, app_side,
@@ -391,7 +413,8 @@ pub(super) fn authorize_attempt(
     parts: &mut Parts,
     token: &Token,
     path_and_query: &PathAndQuery,
-) -> Result<(), ProxyError> {
+    trace: Option<&RequestTrace<'_>>,
+) -> Result<Option<Attempt>, ProxyError> {
     upstream
         .credential
         .authorize(&mut parts.headers, token, &parts.method, || {
@@ -400,15 +423,14 @@ pub(super) fn authorize_attempt(
         .map_err(|e| ProxyError::Internal {
             reason: e.to_string(),
         })?;
-    if let Some(telemetry) = &upstream.telemetry {
-        telemetry.attempt_started(
+    Ok(trace.map(|trace| {
+        trace.attempt(
             &mut parts.headers,
             &parts.method,
             upstream.target.authority(),
             || upstream.target.htu(path_and_query),
-        );
-    }
-    Ok(())
+        )
+    }))
 }
 
 impl Destination<'_> {
@@ -421,7 +443,13 @@ impl Destination<'_> {
         body: RequestBody,
     ) -> Result<Response<Incoming>, ProxyError> {
         let upstream = self.upstream;
-        authorize_attempt(upstream, &mut parts, token, self.path_and_query)?;
+        let attempt = authorize_attempt(
+            upstream,
+            &mut parts,
+            token,
+            self.path_and_query,
+            self.on.trace,
+        )?;
         let exchange = std::pin::pin!(async {
             // Connecting is rare and its future is large (TCP, TLS, HTTP handshake): boxed, it
             // stays out of the future of every request, which hyper moves into place whole.
@@ -474,8 +502,8 @@ impl Destination<'_> {
         }
         .ok_or_else(late)
         .and_then(|sent| sent);
-        if let Some(telemetry) = &upstream.telemetry {
-            telemetry.attempt_ended(
+        if let Some(attempt) = attempt {
+            attempt.ended(
                 sent.as_ref()
                     .map(Response::status)
                     .map_err(ProxyError::code),

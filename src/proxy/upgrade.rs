@@ -143,6 +143,8 @@ pub(super) struct Handshake<'a> {
     pub deadline: Duration,
     /// The HTTP/1.1 app connection's watchdog, which will run the tunnel; `None` on HTTP/2.
     pub activity: Option<&'a Activity>,
+    /// The request's trace, with `[telemetry]`.
+    pub trace: Option<&'a crate::telemetry::RequestTrace<'a>>,
 }
 
 /// Sends the handshake `parts` (hop-by-hop headers already gone) with `token`, asking for
@@ -256,7 +258,8 @@ async fn send(
     body: RequestBody,
 ) -> Result<Response<Incoming>, ProxyError> {
     let upstream = to.upstream;
-    forward::authorize_attempt(upstream, &mut parts, token, to.path_and_query)?;
+    let attempt =
+        forward::authorize_attempt(upstream, &mut parts, token, to.path_and_query, to.trace)?;
     parts.uri = Uri::from(to.path_and_query.clone());
     parts.headers.insert(HOST, upstream.target.host().clone());
     let exchange = async {
@@ -281,8 +284,8 @@ async fn send(
                 after: to.deadline,
             })
         });
-    if let Some(telemetry) = &upstream.telemetry {
-        telemetry.attempt_ended(
+    if let Some(attempt) = attempt {
+        attempt.ended(
             sent.as_ref()
                 .map(Response::status)
                 .map_err(ProxyError::code),
