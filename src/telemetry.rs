@@ -681,6 +681,48 @@ mod tests {
     }
 
     #[test]
+    fn traceparent_and_tracestate_are_what_the_sdk_propagator_writes() {
+        let vendor = TraceState::from_key_value([("vendor", "abc")]).unwrap();
+        for (flags, state) in [
+            (TraceFlags::SAMPLED, vendor),
+            (TraceFlags::default(), TraceState::default()),
+        ] {
+            let span = SpanContext::new(
+                TraceId::from(0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c_u128),
+                opentelemetry::trace::SpanId::from(0x00f0_67aa_0ba9_02b7_u64),
+                flags,
+                false,
+                state,
+            );
+            let mut ours = HeaderMap::new();
+            ours.insert("traceparent", HeaderValue::from_static("00-app"));
+            ours.insert("tracestate", HeaderValue::from_static("app=1"));
+            inject(&span, &mut ours);
+            let mut sdk = std::collections::HashMap::new();
+            TraceContextPropagator::new().inject_context(
+                &Context::new().with_remote_span_context(span.clone()),
+                &mut sdk,
+            );
+            assert_eq!(ours["traceparent"], sdk["traceparent"]);
+            match sdk["tracestate"].as_str() {
+                // The app's goes, and no empty header comes in its place.
+                "" => assert!(ours.get("tracestate").is_none()),
+                state => assert_eq!(ours["tracestate"], state),
+            }
+        }
+    }
+
+    #[test]
+    fn span_names_of_standard_methods_are_not_allocated() {
+        assert!(matches!(
+            method_name(&Method::GET),
+            std::borrow::Cow::Borrowed("GET")
+        ));
+        let purge = Method::from_bytes(b"PURGE").unwrap();
+        assert_eq!(method_name(&purge), "PURGE");
+    }
+
+    #[test]
     fn fetches_are_always_sampled_and_requests_by_ratio() {
         let never = Sampling::new(0.0);
         let decide = |name: &str| {

@@ -182,6 +182,7 @@ impl Activity {
 
     /// A frame of the response body went out. Only the connection's task writes the count, so
     /// a plain load and store do (no locked instruction).
+    #[inline]
     fn body_progressed(&self) {
         let frames = self.body_frames.load(Ordering::Relaxed);
         self.body_frames
@@ -583,6 +584,7 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     type Data = B::Data;
     type Error = B::Error;
 
+    #[inline]
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

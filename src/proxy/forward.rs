@@ -249,10 +249,7 @@ async fn try_forward(
                 activity: on.activity,
                 trace: on.trace,
             };
-            return Box::pin(upgrade::forward(
-                to, parts, body, token, protocols, app_side,
-            ))
-            .await;
+            return upgrade::start(to, parts, body, token, protocols, app_side).await;
         }
     }
     if grpc {
@@ -560,6 +557,7 @@ async fn keep_if_small(
     Ok(Ok((bytes, Some(reserved))))
 }
 
+#[inline(always)] // a clone of an `Arc`: out of line (three callers) it cost about 30 instructions per request
 fn full(bytes: &Bytes) -> RequestBody {
     Either::Right(Full::new(bytes.clone()))
 }
