@@ -584,7 +584,8 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     type Data = B::Data;
     type Error = B::Error;
 
-    #[inline]
+    // Forced: out of line it cost about 40 instructions per request (callgrind).
+    #[inline(always)]
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

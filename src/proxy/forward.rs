@@ -212,15 +212,14 @@ async fn try_forward(
         None => upstream.response_header_timeout,
     };
     // The token comes next: without one the request never leaves bearerd.
+    // One call of `token()` for both ways: two made it out of line (callgrind: about +70
+    // instructions per request).
+    let waiting = upstream.credential.token();
     let token = match on.trace {
-        None => upstream.credential.token().await,
+        None => waiting.await,
         // In the request's context: a wait on a fetch links the request's span to it.
         Some(trace) => {
-            opentelemetry::context::FutureExt::with_context(
-                upstream.credential.token(),
-                trace.context().clone(),
-            )
-            .await
+            opentelemetry::context::FutureExt::with_context(waiting, trace.context().clone()).await
         }
     }
     .map_err(ProxyError::TokenUnavailable)?;
@@ -403,8 +402,8 @@ struct Destination<'a> {
 /// and `traceparent`: whatever the app sent is replaced, the upstream sees bearerd's
 /// credential only. Shared by every request and the upgrade handshake (`upgrade::send`);
 /// inlined, as the body was before it was shared (callgrind: about +26 instructions per
-/// request when it was called instead).
-#[inline]
+/// request when it was called instead, which `#[inline]` alone did not prevent).
+#[inline(always)]
 pub(super) fn authorize_attempt(
     upstream: &Route,
     parts: &mut Parts,
