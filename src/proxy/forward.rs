@@ -112,9 +112,10 @@ pub(super) async fn forward(
     });
     let grpc = is_grpc(&request);
     // `[telemetry]` on: the request's server span, which its attempts are children of.
-    let trace = upstream.telemetry.as_ref().map(|telemetry| {
-        telemetry.request(&upstream.name, upstream.target.authority().host(), &request)
-    });
+    let trace = upstream
+        .telemetry
+        .as_ref()
+        .map(|telemetry| telemetry.request(&upstream.name, upstream.target.authority(), &request));
     let on = Connection {
         trace: trace.as_ref(),
         ..on
