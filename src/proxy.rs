@@ -300,19 +300,9 @@ impl App {
                             let on = forward::Connection {
                                 slot: &slot,
                                 activity: Some(guard.activity()),
+                                trace: None,
                             };
-                            match &route.telemetry {
-                                None => forward::forward(route, listener.mode, on, request).await,
-                                // `[telemetry]` on: the request in its server span, boxed so
-                                // that it stays out of the untraced requests' future.
-                                Some(telemetry) => {
-                                    let host = route.target.authority().host();
-                                    let cx = telemetry.request(&route.name, host, &request);
-                                    let forwarded =
-                                        forward::forward(route, listener.mode, on, request);
-                                    Box::pin(crate::telemetry::traced(cx, forwarded)).await
-                                }
-                            }
+                            forward::forward(route, listener.mode, on, request).await
                         }
                         Err(error) => forward::unrouted(&listener, &request, error),
                     },

@@ -182,6 +182,7 @@ impl Activity {
 
     /// A frame of the response body went out. Only the connection's task writes the count, so
     /// a plain load and store do (no locked instruction).
+    #[inline]
     fn body_progressed(&self) {
         let frames = self.body_frames.load(Ordering::Relaxed);
         self.body_frames
@@ -583,6 +584,8 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     type Data = B::Data;
     type Error = B::Error;
 
+    // Forced: out of line it cost about 40 instructions per request (callgrind).
+    #[inline(always)]
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

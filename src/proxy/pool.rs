@@ -167,11 +167,7 @@ impl Pool {
             let (sender, connection) = http1::handshake(io)
                 .await
                 .map_err(ConnectError::Handshake)?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "upstream connection ended");
-                }
-            });
+            run_http1(connection);
             Ok(Sender::Http1(sender))
         }
     }
@@ -191,11 +187,7 @@ impl Pool {
         let (sender, connection) = http1::handshake(io)
             .await
             .map_err(ConnectError::Handshake)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%error, "upstream connection ended");
-            }
-        });
+        run_http1(connection);
         Ok(sender)
     }
 
@@ -208,6 +200,23 @@ impl Pool {
             }
         }
     }
+}
+
+/// What the connector gives: a TCP or TLS stream to the upstream.
+type Io = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+
+/// Runs an HTTP/1.1 upstream connection, pooled or carrying an upgrade, in a task of its own.
+/// One function for both, with upgrades for both (a pooled connection never sees a `101`, as
+/// its requests never ask for one): hyper's client connection is then one future, polled from
+/// one place, and stays inlined into its task. Two (a plain one for the pool, one with
+/// upgrades) made its code shared by two callers and no longer inlined: callgrind counted
+/// about +200 instructions per request on the HTTP/1.1 path.
+fn run_http1(connection: http1::Connection<Io, RequestBody>) {
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%error, "upstream connection ended");
+        }
+    });
 }
 
 /// The upstream connection an app connection holds, with the pool it came from (a reload may

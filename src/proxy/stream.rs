@@ -57,16 +57,9 @@ pub(super) async fn serve(
                 let on = forward::Connection {
                     slot: &slot,
                     activity: None,
+                    trace: None,
                 };
-                let response = match &route.telemetry {
-                    None => forward::forward(route, listener.mode, on, request).await,
-                    Some(telemetry) => {
-                        let host = route.target.authority().host();
-                        let cx = telemetry.request(&route.name, host, &request);
-                        let forwarded = forward::forward(route, listener.mode, on, request);
-                        Box::pin(crate::telemetry::traced(cx, forwarded)).await
-                    }
-                };
+                let response = forward::forward(route, listener.mode, on, request).await;
                 let idle = route.response_body_idle_timeout.map(BodyIdle::new);
                 return response.map(|body| Released { body, slot, idle });
             }
