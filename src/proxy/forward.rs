@@ -188,7 +188,7 @@ async fn try_forward(
     upstream: &Route,
     mode: Mode,
     on: Connection<'_>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     grpc: bool,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     refuse_unforwardable(upstream, mode, &request)?;
@@ -197,12 +197,18 @@ async fn try_forward(
         Some(call) => call.min(upstream.response_header_timeout),
         None => upstream.response_header_timeout,
     };
-    // The token comes next: without one the request never leaves bearerd.
-    let token = upstream
-        .credential
-        .token()
-        .await
-        .map_err(ProxyError::TokenUnavailable)?;
+    // The token comes next: without one the request never leaves bearerd. An on-behalf-of
+    // route's comes from the subject the request carries, whose header is taken out here, on
+    // the way every request goes (HTTP/1.1, HTTP/2, an upgrade's handshake, an intercepted
+    // tunnel's requests): it never goes upstream.
+    let token = match upstream.credential.on_behalf() {
+        None => upstream
+            .credential
+            .token()
+            .await
+            .map_err(ProxyError::TokenUnavailable)?,
+        Some(on_behalf) => Box::pin(on_behalf.token_for(request.headers_mut())).await?,
+    };
 
     let (mut parts, body) = request.into_parts();
     let uri = std::mem::take(&mut parts.uri);

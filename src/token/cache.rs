@@ -60,6 +60,9 @@ mod file {
     }
 }
 mod redis;
+mod subjects;
+
+pub(crate) use subjects::SubjectStore;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
