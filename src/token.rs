@@ -99,6 +99,8 @@ pub enum LifetimeSource {
     MaxLifetime,
     /// What was left of a token found in the cache.
     Cached,
+    /// On-behalf-of: the subject token's JWT `exp`, sooner than the token's own expiry.
+    SubjectExpiry,
 }
 
 impl fmt::Display for LifetimeSource {
@@ -109,6 +111,7 @@ impl fmt::Display for LifetimeSource {
             Self::Default => "default_lifetime",
             Self::MaxLifetime => "max_lifetime (the endpoint said longer)",
             Self::Cached => "the cache (what is left of its lifetime)",
+            Self::SubjectExpiry => "the subject token's exp (sooner than the token's own)",
         })
     }
 }

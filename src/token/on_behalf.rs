@@ -355,8 +355,7 @@ impl OnBehalf {
                     duration_ms = elapsed.as_millis() as u64,
                     expires_in = token.lifetime.as_secs(),
                     lifetime_from = %token.lifetime_source,
-                    bounded_by_subject_exp = slot.expires.is_some_and(|exp| exp <= token.expires_at),
-                    "token exchanged on behalf of a subject"
+                                        "token exchanged on behalf of a subject"
                 );
                 audit::acquired(&label, &self.audit(slot), &token, false);
                 if let Some(cache) = &self.cache {
@@ -584,15 +583,24 @@ fn jwt_expiry(token: &str) -> Option<SystemTime> {
 }
 
 /// Bounds `token` by `expires`, the subject's expiry: it is not used, nor kept in the cache,
-/// past it.
+/// past it. Its lifetime is cut as much, so that when it was obtained (expiry less lifetime)
+/// stays true in audit events and `/status`.
 fn bound(token: &mut Token, expires: SystemTime) {
+    let Ok(cut) = token.expires_at.duration_since(expires) else {
+        return;
+    };
+    if cut.is_zero() {
+        return;
+    }
     let left = expires
         .duration_since(SystemTime::now())
         .unwrap_or_default();
     if let Some(until) = Instant::now().checked_add(left) {
         token.usable_until = token.usable_until.min(until);
     }
-    token.expires_at = token.expires_at.min(expires);
+    token.expires_at = expires;
+    token.lifetime = token.lifetime.saturating_sub(cut);
+    token.lifetime_source = super::LifetimeSource::SubjectExpiry;
 }
 
 #[cfg(test)]

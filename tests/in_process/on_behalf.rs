@@ -445,6 +445,15 @@ async fn the_exchanged_token_expires_with_a_jwt_subject() {
         acquired.contains(&format!("expires_at=\"{expected}\"")),
         "{acquired}"
     );
+    let fetched = logs
+        .lines()
+        .into_iter()
+        .find(|line| line.contains("token exchanged on behalf of a subject"))
+        .unwrap();
+    assert!(
+        fetched.contains("lifetime_from=the subject token's exp") && !fetched.contains("dave"),
+        "{fetched}"
+    );
 }
 
 #[tokio::test]

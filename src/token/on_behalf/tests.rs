@@ -99,6 +99,15 @@ async fn a_token_is_never_usable_past_the_subjects_expiry() {
     let expires = SystemTime::now() + Duration::from_secs(60);
     bound(&mut token, expires);
     assert_eq!(token.expires_at, expires);
+    assert_eq!(
+        token.lifetime_source,
+        super::super::LifetimeSource::SubjectExpiry
+    );
+    assert!(
+        token.lifetime <= Duration::from_secs(61),
+        "{:?}",
+        token.lifetime
+    );
     assert!(token.usable_until <= Instant::now() + Duration::from_secs(60));
     assert!(token.is_usable_at(Instant::now()));
     // A later expiry leaves the token's own.
