@@ -33,6 +33,14 @@ use super::state::{SharedObservers, REJECTION_REFETCH_INTERVAL};
 use super::Token;
 use crate::config::OnBehalfOf;
 use crate::secret::Secret;
+use crate::telemetry::{self, FetchTracing};
+
+/// How long a subject's requests get an endpoint's failure without another exchange, unless
+/// its `Retry-After` says longer: a failing endpoint gets at most one exchange a second per
+/// subject, however many requests arrive.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+/// The most a `Retry-After` holds a subject's exchanges back.
+const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(60);
 
 /// The SHA-256 of a subject token: what names a subject everywhere bearerd keeps or says
 /// anything of it.
@@ -89,6 +97,8 @@ pub(crate) struct OnBehalf {
     /// With the Redis cache: the fleet's copies.
     cache: Option<SubjectStore>,
     observers: SharedObservers,
+    /// `[telemetry]`: each exchange's span, which the requests that waited for it link to.
+    tracing: Option<FetchTracing>,
 }
 
 /// The subjects held, with their order of use for eviction.
@@ -127,6 +137,9 @@ struct SlotState {
     /// its outcome rather than fetching again each.
     flights: u64,
     failure: Option<Refusal>,
+    /// After an endpoint failure (not a refusal of the subject): until when the subject's
+    /// requests get that failure without another exchange, as `Retry-After` says.
+    backing_off: Option<Instant>,
     /// The hash of the last token an upstream rejected: not taken from the cache again.
     refused: Option<String>,
     /// When an upstream's 401 last made it fetch.
@@ -148,6 +161,20 @@ impl Slot {
             .filter(|t| t.is_usable_at(now))
             .cloned()
     }
+
+    /// The failure its requests get without an exchange, while the endpoint's last failure
+    /// asks them to wait.
+    fn backing_off(&self, now: Instant) -> Option<Refusal> {
+        let state = self.state();
+        let until = state.backing_off.filter(|until| now < *until)?;
+        match &state.failure {
+            Some(Refusal::Unavailable(unavailable)) => Some(Refusal::Unavailable(Unavailable {
+                detail: unavailable.detail.clone(),
+                retry_after: until.saturating_duration_since(now),
+            })),
+            _ => None,
+        }
+    }
 }
 
 impl OnBehalf {
@@ -157,6 +184,7 @@ impl OnBehalf {
         fetcher: Fetcher,
         cache: Option<SubjectStore>,
         observers: SharedObservers,
+        tracing: Option<FetchTracing>,
     ) -> Self {
         Self {
             settings,
@@ -164,6 +192,7 @@ impl OnBehalf {
             subjects: Mutex::new(Subjects::default()),
             cache,
             observers,
+            tracing,
         }
     }
 
@@ -205,8 +234,13 @@ impl OnBehalf {
             ));
         }
         let slot = self.slot(SubjectKey::of(&subject), subject, expires);
-        if let Some(token) = slot.usable(Instant::now()) {
+        let now = Instant::now();
+        if let Some(token) = slot.usable(now) {
             return Ok(token);
+        }
+        // The endpoint failed for this subject moments ago: not again before it said.
+        if let Some(failure) = slot.backing_off(now) {
+            return Err(failure);
         }
         self.fetch(&slot, None).await
     }
@@ -305,7 +339,25 @@ impl OnBehalf {
             }
         }
         let started = Instant::now();
+        let span = self.tracing.as_ref().map(FetchTracing::start);
         let outcome = self.fetcher.fetch_for(&slot.subject).await;
+        if let Some(span) = span {
+            let label = match &outcome {
+                Ok(_) => "success",
+                Err(error) => error
+                    .outcome()
+                    .map_or("secret_error", super::metrics::FetchOutcome::label),
+            };
+            let status = outcome
+                .as_ref()
+                .err()
+                .and_then(FetchError::endpoint)
+                .map(|e| e.status);
+            let fetch = telemetry::fetch_ended(span, label, status, false);
+            // The request that made the exchange links to it, as waiters on a source's
+            // refresher do.
+            telemetry::link_to_fetch(&fetch);
+        }
         self.record(slot, outcome, started.elapsed()).await
     }
 
@@ -323,6 +375,7 @@ impl OnBehalf {
         let token = Arc::new(token);
         state.token = Some(Arc::clone(&token));
         state.failure = None;
+        state.backing_off = None;
         token
     }
 
@@ -376,22 +429,29 @@ impl OnBehalf {
                     error = %error,
                     "token exchange on behalf of a subject failed"
                 );
-                let refusal = if is_about_the_subject(&error) {
+                let (refusal, backing_off) = if is_about_the_subject(&error) {
                     // Nothing is kept of a subject the endpoint refused.
                     self.forget(slot);
-                    Refusal::Rejected(format!(
+                    let refusal = Refusal::Rejected(format!(
                         "the token endpoint refused to exchange the subject token ({})",
                         error.summary()
-                    ))
+                    ));
+                    (refusal, None)
                 } else {
-                    Refusal::Unavailable(Unavailable {
+                    let retry_after = error
+                        .retry_after()
+                        .unwrap_or(FAILURE_BACKOFF)
+                        .clamp(FAILURE_BACKOFF, MAX_FAILURE_BACKOFF);
+                    let refusal = Refusal::Unavailable(Unavailable {
                         detail: error.summary(),
-                        retry_after: error.retry_after().unwrap_or(Duration::from_secs(1)),
-                    })
+                        retry_after,
+                    });
+                    (refusal, Instant::now().checked_add(retry_after))
                 };
                 let mut state = slot.state();
                 state.flights += 1;
                 state.failure = Some(refusal.clone());
+                state.backing_off = backing_off;
                 Err(refusal)
             }
         }

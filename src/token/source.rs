@@ -254,6 +254,7 @@ pub(crate) fn start(
             fetcher,
             cache,
             Arc::clone(&observers),
+            telemetry.map(|t| t.fetches(&key.token)),
         ));
         let (_, state) = watch::channel(State {
             token: None,

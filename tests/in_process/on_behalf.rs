@@ -28,7 +28,8 @@ const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 
 /// A token endpoint that exchanges subject `s` for `for-<s>-<n>` (the n-th request), refuses
 /// subjects starting with `bad` (400 `invalid_grant`, quoting the subject back as a careless
-/// server would) and fails for subjects starting with `boom` (500).
+/// server would) and fails for subjects starting with `boom` (500) and `busy` (503, come back
+/// in 30 s).
 async fn exchanger() -> support::TokenEndpoint {
     token_endpoint(|n, request| async move {
         let subject = request.form.get("subject_token").cloned().unwrap_or_default();
@@ -43,6 +44,15 @@ async fn exchanger() -> support::TokenEndpoint {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({"error": "server_error"}),
             );
+        }
+        if subject.starts_with("busy") {
+            let mut busy = answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "temporarily_unavailable"}),
+            );
+            busy.headers_mut()
+                .insert("retry-after", http::HeaderValue::from_static("30"));
+            return busy;
         }
         token_ok(&format!("for-{}-{n}", short(&subject)), 3600)
     })
@@ -267,6 +277,21 @@ async fn a_refused_subject_is_401_and_not_kept_and_a_failing_endpoint_503() {
     assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(failed.json()["error"], "token_unavailable");
     assert!(failed.headers.contains_key("retry-after"));
+
+    // An endpoint that asks to come back later is not asked again for that subject before.
+    let before = endpoint.count();
+    for _ in 0..3 {
+        let busy = as_subject(&sidecar, "busy-subject").await;
+        assert_eq!(busy.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.json()["error"], "token_unavailable");
+        let wait: u64 = busy.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=30).contains(&wait), "{wait}");
+    }
+    assert_eq!(endpoint.count(), before + 1);
 
     // An expired JWT subject is refused without a request.
     let before = endpoint.count();
@@ -784,6 +809,15 @@ struct Logs {
 
 impl Logs {
     fn capture() -> Self {
+        // tracing caches whether a callsite is of interest once, process-wide, against the
+        // dispatcher of the thread that reaches it first: a test thread without a subscriber
+        // would make it "never" for this one too. A global subscriber that takes every event
+        // (and keeps none) makes every thread answer "always"; the capture below is this
+        // thread's own.
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+        });
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let writer = Arc::clone(&buffer);
         let subscriber = tracing_subscriber::fmt()
