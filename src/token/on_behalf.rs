@@ -110,6 +110,20 @@ struct Subjects {
     uses: u64,
 }
 
+impl Subjects {
+    /// The slot of `key`, if held, marked as just used.
+    fn touch(&mut self, key: SubjectKey) -> Option<Arc<Slot>> {
+        self.uses += 1;
+        let now = self.uses;
+        let held = self.by_key.get_mut(&key)?;
+        let before = std::mem::replace(&mut held.used, now);
+        let slot = Arc::clone(&held.slot);
+        self.by_use.remove(&before);
+        self.by_use.insert(now, key);
+        Some(slot)
+    }
+}
+
 struct Held {
     slot: Arc<Slot>,
     used: u64,
@@ -227,16 +241,25 @@ impl OnBehalf {
 
     /// The token for `subject`: held, from the fleet's cache, or exchanged now.
     pub(crate) async fn token(&self, subject: Secret) -> Result<Arc<Token>, Refusal> {
-        let expires = jwt_expiry(subject.expose());
-        if expires.is_some_and(|exp| exp <= SystemTime::now()) {
-            return Err(Refusal::Rejected(
-                "the subject token has expired (its JWT exp claim is past): not sent to the token endpoint".into(),
-            ));
-        }
-        let slot = self.slot(SubjectKey::of(&subject), subject, expires);
+        let key = SubjectKey::of(&subject);
+        // A subject seen before has its expiry read already: the JWT is decoded once.
+        let slot = match self.find(key) {
+            Some(slot) => slot,
+            None => {
+                let expires = jwt_expiry(subject.expose());
+                if expires.is_some_and(|exp| exp <= SystemTime::now()) {
+                    return Err(expired());
+                }
+                self.insert(key, subject, expires)
+            }
+        };
         let now = Instant::now();
         if let Some(token) = slot.usable(now) {
             return Ok(token);
+        }
+        if slot.expires.is_some_and(|exp| exp <= SystemTime::now()) {
+            self.forget(&slot);
+            return Err(expired());
         }
         // The endpoint failed for this subject moments ago: not again before it said.
         if let Some(failure) = slot.backing_off(now) {
@@ -245,19 +268,20 @@ impl OnBehalf {
         self.fetch(&slot, None).await
     }
 
-    /// The subject's slot, made if it is new (evicting the least recently used subject when
-    /// `max_subjects` are held), and marked as just used.
-    fn slot(&self, key: SubjectKey, subject: Secret, expires: Option<SystemTime>) -> Arc<Slot> {
+    /// The slot of `key`, if the subject is held, marked as just used.
+    fn find(&self, key: SubjectKey) -> Option<Arc<Slot>> {
+        self.subjects().touch(key)
+    }
+
+    /// The slot of a subject not held a moment ago (another request may have made it since),
+    /// evicting the least recently used subject when `max_subjects` are held.
+    fn insert(&self, key: SubjectKey, subject: Secret, expires: Option<SystemTime>) -> Arc<Slot> {
         let mut subjects = self.subjects();
-        subjects.uses += 1;
-        let now = subjects.uses;
-        if let Some(held) = subjects.by_key.get_mut(&key) {
-            let before = std::mem::replace(&mut held.used, now);
-            let slot = Arc::clone(&held.slot);
-            subjects.by_use.remove(&before);
-            subjects.by_use.insert(now, key);
+        if let Some(slot) = subjects.touch(key) {
             return slot;
         }
+        subjects.uses += 1;
+        let now = subjects.uses;
         while subjects.by_key.len() >= self.settings.max_subjects {
             let Some((_, oldest)) = subjects.by_use.pop_first() else {
                 break;
@@ -557,6 +581,14 @@ impl OnBehalf {
         about.subject_hash = Some(slot.key.fingerprint());
         about
     }
+}
+
+/// The refusal of a subject whose JWT `exp` is past.
+fn expired() -> Refusal {
+    Refusal::Rejected(
+        "the subject token has expired (its JWT exp claim is past): not sent to the token endpoint"
+            .into(),
+    )
 }
 
 /// Whether the token endpoint's refusal is about the subject (RFC 8693 §2.2.2: `invalid_request`,
