@@ -336,15 +336,20 @@ impl OnBehalf {
     }
 
     /// Fetches the subject's token, one flight at a time: a request that waited for another
-    /// fetch takes its outcome. `rejected`: the generation an upstream just refused, which is
-    /// not taken back, nor its copy in the cache.
-    async fn fetch(&self, slot: &Arc<Slot>, rejected: Option<u64>) -> Result<Arc<Token>, Refusal> {
+    /// fetch takes its outcome. `rejected`: the token an upstream just refused, which is not
+    /// taken back, and whose copy in the cache is deleted.
+    async fn fetch(
+        &self,
+        slot: &Arc<Slot>,
+        rejected: Option<&Token>,
+    ) -> Result<Arc<Token>, Refusal> {
         let seen = slot.state().flights;
         let _flight = slot.flight.lock().await;
         let refused = {
             let state = slot.state();
             if let Some(token) = state.token.as_ref().filter(|t| {
-                t.is_usable_at(Instant::now()) && rejected.map_or(true, |g| t.generation > g)
+                t.is_usable_at(Instant::now())
+                    && rejected.map_or(true, |r| t.generation > r.generation)
             }) {
                 return Ok(Arc::clone(token));
             }
@@ -355,6 +360,9 @@ impl OnBehalf {
             }
             state.refused.clone()
         };
+        if let (Some(cache), Some(rejected)) = (&self.cache, rejected) {
+            cache.delete(&slot.key, rejected).await;
+        }
         if let Some(cache) = &self.cache {
             if let Some(token) = cache.get(&slot.key, refused.as_deref()).await {
                 let token = self.publish(slot, token);
@@ -432,7 +440,7 @@ impl OnBehalf {
                     duration_ms = elapsed.as_millis() as u64,
                     expires_in = token.lifetime.as_secs(),
                     lifetime_from = %token.lifetime_source,
-                                        "token exchanged on behalf of a subject"
+                    "token exchanged on behalf of a subject"
                 );
                 audit::acquired(&label, &self.audit(slot), &token, false);
                 if let Some(cache) = &self.cache {
@@ -506,18 +514,18 @@ impl OnBehalf {
             {
                 return Ok(Arc::clone(newer));
             }
-            if state
+            let recent = state
                 .rejection_fetch
-                .is_some_and(|last| now < last + REJECTION_REFETCH_INTERVAL)
-            {
+                .is_some_and(|last| now < last + REJECTION_REFETCH_INTERVAL);
+            if !recent {
+                state.rejection_fetch = Some(now);
+            } else if slot.flight.try_lock().is_ok() {
+                // No exchange under way to wait for: the upstream's 401 goes to the app.
                 return Err(no("the subject's token was exchanged again moments ago"));
             }
-            state.rejection_fetch = Some(now);
+            // Else another report's exchange is under way: its outcome is this one's too.
         }
-        if let Some(cache) = &self.cache {
-            cache.delete(&slot.key, rejected).await;
-        }
-        self.fetch(&slot, Some(rejected.generation))
+        self.fetch(&slot, Some(rejected))
             .await
             .map_err(|refusal| match refusal {
                 Refusal::Unavailable(unavailable) => unavailable,

@@ -445,6 +445,46 @@ async fn an_upstream_401_replays_once_with_a_new_exchange_for_that_subject() {
 }
 
 #[tokio::test]
+async fn concurrent_401s_of_one_subjects_token_cause_one_new_exchange() {
+    const N: usize = 6;
+    let endpoint = exchanger().await;
+    // Every request with alice's first token waits until all N have arrived, then is
+    // refused: the N 401s come back together.
+    let together = Arc::new(tokio::sync::Barrier::new(N));
+    let upstream = serve(move |request: Request<hyper::body::Incoming>| {
+        let together = Arc::clone(&together);
+        async move {
+            if request.headers()["authorization"] == "Bearer for-alice-0" {
+                together.wait().await;
+                return answer(StatusCode::UNAUTHORIZED, json!({"error": "invalid_token"}));
+            }
+            echo(request).await
+        }
+    })
+    .await;
+    let sidecar = sidecar(on_behalf(&endpoint, HEADER), &upstream).await;
+    let url = sidecar.url("api", "/x");
+    let calls: Vec<_> = (0..N)
+        .map(|_| {
+            let request = Request::get(&url)
+                .header(HEADER, "alice")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            tokio::spawn(send(request))
+        })
+        .collect();
+    for call in calls {
+        let seen = call.await.unwrap().echo();
+        assert_eq!(seen.header("authorization"), Some("Bearer for-alice-1"));
+    }
+    assert_eq!(
+        endpoint.count(),
+        2,
+        "one exchange, then one for the {N} 401s"
+    );
+}
+
+#[tokio::test]
 async fn the_exchanged_token_expires_with_a_jwt_subject() {
     let endpoint = exchanger().await;
     let upstream = serve(echo).await;
