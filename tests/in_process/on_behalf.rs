@@ -185,6 +185,21 @@ async fn the_subject_is_exchanged_per_request_and_never_forwarded() {
     assert_eq!(source["on_behalf_of"]["header"], HEADER);
     assert_eq!(source["on_behalf_of"]["cached_subjects"], 2);
     assert_eq!(source["on_behalf_of"]["max_subjects"], 1000);
+    let page = sidecar.running().admin().status(
+        &http::Method::GET,
+        &http::HeaderMap::new(),
+        "127.0.0.1".parse().unwrap(),
+        &[],
+    );
+    let html = page.into_body().collect().await.unwrap().to_bytes();
+    let html = String::from_utf8_lossy(&html);
+    assert!(
+        html.contains(
+            "on behalf of the subject in <code>x-subject-token</code>: 2 of at most 1000 subjects cached"
+        ),
+        "{html}"
+    );
+    assert!(!html.contains("alice") && !html.contains("for-bob"));
     assert_eq!(
         support::metric(
             &scrape(&sidecar),
