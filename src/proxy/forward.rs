@@ -207,6 +207,8 @@ async fn try_forward(
             .token()
             .await
             .map_err(ProxyError::TokenUnavailable)?,
+        // Boxed, as its exchange's future is large: the future of every request stays as it
+        // was.
         Some(on_behalf) => Box::pin(on_behalf.token_for(request.headers_mut())).await?,
     };
 

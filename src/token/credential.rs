@@ -80,7 +80,9 @@ impl Credential {
         rejected: &Token,
     ) -> Result<Arc<Token>, Unavailable> {
         match (&self.on_behalf, rejected.subject) {
-            (Some(on_behalf), Some(_)) => on_behalf.replacement_for(rejected).await,
+            // Boxed: an exchange's future is large, and would grow the future of every
+            // request (which holds this one), copied at each move (docs/benchmarks.md).
+            (Some(on_behalf), Some(_)) => Box::pin(on_behalf.replacement_for(rejected)).await,
             _ => self.token.replacement_for(rejected).await,
         }
     }
