@@ -738,6 +738,53 @@ async fn the_file_cache_never_holds_an_on_behalf_of_token() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
 }
 
+#[tokio::test]
+async fn a_reload_keeps_the_subjects_of_an_unchanged_source() {
+    let endpoint = exchanger().await;
+    let upstream = serve(echo).await;
+    let text = |max: i64, path: &str| {
+        config(
+            on_behalf(&endpoint, HEADER).set("max_subjects", max),
+            &upstream.url(path),
+        )
+        .render()
+    };
+    let mut sidecar = Sidecar::start(&text(10, "/v1")).await;
+    as_subject(&sidecar, "lena").await.echo();
+    let reload = |sidecar: &mut Sidecar, text: String| {
+        std::fs::write(sidecar.file("bearerd.toml"), text).unwrap();
+        bearerd::config::Config::load(&sidecar.file("bearerd.toml")).unwrap()
+    };
+    // The route moves; the token settings stay: lena's token is still held.
+    let config = reload(&mut sidecar, text(10, "/v2"));
+    sidecar
+        .running
+        .as_mut()
+        .unwrap()
+        .reload(&config)
+        .await
+        .unwrap();
+    let seen = as_subject(&sidecar, "lena").await.echo();
+    assert_eq!(seen.uri, "/v2/x");
+    assert_eq!(seen.header("authorization"), Some("Bearer for-lena-0"));
+    assert_eq!(endpoint.count(), 1);
+    // Other token settings are another source, which starts with no subject.
+    let config = reload(&mut sidecar, text(20, "/v2"));
+    sidecar
+        .running
+        .as_mut()
+        .unwrap()
+        .reload(&config)
+        .await
+        .unwrap();
+    let seen = as_subject(&sidecar, "lena").await.echo();
+    assert_eq!(seen.header("authorization"), Some("Bearer for-lena-1"));
+    assert_eq!(
+        status(&sidecar).await["token_sources"][0]["on_behalf_of"]["max_subjects"],
+        20
+    );
+}
+
 #[test]
 fn the_config_takes_one_subject_source_and_a_usable_header() {
     let check = |token: Token| {
