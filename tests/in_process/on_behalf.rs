@@ -333,6 +333,26 @@ async fn an_unreachable_endpoint_is_503() {
     assert_eq!(failed.json()["error"], "token_unavailable");
 }
 
+#[tokio::test]
+async fn an_endpoint_that_does_not_answer_in_time_is_503() {
+    let endpoint = token_endpoint(|_, _| std::future::pending()).await;
+    let upstream = serve(echo).await;
+    let token = on_behalf(&endpoint, HEADER).set("timeout", string("300ms"));
+    let sidecar = sidecar(token, &upstream).await;
+    let failed = as_subject(&sidecar, "alice").await;
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(failed.json()["error"], "token_unavailable");
+    let detail = failed.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("300ms"), "{detail}");
+    assert_eq!(
+        support::metric(
+            &scrape(&sidecar),
+            r#"bearerd_token_fetch_total{outcome="timeout",upstream="api"}"#
+        ),
+        Some(1.0)
+    );
+}
+
 /// A token endpoint that holds each answer for a subject in `held` until released.
 struct Holding {
     endpoint: support::TokenEndpoint,
