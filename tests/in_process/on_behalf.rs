@@ -739,6 +739,58 @@ async fn two_sidecars_sharing_redis_exchange_a_subject_once() {
 }
 
 #[tokio::test]
+async fn a_token_an_upstream_rejects_leaves_the_fleet_cache() {
+    let redis = support::redis::Redis::start();
+    // The second exchange fails: the rejected token's entry must be gone all the same.
+    let endpoint = token_endpoint(|n, _| async move {
+        if n == 1 {
+            return answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": "server_error"}),
+            );
+        }
+        token_ok(&format!("for-mia-{n}"), 3600)
+    })
+    .await;
+    let upstream = serve(move |request: Request<hyper::body::Incoming>| async move {
+        if request.headers()["authorization"] == "Bearer for-mia-0" {
+            return answer(StatusCode::UNAUTHORIZED, json!({"error": "invalid_token"}));
+        }
+        echo(request).await
+    })
+    .await;
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("cache.key");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+        std::fs::write(&key_file, format!("{key}\n")).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let text = config(on_behalf(&endpoint, HEADER), &upstream.url("/v1"))
+        .table(
+            "cache",
+            Table::new()
+                .set("backend", string("redis"))
+                .set("url", string(&redis.url()))
+                .set("key_file", string(key_file.to_str().unwrap())),
+        )
+        .render();
+    let first = Sidecar::start(&text).await;
+    // Rejected, and no new token to replay with: the upstream's 401 goes to the app.
+    let refused = as_subject(&first, "mia").await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(refused.json()["error"], "invalid_token");
+    assert_eq!(endpoint.count(), 2);
+    assert!(redis.keys("*").is_empty(), "{:?}", redis.keys("*"));
+    // Another replica exchanges the subject anew rather than take the rejected token.
+    let second = Sidecar::start(&text).await;
+    let seen = as_subject(&second, "mia").await.echo();
+    assert_eq!(seen.header("authorization"), Some("Bearer for-mia-2"));
+    assert_eq!(endpoint.count(), 3);
+}
+
+#[tokio::test]
 async fn the_file_cache_never_holds_an_on_behalf_of_token() {
     let endpoint = exchanger().await;
     let upstream = serve(echo).await;
