@@ -15,7 +15,8 @@
 //!
 //! A subject the endpoint refuses (a 4xx that is about the subject, not about bearerd's client)
 //! is forgotten at once, and its requests answered 401 `subject_token_rejected`; an endpoint
-//! that fails is a 503, as for any source. There is no refresher: nothing gates `/readyz`.
+//! that fails is a 503, as for any source, and is not asked again for that subject before its
+//! `Retry-After` (a second at least). There is no refresher: nothing gates `/readyz`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -564,7 +565,11 @@ impl OnBehalf {
             holds
         };
         if dropped {
-            tracing::info!(upstream = %self.label(), subject_hash = slot.key.fingerprint().as_str(), "upstream rejected a subject's token: it is exchanged again");
+            tracing::info!(
+                upstream = %self.label(),
+                subject_hash = slot.key.fingerprint().as_str(),
+                "upstream rejected a subject's token: it is exchanged again"
+            );
             audit::rejected_by_upstream(&self.label(), &self.audit(&slot), rejected, true);
         }
         Some(slot)
