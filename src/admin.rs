@@ -143,6 +143,11 @@ impl Admin {
         // Validity changes with time alone, so it is read at the moment of the scrape.
         let now = Instant::now();
         for upstream in self.upstreams().iter() {
+            // An on-behalf-of source holds a token per subject, and none of its own.
+            if let Some((held, _)) = upstream.token.subjects_held() {
+                upstream.metrics.subjects_held(held);
+                continue;
+            }
             let state = upstream.token.state();
             let token = state.token.as_ref();
             upstream.metrics.token_state(
@@ -181,7 +186,8 @@ impl Admin {
         }
     }
 
-    /// 200 when every upstream holds a usable token and bearerd is not shutting down.
+    /// 200 when every upstream holds a usable token (on-behalf-of sources aside, which fetch
+    /// per subject on demand) and bearerd is not shutting down.
     fn readiness(&self) -> Response<Full<Bytes>> {
         if self.draining.is_cancelled() {
             return json(
@@ -194,6 +200,11 @@ impl Admin {
             .upstreams()
             .iter()
             .filter_map(|upstream| {
+                // An on-behalf-of source fetches when a request brings a subject: there is
+                // nothing for it to be ready with.
+                if upstream.token.on_behalf().is_some() {
+                    return None;
+                }
                 let state = upstream.token.state();
                 if state.usable_token(now).is_some() {
                     return None;

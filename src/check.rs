@@ -415,6 +415,17 @@ pub async fn fetch_token(
     upstream: &str,
     show_token: bool,
 ) -> Result<String, String> {
+    fetch_token_for(config, upstream, show_token, None).await
+}
+
+/// [`fetch_token`], for an on-behalf-of upstream with the subject token in `subject_file`
+/// (`--subject-token-file`), which it needs and other upstreams refuse.
+pub async fn fetch_token_for(
+    config: &Config,
+    upstream: &str,
+    show_token: bool,
+    subject_file: Option<&std::path::Path>,
+) -> Result<String, String> {
     let Some(found) = config.upstreams.iter().find(|u| u.name == upstream) else {
         let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
         return Err(format!(
@@ -425,6 +436,31 @@ pub async fn fetch_token(
     // With dpop, the config holds a dpop_key_file (it refuses the grant otherwise): the chain
     // is named by the DPoP key's thumbprint, so this process finds the running bearerd's.
     let refreshing = matches!(found.token.grant, crate::config::Grant::RefreshToken(_));
+    // Read before anything is prepared: a wrong flag is said first.
+    let subject_token = match (found.token.on_behalf_of(), subject_file) {
+        (Some(on_behalf_of), None) => {
+            return Err(format!(
+                "upstream {upstream}: on-behalf-of (subject_token_from = \"header:{}\"): the subject comes with each request; give one with --subject-token-file PATH",
+                on_behalf_of.header
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(format!(
+                "upstream {upstream}: --subject-token-file is for on-behalf-of upstreams (grant = \"token_exchange\" with subject_token_from) only; this one's grant is {:?}{}",
+                found.token.grant_name(),
+                if matches!(found.token.grant, crate::config::Grant::TokenExchange(_)) {
+                    ", which reads its subject_token_file"
+                } else {
+                    ""
+                }
+            ))
+        }
+        (Some(_), Some(path)) => Some(
+            crate::token::grant::token_file_sync(path)
+                .map_err(|e| format!("upstream {upstream}: --subject-token-file: {e}"))?,
+        ),
+        (None, None) => None,
+    };
     let mut prepared = prepare(config);
     let subject = format!("upstream {upstream}");
     let Some(setup) = prepared
@@ -460,6 +496,8 @@ pub async fn fetch_token(
             return Err(why.join("\n"));
         };
         crate::token::cache::fetch_leased(fetcher, cache, &found.token, thumbprint.as_deref()).await
+    } else if let Some(subject) = &subject_token {
+        fetcher.fetch_for(subject).await
     } else {
         crate::token::fetch::Fetch::fetch(&fetcher).await
     };
@@ -482,6 +520,13 @@ pub async fn fetch_token(
         "Bearer"
     };
     let _ = writeln!(out, "  token type: {token_type}");
+    if let Some(subject) = &subject_token {
+        let _ = writeln!(
+            out,
+            "  on behalf of the subject with hash {} (the subject token is never printed)",
+            crate::token::on_behalf::SubjectKey::of(subject).fingerprint()
+        );
+    }
     let _ = writeln!(
         out,
         "  scope: {}",

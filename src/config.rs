@@ -30,8 +30,9 @@ use http::Uri;
 pub use credentials::{Assertion, ClientAuth, Dpop, Identity, JwsAlg, DEFAULT_ASSERTION_LIFETIME};
 pub use egress::{proxy_env, without_credentials, EgressProxy, ProxyEnv};
 pub use grant::{
-    ActorToken, Grant, JwtBearer, JwtKey, Presentation, RefreshToken, ScopeIn, ServiceAccountKey,
-    TokenExchange, ACCESS_TOKEN_TYPE, DEFAULT_SUBJECT_TOKEN_TYPE,
+    ActorToken, Grant, JwtBearer, JwtKey, OnBehalfOf, Presentation, RefreshToken, ScopeIn,
+    ServiceAccountKey, SubjectFrom, TokenExchange, ACCESS_TOKEN_TYPE, DEFAULT_MAX_SUBJECTS,
+    DEFAULT_SUBJECT_TOKEN_TYPE,
 };
 use sources::Sources;
 pub use sources::CONF_D;
@@ -475,6 +476,15 @@ impl TokenSettings {
     /// The grant's name as the file, the status page, audit events and spans say it.
     pub fn grant_name(&self) -> &'static str {
         self.grant.name()
+    }
+
+    /// On-behalf-of: the subject token comes from each app request
+    /// (`subject_token_from`), and tokens are fetched per subject, on demand.
+    pub fn on_behalf_of(&self) -> Option<&OnBehalfOf> {
+        match &self.grant {
+            Grant::TokenExchange(exchange) => exchange.on_behalf_of(),
+            _ => None,
+        }
     }
 
     /// The private-key files the token source reads: the assertion key, the client

@@ -19,7 +19,9 @@
 //!   timing (`schedule`), the refresher task and its supervisor (`refresher`), the handle
 //!   requests read tokens through (`source`, which also starts a source: fetcher, cache and
 //!   refresher), and a route's `credential` (the token, and with DPoP its proof); upstreams
-//!   with equal settings share one source ([`token::SourceKey`]);
+//!   with equal settings share one source ([`token::SourceKey`]); an on-behalf-of source
+//!   (`on_behalf`) has no refresher: it exchanges the subject token each request carries,
+//!   on demand, a token per subject;
 //! - [`proxy`]: the local listeners (and who may use them), each serving a table of routes
 //!   that build themselves from their config; what is refused before a token is attached,
 //!   request rewriting and forwarding, the app's body under its deadline, error answers;

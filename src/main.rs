@@ -31,6 +31,11 @@ struct Cli {
     #[arg(long, requires = "fetch_token")]
     show_token: bool,
 
+    /// With --fetch-token, for an on-behalf-of upstream (subject_token_from): the file holding
+    /// the subject token to exchange (never printed).
+    #[arg(long, value_name = "PATH", requires = "fetch_token")]
+    subject_token_file: Option<PathBuf>,
+
     /// Print the public keys of UPSTREAM (its private_key_jwt key, its DPoP key_file) as a
     /// JWK Set with `kid`, to register with the identity provider, and exit. Never prints
     /// private key material.
@@ -92,10 +97,11 @@ fn main() -> ExitCode {
     };
     let code = match &cli.fetch_token {
         Some(upstream) => {
-            match runtime.block_on(bearerd::check::fetch_token(
+            match runtime.block_on(bearerd::check::fetch_token_for(
                 &config,
                 upstream,
                 cli.show_token,
+                cli.subject_token_file.as_deref(),
             )) {
                 Ok(description) => {
                     print!("{description}");

@@ -8,7 +8,8 @@
 //!   vendors' own shapes);
 //! - [`schedule`]: pure arithmetic of when to refresh and how long to back off;
 //! - [`source`]: the refresher task that keeps one token fresh, and the handle requests read
-//!   it through;
+//!   it through; `on_behalf`: the source of an on-behalf-of exchange instead, which fetches
+//!   on demand a token per subject (the subject token each app request carries);
 //! - `metrics`: the token metric families, and each upstream's series of them; [`audit`]: an
 //!   audit event per token obtained, failed, refused or rejected by an upstream.
 
@@ -22,6 +23,7 @@ pub(crate) mod dpop;
 pub mod fetch;
 pub(crate) mod grant;
 pub(crate) mod metrics;
+pub(crate) mod on_behalf;
 mod refresher;
 pub mod response;
 mod rotation;
@@ -79,6 +81,9 @@ pub struct Token {
     /// Which token of its source this is: 1 for the first, then counting up. Set by the
     /// refresher when it publishes the token; an upstream's 401 names the token by it.
     pub generation: u64,
+    /// On-behalf-of: the SHA-256 of the subject token it was exchanged for (never the subject
+    /// itself), by which an upstream's 401 finds the subject to exchange again.
+    pub(crate) subject: Option<on_behalf::SubjectKey>,
 }
 
 /// Where a token's lifetime came from.
@@ -94,6 +99,8 @@ pub enum LifetimeSource {
     MaxLifetime,
     /// What was left of a token found in the cache.
     Cached,
+    /// On-behalf-of: the subject token's JWT `exp`, sooner than the token's own expiry.
+    SubjectExpiry,
 }
 
 impl fmt::Display for LifetimeSource {
@@ -104,6 +111,7 @@ impl fmt::Display for LifetimeSource {
             Self::Default => "default_lifetime",
             Self::MaxLifetime => "max_lifetime (the endpoint said longer)",
             Self::Cached => "the cache (what is left of its lifetime)",
+            Self::SubjectExpiry => "the subject token's exp (sooner than the token's own)",
         })
     }
 }
@@ -148,6 +156,7 @@ impl Token {
             scope,
             proof_hash,
             generation: 0,
+            subject: None,
         })
     }
 

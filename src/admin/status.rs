@@ -184,6 +184,19 @@ struct SourceView {
     failures: u32,
     /// Token requests by outcome, as `bearerd_token_fetch_total` counts them.
     fetches: BTreeMap<&'static str, u64>,
+    /// On-behalf-of sources: a token per subject, fetched on demand.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    on_behalf_of: Option<OnBehalfView>,
+}
+
+#[derive(Debug, Serialize)]
+struct OnBehalfView {
+    /// The request header the subject token comes in.
+    header: String,
+    /// Subjects whose tokens are held now.
+    cached_subjects: usize,
+    /// The most held (`max_subjects`).
+    max_subjects: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -294,6 +307,9 @@ fn source_view(
     wall: SystemTime,
 ) -> Option<SourceView> {
     let first = group.first()?;
+    if let Some(on_behalf) = first.token.on_behalf() {
+        return Some(on_behalf_view(group, overview, on_behalf));
+    }
     let state = first.token.state();
     let usable = state.usable_token(now).is_some();
     let obtains = overview.sources.get(&first.name);
@@ -303,6 +319,7 @@ fn source_view(
         Phase::BackingOff { next } => ("backing_off", Some(next)),
         Phase::Restarting { next } => ("restarting", Some(next)),
         Phase::Stopped => ("stopped", None),
+        Phase::OnDemand => ("on_demand", None),
     };
     let token = state.token.as_ref().map(|token| {
         let obtained = issued_at(token);
@@ -338,7 +355,40 @@ fn source_view(
         last_error: state.last_error.as_ref().map(|e| e.summary()),
         failures: state.failures,
         fetches: first.metrics.fetch_counts().into_iter().collect(),
+        on_behalf_of: None,
     })
+}
+
+/// An on-behalf-of source: always `ready` (it has nothing to wait for), with its subjects.
+fn on_behalf_view(
+    group: &[&Watched],
+    overview: &Overview,
+    on_behalf: &crate::token::on_behalf::OnBehalf,
+) -> SourceView {
+    let names: Vec<String> = group.iter().map(|w| w.name.clone()).collect();
+    let obtains = names.first().and_then(|name| overview.sources.get(name));
+    SourceView {
+        upstreams: names,
+        grant: obtains.map_or("token_exchange", |o| o.grant),
+        client_auth: obtains.map_or("", |o| o.client_auth),
+        dpop: obtains.is_some_and(|o| o.dpop),
+        state: "ready",
+        phase: "on_demand",
+        next_attempt_in_seconds: None,
+        not_ready_because: None,
+        token: None,
+        last_error: None,
+        failures: 0,
+        fetches: group
+            .first()
+            .map(|w| w.metrics.fetch_counts().into_iter().collect())
+            .unwrap_or_default(),
+        on_behalf_of: Some(OnBehalfView {
+            header: on_behalf.header().to_string(),
+            cached_subjects: on_behalf.subjects_held(),
+            max_subjects: on_behalf.max_subjects(),
+        }),
+    }
 }
 
 fn listener_view(listener: &ListenerInfo) -> ListenerView {
@@ -470,6 +520,15 @@ impl Page {
             // Why, unless the last error (its own column) says it.
             if let (Some(why), None) = (&source.not_ready_because, &source.last_error) {
                 let _ = write!(state, "<br>{}", escape(why));
+            }
+            if let Some(on_behalf) = &source.on_behalf_of {
+                let _ = write!(
+                    state,
+                    "<br>on behalf of the subject in <code>{}</code>: {} of at most {} subjects cached",
+                    escape(&on_behalf.header),
+                    on_behalf.cached_subjects,
+                    on_behalf.max_subjects
+                );
             }
             let (age, expires, refreshed) = match &source.token {
                 Some(token) => (

@@ -331,6 +331,11 @@ pub(super) struct Token {
     pub jwt_bearer: Option<Spanned<JwtBearer>>,
     /// `grant = "token_exchange"`: the file holding the subject token.
     pub subject_token_file: Option<Spanned<PathBuf>>,
+    /// `grant = "token_exchange"`: on-behalf-of, `header:<Name>`, the request header that
+    /// carries each request's subject token.
+    pub subject_token_from: Option<Spanned<String>>,
+    /// `grant = "token_exchange"` with `subject_token_from`: how many subjects' tokens are kept.
+    pub max_subjects: Option<Spanned<usize>>,
     /// `grant = "token_exchange"`: the subject token's type.
     pub subject_token_type: Option<Spanned<String>>,
     /// `grant = "token_exchange"`: the file holding the actor token.

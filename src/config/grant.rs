@@ -114,8 +114,8 @@ pub enum ScopeIn {
 /// `grant = "token_exchange"` (RFC 8693 §2.1).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TokenExchange {
-    /// `subject_token_file`: re-read when it changes.
-    pub subject_token_file: PathBuf,
+    /// Where the subject token comes from: a file, or each app request (on-behalf-of).
+    pub subject: SubjectFrom,
     /// `subject_token_type`.
     pub subject_token_type: String,
     /// `actor_token_file` and its type.
@@ -124,7 +124,44 @@ pub struct TokenExchange {
     pub requested_token_type: Option<String>,
 }
 
+/// Where a token exchange's subject token comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SubjectFrom {
+    /// `subject_token_file`: one subject for the source, the file re-read when it changes.
+    File(PathBuf),
+    /// `subject_token_from = "header:<Name>"`: on-behalf-of, the subject of each app request.
+    Header(OnBehalfOf),
+}
+
+/// `subject_token_from = "header:<Name>"` and `max_subjects`: tokens exchanged for the
+/// subject token each app request carries, cached per subject.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OnBehalfOf {
+    /// The request header that carries the subject token; it never goes upstream.
+    pub header: HeaderName,
+    /// How many subjects' tokens are kept at most (the least recently used goes first).
+    pub max_subjects: usize,
+}
+
+impl OnBehalfOf {
+    /// Whether the header is `Authorization`, whose `Bearer ` scheme is not the subject's.
+    pub fn is_authorization(&self) -> bool {
+        self.header == http::header::AUTHORIZATION
+    }
+}
+
+/// `max_subjects` when not set.
+pub const DEFAULT_MAX_SUBJECTS: usize = 1000;
+
 impl TokenExchange {
+    /// The on-behalf-of settings, when the subject comes from each request.
+    pub fn on_behalf_of(&self) -> Option<&OnBehalfOf> {
+        match &self.subject {
+            SubjectFrom::Header(on_behalf_of) => Some(on_behalf_of),
+            SubjectFrom::File(_) => None,
+        }
+    }
+
     /// Whether the token asked for is an access token (or the server's choice, which RFC 8693
     /// §2.1 makes one usually); `token_type = "N_A"` is accepted only when it is not.
     pub fn wants_access_token(&self) -> bool {
@@ -275,6 +312,12 @@ fn grant_keys(raw: &file::Token) -> Vec<(&'static str, file::Grant, Range<usize>
             at(&raw.subject_token_file),
         ),
         (
+            "subject_token_from",
+            TokenExchange,
+            at(&raw.subject_token_from),
+        ),
+        ("max_subjects", TokenExchange, at(&raw.max_subjects)),
+        (
             "subject_token_type",
             TokenExchange,
             at(&raw.subject_token_type),
@@ -401,7 +444,7 @@ pub(super) fn grant(
         }
         file::Grant::JwtBearer => Grant::JwtBearer(jwt_bearer(v, key, spanned, client_id)?),
         file::Grant::TokenExchange => {
-            let subject = path(v, &raw.subject_token_file, "subject_token_file");
+            let subject = subject_from(v, key, spanned);
             let actor = match (&raw.actor_token_file, &raw.actor_token_type) {
                 (Some(file), token_type) => Some(ActorToken {
                     file: v.base_dir.join(file.get_ref()),
@@ -419,7 +462,7 @@ pub(super) fn grant(
                 (None, None) => None,
             };
             Grant::TokenExchange(TokenExchange {
-                subject_token_file: subject?,
+                subject: subject?,
                 subject_token_type: text(&raw.subject_token_type)
                     .unwrap_or_else(|| DEFAULT_SUBJECT_TOKEN_TYPE.to_owned()),
                 actor,
@@ -457,6 +500,93 @@ pub(super) fn grant(
         }
     };
     (!stray).then_some(grant)
+}
+
+/// `subject_token_file`, or `subject_token_from` with `max_subjects`: one of the two.
+fn subject_from(
+    v: &mut Validator<'_>,
+    key: &str,
+    spanned: &Spanned<file::Token>,
+) -> Option<SubjectFrom> {
+    let raw = spanned.get_ref();
+    match (&raw.subject_token_file, &raw.subject_token_from) {
+        (Some(_), Some(from)) => {
+            v.problem(
+                from.span(),
+                format!("{key}.subject_token_from"),
+                "set only one of subject_token_file (one subject for the source) and subject_token_from (the subject of each app request, on-behalf-of)",
+            );
+            None
+        }
+        (None, None) => {
+            v.problem(
+                spanned.span(),
+                format!("{key}.subject_token_file"),
+                "missing: grant = \"token_exchange\" needs subject_token_file, or subject_token_from = \"header:<Name>\" for on-behalf-of",
+            );
+            None
+        }
+        (Some(file), None) => {
+            if let Some(max) = &raw.max_subjects {
+                v.problem(
+                    max.span(),
+                    format!("{key}.max_subjects"),
+                    "is for on-behalf-of (subject_token_from) only: a subject_token_file is one subject",
+                );
+                return None;
+            }
+            Some(SubjectFrom::File(v.base_dir.join(file.get_ref())))
+        }
+        (None, Some(from)) => {
+            let name = format!("{key}.subject_token_from");
+            let Some(header) = from.get_ref().strip_prefix("header:") else {
+                v.problem(
+                    from.span(),
+                    name,
+                    "must be \"header:<Name>\": the request header that carries the subject token",
+                );
+                return None;
+            };
+            let header = match HeaderName::from_bytes(header.trim().as_bytes()) {
+                Ok(header) if !FORBIDDEN_HEADERS.contains(&header.as_str()) => header,
+                Ok(header) => {
+                    v.problem(
+                        from.span(),
+                        name,
+                        format!(
+                            "{:?} is a header bearerd sets or the connection owns; choose another",
+                            header.as_str()
+                        ),
+                    );
+                    return None;
+                }
+                Err(_) => {
+                    v.problem(
+                        from.span(),
+                        name,
+                        format!("{header:?} is not a valid header name"),
+                    );
+                    return None;
+                }
+            };
+            let max_subjects = match &raw.max_subjects {
+                None => DEFAULT_MAX_SUBJECTS,
+                Some(max) if *max.get_ref() >= 1 => *max.get_ref(),
+                Some(max) => {
+                    v.problem(
+                        max.span(),
+                        format!("{key}.max_subjects"),
+                        "must be at least 1",
+                    );
+                    return None;
+                }
+            };
+            Some(SubjectFrom::Header(OnBehalfOf {
+                header,
+                max_subjects,
+            }))
+        }
+    }
 }
 
 /// `[upstream.token.jwt_bearer]`.

@@ -10,13 +10,16 @@ use std::error::Error;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{
+    ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::body::{AppBodyError, ResponseBody};
 use super::pool::ConnectError;
 use crate::errors;
+use crate::token::on_behalf::Refusal;
 use crate::token::source::Unavailable;
 
 /// Why a request was answered by bearerd rather than by the upstream. Grouped by whose fault
@@ -26,6 +29,21 @@ pub(crate) enum ProxyError {
     /// No usable token: the request was not sent.
     #[error("{}", .0.detail)]
     TokenUnavailable(Unavailable),
+    /// On-behalf-of: the request carries no usable subject token (401).
+    #[error(
+        "{reason}: this route exchanges the subject token of each request (subject_token_from)"
+    )]
+    SubjectMissing {
+        /// What is wrong with it, in bearerd's words.
+        reason: &'static str,
+    },
+    /// On-behalf-of: the token endpoint refused the request's subject token, or it has
+    /// expired (401). Nothing is kept of it.
+    #[error("{detail}")]
+    SubjectRejected {
+        /// bearerd's summary: status and error code at most, never the endpoint's words.
+        detail: String,
+    },
 
     /// The app's request names a target bearerd does not serve, or one it cannot rewrite.
     #[error("{reason}")]
@@ -218,7 +236,9 @@ impl ProxyError {
     pub(crate) fn fault(&self) -> Fault {
         match self {
             Self::TokenUnavailable(_) => Fault::TokenSource,
-            Self::BadRequest { .. }
+            Self::SubjectMissing { .. }
+            | Self::SubjectRejected { .. }
+            | Self::BadRequest { .. }
             | Self::MethodNotAllowed { .. }
             | Self::UnknownTransferCoding { .. }
             | Self::RequestBody { .. }
@@ -242,6 +262,7 @@ impl ProxyError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::TokenUnavailable(_) | Self::ListenerFull => StatusCode::SERVICE_UNAVAILABLE,
+            Self::SubjectMissing { .. } | Self::SubjectRejected { .. } => StatusCode::UNAUTHORIZED,
             Self::BadRequest { .. } | Self::RequestBody { stalled: false, .. } => {
                 StatusCode::BAD_REQUEST
             }
@@ -273,6 +294,8 @@ impl ProxyError {
     pub(crate) fn code(&self) -> &'static str {
         match self {
             Self::TokenUnavailable(_) => "token_unavailable",
+            Self::SubjectMissing { .. } => "subject_token_missing",
+            Self::SubjectRejected { .. } => "subject_token_rejected",
             Self::BadRequest { .. } | Self::RequestBody { stalled: false, .. } => "bad_request",
             Self::RequestBody { stalled: true, .. } => "request_body_timeout",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
@@ -345,6 +368,16 @@ impl ProxyError {
             Self::TokenUnavailable(unavailable) => {
                 headers.insert(RETRY_AFTER, retry_after_seconds(unavailable.retry_after));
             }
+            // RFC 9110 §11.6.1: a 401 says how to authenticate; RFC 6750 §3.1 the error.
+            Self::SubjectMissing { .. } => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::SubjectRejected { .. } => {
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
             // RFC 9110 §15.5.6: a 405 says which methods are allowed. Any other method is
             // forwarded, so these stand for "the usual ones".
             Self::MethodNotAllowed { .. } => {
@@ -367,6 +400,16 @@ impl ProxyError {
             _ => {}
         }
         (self.status(), headers, Bytes::from(body.to_string()))
+    }
+}
+
+impl From<Refusal> for ProxyError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Missing(reason) => Self::SubjectMissing { reason },
+            Refusal::Rejected(detail) => Self::SubjectRejected { detail },
+            Refusal::Unavailable(unavailable) => Self::TokenUnavailable(unavailable),
+        }
     }
 }
 

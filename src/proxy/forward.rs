@@ -26,6 +26,7 @@ use super::route::{Listener, Route};
 use super::upgrade;
 use crate::config::Mode;
 use crate::telemetry::{Attempt, RequestTrace};
+use crate::token::on_behalf::{OnBehalf, Refusal};
 use crate::token::Token;
 
 /// Request bodies up to this size (by `Content-Length`) are kept, so that a request the
@@ -204,7 +205,7 @@ async fn try_forward(
     upstream: &Route,
     mode: Mode,
     on: Connection<'_>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     grpc: bool,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     refuse_unforwardable(upstream, mode, &request)?;
@@ -213,19 +214,16 @@ async fn try_forward(
         Some(call) => call.min(upstream.response_header_timeout),
         None => upstream.response_header_timeout,
     };
-    // The token comes next: without one the request never leaves bearerd.
-    // Traced, the wait runs in the request's context, so that a wait on a fetch links the
-    // request's span to it. Attached around each poll from the one place the token's future is
-    // polled: wrapped in opentelemetry's `WithContext` for traced requests only, the future had
-    // a second caller and was no longer inlined (callgrind: about +70 instructions per request
-    // with traces off).
-    let mut waiting = std::pin::pin!(upstream.credential.token());
-    let token = std::future::poll_fn(|cx| {
-        let _attached = on.trace.map(|trace| trace.context().clone().attach());
-        waiting.as_mut().poll(cx)
-    })
-    .await
-    .map_err(ProxyError::TokenUnavailable)?;
+    // The token comes next: without one the request never leaves bearerd. An on-behalf-of
+    // route's comes from the subject the request carries, whose header is taken out here, on
+    // the way every request goes (HTTP/1.1, HTTP/2, an upgrade's handshake, an intercepted
+    // tunnel's requests): it never goes upstream.
+    let token = match upstream.credential.on_behalf() {
+        None => in_trace(on.trace, std::pin::pin!(upstream.credential.token()))
+            .await
+            .map_err(ProxyError::TokenUnavailable)?,
+        Some(on_behalf) => in_trace(on.trace, exchange(on_behalf, request.headers_mut())).await?,
+    };
 
     let (mut parts, body) = request.into_parts();
     let uri = std::mem::take(&mut parts.uri);
@@ -324,6 +322,32 @@ async fn try_forward(
         // No new token: the upstream's own 401 is the truest answer.
         Err(_) => Ok(to_app(first)),
     }
+}
+
+/// Polls `waiting` (a wait for a token) with the request's trace context attached, so that a
+/// wait on a fetch links the request's span to it. Attached around each poll, from the one
+/// place the token's future is polled: wrapped in opentelemetry's `WithContext` for traced
+/// requests only, the future had a second caller and was no longer inlined (callgrind: about
+/// +70 instructions per request with traces off).
+fn in_trace<'a, F: Future + Unpin + 'a>(
+    trace: Option<&'a RequestTrace<'a>>,
+    mut waiting: F,
+) -> impl Future<Output = F::Output> + 'a {
+    std::future::poll_fn(move |cx| {
+        let _attached = trace.map(|trace| trace.context().clone().attach());
+        std::pin::Pin::new(&mut waiting).poll(cx)
+    })
+}
+
+/// An on-behalf-of route's token: the subject taken out of `headers` and exchanged (or found).
+/// Boxed here, outside `try_forward`, as `upgrade::start` is: the exchange's future is large,
+/// and made in `try_forward`'s own body it would cost every request a copy.
+#[inline(never)]
+fn exchange<'a>(
+    on_behalf: &'a OnBehalf,
+    headers: &'a mut http::HeaderMap,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<std::sync::Arc<Token>, Refusal>> + Send + 'a>> {
+    Box::pin(on_behalf.token_for(headers))
 }
 
 /// Refuses the methods that must never carry a token. Method names are case-sensitive

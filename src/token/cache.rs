@@ -66,6 +66,9 @@ mod file {
     pub(crate) enum FileLock {}
 }
 mod redis;
+mod subjects;
+
+pub(crate) use subjects::SubjectStore;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -14,6 +14,7 @@ use prometheus::IntCounter;
 
 use super::dpop::{self, DpopKey, Nonce, DPOP};
 use super::metrics::TokenSeries;
+use super::on_behalf::OnBehalf;
 use super::source::{Handle, Unavailable};
 use super::Token;
 use crate::config::Presentation;
@@ -22,6 +23,8 @@ use crate::jose::SignError;
 /// A route's credential: the token to send and, with DPoP, the proof that goes with it.
 pub(crate) struct Credential {
     token: Handle,
+    /// On-behalf-of: the token comes from the subject each request carries, not from `token`.
+    on_behalf: Option<Arc<OnBehalf>>,
     proof: Option<Proof>,
     /// `header` and `prefix`, when not `Authorization: Bearer` (never with DPoP).
     presentation: Option<Presentation>,
@@ -47,6 +50,7 @@ impl Credential {
         series: &TokenSeries,
     ) -> Self {
         Self {
+            on_behalf: token.on_behalf().cloned(),
             token,
             presentation: (!presentation.is_default()).then(|| presentation.clone()),
             proof: dpop.map(|key| Proof {
@@ -57,9 +61,17 @@ impl Credential {
         }
     }
 
-    /// A usable token: at once when one is held, else after the fetch under way.
+    /// A usable token: at once when one is held, else after the fetch under way. Not for an
+    /// on-behalf-of route, whose requests ask [`Self::on_behalf`] with their subject.
     pub(crate) async fn token(&self) -> Result<Arc<Token>, Unavailable> {
         self.token.token().await
+    }
+
+    /// On-behalf-of: where a request's token comes from instead of [`Self::token`]. The proxy
+    /// looks once per request, and only a route of such a source pays for more.
+    #[inline]
+    pub(crate) fn on_behalf(&self) -> Option<&OnBehalf> {
+        self.on_behalf.as_deref()
     }
 
     /// A token newer than `rejected`, which the upstream has just answered 401 to.
@@ -67,12 +79,20 @@ impl Credential {
         &self,
         rejected: &Token,
     ) -> Result<Arc<Token>, Unavailable> {
-        self.token.replacement_for(rejected).await
+        match (&self.on_behalf, rejected.subject) {
+            // Boxed: an exchange's future is large, and would grow the future of every
+            // request (which holds this one), copied at each move (docs/benchmarks.md).
+            (Some(on_behalf), Some(_)) => Box::pin(on_behalf.replacement_for(rejected)).await,
+            _ => self.token.replacement_for(rejected).await,
+        }
     }
 
     /// Reports that the upstream answered 401 to `rejected`, without waiting for a new token.
     pub(crate) fn reject(&self, rejected: &Token) {
-        self.token.reject(rejected);
+        match (&self.on_behalf, rejected.subject) {
+            (Some(on_behalf), Some(_)) => on_behalf.reject(rejected),
+            _ => self.token.reject(rejected),
+        }
     }
 
     /// The header the token goes in: the app's own value of it is replaced, and (when it is

@@ -112,7 +112,13 @@ impl Fetcher {
             .map_or_else(|| self.settings.url.to_string(), ToString::to_string)
     }
 
-    async fn fetch_once(&self) -> Result<Token, FetchError> {
+    /// One token exchange for `subject`, a subject token an app request carried
+    /// (on-behalf-of): taught to the redactor as the file's subject token is.
+    pub(crate) async fn fetch_for(&self, subject: &Secret) -> Result<Token, FetchError> {
+        self.fetch_once(Some(subject)).await
+    }
+
+    async fn fetch_once(&self, subject: Option<&Secret>) -> Result<Token, FetchError> {
         // Whatever comes back is scrubbed of every form in which the request carried the
         // client's credentials.
         let mut redactor = Redactor::new();
@@ -122,7 +128,7 @@ impl Fetcher {
         // file (the reader's deadline is polled before this one's).
         let deadline = tokio::time::Instant::now() + timeout;
         let attempts = async {
-            let mut answer = self.exchange(&mut redactor, deadline).await?;
+            let mut answer = self.exchange(&mut redactor, deadline, subject).await?;
             // RFC 9449 §8: an endpoint that wants a nonce says `use_dpop_nonce` and sends
             // one; the request goes again, once, with it (and new credentials: an assertion's
             // `jti` must not be used twice).
@@ -130,7 +136,7 @@ impl Fetcher {
                 let error = response::parse_error(answer.status, &answer.body, &redactor);
                 if error.error.as_deref() == Some(dpop::USE_DPOP_NONCE) {
                     (self.on_nonce_retry)();
-                    answer = self.exchange(&mut redactor, deadline).await?;
+                    answer = self.exchange(&mut redactor, deadline, subject).await?;
                 }
             }
             Ok::<_, FetchError>(answer)
@@ -152,10 +158,17 @@ impl Fetcher {
         &self,
         redactor: &mut Redactor,
         deadline: tokio::time::Instant,
+        subject: Option<&Secret>,
     ) -> Result<Answer, FetchError> {
         let refresh_token = self.refresh.current(&self.settings, deadline).await?;
-        let grant =
-            grant::fields(&self.settings, redactor, deadline, refresh_token.as_ref()).await?;
+        let grant = grant::fields(
+            &self.settings,
+            redactor,
+            deadline,
+            refresh_token.as_ref(),
+            subject,
+        )
+        .await?;
         let credentials = client_auth::present(&self.settings, redactor, deadline).await?;
         let mut request = build_request(&self.settings, &grant, credentials)?;
         if let Some(key) = &self.dpop {
@@ -339,7 +352,7 @@ impl Fetcher {
 
 impl Fetch for Fetcher {
     fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + '_>> {
-        Box::pin(self.fetch_once())
+        Box::pin(self.fetch_once(None))
     }
 }
 
@@ -431,7 +444,7 @@ mod tests {
     async fn request_for(settings: &TokenSettings) -> (http::request::Parts, String) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let mut redactor = Redactor::new();
-        let grant = grant::fields(settings, &mut redactor, deadline, None)
+        let grant = grant::fields(settings, &mut redactor, deadline, None, None)
             .await
             .unwrap();
         let credentials = client_auth::present(settings, &mut redactor, deadline)

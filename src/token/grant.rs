@@ -10,18 +10,22 @@ use std::path::Path;
 use serde_json::json;
 
 use super::client_auth::CredentialError;
-use crate::config::{Grant, JwsAlg, JwtBearer, JwtKey, ScopeIn, ServiceAccountKey, TokenSettings};
+use crate::config::{
+    Grant, JwsAlg, JwtBearer, JwtKey, ScopeIn, ServiceAccountKey, SubjectFrom, TokenSettings,
+};
 use crate::files::{self, Content};
 use crate::jose::{self as jws, unix_now, SigningKey};
 use crate::secret::{Redactor, Secret};
 
 /// The form fields of the grant, `grant_type` first; `refresh_token` is the refresh token of
-/// the chain for `grant = "refresh_token"` (held by the fetch, not read here).
+/// the chain for `grant = "refresh_token"` (held by the fetch, not read here), `subject` the
+/// app request's subject token for an on-behalf-of exchange.
 pub(crate) async fn fields(
     settings: &TokenSettings,
     redactor: &mut Redactor,
     deadline: tokio::time::Instant,
     refresh_token: Option<&Secret>,
+    subject: Option<&Secret>,
 ) -> Result<Vec<(&'static str, Secret)>, CredentialError> {
     let mut form = vec![("grant_type", Secret::new(settings.grant.grant_type()))];
     match &settings.grant {
@@ -32,7 +36,16 @@ pub(crate) async fn fields(
             form.push(("assertion", Secret::new(assertion)));
         }
         Grant::TokenExchange(exchange) => {
-            let subject = token_file(&exchange.subject_token_file, deadline).await?;
+            let subject = match (&exchange.subject, subject) {
+                (SubjectFrom::File(path), _) => token_file(path, deadline).await?,
+                (SubjectFrom::Header(_), Some(subject)) => subject.clone(),
+                (SubjectFrom::Header(on_behalf_of), None) => {
+                    return Err(CredentialError::Unusable(format!(
+                        "on-behalf-of: no subject token (it comes from each request's {} header)",
+                        on_behalf_of.header
+                    )))
+                }
+            };
             redactor.add(subject.expose());
             form.push(("subject_token", subject));
             form.push((
@@ -200,13 +213,25 @@ pub(crate) fn check(settings: &TokenSettings) -> Option<Result<String, String>> 
                 }),
         }),
         Grant::TokenExchange(exchange) => Some(
-            token_file_sync(&exchange.subject_token_file)
-                .and_then(|_| match &exchange.actor {
-                    Some(actor) => token_file_sync(&actor.file).map(|_| ()),
-                    None => Ok(()),
-                })
-                .map(|()| "subject token readable".to_owned())
-                .map_err(|e| e.to_string()),
+            match &exchange.subject {
+                SubjectFrom::File(path) => token_file_sync(path).map(|_| ()),
+                // Each request brings its own: nothing to read now.
+                SubjectFrom::Header(_) => Ok(()),
+            }
+            .and_then(|()| match &exchange.actor {
+                Some(actor) => token_file_sync(&actor.file).map(|_| ()),
+                None => Ok(()),
+            })
+            .map(|()| match &exchange.subject {
+                SubjectFrom::File(_) => "subject token readable".to_owned(),
+                SubjectFrom::Header(_) if exchange.actor.is_some() => {
+                    "actor token readable (the subject comes with each request)".to_owned()
+                }
+                SubjectFrom::Header(_) => {
+                    "nothing to read (the subject comes with each request)".to_owned()
+                }
+            })
+            .map_err(|e| e.to_string()),
         ),
         Grant::RefreshToken(refresh) => Some(
             token_file_sync(&refresh.file)
@@ -225,11 +250,24 @@ pub(crate) fn describe(settings: &TokenSettings) -> String {
             jwt.issuer,
             jwt.key.path().display()
         ),
-        Grant::TokenExchange(exchange) => format!(
-            "grant token_exchange, subject token ({}) from {}",
-            exchange.subject_token_type,
-            exchange.subject_token_file.display()
-        ),
+        Grant::TokenExchange(exchange) => match &exchange.subject {
+            SubjectFrom::File(path) => format!(
+                "grant token_exchange, subject token ({}) from {}",
+                exchange.subject_token_type,
+                path.display()
+            ),
+            SubjectFrom::Header(on_behalf_of) => format!(
+                "grant token_exchange on-behalf-of: subject token ({}) from each request's {} header{} (never forwarded), tokens fetched on demand and cached per subject, at most {} subjects",
+                exchange.subject_token_type,
+                on_behalf_of.header,
+                if on_behalf_of.is_authorization() {
+                    " (its Bearer scheme stripped)"
+                } else {
+                    ""
+                },
+                on_behalf_of.max_subjects
+            ),
+        },
         Grant::RefreshToken(refresh) => format!(
             "grant refresh_token, first refresh token from {}",
             refresh.file.display()

@@ -93,6 +93,7 @@ pub(crate) struct TokenMetrics {
     valid: IntGaugeVec,
     secret_errors_total: IntCounterVec,
     source_restarts_total: IntCounterVec,
+    subjects: IntGaugeVec,
 }
 
 impl TokenMetrics {
@@ -175,6 +176,13 @@ impl TokenMetrics {
                 ),
                 upstream,
             )?)?,
+            subjects: metrics.register(IntGaugeVec::new(
+                Opts::new(
+                    "bearerd_token_subjects",
+                    "On-behalf-of sources: the subjects whose tokens are held (at most max_subjects). Never labelled by subject.",
+                ),
+                upstream,
+            )?)?,
         })
     }
 
@@ -209,6 +217,7 @@ impl TokenMetrics {
                 .with_label_values(&[name]),
             valid: self.valid.with_label_values(&[name]),
             source_restarts: self.source_restarts_total.with_label_values(&[name]),
+            subjects: self.subjects.with_label_values(&[name]),
         }
     }
 
@@ -250,6 +259,7 @@ impl TokenMetrics {
             &self.valid,
             &self.secret_errors_total,
             &self.source_restarts_total,
+            &self.subjects,
         ] {
             family.remove_upstream(name);
         }
@@ -281,6 +291,8 @@ pub struct TokenSeries {
     last_success: Gauge,
     valid: IntGauge,
     source_restarts: IntCounter,
+    /// `bearerd_token_subjects`: on-behalf-of sources only (0 for the others).
+    subjects: IntGauge,
 }
 
 impl TokenSeries {
@@ -393,6 +405,11 @@ impl TokenSeries {
     /// The token source's refresher ended unexpectedly and is started again.
     pub fn source_restarted(&self) {
         self.source_restarts.inc();
+    }
+
+    /// Sets how many subjects an on-behalf-of source holds tokens for.
+    pub fn subjects_held(&self, count: usize) {
+        self.subjects.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Sets the token gauges from the source's state; called before each scrape, so that

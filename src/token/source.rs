@@ -31,6 +31,7 @@ use super::credential::Credential;
 use super::dpop::DpopKey;
 use super::fetch::{Fetch, Fetcher};
 use super::metrics::{NonceAt, TokenSeries};
+use super::on_behalf::OnBehalf;
 use super::rotation::RefreshChain;
 use super::setup::SourceSetup;
 pub use super::state::{
@@ -56,6 +57,9 @@ pub struct Handle {
     rejections: watch::Sender<u64>,
     /// `grant = "refresh_token"`: the chain, whose trouble `/readyz` shows.
     chain: Option<Arc<RefreshChain>>,
+    /// On-behalf-of: the tokens of its subjects, fetched on demand; the state channel then
+    /// says [`Phase::OnDemand`] for ever.
+    on_behalf: Option<Arc<OnBehalf>>,
 }
 
 impl Handle {
@@ -63,6 +67,20 @@ impl Handle {
     /// newest refresh token is not stored, or the authorisation is lost.
     pub fn warning(&self) -> Option<String> {
         self.chain.as_ref().and_then(|chain| chain.warning())
+    }
+
+    /// On-behalf-of: the source's subjects and their tokens. Such a source has no token of
+    /// its own and does not gate readiness.
+    pub(crate) fn on_behalf(&self) -> Option<&Arc<OnBehalf>> {
+        self.on_behalf.as_ref()
+    }
+
+    /// On-behalf-of: how many subjects' tokens are held, and at most; `None` for other
+    /// sources.
+    pub fn subjects_held(&self) -> Option<(usize, usize)> {
+        self.on_behalf
+            .as_ref()
+            .map(|o| (o.subjects_held(), o.max_subjects()))
     }
 
     /// The current state, for readiness and metrics.
@@ -169,6 +187,11 @@ fn unavailable(state: &State, now: Instant) -> Unavailable {
             detail: "bearerd is shutting down".into(),
             retry_after: Duration::from_secs(1),
         },
+        // Its requests take their tokens from `on_behalf`, never from here.
+        Phase::OnDemand => Unavailable {
+            detail: "an on-behalf-of source has no token of its own".into(),
+            retry_after: Duration::from_secs(1),
+        },
     }
 }
 
@@ -216,6 +239,45 @@ pub(crate) fn start(
         setup.dpop.clone(),
         on_nonce_retry,
     );
+    if let Some(settings) = key.token.on_behalf_of() {
+        // No refresher: tokens are fetched by the requests that need them, per subject.
+        let cache = cache.and_then(|store| {
+            super::cache::SubjectStore::new(
+                store,
+                &key.token,
+                setup.dpop.as_deref().map(DpopKey::thumbprint),
+                Arc::clone(&observers),
+            )
+        });
+        let on_behalf = Arc::new(OnBehalf::new(
+            settings.clone(),
+            fetcher,
+            cache,
+            Arc::clone(&observers),
+            telemetry.map(|t| t.fetches(&key.token)),
+        ));
+        let (_, state) = watch::channel(State {
+            token: None,
+            phase: Phase::OnDemand,
+            last_error: None,
+            failures: 0,
+            rejection_handled: 0,
+            fetch_span: None,
+        });
+        let (rejections, _) = watch::channel(0);
+        return Started {
+            handle: Handle {
+                state,
+                rejections,
+                chain: None,
+                on_behalf: Some(on_behalf),
+            },
+            observers,
+            stop,
+            dpop: setup.dpop,
+            presentation: key.token.presentation.clone(),
+        };
+    }
     let chain =
         matches!(key.token.grant, crate::config::Grant::RefreshToken(_)).then(|| fetcher.chain());
     // The cache sits in front of the fetcher: a token another process stored saves a request.
@@ -320,6 +382,7 @@ fn spawn_traced(
         state,
         rejections,
         chain: None,
+        on_behalf: None,
     }
 }
 

@@ -38,6 +38,9 @@ pub enum Phase {
     },
     /// The source has stopped (shutdown).
     Stopped,
+    /// An on-behalf-of source: no token of its own, one per subject, fetched on demand
+    /// (`on_behalf`); no refresher, and nothing for `/readyz` to wait for.
+    OnDemand,
 }
 
 /// Everything known about a source, as published after each change.

@@ -953,3 +953,61 @@ async fn a_route_host_with_a_port_is_intercepted_on_that_port() {
     }
     sidecar.stop().await;
 }
+
+#[tokio::test]
+async fn an_on_behalf_of_route_takes_the_subject_out_of_an_intercepted_request() {
+    let upstream = serve(echo).await;
+    let endpoint = token_endpoint(|_, request| async move {
+        token_ok(&format!("for-{}", request.form["subject_token"]), 3600)
+    })
+    .await;
+    let listener = Listener::new("forward")
+        .table(
+            "intercept",
+            Table::new()
+                .set("ca_cert_file", "\"ca.pem\"")
+                .set("ca_key_file", "\"ca.key\"")
+                .set("handshake_timeout", "\"2s\""),
+        )
+        .route(
+            Route::named("payments")
+                .host(HOST)
+                .url(&upstream.url(""))
+                .allow_plain_http(true)
+                .token(
+                    Token::new(&endpoint.url("/token"), "gateway")
+                        .secret("pw")
+                        .set("grant", "\"token_exchange\"")
+                        .set("subject_token_from", "\"header:Authorization\""),
+                ),
+        );
+    let sidecar = Sidecar::start(&ConfigBuilder::new().listener(listener).render()).await;
+    let addr = sidecar.running().local_addr("payments").unwrap();
+    let (stream, status, _) = connect(addr, &format!("{HOST}:443")).await;
+    assert_eq!(status, 200);
+    let io = tls(stream, &sidecar.file("ca.pem"), HOST, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("/v1/charges")
+        .header("host", HOST)
+        .header("authorization", "Bearer the-callers-token")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let echo: Echo = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        echo.headers["authorization"],
+        ["Bearer for-the-callers-token"]
+    );
+    assert_eq!(
+        endpoint.requests()[0].form["subject_token"],
+        "the-callers-token"
+    );
+    sidecar.stop().await;
+}

@@ -18,6 +18,7 @@ mod hostile_requests;
 mod http2;
 mod intercept;
 mod limits;
+mod on_behalf;
 mod properties;
 mod proxy;
 mod recipes;

@@ -3,7 +3,8 @@
 //! `client_assertion_file`, `tls_client_auth` (and a certificate-bound token sent upstream over
 //! mutual TLS), DPoP with nonces required by both the token endpoint and the upstream, and the
 //! secret methods `basic` and `post`; and the token-exchange grant (RFC 8693), which the
-//! server registers itself (subject and actor JWTs verified with jose, `act` for the actor).
+//! server registers itself (subject and actor JWTs verified with jose, `act` for the actor),
+//! from a file and on behalf of each caller (`subject_token_from`).
 //!
 //! Each test starts its own server (`tests/interop/oidc/server.mjs`: every key, the CA and the
 //! certificates made at start, one client per method, loopback ports the kernel picks), then
@@ -926,6 +927,113 @@ async fn token_exchange_with_subject_and_actor() {
         let last = oidc.token_requests("exchange").await.pop().unwrap();
         assert_eq!(last["error"], "invalid_grant", "{last}");
         refused.stop().await;
+    })
+    .await;
+}
+
+/// On-behalf-of (`subject_token_from = "header:Authorization"`) against the same registered
+/// grant: the app sends each caller's JWT as its `Authorization`; the server verifies it with
+/// jose and issues a token naming it in `sub`; the resource server sees that token, never
+/// the subject, and introspection confirms it. A second caller gets an exchange of its own; a
+/// caller seen before does not cause another; a subject the server cannot verify is 401
+/// `subject_token_rejected`.
+#[tokio::test]
+#[ignore = "needs node and tests/interop/oidc's npm packages: run `make interop`"]
+async fn token_exchange_on_behalf_of_each_callers_subject() {
+    bounded(async {
+        let oidc = Oidc::start();
+        let token = token(&oidc, oidc.token_endpoint(), "exchange")
+            .secret(oidc.client("exchange", "client_secret"))
+            .set("grant", string("token_exchange"))
+            .set("subject_token_from", string("header:Authorization"))
+            .set(
+                "requested_token_type",
+                string("urn:ietf:params:oauth:token-type:access_token"),
+            );
+        let sidecar = sidecar(
+            tempfile::tempdir().unwrap(),
+            &oidc.upstream_url(),
+            token,
+            None,
+        )
+        .await;
+        let read = |pointer: &str| {
+            std::fs::read_to_string(oidc.s(pointer))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        // Two callers: the workload issuer's tokens for `workload:payments` and
+        // `agent:ledger`, both subjects the server verifies.
+        let payments = read("/token_exchange/subject_token_file");
+        let ledger = read("/token_exchange/actor_token_file");
+        let as_caller = |subject: &str| {
+            Request::get(sidecar.url("api", "/items"))
+                .header("authorization", format!("Bearer {subject}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        let check = |answer: &Answer| {
+            assert_eq!(answer.status, StatusCode::OK, "{}", text(answer));
+            let body = answer.json();
+            assert_eq!(body["active"], true, "{body}");
+            assert_eq!(body["client_id"], "exchange", "{body}");
+            assert_eq!(body["scheme"], "Bearer", "{body}");
+        };
+        check(&send(as_caller(&payments)).await);
+        check(&send(as_caller(&payments)).await);
+        check(&send(as_caller(&ledger)).await);
+
+        let seen = oidc.tokens_seen().await;
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen[0], seen[1], "the caller's token is held");
+        assert_ne!(seen[0], seen[2]);
+        for token in &seen {
+            assert!(
+                *token != payments && *token != ledger,
+                "a subject went upstream"
+            );
+        }
+        for (token, sub) in [(&seen[0], "workload:payments"), (&seen[2], "agent:ledger")] {
+            let introspection = oidc.introspect(token).await;
+            assert_eq!(introspection["active"], true, "{introspection}");
+            assert_eq!(introspection["sub"], sub, "{introspection}");
+            assert_eq!(introspection["client_id"], "exchange");
+            assert_eq!(introspection["aud"], oidc.resource());
+            assert_eq!(introspection["scope"], SCOPE);
+        }
+        let granted: Vec<Value> = oidc
+            .token_requests("exchange")
+            .await
+            .into_iter()
+            .filter(|r| r["status"] == 200)
+            .collect();
+        assert_eq!(granted.len(), 2, "one exchange per caller: {granted:?}");
+        for request in &granted {
+            assert_eq!(
+                request["grant_type"],
+                "urn:ietf:params:oauth:grant-type:token-exchange"
+            );
+        }
+
+        // A subject the server cannot verify: refused, nothing sent upstream.
+        let forged = read("/token_exchange/forged_subject_token_file");
+        let refused = send(as_caller(&forged)).await;
+        assert_eq!(
+            refused.status,
+            StatusCode::UNAUTHORIZED,
+            "{}",
+            text(&refused)
+        );
+        assert_eq!(refused.json()["error"], "subject_token_rejected");
+        let last = oidc.token_requests("exchange").await.pop().unwrap();
+        assert_eq!(last["error"], "invalid_grant", "{last}");
+        assert_eq!(oidc.tokens_seen().await.len(), 3);
+        // Without a caller's token: 401 before any request.
+        let missing = support::get(&sidecar.url("api", "/items")).await;
+        assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(missing.json()["error"], "subject_token_missing");
+        sidecar.stop().await;
     })
     .await;
 }

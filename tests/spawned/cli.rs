@@ -570,6 +570,77 @@ async fn fetch_token_reports_the_outcome_and_hides_the_token_unless_asked() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_token_exchanges_the_subject_file_of_an_on_behalf_of_upstream_only() {
+    let endpoint = token_endpoint(|_, request| async move {
+        token_ok(&format!("for-{}", request.form["subject_token"]), 600)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = ConfigBuilder::new()
+        .upstream(
+            Upstream::new("obo", "http://127.0.0.1:9/").token(
+                Token::new(&endpoint.url("/token"), "gateway")
+                    .secret("pw")
+                    .set("grant", string("token_exchange"))
+                    .set("subject_token_from", string("header:X-Subject")),
+            ),
+        )
+        .upstream(
+            Upstream::new("plain", "http://127.0.0.1:9/")
+                .token(Token::new(&endpoint.url("/token"), "app").secret("pw")),
+        )
+        .render();
+    let path = write_config(dir.path(), &text);
+    let subject = dir.path().join("subject");
+    std::fs::write(&subject, "kim-SUBJECT\n").unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--config".to_owned(),
+            path.clone(),
+            "--fetch-token".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        bearerd_async(args)
+    };
+    let subject_arg = subject.to_str().unwrap();
+
+    let output = run(&["obo"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("give one with --subject-token-file PATH"),
+        "{stderr}"
+    );
+    let output = run(&["plain", "--subject-token-file", subject_arg]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("--subject-token-file is for on-behalf-of upstreams"),
+        "{stderr}"
+    );
+    assert_eq!(endpoint.count(), 0);
+
+    let output = run(&["obo", "--subject-token-file", subject_arg]).await;
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("on behalf of the subject with hash"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("SUBJECT") && !stderr.contains("SUBJECT"),
+        "{stdout}{stderr}"
+    );
+    assert_eq!(endpoint.count(), 1);
+    assert_eq!(endpoint.requests()[0].form["subject_token"], "kim-SUBJECT");
+    assert_eq!(
+        endpoint.requests()[0].form["grant_type"],
+        "urn:ietf:params:oauth:grant-type:token-exchange"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // `--public-jwk NAME`: the upstream's public keys, to register with the identity provider
 // ---------------------------------------------------------------------------------------------

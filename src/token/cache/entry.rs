@@ -285,6 +285,13 @@ pub(crate) fn digest(settings: &TokenSettings, dpop_thumbprint: Option<&str>) ->
     jws::sha256_base64url(identity.to_string().as_bytes())
 }
 
+/// Where an on-behalf-of source keeps the token of one subject: the source's digest and the
+/// subject's hash (base64url SHA-256 of the subject token), hashed again. Never the subject
+/// token itself, in a key or anywhere in the store.
+pub(crate) fn subject_digest(digest: &str, subject_hash: &str) -> String {
+    jws::sha256_base64url(format!("{digest}/subject/{subject_hash}").as_bytes())
+}
+
 /// What of a grant other than client credentials tells its tokens apart.
 fn grant_identity(grant: &crate::config::Grant) -> Option<serde_json::Value> {
     use crate::config::Grant;
@@ -300,7 +307,14 @@ fn grant_identity(grant: &crate::config::Grant) -> Option<serde_json::Value> {
         }),
         Grant::TokenExchange(exchange) => serde_json::json!({
             "name": grant.name(),
-            "subject": exchange.subject_token_file,
+            "subject": match &exchange.subject {
+                crate::config::SubjectFrom::File(path) => serde_json::json!(path),
+                // A source of many subjects: each subject's entry is named apart
+                // (`subject_digest`).
+                crate::config::SubjectFrom::Header(on_behalf_of) => {
+                    serde_json::json!(format!("header:{}", on_behalf_of.header))
+                }
+            },
             "subject_type": exchange.subject_token_type,
             "actor": exchange.actor.as_ref().map(|a| (&a.file, &a.token_type)),
             "requested": exchange.requested_token_type,

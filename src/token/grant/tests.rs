@@ -28,7 +28,7 @@ fn fields_of(
     refresh: Option<&Secret>,
 ) -> Result<Vec<(&'static str, String)>, CredentialError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let fields = run(fields(settings, redactor, deadline, refresh))?;
+    let fields = run(fields(settings, redactor, deadline, refresh, None))?;
     Ok(fields
         .into_iter()
         .map(|(name, value)| (name, value.expose().to_owned()))
@@ -39,7 +39,7 @@ fn exchange(dir: &tempfile::TempDir) -> TokenSettings {
     std::fs::write(dir.path().join("subject"), "subject.jwt.token\n").unwrap();
     std::fs::write(dir.path().join("actor"), "actor-token").unwrap();
     settings(Grant::TokenExchange(TokenExchange {
-        subject_token_file: dir.path().join("subject"),
+        subject: crate::config::SubjectFrom::File(dir.path().join("subject")),
         subject_token_type: DEFAULT_SUBJECT.into(),
         actor: Some(ActorToken {
             file: dir.path().join("actor"),

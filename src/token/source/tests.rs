@@ -49,6 +49,7 @@ impl Fetch for Scripted {
                     scope: None,
                     proof_hash: None,
                     generation: 0,
+                    subject: None,
                 }),
                 Some(Err(why)) => Err(FetchError::Connect {
                     endpoint: "auth.example".into(),
