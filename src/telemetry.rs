@@ -3,10 +3,11 @@
 //!
 //! In data-flow order:
 //! - [`Telemetry::request`] starts a request's server span, the child of the app's W3C
-//!   `traceparent`/`tracestate` when it sent one (W3C Trace Context §3), and [`traced`] runs
-//!   the forward inside its context and ends it with the status;
-//! - [`Telemetry::attempt_started`] and [`Telemetry::attempt_ended`] (from `proxy::forward`)
-//!   wrap each request sent upstream in a client span and replace `traceparent` (and
+//!   `traceparent`/`tracestate` when it sent one (W3C Trace Context §3), as a [`RequestTrace`]
+//!   that `proxy::forward` hands down by reference and ends with the status
+//!   ([`RequestTrace::finish`]);
+//! - [`RequestTrace::attempt`] wraps each request sent upstream in a client span (an
+//!   [`Attempt`], ended with the upstream's answer) and replaces `traceparent` (and
 //!   `tracestate`) with bearerd's own, so a replay after a 401 shows as a second attempt;
 //! - [`FetchTracing`] gives every token fetch a span of its own trace, always sampled, which
 //!   [`link_to_fetch`] links from the requests whose answer waited on it;
