@@ -3,7 +3,8 @@
 //! the subject header never reaching the upstream (HTTP/1.1, HTTP/2, a WebSocket handshake),
 //! tokens cached per subject under an LRU bound and the subject's JWT expiry, one flight per
 //! subject, the 401 and 503 answers, the upstream's 401, the fleet cache in a real Redis, the
-//! subject kept out of logs and metrics, and `--fetch-token --subject-token-file`.
+//! subject kept out of logs and metrics, DPoP (the exchange proved, each subject's token bound),
+//! and `--fetch-token --subject-token-file`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -1023,4 +1024,78 @@ impl std::io::Write for Writer {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The claims of a DPoP proof (not verified here: tests/in_process/auth.rs checks signatures;
+/// this test checks what binds the proof to the exchange and to the exchanged token).
+fn proof_claims(proof: &str) -> (Value, Value) {
+    let mut parts = proof.split('.');
+    let mut part = || {
+        let bytes = URL_SAFE_NO_PAD.decode(parts.next().unwrap()).unwrap();
+        serde_json::from_slice::<Value>(&bytes).unwrap()
+    };
+    (part(), part())
+}
+
+#[tokio::test]
+async fn with_dpop_the_exchange_is_proved_and_each_subjects_token_bound_to_the_proofs() {
+    // The token endpoint wants a proof on the exchange (no `ath`: no token yet) and issues
+    // DPoP-bound tokens per subject.
+    let endpoint = token_endpoint(|n, request| async move {
+        let subject = request.form.get("subject_token").cloned().unwrap_or_default();
+        let Some(proof) = request.headers.get("dpop") else {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "invalid_dpop_proof", "error_description": "no proof"}),
+            );
+        };
+        let (header, claims) = proof_claims(proof.to_str().unwrap());
+        if header["typ"] != "dpop+jwt" || claims["htm"] != "POST" || claims.get("ath").is_some() {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "invalid_dpop_proof", "error_description": claims.to_string()}),
+            );
+        }
+        answer(
+            StatusCode::OK,
+            json!({"access_token": format!("bound-{subject}-{n}"), "token_type": "DPoP", "expires_in": 3600}),
+        )
+    })
+    .await;
+    let upstream = serve(echo).await;
+    let token = on_behalf(&endpoint, HEADER).set("dpop", true);
+    let sidecar = sidecar(token, &upstream).await;
+
+    let mut thumbprints = Vec::new();
+    for (subject, expected) in [("alice", "bound-alice-0"), ("bob", "bound-bob-1")] {
+        let seen = as_subject(&sidecar, subject).await.echo();
+        assert_eq!(
+            seen.header("authorization"),
+            Some(format!("DPoP {expected}").as_str()),
+            "{:?}",
+            seen.headers
+        );
+        assert!(!seen.headers.contains_key(HEADER));
+        let (header, claims) = proof_claims(seen.header("dpop").expect("a DPoP proof"));
+        assert_eq!(claims["htm"], "GET");
+        let ath = URL_SAFE_NO_PAD.encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            expected.as_bytes(),
+        ));
+        assert_eq!(
+            claims["ath"],
+            ath.as_str(),
+            "the proof names this subject's token"
+        );
+        assert!(
+            header["jwk"].get("d").is_none(),
+            "no private key in a proof"
+        );
+        thumbprints.push(header["jwk"].to_string());
+    }
+    assert_eq!(endpoint.count(), 2, "one exchange per subject, each proved");
+    assert_eq!(
+        thumbprints[0], thumbprints[1],
+        "one key proves for every subject of the source"
+    );
 }
