@@ -12,7 +12,12 @@
 # with SIGTERM so that valgrind writes its output; and prints one Markdown table row on stdout.
 #
 #   callgrind  (default) instructions:
-#              | binary | conns | seconds | requests | total Ir | Ir per request |
+#              | binary | conns | seconds | requests | total Ir | Ir per request
+#              | request path Ir per request |
+#              (the last: the app connection's and the upstream connection's tasks only,
+#              without start-up; the figure to compare between builds. Compare binaries in
+#              one set of alternating runs: between sets taken apart in time a binary can
+#              move by 200, see docs/benchmarks.md "The HTTP/1.1 path and traces, cut back")
 #   cachegrind instructions and simulated cache misses (valgrind's model of this machine's
 #              caches: L1, and the core's L2 as the last level; no hardware counters needed):
 #              | binary | conns | requests | Ir/req | I1 misses/req | D refs/req
@@ -348,4 +353,22 @@ fi
 per_request="$(python3 -c "import sys; print(f'{int(sys.argv[1]) / int(sys.argv[2]):,.0f}')" \
   "$total_ir" "$requests")"
 total_fmt="$(python3 -c "import sys; print(f'{int(sys.argv[1]):,}')" "$total_ir")"
-echo "| $label | $conns_label | $seconds | $requests | $total_fmt | $per_request |"
+# The request path alone: the inclusive instructions of the app connection's task and of the
+# upstream connection's task, per request. Whole-program totals carry start-up, a share that
+# depends on how many requests valgrind's speed let a run complete; this figure does not.
+path_per_request="$(callgrind_annotate --inclusive=yes --threshold=100 "$out_file" 2>/dev/null |
+  python3 -c '
+import re, sys
+roots = {
+    "bearerd::proxy::serve::{{closure}}::{{closure}}",  # the app connection task
+    "bearerd::proxy::pool::run_http1::{{closure}}",  # an HTTP/1.1 upstream connection
+    "bearerd::proxy::pool::Pool::connect::{{closure}}::{{closure}}",  # the same before b7a60c4
+}
+total = 0
+for line in sys.stdin:
+    m = re.match(r"\s*([\d,]+) \([\s\d.]+%\)\s+\S*?:(.*) \[", line)
+    if m and m.group(2) in roots:
+        total += int(m.group(1).replace(",", ""))
+print(f"{total / int(sys.argv[1]):,.0f}" if total else "?")
+' "$requests")"
+echo "| $label | $conns_label | $seconds | $requests | $total_fmt | $per_request | $path_per_request |"
