@@ -17,6 +17,8 @@
 #   java, javac, keytool  (Debian's default-jdk-headless: OpenJDK 17 on bookworm) for
 #                         tests/interop/intercept.rs, whose Java app runs as a single-file source
 #                         program (which needs the JDK's compiler, not a JRE alone)
+#   go                    (Debian's golang-go: Go 1.19 on bookworm) for tests/interop/intercept.rs,
+#                         whose Go app runs with `go run` (standard library only)
 set -euo pipefail
 
 missing=()
@@ -40,6 +42,9 @@ if ! command -v chromium >/dev/null; then
 fi
 if ! command -v javac >/dev/null || ! command -v java >/dev/null || ! command -v keytool >/dev/null; then
   missing+=(default-jdk-headless)
+fi
+if ! command -v go >/dev/null; then
+  missing+=(golang-go)
 fi
 for tool in curl wget python3; do
   command -v "$tool" >/dev/null || missing+=("$tool")

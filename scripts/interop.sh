@@ -4,8 +4,8 @@
 # method, DPoP, mutual TLS), and tests/interop/telemetry.rs, bearerd's traces decoded by an
 # OTLP/HTTP receiver built on the opentelemetry-proto package, and tests/interop/websocket.rs,
 # a Python websockets client and server with bearerd between them, and tests/interop/intercept.rs,
-# Python requests, Node undici and a Java 11+ app (its JDK's java, BEARERD_INTEROP_JAVA) through
-# TLS interception.
+# Python requests, Node undici, a Java 11+ app (its JDK's java, BEARERD_INTEROP_JAVA) and a Go app
+# (BEARERD_INTEROP_GO) through TLS interception.
 #
 # Makes the Python virtualenv target/interop-venv from tests/interop/requirements.txt when it
 # is missing or the requirements changed (a stamp in the virtualenv keeps their hash), and
@@ -111,10 +111,15 @@ java_version="$("$JAVA" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *j
   || { say "$JAVA is Java ${java_version:-unknown}; the interception test needs 11 or later" >&2; exit 1; }
 java_path="$(command -v "$JAVA")"
 
+# Go for the interception test's Go app (`go run`, standard library only): Debian's golang-go.
+command -v go >/dev/null || apt_install golang-go
+go_path="$(command -v go)"
+
 node_path="$(command -v "$NODE")"
-say "running: BEARERD_INTEROP_PYTHON=$venv/bin/python BEARERD_INTEROP_NODE=$node_path BEARERD_INTEROP_JAVA=$java_path BEARERD_INTEROP_OIDC_SERVER=$oidc/server.mjs $CARGO test --locked --test interop -- --ignored --test-threads=1"
+say "running: BEARERD_INTEROP_PYTHON=$venv/bin/python BEARERD_INTEROP_NODE=$node_path BEARERD_INTEROP_JAVA=$java_path BEARERD_INTEROP_GO=$go_path BEARERD_INTEROP_OIDC_SERVER=$oidc/server.mjs $CARGO test --locked --test interop -- --ignored --test-threads=1"
 BEARERD_INTEROP_PYTHON="$PWD/$venv/bin/python" \
   BEARERD_INTEROP_NODE="$node_path" \
   BEARERD_INTEROP_JAVA="$java_path" \
+  BEARERD_INTEROP_GO="$go_path" \
   BEARERD_INTEROP_OIDC_SERVER="$PWD/$oidc/server.mjs" \
   "$CARGO" test --locked --test interop -- --ignored --test-threads=1

@@ -3,10 +3,12 @@
 //! forward listener and `REQUESTS_CA_BUNDLE` the `ca_bundle_file` bearerd wrote (the system
 //! roots and its CA); Node with undici 6's `EnvHttpProxyAgent` and `NODE_EXTRA_CA_CERTS`;
 //! Java 17 (`java.net.http.HttpClient` and `HttpsURLConnection`) with `-Dhttps.proxyHost`,
-//! `-Dhttps.proxyPort`, `-Dhttp.nonProxyHosts` and a PKCS12 truststore made by `keytool`.
+//! `-Dhttps.proxyPort`, `-Dhttp.nonProxyHosts` and a PKCS12 truststore made by `keytool`;
+//! Go's `net/http` default client with `HTTPS_PROXY` and `SSL_CERT_FILE` (HTTP/2 in the tunnel).
 //! Ignored by a plain `cargo test`: `make interop` makes the virtualenv with requests
 //! (tests/interop/requirements.txt), installs undici (tests/interop/oidc/package.json) and
-//! names the JDK (scripts/install-test-deps.sh installs Debian's `default-jdk-headless`).
+//! names the JDK and Go (scripts/install-test-deps.sh installs Debian's `default-jdk-headless`
+//! and `golang-go`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -152,6 +154,67 @@ async fn node_undici_with_env_proxy_agent_and_extra_ca_certs_gets_the_token() {
     );
     assert_eq!(result["seen"]["uri"], "/v1/node?x=1");
     assert_eq!(result["refused"], true);
+    sidecar.stop().await;
+}
+
+/// The Go app (tests/interop/go), run with `go run`.
+const GO_APP: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/interop/go/intercept_app.go"
+);
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Go (Debian's golang-go): make interop"]
+async fn go_net_http_with_https_proxy_and_ssl_cert_file_gets_the_token_over_http2() {
+    let go = std::env::var_os("BEARERD_INTEROP_GO")
+        .expect("BEARERD_INTEROP_GO is not set: run `make interop` (scripts/interop.sh)");
+    let (sidecar, _servers) = sidecar("tok-go").await;
+    let addr = sidecar.running().local_addr("payments").unwrap();
+    let bundle = sidecar.file("ca-bundle.pem");
+    let cache = sidecar.file("go-cache");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(go)
+            .args(["run", GO_APP, &format!("https://{HOST}")])
+            .env("HTTPS_PROXY", format!("http://{addr}"))
+            .env("SSL_CERT_FILE", bundle)
+            .env("GOCACHE", cache)
+            .env("GO111MODULE", "off")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("SSL_CERT_DIR")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["status"], serde_json::json!([200, 200]));
+    // Go's transport offers h2 by ALPN, and bearerd's leaf accepts it inside the tunnel.
+    assert_eq!(result["proto"], serde_json::json!(["HTTP/2.0", "HTTP/2.0"]));
+    for (seen, uri) in result["seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(["/v1/go?x=1", "/v1/two"])
+    {
+        assert_eq!(seen["headers"]["authorization"][0], "Bearer tok-go");
+        assert_eq!(seen["uri"], uri);
+    }
+    assert_eq!(result["refused"], true, "{result}");
+    let scrape = sidecar.running().metrics().render().unwrap();
+    assert_eq!(
+        support::metric(
+            &scrape,
+            "bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"intercepted\"}"
+        ),
+        Some(1.0),
+        "both requests on one tunnel"
+    );
     sidecar.stop().await;
 }
 
