@@ -515,23 +515,26 @@ impl Destination<'_> {
             authority: upstream.target.authority().to_string(),
             after: self.deadline,
         };
-        let sent = match self.on.activity {
+        let waited = match self.on.activity {
             Some(activity) => {
-                let sent = activity.within(self.deadline, exchange).await.ok();
+                let sent = activity.within(self.deadline, exchange).await;
                 activity.expect_body(upstream.response_body_idle_timeout);
-                sent
+                sent.map_err(|_| late())
             }
-            None => tokio::time::timeout(self.deadline, exchange).await.ok(),
-        }
-        .ok_or_else(late)
-        .and_then(|sent| sent);
-        if let Some(attempt) = attempt {
-            attempt.ended(
-                sent.as_ref()
-                    .map(Response::status)
-                    .map_err(ProxyError::code),
-            );
-        }
+            None => tokio::time::timeout(self.deadline, exchange)
+                .await
+                .map_err(|_| late()),
+        };
+        // Untraced, the answer is returned as it came, not held for the span.
+        let Some(attempt) = attempt else {
+            return waited?;
+        };
+        let sent = waited.and_then(|sent| sent);
+        attempt.ended(
+            sent.as_ref()
+                .map(Response::status)
+                .map_err(ProxyError::code),
+        );
         sent
     }
 
