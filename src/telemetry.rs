@@ -358,22 +358,11 @@ impl opentelemetry::propagation::Extractor for Extractor<'_> {
 
 /// A span's name: the method, without an allocation for the standard ones.
 fn method_name(method: &Method) -> std::borrow::Cow<'static, str> {
-    const STANDARD: [Method; 9] = [
-        Method::GET,
-        Method::POST,
-        Method::PUT,
-        Method::DELETE,
-        Method::PATCH,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::CONNECT,
-        Method::TRACE,
-    ];
-    const NAMES: [&str; 9] = [
+    const STANDARD: [&str; 9] = [
         "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
     ];
-    match STANDARD.iter().position(|standard| standard == method) {
-        Some(index) => std::borrow::Cow::Borrowed(NAMES[index]),
+    match STANDARD.iter().find(|name| **name == method.as_str()) {
+        Some(name) => std::borrow::Cow::Borrowed(name),
         None => std::borrow::Cow::Owned(method.as_str().to_owned()),
     }
 }

@@ -72,6 +72,31 @@ async fn sidecar(token: &'static str) -> (Sidecar, impl Sized) {
     (Sidecar::start(&config).await, (upstream, tokens))
 }
 
+/// Runs an app (its proxy and trust settings in `command`), which prints what it saw as JSON;
+/// a failing app fails the test with its output.
+async fn run_app(mut command: Command) -> serde_json::Value {
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The tunnels bearerd counted with `outcome`.
+fn tunnels(sidecar: &Sidecar, outcome: &str) -> f64 {
+    let scrape = sidecar.running().metrics().render().unwrap();
+    support::metric(
+        &scrape,
+        &format!("bearerd_intercept_tunnels_total{{listener=\"payments\",outcome=\"{outcome}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs Python requests: make interop"]
 async fn python_requests_with_https_proxy_and_the_ca_bundle_gets_the_token() {
@@ -80,24 +105,13 @@ async fn python_requests_with_https_proxy_and_the_ca_bundle_gets_the_token() {
     let (sidecar, _servers) = sidecar("tok-requests").await;
     let addr = sidecar.running().local_addr("payments").unwrap();
     let bundle = sidecar.file("ca-bundle.pem");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args(["-c", APP, &format!("https://{HOST}")])
-            .env("HTTPS_PROXY", format!("http://{addr}"))
-            .env("REQUESTS_CA_BUNDLE", bundle)
-            .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut app = Command::new(python);
+    app.args(["-c", APP, &format!("https://{HOST}")])
+        .env("HTTPS_PROXY", format!("http://{addr}"))
+        .env("REQUESTS_CA_BUNDLE", bundle)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy");
+    let result = run_app(app).await;
     assert_eq!(result["status"], serde_json::json!([200, 200]));
     for (seen, uri) in result["seen"]
         .as_array()
@@ -110,14 +124,7 @@ async fn python_requests_with_https_proxy_and_the_ca_bundle_gets_the_token() {
     }
     assert_eq!(result["refused"], true);
     // Both requests went through one tunnel: requests keeps its connection alive.
-    let scrape = sidecar.running().metrics().render().unwrap();
-    assert_eq!(
-        support::metric(
-            &scrape,
-            "bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"intercepted\"}"
-        ),
-        Some(1.0)
-    );
+    assert_eq!(tunnels(&sidecar, "intercepted"), 1.0);
     sidecar.stop().await;
 }
 
@@ -129,24 +136,13 @@ async fn node_undici_with_env_proxy_agent_and_extra_ca_certs_gets_the_token() {
     let (sidecar, _servers) = sidecar("tok-undici").await;
     let addr = sidecar.running().local_addr("payments").unwrap();
     let ca = sidecar.file("ca.pem");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(node)
-            .args([NODE_APP, &format!("https://{HOST}")])
-            .env("HTTPS_PROXY", format!("http://{addr}"))
-            .env("NODE_EXTRA_CA_CERTS", ca)
-            .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut app = Command::new(node);
+    app.args([NODE_APP, &format!("https://{HOST}")])
+        .env("HTTPS_PROXY", format!("http://{addr}"))
+        .env("NODE_EXTRA_CA_CERTS", ca)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy");
+    let result = run_app(app).await;
     assert_eq!(result["status"], 200);
     assert_eq!(
         result["seen"]["headers"]["authorization"][0],
@@ -172,27 +168,16 @@ async fn go_net_http_with_https_proxy_and_ssl_cert_file_gets_the_token_over_http
     let addr = sidecar.running().local_addr("payments").unwrap();
     let bundle = sidecar.file("ca-bundle.pem");
     let cache = sidecar.file("go-cache");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(go)
-            .args(["run", GO_APP, &format!("https://{HOST}")])
-            .env("HTTPS_PROXY", format!("http://{addr}"))
-            .env("SSL_CERT_FILE", bundle)
-            .env("GOCACHE", cache)
-            .env("GO111MODULE", "off")
-            .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
-            .env_remove("SSL_CERT_DIR")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut app = Command::new(go);
+    app.args(["run", GO_APP, &format!("https://{HOST}")])
+        .env("HTTPS_PROXY", format!("http://{addr}"))
+        .env("SSL_CERT_FILE", bundle)
+        .env("GOCACHE", cache)
+        .env("GO111MODULE", "off")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .env_remove("SSL_CERT_DIR");
+    let result = run_app(app).await;
     assert_eq!(result["status"], serde_json::json!([200, 200]));
     // Go's transport offers h2 by ALPN, and bearerd's leaf accepts it inside the tunnel.
     assert_eq!(result["proto"], serde_json::json!(["HTTP/2.0", "HTTP/2.0"]));
@@ -206,13 +191,9 @@ async fn go_net_http_with_https_proxy_and_ssl_cert_file_gets_the_token_over_http
         assert_eq!(seen["uri"], uri);
     }
     assert_eq!(result["refused"], true, "{result}");
-    let scrape = sidecar.running().metrics().render().unwrap();
     assert_eq!(
-        support::metric(
-            &scrape,
-            "bearerd_intercept_tunnels_total{listener=\"payments\",outcome=\"intercepted\"}"
-        ),
-        Some(1.0),
+        tunnels(&sidecar, "intercepted"),
+        1.0,
         "both requests on one tunnel"
     );
     sidecar.stop().await;
@@ -274,37 +255,30 @@ async fn java_with_proxy_properties_and_a_truststore_gets_the_token_and_bypasses
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.1 direct.test\n").unwrap();
     let store = dir.path().join("truststore.p12");
+    let store_path = store.clone();
     let ca = sidecar.file("ca.pem");
-    let output = tokio::task::spawn_blocking(move || {
-        import(&keytool, &store, "bearerd", &ca);
-        import(&keytool, &store, "direct", &direct_pem);
-        Command::new(java)
-            .arg("-Dhttps.proxyHost=127.0.0.1")
-            .arg(format!("-Dhttps.proxyPort={}", addr.port()))
-            .arg("-Dhttp.nonProxyHosts=direct.test")
-            .arg(format!("-Djdk.net.hosts.file={}", hosts.display()))
-            .arg(format!("-Djavax.net.ssl.trustStore={}", store.display()))
-            .arg("-Djavax.net.ssl.trustStorePassword=changeit")
-            .arg("-Djavax.net.ssl.trustStoreType=PKCS12")
-            .args([
-                JAVA_APP,
-                &format!("https://{HOST}"),
-                &format!("https://direct.test:{}", direct.addr.port()),
-            ])
-            .env_remove("JAVA_TOOL_OPTIONS")
-            .env_remove("JDK_JAVA_OPTIONS")
-            .output()
-            .unwrap()
+    tokio::task::spawn_blocking(move || {
+        import(&keytool, &store_path, "bearerd", &ca);
+        import(&keytool, &store_path, "direct", &direct_pem);
     })
     .await
     .unwrap();
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut app = Command::new(java);
+    app.arg("-Dhttps.proxyHost=127.0.0.1")
+        .arg(format!("-Dhttps.proxyPort={}", addr.port()))
+        .arg("-Dhttp.nonProxyHosts=direct.test")
+        .arg(format!("-Djdk.net.hosts.file={}", hosts.display()))
+        .arg(format!("-Djavax.net.ssl.trustStore={}", store.display()))
+        .arg("-Djavax.net.ssl.trustStorePassword=changeit")
+        .arg("-Djavax.net.ssl.trustStoreType=PKCS12")
+        .args([
+            JAVA_APP,
+            &format!("https://{HOST}"),
+            &format!("https://direct.test:{}", direct.addr.port()),
+        ])
+        .env_remove("JAVA_TOOL_OPTIONS")
+        .env_remove("JDK_JAVA_OPTIONS");
+    let result = run_app(app).await;
     assert_eq!(result["status"], serde_json::json!([200, 200, 200]));
     // HttpClient chose HTTP/2 by ALPN inside the tunnel.
     assert_eq!(result["version"], "HTTP_2");
@@ -327,19 +301,9 @@ async fn java_with_proxy_properties_and_a_truststore_gets_the_token_and_bypasses
         seen[2]
     );
     assert_eq!(result["refused"], true);
-    let scrape = sidecar.running().metrics().render().unwrap();
-    let series = |outcome: &str| {
-        support::metric(
-            &scrape,
-            &format!(
-                "bearerd_intercept_tunnels_total{{listener=\"payments\",outcome=\"{outcome}\"}}"
-            ),
-        )
-        .unwrap_or(0.0)
-    };
     // HttpClient's connection and HttpsURLConnection's: two tunnels; one refusal, the
     // unrouted host's; none for direct.test.
-    assert_eq!(series("intercepted"), 2.0);
-    assert_eq!(series("refused_not_served"), 1.0);
+    assert_eq!(tunnels(&sidecar, "intercepted"), 2.0);
+    assert_eq!(tunnels(&sidecar, "refused_not_served"), 1.0);
     sidecar.stop().await;
 }
