@@ -69,6 +69,19 @@ fn start(config_path: &str) -> Daemon {
     })
 }
 
+/// Writes `config` (and the files it names) to `dir` and runs bearerd on it; the address of its
+/// listener `api`.
+fn run(dir: &Path, config: &str) -> (Daemon, SocketAddr) {
+    let daemon = start(&write_config(dir, config));
+    let listen = tokio::task::block_in_place(|| daemon.listen_addr("api"));
+    (daemon, listen)
+}
+
+/// A tinyproxy on a free loopback port, without credentials.
+fn tinyproxy() -> Tinyproxy {
+    tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()))
+}
+
 /// Waits until bearerd has logged a line containing every one of `needles`.
 fn wait_for_log(daemon: &Daemon, needles: &[&str]) -> String {
     let deadline = Instant::now() + PATIENCE;
@@ -114,10 +127,10 @@ async fn https_token_endpoint_and_upstream_are_reached_through_the_proxy_with_tl
     let ca = TestCa::new();
     let endpoint = token_endpoint_tls(|_, _| async { token_ok("tok-proxied", 3600) }, &ca).await;
     let upstream = serve_tls(echo, &ca).await;
-    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let proxy = tinyproxy();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), &ca.ca_pem).unwrap();
-    let path = write_config(
+    let (_daemon, listen) = run(
         dir.path(),
         &config(
             &format!("proxy = \"{}\"", proxy.url()),
@@ -126,8 +139,6 @@ async fn https_token_endpoint_and_upstream_are_reached_through_the_proxy_with_tl
             "[upstream.tls]\nca_file = \"ca.pem\"",
         ),
     );
-    let daemon = start(&path);
-    let listen = tokio::task::block_in_place(|| daemon.listen_addr("api"));
     let seen = get(&format!("http://{listen}/things")).await.echo();
     assert_eq!(seen.header("authorization"), Some("Bearer tok-proxied"));
     assert!(seen.uri.ends_with("/v1/things"), "{}", seen.uri);
@@ -145,9 +156,9 @@ async fn https_token_endpoint_and_upstream_are_reached_through_the_proxy_with_tl
 async fn http_token_endpoint_and_upstream_are_tunnelled_too() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok-plain", 3600) }).await;
     let upstream = serve(echo).await;
-    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let proxy = tinyproxy();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
+    let (_daemon, listen) = run(
         dir.path(),
         &config(
             &format!("proxy = \"{}\"", proxy.url()),
@@ -156,8 +167,6 @@ async fn http_token_endpoint_and_upstream_are_tunnelled_too() {
             "",
         ),
     );
-    let daemon = start(&path);
-    let listen = tokio::task::block_in_place(|| daemon.listen_addr("api"));
     let seen = get(&format!("http://{listen}/x")).await.echo();
     assert_eq!(seen.header("authorization"), Some("Bearer tok-plain"));
     let requests = proxy.requests();
@@ -173,9 +182,9 @@ async fn http_token_endpoint_and_upstream_are_tunnelled_too() {
 async fn hosts_in_no_proxy_are_reached_directly_and_the_proxy_sees_nothing_of_them() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok-direct", 3600) }).await;
     let upstream = serve(echo).await;
-    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let proxy = tinyproxy();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
+    let (_daemon, listen) = run(
         dir.path(),
         &config(
             &format!(
@@ -187,8 +196,6 @@ async fn hosts_in_no_proxy_are_reached_directly_and_the_proxy_sees_nothing_of_th
             "",
         ),
     );
-    let daemon = start(&path);
-    let listen = tokio::task::block_in_place(|| daemon.listen_addr("api"));
     let seen = get(&format!("http://{listen}/x")).await.echo();
     assert_eq!(seen.header("authorization"), Some("Bearer tok-direct"));
     // A request of the test's own, after bearerd's: once the proxy has logged it, it would
@@ -222,7 +229,7 @@ async fn a_proxy_that_wants_credentials_gets_them_from_the_file_and_never_in_a_l
         format!("alice:{PROXY_PASSWORD}\n"),
     )
     .unwrap();
-    let path = write_config(
+    let (daemon, listen) = run(
         dir.path(),
         &config(
             &format!(
@@ -234,8 +241,6 @@ async fn a_proxy_that_wants_credentials_gets_them_from_the_file_and_never_in_a_l
             "",
         ),
     );
-    let daemon = start(&path);
-    let listen = tokio::task::block_in_place(|| daemon.listen_addr("api"));
     let seen = get(&format!("http://{listen}/x")).await.echo();
     assert_eq!(seen.header("authorization"), Some("Bearer tok-auth"));
     assert_eq!(
@@ -330,7 +335,7 @@ async fn upstream_behind(
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let dir = tempfile::tempdir().unwrap();
     let token_url = format!("http://localhost:{}/token", endpoint.server.addr.port());
-    let path = write_config(
+    let (daemon, listen) = run(
         dir.path(),
         &config(
             &format!("proxy = \"{proxy_url}\"\nno_proxy = [\"localhost\"]"),
@@ -339,8 +344,6 @@ async fn upstream_behind(
             extra,
         ),
     );
-    let daemon = start(&path);
-    let listen = tokio::task::block_in_place(|| daemon.listen_addr("api"));
     let answer = get(&format!("http://{listen}/x")).await;
     // The directory outlives the daemon: the secret is read for every token request.
     (answer, daemon, dir)
@@ -512,9 +515,9 @@ fn an_https_or_socks_proxy_is_a_config_error_saying_so() {
 async fn an_h2c_upstream_speaks_http2_inside_the_tunnel() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok-h2c", 3600) }).await;
     let upstream = serve(echo).await;
-    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let proxy = tinyproxy();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
+    let (_daemon, listen) = run(
         dir.path(),
         &config(
             &format!("proxy = \"{}\"", proxy.url()),
@@ -523,8 +526,6 @@ async fn an_h2c_upstream_speaks_http2_inside_the_tunnel() {
             "protocol = \"h2c\"",
         ),
     );
-    let daemon = start(&path);
-    let listen = tokio::task::block_in_place(|| daemon.listen_addr("api"));
     let seen = get(&format!("http://{listen}/x")).await.echo();
     assert_eq!(seen.version, "HTTP/2.0");
     assert_eq!(seen.header("authorization"), Some("Bearer tok-h2c"));
@@ -607,7 +608,7 @@ async fn the_trace_exporter_reaches_the_collector_through_the_proxy() {
     // Answers every OTLP export with an empty 200.
     let collector =
         serve(|_| async { http::Response::new(support::full(bytes::Bytes::new())) }).await;
-    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let proxy = tinyproxy();
     let dir = tempfile::tempdir().unwrap();
     let mut text = config(
         &format!("proxy = \"{}\"", proxy.url()),
@@ -707,7 +708,7 @@ async fn the_redis_cache_is_never_reached_through_the_proxy() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok-cached", 3600) }).await;
     let upstream = serve(echo).await;
     let redis = tokio::task::block_in_place(support::redis::Redis::start);
-    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let proxy = tinyproxy();
     let dir = tempfile::tempdir().unwrap();
     // 32 bytes, base64, as `openssl rand -base64 32` writes them.
     std::fs::write(
@@ -844,7 +845,7 @@ fn app_connect(listen: SocketAddr, target: SocketAddr) -> (TcpStream, u16, Strin
 async fn a_passthrough_tunnel_goes_through_the_egress_proxy() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let peer = upper_echo();
-    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let proxy = tinyproxy();
     let dir = tempfile::tempdir().unwrap();
     let token_url = format!("http://localhost:{}/token", endpoint.server.addr.port());
     let path = write_config(
@@ -941,7 +942,7 @@ async fn a_passthrough_target_the_proxy_refuses_gets_a_502_and_no_tunnel() {
 async fn a_passthrough_target_in_no_proxy_is_reached_directly() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
     let peer = upper_echo();
-    let proxy = tokio::task::block_in_place(|| Tinyproxy::start(&Settings::default()));
+    let proxy = tinyproxy();
     let dir = tempfile::tempdir().unwrap();
     let token_url = format!("http://localhost:{}/token", endpoint.server.addr.port());
     let path = write_config(
