@@ -71,23 +71,29 @@ fn prepared_dir(first: &str) -> tempfile::TempDir {
     dir
 }
 
+/// The refresh_token grant at `endpoint`, its first refresh token in `file`.
+fn refresh_grant(endpoint: &TokenEndpoint, file: &str) -> Token {
+    Token::new(&endpoint.url("/connect/token"), "app")
+        .secret("s")
+        .set("grant", string("refresh_token"))
+        .set("refresh_token_file", string(file))
+}
+
+/// The sealed file cache in `tokens`, keyed by [`prepared_dir`]'s key.
+fn file_cache() -> Table {
+    Table::new()
+        .set("backend", string("file"))
+        .set("dir", string("tokens"))
+        .set("key_file", string("cache.key"))
+}
+
 fn config(endpoint: &TokenEndpoint, upstream: &support::Server) -> String {
     ConfigBuilder::new()
         .upstream(
-            Upstream::new("api", &upstream.url("/v1")).token(
-                Token::new(&endpoint.url("/connect/token"), "app")
-                    .secret("s")
-                    .set("grant", string("refresh_token"))
-                    .set("refresh_token_file", string("refresh_token")),
-            ),
+            Upstream::new("api", &upstream.url("/v1"))
+                .token(refresh_grant(endpoint, "refresh_token")),
         )
-        .table(
-            "cache",
-            Table::new()
-                .set("backend", string("file"))
-                .set("dir", string("tokens"))
-                .set("key_file", string("cache.key")),
-        )
+        .table("cache", file_cache())
         .render()
 }
 
@@ -102,12 +108,8 @@ fn redis_config(
 ) -> String {
     ConfigBuilder::new()
         .upstream(
-            Upstream::new("api", &upstream.url("/v1")).token(
-                Token::new(&endpoint.url("/connect/token"), "app")
-                    .secret("s")
-                    .set("grant", string("refresh_token"))
-                    .set("refresh_token_file", string(file.to_str().unwrap())),
-            ),
+            Upstream::new("api", &upstream.url("/v1"))
+                .token(refresh_grant(endpoint, file.to_str().unwrap())),
         )
         .table(
             "cache",
@@ -237,21 +239,12 @@ async fn invalid_grant_is_authorisation_lost_and_the_token_is_not_sent_again() {
     let text = ConfigBuilder::new()
         .upstream(
             Upstream::new("api", &upstream.url("/v1")).token(
-                Token::new(&endpoint.url("/connect/token"), "app")
-                    .secret("s")
-                    .set("grant", string("refresh_token"))
-                    .set("refresh_token_file", string("refresh_token"))
+                refresh_grant(&endpoint, "refresh_token")
                     .set("backoff_base", string("50ms"))
                     .set("backoff_cap", string("100ms")),
             ),
         )
-        .table(
-            "cache",
-            Table::new()
-                .set("backend", string("file"))
-                .set("dir", string("tokens"))
-                .set("key_file", string("cache.key")),
-        )
+        .table("cache", file_cache())
         .render();
     let sidecar = Sidecar::start_in(dir, &text).await;
     let refused = get(&sidecar.url("api", "/x")).await;
