@@ -274,9 +274,11 @@ where
             let n = {
                 let mut all = recorded.lock().unwrap();
                 all.push(request.clone());
+                // Sent under the lock: two requests at once would otherwise send their counts
+                // in either order, and the count could go down (7 after 8) for a while.
+                count_tx.send_replace(all.len());
                 all.len() - 1
             };
-            count_tx.send_replace(n + 1);
             respond(n, request).await
         }
     };
