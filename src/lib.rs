@@ -37,10 +37,11 @@
 //!   `bearerd --public-jwk` prints.
 //!
 //! [`start`] returns a [`Running`] sidecar; tests start one in-process on port 0 and read its
-//! addresses from it, and `main.rs` drives it with signals.
+//! addresses from it, and [`command`] (the `bearerd` binary) drives it with signals.
 
 pub mod admin;
 pub mod check;
+pub mod command;
 pub mod config;
 mod egress;
 mod errors;
