@@ -21,7 +21,7 @@ use super::connection::Activity;
 use super::error::ProxyError;
 use super::grpc;
 use super::pool::{SendError, Slot};
-use super::rewrite::{strip_hop_by_hop, strip_hop_by_hop_but_upgrade, strip_prefix};
+use super::rewrite::{remove_hop_by_hop, strip_hop_by_hop, strip_prefix, Carried};
 use super::route::{Listener, Route};
 use super::upgrade;
 use crate::config::Mode;
@@ -208,7 +208,8 @@ async fn try_forward(
     mut request: Request<Incoming>,
     grpc: bool,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    refuse_unforwardable(upstream, mode, &request)?;
+    let carried = Carried::of(request.headers());
+    refuse_unforwardable(upstream, mode, &request, carried)?;
     // A gRPC call's own deadline bounds the wait for the upstream's answer too.
     let deadline = match grpc.then(|| grpc::timeout(request.headers())).flatten() {
         Some(call) => call.min(upstream.response_header_timeout),
@@ -240,7 +241,12 @@ async fn try_forward(
             })?;
     // An `Upgrade` the route lets through takes another way (`upgrade`); found only on the
     // way that removes hop-by-hop headers, so a plain request pays nothing for it.
-    if let Some(protocols) = strip_hop_by_hop_but_upgrade(&mut parts.headers) {
+    let upgrade = if carried.hop_by_hop {
+        remove_hop_by_hop(&mut parts.headers)
+    } else {
+        None
+    };
+    if let Some(protocols) = upgrade {
         if let Some(app_side) = upgrade::accepted(upstream, &protocols, &mut parts)? {
             let to = upgrade::Handshake {
                 upstream,
@@ -260,7 +266,9 @@ async fn try_forward(
             .insert(TE, HeaderValue::from_static("trailers"));
     }
     // hyper already answered `100 Continue` to the app when the body was first read.
-    parts.headers.remove(EXPECT);
+    if carried.expect {
+        parts.headers.remove(EXPECT);
+    }
     // The app's version does not constrain the upstream's, which ALPN chose.
     parts.version = Version::HTTP_11;
     let to = Destination {
@@ -382,6 +390,7 @@ fn refuse_unforwardable(
     upstream: &Route,
     mode: Mode,
     request: &Request<Incoming>,
+    carried: Carried,
 ) -> Result<(), ProxyError> {
     // An absolute-form target (what an app whose HTTP_PROXY points here sends) names the host
     // the app means: forwarding it to this listener's upstream would hand our token to a
@@ -400,6 +409,9 @@ fn refuse_unforwardable(
     }
     // hyper has framed the body by `chunked`; any other coding would reach the upstream still
     // applied and no longer announced (the header is hop-by-hop). RFC 9112 §6.1: 501.
+    if !carried.transfer_encoding {
+        return Ok(());
+    }
     for value in request.headers().get_all(TRANSFER_ENCODING) {
         let codings = value.to_str().unwrap_or("(not text)");
         if let Some(unknown) = codings

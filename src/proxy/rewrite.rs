@@ -1,7 +1,7 @@
 //! Rewriting an app's request for the upstream: the target URI (with a route's path prefix
 //! stripped when it says so) and the hop-by-hop headers.
 
-use http::header::{HeaderName, CONNECTION};
+use http::header::{HeaderName, CONNECTION, EXPECT, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
 
@@ -21,20 +21,45 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     http::header::PROXY_AUTHORIZATION,
 ];
 
-/// Removes the hop-by-hop headers, including every header the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    strip_hop_by_hop_but_upgrade(headers);
+/// Which of the headers that forwarding acts on a request carries, found in one look over its
+/// names (a comparison each, no hashing): most requests carry none, and then pay no lookup
+/// (each of which hashes its name) for any of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// Any of [`HOP_BY_HOP`] (with `Connection`, which names the others).
+    pub hop_by_hop: bool,
+    /// `Transfer-Encoding`, one of them.
+    pub transfer_encoding: bool,
+    /// `Expect`.
+    pub expect: bool,
 }
 
-/// [`strip_hop_by_hop`], answering the `Upgrade` header it removed when `Connection` named it
-/// (RFC 9110 §7.8): the protocols a request asks to switch to. The look for it happens only
-/// on the way that removes something, so a message without hop-by-hop headers pays nothing.
-pub fn strip_hop_by_hop_but_upgrade(headers: &mut HeaderMap) -> Option<HeaderValue> {
-    // Most messages carry none: one look over the names, without hashing, before any
-    // removal (each of which hashes its name).
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return None;
+impl Carried {
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut carried = Self::default();
+        for name in headers.keys() {
+            if name == EXPECT {
+                carried.expect = true;
+            } else if HOP_BY_HOP.contains(name) {
+                carried.hop_by_hop = true;
+                carried.transfer_encoding |= name == TRANSFER_ENCODING;
+            }
+        }
+        carried
     }
+}
+
+/// Removes the hop-by-hop headers, including every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if Carried::of(headers).hop_by_hop {
+        remove_hop_by_hop(headers);
+    }
+}
+
+/// What [`strip_hop_by_hop`] does, for a message [`Carried::of`] found hop-by-hop headers in;
+/// answers the `Upgrade` header it removed when `Connection` named it (RFC 9110 §7.8): the
+/// protocols a request asks to switch to.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     // Collect first: the names are borrowed from the map they are removed from.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -325,15 +350,50 @@ mod tests {
             ("upgrade", "websocket"),
             ("sec-websocket-key", "k"),
         ]);
-        assert_eq!(
-            strip_hop_by_hop_but_upgrade(&mut asked).unwrap(),
-            "websocket"
-        );
+        assert_eq!(remove_hop_by_hop(&mut asked).unwrap(), "websocket");
         assert!(asked.get("upgrade").is_none() && asked.get("connection").is_none());
         assert_eq!(asked["sec-websocket-key"], "k");
         let mut not_named = headers(&[("connection", "close"), ("upgrade", "websocket")]);
-        assert!(strip_hop_by_hop_but_upgrade(&mut not_named).is_none());
-        let mut plain = headers(&[("accept", "*/*")]);
-        assert!(strip_hop_by_hop_but_upgrade(&mut plain).is_none());
+        assert!(remove_hop_by_hop(&mut not_named).is_none());
+        assert!(not_named.is_empty());
+    }
+
+    #[test]
+    fn one_look_over_the_names_finds_what_forwarding_acts_on() {
+        let carried = |names: &[&'static str]| {
+            let mut map = HeaderMap::new();
+            for name in names {
+                map.append(*name, HeaderValue::from_static("x"));
+            }
+            Carried::of(&map)
+        };
+        assert_eq!(carried(&["accept", "host", "x-te"]), Carried::default());
+        assert_eq!(
+            carried(&["accept", "Expect"]),
+            Carried {
+                expect: true,
+                ..Carried::default()
+            }
+        );
+        assert_eq!(
+            carried(&["keep-alive"]),
+            Carried {
+                hop_by_hop: true,
+                ..Carried::default()
+            }
+        );
+        assert_eq!(
+            carried(&["transfer-encoding", "expect"]),
+            Carried {
+                hop_by_hop: true,
+                transfer_encoding: true,
+                expect: true,
+            }
+        );
+        // Nothing hop-by-hop: left alone, though `Connection` would name it otherwise.
+        let mut plain = HeaderMap::new();
+        plain.append("x-session-hop", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1);
     }
 }
