@@ -108,6 +108,38 @@ async fn hop_by_hop_headers_are_dropped_both_ways() {
     sidecar.stop().await;
 }
 
+/// hyper answers `Expect: 100-continue` to the app itself when the body is first read, so the
+/// upstream never sees the header: with hop-by-hop headers or without, the body still arrives.
+#[tokio::test]
+async fn expect_is_answered_here_and_not_forwarded() {
+    let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
+    let upstream = serve(echo).await;
+    let sidecar = sidecar_for(&upstream.url(""), &endpoint).await;
+    for hop_by_hop in [false, true] {
+        let mut request = Request::post(sidecar.url("api", "/"))
+            .header("expect", "100-continue")
+            .header("x-end-to-end", "kept");
+        if hop_by_hop {
+            request = request.header("keep-alive", "timeout=5");
+        }
+        let answer = send(
+            request
+                .body(Full::new(Bytes::from("twelve bytes")))
+                .unwrap(),
+        )
+        .await;
+        let echoed = answer.echo();
+        assert!(
+            echoed.header("expect").is_none(),
+            "expect reached the upstream"
+        );
+        assert!(echoed.header("keep-alive").is_none());
+        assert_eq!(echoed.header("x-end-to-end"), Some("kept"));
+        assert_eq!(echoed.body_bytes, 12);
+    }
+    sidecar.stop().await;
+}
+
 #[tokio::test]
 async fn redirects_are_passed_back_not_followed() {
     let endpoint = token_endpoint(|_, _| async { token_ok("tok", 3600) }).await;
