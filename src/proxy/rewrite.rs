@@ -26,7 +26,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// (each of which hashes its name) for any of them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Carried {
-    /// Any of [`HOP_BY_HOP`] (with `Connection`, which names the others).
+    /// Any of the hop-by-hop headers (`HOP_BY_HOP`, with `Connection`, which names others).
     pub hop_by_hop: bool,
     /// `Transfer-Encoding`, one of them.
     pub transfer_encoding: bool,
