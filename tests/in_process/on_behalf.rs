@@ -681,6 +681,19 @@ async fn the_subject_is_in_no_log_line_and_no_metric() {
     );
 }
 
+/// A `[cache]` table for `redis`, sealed with a key written (0600) into `dir`.
+fn redis_cache(redis: &support::redis::Redis, dir: &std::path::Path) -> Table {
+    use std::os::unix::fs::PermissionsExt;
+    let key_file = dir.join("cache.key");
+    let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Table::new()
+        .set("backend", string("redis"))
+        .set("url", string(&redis.url()))
+        .set("key_file", string(key_file.to_str().unwrap()))
+}
+
 #[tokio::test]
 async fn two_sidecars_sharing_redis_exchange_a_subject_once() {
     // Blocking calls to Redis below run while the sidecars wait for nothing.
@@ -688,21 +701,8 @@ async fn two_sidecars_sharing_redis_exchange_a_subject_once() {
     let endpoint = exchanger().await;
     let upstream = serve(echo).await;
     let key_dir = tempfile::tempdir().unwrap();
-    let key_file = key_dir.path().join("cache.key");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
-        std::fs::write(&key_file, format!("{key}\n")).unwrap();
-        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
     let text = config(on_behalf(&endpoint, HEADER), &upstream.url("/v1"))
-        .table(
-            "cache",
-            Table::new()
-                .set("backend", string("redis"))
-                .set("url", string(&redis.url()))
-                .set("key_file", string(key_file.to_str().unwrap())),
-        )
+        .table("cache", redis_cache(&redis, key_dir.path()))
         .render();
     let first = Sidecar::start(&text).await;
     let second = Sidecar::start(&text).await;
@@ -761,21 +761,8 @@ async fn a_token_an_upstream_rejects_leaves_the_fleet_cache() {
     })
     .await;
     let key_dir = tempfile::tempdir().unwrap();
-    let key_file = key_dir.path().join("cache.key");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let key = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
-        std::fs::write(&key_file, format!("{key}\n")).unwrap();
-        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
     let text = config(on_behalf(&endpoint, HEADER), &upstream.url("/v1"))
-        .table(
-            "cache",
-            Table::new()
-                .set("backend", string("redis"))
-                .set("url", string(&redis.url()))
-                .set("key_file", string(key_file.to_str().unwrap())),
-        )
+        .table("cache", redis_cache(&redis, key_dir.path()))
         .render();
     let first = Sidecar::start(&text).await;
     // Rejected, and no new token to replay with: the upstream's 401 goes to the app.
